@@ -1,0 +1,93 @@
+"""Training end to end: papermill run of the notebook, determinism, resume after SIGKILL, 2-process DDP, errors."""
+import json, os, signal, subprocess, sys, time
+from pathlib import Path
+import pytest, nbformat
+from vit_nbdev.train import TrainConfig, train, resolve_resume
+from vit_nbdev.store import open_store
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+QUICK = dict(max_steps=12, batch_size=64, eval_every=6, checkpoint_every=0, log_every=3, tracker="none", eval_batch_size=500)
+
+def env(**kw):
+    return {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", **kw}
+
+def quick(tmp_path, **kw):
+    return TrainConfig(**{**QUICK, "store": str(tmp_path/"store"), "checkpoint_dir": str(tmp_path/"ck"), **kw})
+
+def test_papermill_run_is_the_record(tmp_path):
+    "`vit-train` runs the notebook headless with a YAML file and -p overrides; the record lands in the store."
+    store = tmp_path/"store"
+    out = subprocess.run([BIN/"vit-train", "-f", ROOT/"configs/sample.yaml", "-p", "max_steps", "10", "-p", "batch_size", "64",
+                          "-p", "eval_every", "5", "-p", "store", str(store), "-p", "checkpoint_dir", str(tmp_path/"ck"),
+                          "-p", "run_id", "pm-run", "--output", str(tmp_path/"out.ipynb")],
+                         cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    nb = nbformat.read(tmp_path/"out.ipynb", as_version=4)
+    assert any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
+    assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs), "curves and confusion matrix inline"
+    st = open_store(str(store))
+    assert {"runs/pm-run/train.ipynb", "runs/pm-run/metrics.json", "runs/pm-run/params.json"} <= set(st.list("runs/pm-run"))
+    m = json.loads(st.get_bytes("runs/pm-run/metrics.json"))
+    version = st.resolve("latest")
+    assert m["version"] == version and m["metrics"]["steps"] == 10
+    card = json.loads(st.get_bytes(f"models/{version}/card.json"))
+    assert card["dataset"]["fingerprint"] and card["dataset"]["splits"] == {"train": 4000, "validation": 1000, "test": 1000}
+    assert card["params"]["batch_size"] == 64 and card["code_commit"] and card["metrics"]["test_acc"] == m["metrics"]["test_acc"]
+    assert list((nb_dir := tmp_path/"wandb").glob("offline-run-*")), "W&B ran offline and left its files"  # papermill cwd is nbs/; wandb dir below
+    
+def test_same_params_same_metrics(tmp_path):
+    a = train(quick(tmp_path, run_id="a"))
+    b = train(quick(tmp_path, run_id="b"))
+    assert a.metrics["test_loss"] == b.metrics["test_loss"] and a.metrics["val_acc"] == b.metrics["val_acc"]
+    assert [h for h in a.history] == [h for h in b.history]
+    assert open_store(str(tmp_path/"store")).versions() == sorted([a.version, b.version])
+
+def _wait_for(path: Path, proc, timeout=300):
+    t = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() - t < timeout
+        time.sleep(0.2)
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    common = ["-p", "max_steps", "24", "-p", "batch_size", "64", "-p", "checkpoint_every", "8", "-p", "eval_every", "8",
+              "-p", "tracker", "none", "-p", "store", str(tmp_path/"store"), "-p", "checkpoint_dir", str(tmp_path/"ck")]
+    run = lambda rid, *extra: subprocess.Popen([BIN/"vit-train", "--direct", *common, "-p", "run_id", rid, *extra], cwd=tmp_path,
+                                               env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = run("killed")
+    _wait_for(tmp_path/"ck/killed/step_16", p)
+    p.send_signal(signal.SIGKILL); p.wait()
+    assert not (tmp_path/"ck/killed/package").exists(), "killed before the end"
+    p = run("killed", "-p", "resume", "true"); out = p.communicate(timeout=600)[0]
+    assert p.returncode == 0, out[-3000:]
+    resumed = json.loads(out.strip().splitlines()[-1])
+    p = run("whole"); out = p.communicate(timeout=600)[0]
+    assert p.returncode == 0, out[-3000:]
+    whole = json.loads(out.strip().splitlines()[-1])
+    for k in ("val_acc", "test_acc", "test_loss", "steps"): assert resumed[k] == whole[k], k
+
+def test_two_process_ddp(tmp_path):
+    args = ["-p", "max_steps", "16", "-p", "batch_size", "64", "-p", "eval_every", "8", "-p", "checkpoint_every", "8",
+            "-p", "tracker", "none", "-p", "store", str(tmp_path/"store"), "-p", "checkpoint_dir", str(tmp_path/"ck"), "-p", "run_id", "ddp"]
+    p = subprocess.run([BIN/"torchrun", "--nproc_per_node", "2", "--master_port", "29517", "--no-python", BIN/"vit-train", "--direct", *args],
+                       cwd=tmp_path, env=env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [json.loads(l) for l in p.stdout.splitlines() if l.startswith("{")]
+    assert len(lines) == 2 and all(l["processes"] == 2 for l in lines)       # both processes finish with the same metrics
+    assert lines[0]["test_acc"] == lines[1]["test_acc"]
+    assert p.stdout.count("registered ") == 1                                 # logs and saves once
+    st = open_store(str(tmp_path/"store"))
+    assert len(st.versions()) == 1 and st.list("runs/ddp") == ["runs/ddp/metrics.json", "runs/ddp/params.json"]
+    assert sorted(x.name for x in (tmp_path/"ck/ddp").iterdir()) == ["package", "step_8"]
+    single = train(TrainConfig(**{**QUICK, "max_steps": 16, "eval_every": 8, "store": str(tmp_path/"store1"), "checkpoint_dir": str(tmp_path/"ck1")}))
+    assert abs(single.metrics["test_acc"] - lines[0]["test_acc"]) < 0.05, (single.metrics, lines[0])
+
+def test_errors_users_meet(tmp_path):
+    with pytest.raises(ValueError, match="not divisible"): train(quick(tmp_path, batch_size=100, grad_accum=3))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"): train(quick(tmp_path, run_id="nope", resume=True))
+    with pytest.raises(ValueError, match="preset"): train(quick(tmp_path, model="vit-huge-typo"))
+    (tmp_path/"afile").write_text("x")
+    with pytest.raises(RuntimeError, match="cannot write to the store"): train(quick(tmp_path, store=str(tmp_path/"afile"/"store")))
+    with pytest.raises(ValueError, match="unknown training parameter"): TrainConfig.from_dict({"epoch": 3})
+    with pytest.raises(ValueError, match="mixed_precision"): train(quick(tmp_path, mixed_precision="fp8"))

@@ -1,0 +1,55 @@
+"""Model presets, the hub code path on a local checkpoint, and the model package in the wider ecosystem."""
+import os, subprocess, sys
+import pytest, torch
+from PIL import Image
+from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor, pipeline
+from vit_nbdev.data import load_cifar10, preprocess, CIFAR10_LABELS
+from vit_nbdev.model import build_model, save_package, load_package, PRESETS, forward_features
+from vit_nbdev.train import TrainConfig, train
+
+def test_presets():
+    m, p = build_model()
+    assert m.config.image_size == 32 and m.config.patch_size == 4 and m.config._attn_implementation == "sdpa"
+    b16, p16 = build_model("vit-b16")
+    assert p16.image_size == 224 and 85e6 < sum(x.numel() for x in b16.parameters()) < 87e6
+    assert [b16.config.id2label[i] for i in range(10)] == CIFAR10_LABELS
+
+def test_hub_code_path_on_a_local_pretrained_checkpoint(tmp_path):
+    src = ViTForImageClassification(ViTConfig(**PRESETS["vit-cifar-tiny"], num_labels=1000)); src.save_pretrained(tmp_path)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(tmp_path)
+    m, p = build_model(str(tmp_path))
+    assert m.classifier.out_features == 10 and p.mean == (0.5, 0.5, 0.5)
+    sd, ref = m.vit.state_dict(), src.vit.state_dict()
+    assert all(torch.equal(sd[k], ref[k]) for k in ref)
+
+def test_unreachable_hub_id_says_what_to_pass(tmp_path):
+    code = "from vit_nbdev.model import build_model; build_model('google/vit-base-patch16-224-in21k')"
+    p = subprocess.run([sys.executable, "-c", code], env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)},
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "could not load model" in p.stderr and "vit-cifar-small" in p.stderr
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    t = tmp_path_factory.mktemp("run")
+    r = train(TrainConfig(max_steps=15, batch_size=64, eval_every=15, checkpoint_every=0, tracker="none", store=str(t/"store"), checkpoint_dir=str(t/"ck")))
+    return r.package_dir
+
+def test_package_round_trip_is_exact(trained):
+    pkg = load_package(trained)
+    assert pkg.version and pkg.card["dataset"]["fingerprint"] and set(pkg.card["metrics"]) >= {"val_acc", "test_acc"}
+    names = {f.name for f in trained.iterdir()}
+    assert {"config.json", "model.safetensors", "preprocess.json", "card.json", "preprocessor_config.json"} <= names
+    x = preprocess(load_cifar10(progress=False).test.images[:64], pkg.preprocess)
+    again = load_package(trained)
+    with torch.inference_mode():
+        assert torch.equal(pkg.model(x).logits, again.model(x).logits)
+        emb, logits = forward_features(pkg.model, x)
+        assert torch.allclose(logits, pkg.model(x).logits, atol=1e-5)
+
+def test_hf_pipeline_agrees_with_our_top1(trained):
+    pkg = load_package(trained)
+    imgs = load_cifar10(progress=False).test.images[:200]
+    clf = pipeline("image-classification", model=str(trained), device=-1)
+    theirs = [r[0]["label"] for r in clf([Image.fromarray(a.permute(1, 2, 0).numpy()) for a in imgs], batch_size=50)]
+    with torch.inference_mode(): ours = [pkg.labels[i] for i in pkg.model(preprocess(imgs, pkg.preprocess)).logits.argmax(-1)]
+    assert sum(a == b for a, b in zip(theirs, ours)) >= 199, "same top-1 (ties aside)"

@@ -123,3 +123,94 @@ def store_uri(request, tmp_path) -> str:
     "A fresh, empty store uri: a temporary folder, or a prefix on the GCS emulator."
     if request.param == "local": return str(tmp_path / "store")
     return request.getfixturevalue("gcs_uri")
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving (tests/test_serve*.py): model packages, and `vit-serve` processes on 127.0.0.1.
+#
+# - `tiny_packages` (session): `{"a": dir, "b": dir, "broken": dir}`: two vit-cifar-tiny packages
+#   with different random weights, ready for `Store.register`, and a copy with unloadable weights.
+# - `ServeProcess(store, log_dir, env=..., args=...)`: a real `vit-serve` on a free port; `.url`,
+#   `.wait_ready()`, `.metric(name, **labels)`, `.log()`, `.stop(sig)` (returns the exit code).
+# - `serve_process` (function): a factory `serve_process(store, **env)` whose processes are
+#   stopped at teardown (SIGTERM, then SIGKILL if they linger).
+
+import shutil, sys
+
+import httpx
+
+
+@pytest.fixture(scope="session")
+def tiny_packages(tmp_path_factory) -> dict:
+    "Two random-weight vit-cifar-tiny packages, `a` and `b`, and `broken` (unloadable weights)."
+    import torch
+    from vit_nbdev.model import build_model, save_package
+    root = tmp_path_factory.mktemp("packages")
+    out = {}
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        model, pre = build_model("vit-cifar-tiny")
+        out[name] = save_package(model, pre, root / name, card={"note": f"random weights, seed {seed}"})
+    shutil.copytree(out["b"], root / "broken")
+    (root / "broken" / "model.safetensors").write_bytes(b"these are not weights")
+    out["broken"] = root / "broken"
+    return out
+
+
+class ServeProcess:
+    "A `vit-serve` process on 127.0.0.1 and a free port; its output goes to a log file."
+
+    def __init__(self, store: str, log_dir, env: dict | None = None, args=()):
+        self.port = _find_free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_dir) / f"vit-serve-{self.port}.log"
+        e = {k: v for k, v in os.environ.items() if not k.startswith("VIT_") or k == "VIT_CACHE"}
+        e.update({"PORT": str(self.port), "VIT_STORE": str(store), "PYTHONUNBUFFERED": "1",
+                  "VIT_CACHE": str(Path(log_dir) / "vit-cache")})
+        e.update({k: str(v) for k, v in (env or {}).items() if v is not None})
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([str(Path(sys.executable).parent / "vit-serve"), "--host", "127.0.0.1", *args],
+                                         env=e, stdout=log, stderr=subprocess.STDOUT)
+
+    def log(self, tail: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-tail:]
+
+    def wait_ready(self, timeout: float = 180) -> dict:
+        "Poll `/readyz` until 200; fail with the log if the process dies or the time runs out."
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc.poll() is None, f"vit-serve exited with {self.proc.returncode}:\n{self.log()}"
+            try:
+                r = httpx.get(self.url + "/readyz", timeout=5)
+                if r.status_code == 200: return r.json()
+            except httpx.TransportError: pass
+            assert time.monotonic() < deadline, f"vit-serve not ready after {timeout} s:\n{self.log()}"
+            time.sleep(0.1)
+
+    def metric(self, name: str, **labels) -> float:
+        "The sum of the samples of `name` at `/metrics` whose labels include `labels`."
+        from prometheus_client.parser import text_string_to_metric_families
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
+        "Send `sig` and wait for the exit code (SIGKILL after `timeout`)."
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try: self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def serve_process(tmp_path):
+    "Factory: `serve_process(store, args=(), **env)` starts a `ServeProcess`; all are stopped at teardown."
+    procs = []
+    def start(store, args=(), **env) -> ServeProcess:
+        procs.append(ServeProcess(store, tmp_path, env, args))
+        return procs[-1]
+    yield start
+    for p in procs: p.stop(signal.SIGTERM, timeout=30)   # graceful (telemetry flushed, coverage saved); SIGKILL after 30 s

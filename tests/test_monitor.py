@@ -1,0 +1,175 @@
+"""Monitoring: reference embeddings, telemetry windows, the drift detector and report, reports in the store (local and GCS), the CLI."""
+import io, json, subprocess, sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from vit_nbdev.data import load_cifar10
+from vit_nbdev.model import build_model, save_package
+from vit_nbdev.monitor import (CORRUPTIONS, as_package, corrupt, drift_report, drift_tests, embed_images, embedding_matrix,
+                               ensure_reference, latest_report, list_reports, load_reference, load_window, main, reference_key,
+                               run_monitoring, save_report)
+from vit_nbdev.store import open_store
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def package_dir(tmp_path_factory):
+    "A freshly initialised (seeded) tiny ViT as a model package: a fixed function of the image is all drift detection needs."
+    torch.manual_seed(0)
+    m, pre = build_model("vit-cifar-tiny")
+    card = {"params": {"val_fraction": 0.2, "seed": 0}, "dataset": {"source": "sample", "fingerprint": load_cifar10("sample", progress=False).fingerprint}}
+    return save_package(m.eval(), pre, tmp_path_factory.mktemp("pkg"), card=card)
+
+
+@pytest.fixture(scope="module")
+def pkg(package_dir):
+    return as_package(package_dir)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_cifar10("sample", progress=False)
+
+
+@pytest.fixture(scope="module")
+def local_store(tmp_path_factory, package_dir):
+    st = open_store(tmp_path_factory.mktemp("store"))
+    st.register(package_dir, version="v1")
+    return st
+
+
+@pytest.fixture(scope="module")
+def reference(local_store):
+    return ensure_reference(local_store, "v1")
+
+
+def telemetry(pkg, images, version, start="2026-11-26T10:00:00Z"):
+    recs = embed_images(pkg, images, version=version)
+    return recs.assign(time=pd.date_range(start, periods=len(recs), freq="1s"), request_id=[f"r{i}" for i in range(len(recs))])
+
+
+def write_shards(st, df, version, instance="i", per_shard=100):
+    "Shards as the service writes them: telemetry/<version>/<YYYY-MM-DD>/<instance>-<seq>.parquet."
+    seq = 0
+    for day, g in df.groupby(df.time.dt.strftime("%Y-%m-%d")):
+        for i in range(0, len(g), per_shard):
+            buf = io.BytesIO(); pq.write_table(pa.Table.from_pandas(g.iloc[i:i + per_shard], preserve_index=False), buf)
+            st.put_bytes(f"telemetry/{version}/{day}/{instance}-{seq:06d}.parquet", buf.getvalue(), overwrite=False); seq += 1
+
+
+def test_reference_is_stored_with_the_version_and_reused(local_store, reference, pkg):
+    assert local_store.exists(reference_key("v1")) and reference_key("v1") == "models/v1/reference.parquet"
+    assert len(reference) == 500 and set(reference.model_version) == {"v1"}
+    assert reference.attrs["reference"]["split"] == "validation" and reference.attrs["reference"]["n"] == 500   # the sample's held-out part
+    assert reference.attrs["reference"]["held_out"]
+    again = ensure_reference(local_store, "latest")                        # an alias resolves; the stored one comes back
+    np.testing.assert_array_equal(embedding_matrix(again), embedding_matrix(reference).astype(np.float32))
+    assert local_store.versions() == ["v1"]                                 # the extra file does not disturb the registry
+    assert set(local_store.list("models/v1/")) >= {"models/v1/_COMPLETE", "models/v1/reference.parquet"}
+
+
+def test_shifted_window_is_flagged_clean_is_not(pkg, data, reference):
+    clean = embed_images(pkg, data.test.images[:200], version="v1")
+    assert not drift_tests(reference, clean)["drift_detected"]
+    rep = drift_report(reference, clean, html=False)
+    assert rep.summary["status"] == "ok" and not rep.drift_detected and rep.summary["drift_score"] < 0.98
+    dark = embed_images(pkg, data.test.images[:200] // 2, version="v1")
+    rep = drift_report(reference, dark, html=False)
+    assert rep.drift_detected and rep.summary["drifted"]["embedding"] and rep.summary["drift_score"] > 0.98
+    E = embedding_matrix(clean)
+    moved = clean.assign(embedding=list(E + 0.5 * E.std(0)))                # half a standard deviation on every coordinate
+    assert drift_tests(reference, moved)["drifted"]["embedding"]
+
+
+def test_evidently_computes_the_same_p_values_as_the_fast_path(pkg, data, reference):
+    cur = embed_images(pkg, corrupt(data.test.images[200:400], "contrast", 3), version="v1")
+    rep, fast = drift_report(reference, cur), drift_tests(reference, cur)
+    assert rep.summary["p_values"].keys() == fast["p_values"].keys()
+    for c, p in fast["p_values"].items(): assert rep.summary["p_values"][c] == pytest.approx(p, abs=1e-12)
+    assert rep.summary["drift_detected"] == fast["drift_detected"]
+    assert "<!DOCTYPE html>" in rep.html[:200] and "Drift" in rep.html
+    json.dumps(rep.summary)
+
+
+def test_not_enough_data_is_not_an_alarm(pkg, data, reference):
+    few = embed_images(pkg, data.test.images[:40] // 2, version="v1")      # drifted, but only 40 records
+    rep = drift_report(reference, few)
+    assert rep.summary["status"] == "not_enough_data" and not rep.drift_detected and rep.summary["drift_score"] is None
+    assert "fewer than min_records=100" in rep.summary["message"] and "Not enough data" in rep.html
+    assert drift_report(reference, few, min_records=30, html=False).summary["status"] == "ok"
+
+
+def test_window_of_another_model_is_refused(pkg, data, reference):
+    other = embed_images(pkg, data.test.images[:200], version="v2")
+    with pytest.raises(ValueError, match="cannot be compared"): drift_report(reference, other)
+
+
+def test_load_window_last_n_and_time_range(tmp_path, pkg, data):
+    st = open_store(tmp_path/"s")
+    df = telemetry(pkg, data.test.images[:300], "v1", start="2026-11-25T23:58:20Z")   # 100 records on the 25th, 200 on the 26th
+    write_shards(st, df[:150], "v1", "a"); write_shards(st, df[150:], "v1", "b")
+    w = load_window(st, "v1")
+    assert len(w) == 300 and w.time.is_monotonic_increasing and w.request_id.tolist() == df.request_id.tolist()
+    assert load_window(st, "v1", last_n=120).request_id.tolist() == df.request_id[-120:].tolist()
+    assert len(load_window(st, "v1", since="2026-11-26T00:00:00Z")) == 200
+    assert len(load_window(st, "v1", until="2026-11-26")) == 100
+    assert len(load_window(st, "v1", since="2026-11-26T00:00:10Z", until="2026-11-26T00:00:20Z")) == 10
+    assert len(load_window(st, "v9")) == 0 and list(load_window(st, "v9").columns) >= ["time", "embedding"]
+
+
+@pytest.mark.parametrize("backend", ["local", "gcs"])
+def test_report_saved_and_loaded_through_the_store(backend, tmp_path, request, package_dir, pkg, data):
+    uri = str(tmp_path/"store") if backend == "local" else request.getfixturevalue("gcs_uri")
+    st = open_store(uri)
+    st.register(package_dir, version="v1")
+    assert latest_report(st) is None and load_reference(st, "v1") is None
+    write_shards(st, telemetry(pkg, data.test.images[:300] // 2, "v1"), "v1")
+    res = run_monitoring(uri, "latest", last_n=250)                     # makes the reference on first need
+    assert st.exists("models/v1/reference.parquet")
+    assert res.drift_detected and res.summary["n_current"] == 250 and res.summary["versions"]["model"] == "v1"
+    assert res.keys == [f"reports/{list_reports(st)[0]}.html", f"reports/{list_reports(st)[0]}.json"]
+    html, summary = latest_report(uri)
+    assert html == res.html and summary == json.loads(json.dumps(res.summary, default=str))
+    assert summary["report"]["json"] == res.keys[1] and summary["window"]["last_n"] == 250
+    small = run_monitoring(st, "v1", last_n=50)                          # newer, and not enough data
+    html, summary = latest_report(st)
+    assert summary["status"] == "not_enough_data" and not summary["drift_detected"] and len(list_reports(st)) == 2
+
+
+def test_corruptions_are_uint8_seeded_and_graded(data):
+    x = data.test.images[:16]
+    for k in CORRUPTIONS:
+        ys = [corrupt(x, k, s) for s in range(6)]
+        assert all(y.dtype == torch.uint8 and y.shape == x.shape for y in ys)
+        assert torch.equal(ys[0], x)
+        d = [(y.float() - x.float()).abs().mean().item() for y in ys]
+        assert d[1] < d[5], (k, d)
+    assert torch.equal(corrupt(x, "gaussian_noise", 2, seed=3), corrupt(x, "gaussian_noise", 2, seed=3))
+    assert not torch.equal(corrupt(x, "gaussian_noise", 2, seed=3), corrupt(x, "gaussian_noise", 2, seed=4))
+    with pytest.raises(ValueError, match="unknown corruption"): corrupt(x, "fog", 1)
+
+
+def test_cli(tmp_path, package_dir, pkg, data, capsys):
+    uri = str(tmp_path/"store")
+    st = open_store(uri)
+    st.register(package_dir, version="v1")
+    write_shards(st, telemetry(pkg, data.test.images[:200] // 2, "v1"), "v1")
+    assert main(["reference", "--store", uri, "--model", "latest", "-n", "300"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["version"] == "v1" and out["records"] == 300 and out["key"] == "models/v1/reference.parquet"
+    assert main(["report", "--store", uri, "--html", str(tmp_path/"r.html"), "--fail-on-drift"]) == 1   # drift: exit status 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["drift_detected"] and out["window"]["n"] == 200 and (tmp_path/"r.html").read_text().lstrip().startswith("<!DOCTYPE")
+    assert main(["report", "--store", uri, "--model", "nope"]) == 2 and "no alias or complete version" in capsys.readouterr().err
+    # the console script, as installed
+    p = subprocess.run([str(BIN/"vit-monitor"), "report", "--store", uri, "--last-n", "50", "--no-save"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1])["status"] == "not_enough_data"
+    assert len(list_reports(st)) == 1

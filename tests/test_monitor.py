@@ -11,8 +11,9 @@ import torch
 
 from vit_nbdev.data import load_cifar10
 from vit_nbdev.model import build_model, save_package
+from vit_nbdev.serve import read_telemetry
 from vit_nbdev.monitor import (CORRUPTIONS, as_package, corrupt, drift_report, drift_tests, embed_images, embedding_matrix,
-                               ensure_reference, latest_report, list_reports, load_reference, load_window, main, reference_key,
+                               ensure_reference, latest_report, list_reports, load_reference, main, reference_key,
                                run_monitoring, save_report)
 from vit_nbdev.store import open_store
 
@@ -111,17 +112,17 @@ def test_window_of_another_model_is_refused(pkg, data, reference):
     with pytest.raises(ValueError, match="cannot be compared"): drift_report(reference, other)
 
 
-def test_load_window_last_n_and_time_range(tmp_path, pkg, data):
+def test_read_telemetry_last_n_and_time_range(tmp_path, pkg, data):
     st = open_store(tmp_path/"s")
     df = telemetry(pkg, data.test.images[:300], "v1", start="2026-11-25T23:58:20Z")   # 100 records on the 25th, 200 on the 26th
     write_shards(st, df[:150], "v1", "a"); write_shards(st, df[150:], "v1", "b")
-    w = load_window(st, "v1")
+    w = read_telemetry(st, "v1")
     assert len(w) == 300 and w.time.is_monotonic_increasing and w.request_id.tolist() == df.request_id.tolist()
-    assert load_window(st, "v1", last_n=120).request_id.tolist() == df.request_id[-120:].tolist()
-    assert len(load_window(st, "v1", since="2026-11-26T00:00:00Z")) == 200
-    assert len(load_window(st, "v1", until="2026-11-26")) == 100
-    assert len(load_window(st, "v1", since="2026-11-26T00:00:10Z", until="2026-11-26T00:00:20Z")) == 10
-    assert len(load_window(st, "v9")) == 0 and list(load_window(st, "v9").columns) >= ["time", "embedding"]
+    assert read_telemetry(st, "v1", last_n=120).request_id.tolist() == df.request_id[-120:].tolist()
+    assert len(read_telemetry(st, "v1", since="2026-11-26T00:00:00Z")) == 200
+    assert len(read_telemetry(st, "v1", until="2026-11-26")) == 100
+    assert len(read_telemetry(st, "v1", since="2026-11-26T00:00:10Z", until="2026-11-26T00:00:20Z")) == 10
+    assert len(read_telemetry(st, "v9")) == 0 and list(read_telemetry(st, "v9").columns) >= ["time", "embedding"]
 
 
 @pytest.mark.parametrize("backend", ["local", "gcs"])

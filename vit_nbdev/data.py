@@ -6,9 +6,9 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/data.html.md"""
 
 # %% ../nbs/data.ipynb #fea662e1
 from __future__ import annotations
-import hashlib, io, json, os, tempfile
+import hashlib, io, json, tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, asdict, field
+from dataclasses import dataclass, asdict
 from pathlib import Path
 
 import numpy as np
@@ -203,9 +203,10 @@ def augment(x: torch.Tensor, pad: int = 4, generator: torch.Generator | None = N
     out = xp[torch.arange(B, device=x.device)[:, None, None, None], torch.arange(C, device=x.device)[None, :, None, None], rows, cols]
     return torch.where(flip[:, None, None, None], out.flip(-1), out)
 
-def preprocess(images: torch.Tensor, cfg: PreprocessConfig = PreprocessConfig(), train: bool = False,
+def preprocess(images: torch.Tensor, cfg: PreprocessConfig | None = None, train: bool = False,
                generator: torch.Generator | None = None) -> torch.Tensor:
-    "`uint8 (B,3,H,W)` → normalised `float32 (B,3,S,S)`: native size, optional augmentation, `image_size`, mean/std."
+    "`uint8 (B,3,H,W)` → normalised `float32 (B,3,S,S)`: native size, optional augmentation, `image_size`, mean/std (`cfg`: default `PreprocessConfig()`)."
+    if cfg is None: cfg = PreprocessConfig()
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"preprocess expects uint8 images of shape (B,3,H,W), got {images.dtype} {tuple(images.shape)}")
     x = _resize(images.float(), cfg.native_size, cfg.interpolation)
@@ -215,8 +216,9 @@ def preprocess(images: torch.Tensor, cfg: PreprocessConfig = PreprocessConfig(),
     return _resize((x - mean) / std, cfg.image_size, cfg.interpolation)   # normalise at 32×32: resizing is linear, so it commutes
 
 # %% ../nbs/data.ipynb #1041d14d
-def make_sample(src_dir, out_dir=SAMPLE_DIR, per_class: dict = {"train": 500, "test": 100}, seed: int = 0) -> list[Path]:
-    "Write a class-balanced random subset of a hub-layout parquet folder to `out_dir`."
+def make_sample(src_dir, out_dir=SAMPLE_DIR, per_class: dict | None = None, seed: int = 0) -> list[Path]:
+    "Write a class-balanced random subset (`per_class` images per class of each split; default 500 train, 100 test) of a hub-layout parquet folder to `out_dir`."
+    if per_class is None: per_class = {"train": 500, "test": 100}
     import pyarrow.parquet as pq
     out, rng, written = Path(out_dir), np.random.default_rng(seed), []
     out.mkdir(parents=True, exist_ok=True)

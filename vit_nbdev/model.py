@@ -16,7 +16,7 @@ from transformers.utils import logging as hf_logging
 try: from transformers import ViTImageProcessorPil as ViTImageProcessor   # no torchvision here: the PIL processor, without a warning
 except ImportError: from transformers import ViTImageProcessor
 
-from .data import CIFAR10_LABELS, NATIVE_SIZE, PreprocessConfig, preprocess
+from .data import CIFAR10_LABELS, PreprocessConfig
 
 # %% auto #0
 __all__ = ['PRESETS', 'DEFAULT_PRESET', 'label_maps', 'preset_config', 'build_model', 'ModelPackage', 'save_package',

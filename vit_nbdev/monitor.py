@@ -6,12 +6,12 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/monitor.html.md"""
 
 # %% ../nbs/monitor.ipynb #131ea2b8
 from __future__ import annotations
-import argparse, html as _html, io, json, math, sys, time, warnings
-from concurrent.futures import ThreadPoolExecutor
+import argparse, html as _html, io, json, sys, time, warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -20,11 +20,12 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from prometheus_client import Gauge
 
 from .data import load_cifar10, preprocess, resolve_source
 from .model import ModelPackage, load_package, forward_features
-from .store import Store, StoreError, NotFound, open_store
-from .serve import read_telemetry, _as_utc, _page
+from .store import StoreError, NotFound, open_store
+from .serve import Monitoring, read_telemetry, _as_utc, _page
 
 # %% auto #0
 __all__ = ['REFERENCE_N', 'REFERENCE_FILE', 'COMPONENTS', 'ALPHA', 'MIN_RECORDS', 'CHI2_TEST', 'SEVERITIES', 'CORRUPTIONS',
@@ -98,7 +99,7 @@ def compute_reference(package_or_dir, data_source: str | None = None, n: int = R
     df["index"] = idx.numpy()
     df.attrs["reference"] = dict(model_version=pkg.version, data_source=data.source, fingerprint=data.fingerprint, split=split,
                                  n=n, seed=seed, held_out=split == "test" or (split == "validation" and same),
-                                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                                 created=datetime.now(UTC).isoformat(timespec="seconds"))
     return df
 
 # %% ../nbs/monitor.ipynb #bc50498e
@@ -299,7 +300,7 @@ def drift_report(reference_df: pd.DataFrame, current_df: pd.DataFrame, *, compon
     versions = _versions(reference_df, current_df)
     method = dict(name=f"PCA-{components} KS + prediction chi-square + confidence KS, Bonferroni", components=components, alpha=alpha,
                   projection=fit, tests={"embedding": "ks", "prediction": CHI2_TEST, "confidence": "ks"})
-    base = dict(created=datetime.now(timezone.utc).isoformat(timespec="seconds"), window=_window_info(current_df, window),
+    base = dict(created=datetime.now(UTC).isoformat(timespec="seconds"), window=_window_info(current_df, window),
                 n_reference=len(reference_df), n_current=len(current_df), min_records=min_records, versions=versions,
                 reference=reference_df.attrs.get("reference", {}), method=method)
     short = [f"the window has {len(current_df)} records, fewer than min_records={min_records}"] if len(current_df) < min_records else []
@@ -333,13 +334,13 @@ def drift_report(reference_df: pd.DataFrame, current_df: pd.DataFrame, *, compon
 # %% ../nbs/monitor.ipynb #9d1cac93
 def report_stamp(now: datetime | None = None) -> str:
     "A report's name: the UTC time in ISO basic format with microseconds, e.g. `20261126T114502.123456Z` (sorts by time)."
-    now = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    now = (now or datetime.now(UTC)).astimezone(UTC)
     return now.strftime("%Y%m%dT%H%M%S.%fZ")
 
 def save_report(store, result: DriftResult, stamp: str | None = None) -> list[str]:
     "Store `result` as `reports/<stamp>.html` and `reports/<stamp>.json` (summary; written last); return the two keys."
     st = open_store(store)
-    for attempt in range(5):
+    for _ in range(5):
         s = stamp or report_stamp()
         keys = [f"reports/{s}.html", f"reports/{s}.json"]
         summary = {**result.summary, "report": {"html": keys[0], "json": keys[1], "store": st.uri}}
@@ -360,7 +361,7 @@ def list_reports(store) -> list[str]:
 def latest_report(store) -> tuple[str, dict] | None:
     "`(html, summary)` of the newest report in the store, or `None` if there is none yet."
     st = open_store(store)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for prefix in (f"reports/{now:%Y%m%d}", f"reports/{now:%Y%m}", f"reports/{now:%Y}", "reports/"):
         js = [k for k in st.list(prefix) if k.endswith(".json")]
         if js: break
@@ -383,10 +384,6 @@ def run_monitoring(store, model: str = "latest", *, last_n: int | None = 1000, s
     res = drift_report(ref, cur, components=components, alpha=alpha, min_records=min_records, window=window)
     if save: save_report(st, res)
     return res
-
-# %% ../nbs/monitor.ipynb #087b3ada
-from prometheus_client import Gauge
-from .serve import Monitoring
 
 # %% ../nbs/monitor.ipynb #ed28adb0
 class DriftMonitoring(Monitoring):

@@ -7,11 +7,11 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/serve.html.md"""
 # %% ../nbs/serve.ipynb #73284f55
 from __future__ import annotations
 import argparse, asyncio, collections, contextlib, dataclasses, hmac, io, logging, os, re, secrets, threading, time, uuid, warnings
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
-from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any, Callable
+from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -334,7 +334,7 @@ class MicroBatcher:
             if self._closed: raise QueueFull("the service is shutting down")
             if len(self._q) + len(pixels) > self.queue_size:
                 raise QueueFull(f"the service is busy: {len(self._q)} images are waiting (at most {self.queue_size})")
-            self._q.extend(zip([served] * len(pixels), pixels, futs))
+            self._q.extend(zip([served] * len(pixels), pixels, futs, strict=True))
             self._cv.notify()
         return futs
 
@@ -385,7 +385,7 @@ TELEMETRY_SCHEMA = pa.schema([
 
 def new_instance_id() -> str:
     "A process's telemetry id: start time and random hex, e.g. `20261126T114502-3fa2c1d0`."
-    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(4)}"
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(4)}"
 
 def telemetry_key(version: str, day: str, instance: str, seq: int) -> str:
     "The store key of a telemetry shard."
@@ -478,7 +478,7 @@ class TelemetryWriter:
         while True:
             with self._cv:
                 wait = backoff or max(0.0, last + self.flush_s - time.monotonic())
-                self._cv.wait_for(lambda: self._stop or (not backoff and len(self._buf) >= self.flush_records), timeout=wait)
+                self._cv.wait_for(lambda: self._stop or (not backoff and len(self._buf) >= self.flush_records), timeout=wait)  # noqa: B023 (called in this iteration only)
                 if self._stop: return
                 timed = time.monotonic() >= last + self.flush_s
             if self.flush(force=timed or bool(backoff)):
@@ -523,7 +523,7 @@ def read_telemetry(store: Store | str | None, version: str | None = None, last_n
         if len(parts) == 4 and parts[3].endswith(".parquet"): by_day.setdefault(parts[2], []).append(k)
     def read(k):
         try: t = pq.read_table(io.BytesIO(st.get_bytes(k)))
-        except (StoreError, OSError, pa.ArrowException) as e: warnings.warn(f"skipping unreadable telemetry shard {k}: {e}"); return None
+        except (StoreError, OSError, pa.ArrowException) as e: warnings.warn(f"skipping unreadable telemetry shard {k}: {e}", stacklevel=1); return None   # in a worker thread: no caller frame to point at
         return t.cast(TELEMETRY_SCHEMA) if t.schema.names == TELEMETRY_SCHEMA.names else t
     frames, n = [], 0
     with ThreadPoolExecutor(workers) as ex:     # one request per shard on GCS: fetch them in parallel
@@ -845,11 +845,11 @@ class Service:
             self.metrics.rejected.inc()
             raise ServiceUnavailable(f"{e}; retry in a second", retry_after=1) from None
         outs = await asyncio.gather(*(asyncio.wrap_future(f) for f in futs))
-        now, rid, k = datetime.now(timezone.utc), request.state.request_id, min(self.cfg.top_k, len(served.labels))
+        now, rid, k = datetime.now(UTC), request.state.request_id, min(self.cfg.top_k, len(served.labels))
         results = []
-        for i, ((emb, probs), p) in enumerate(zip(outs, prepared)):
+        for i, ((emb, probs), p) in enumerate(zip(outs, prepared, strict=True)):
             scores, idx = probs.topk(k)
-            top = [{"label": served.labels[j], "score": s} for s, j in zip(scores.tolist(), idx.tolist())]
+            top = [{"label": served.labels[j], "score": s} for s, j in zip(scores.tolist(), idx.tolist(), strict=True)]
             results.append({"label": top[0]["label"], "score": top[0]["score"], "top_k": top, "model_version": served.version})
             self.metrics.predictions.labels(served.version, top[0]["label"]).inc()
             if self.telemetry:

@@ -7,9 +7,9 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/store.html.md"""
 # %% ../nbs/store.ipynb #9ed2b7b8
 from __future__ import annotations
 import contextlib, fcntl, hashlib, json, os, random, re, secrets, shutil, tempfile, time
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable, Iterable
 
 import requests
 from google.api_core import exceptions as gex
@@ -58,7 +58,7 @@ def _name(name: str, what: str="name") -> str:
 
 def new_version(now: datetime|None=None) -> str:
     "A fresh version name that sorts by time: `v<UTC yyyymmdd-hhmmss-milliseconds>-<6 random hex digits>`."
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     return f"v{now:%Y%m%d-%H%M%S}-{now.microsecond // 1000:03d}-{secrets.token_hex(3)}"
 
 def _natural(s: str) -> list:
@@ -71,7 +71,7 @@ HISTORY_LIMIT = 100   # an alias remembers at most this many earlier versions
 
 def _now() -> str:
     "The current UTC time, ISO formatted."
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 def _dumps(obj) -> bytes:
     "`obj` as indented JSON bytes."

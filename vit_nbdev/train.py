@@ -8,7 +8,7 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/train.html.md"""
 from __future__ import annotations
 import argparse, json, os, shutil, signal, subprocess, sys, time, uuid
 from dataclasses import dataclass, field, asdict, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -170,7 +170,7 @@ def code_commit() -> str:
 
 def new_run_id() -> str:
     "A sortable, unique run id, e.g. `20261126-114502-3fa2c1`."
-    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
 # %% ../nbs/train.ipynb #888abadd
 @dataclass
@@ -190,7 +190,7 @@ def train(cfg: TrainConfig | None = None, **params) -> TrainResult:
     cfg = cfg or TrainConfig.from_dict(params)
     acc = make_accelerator(cfg)
     world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
-    micro = cfg.micro_batch(world)
+    cfg.micro_batch(world)   # refuses a batch_size that processes × grad_accum do not divide
     run_id = cfg.run_id or _shared_run_id(acc)
     ckpt_dir = Path(cfg.checkpoint_dir)/run_id
     resume_from = resolve_resume(cfg.resume, ckpt_dir)
@@ -278,7 +278,7 @@ def _checkpoint(acc: Accelerator, ckpt_dir: Path, step: int, keep: int = 2):
 
 def _publish(acc, cfg: TrainConfig, st, res: TrainResult, model, pre, data):
     version = new_version()
-    card = dict(version=version, created=datetime.now(timezone.utc).isoformat(), code_commit=code_commit(), run_id=res.run_id,
+    card = dict(version=version, created=datetime.now(UTC).isoformat(), code_commit=code_commit(), run_id=res.run_id,
                 params=asdict(cfg), dataset=data.info(), metrics=res.metrics,
                 parent=None if cfg.model in PRESETS else cfg.model)
     pkg = save_package(model, pre, Path(cfg.checkpoint_dir)/res.run_id/"package", card)

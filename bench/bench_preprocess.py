@@ -5,8 +5,8 @@ folder into the cache and a cached reload.
 
     python bench/bench_preprocess.py [--data ../shared/data/cifar10] [--batches 5]
 """
-import argparse, os, tempfile, time
-import numpy as np, torch
+import argparse, tempfile, time
+import torch
 from transformers import ViTImageProcessor
 from vit_nbdev.data import PreprocessConfig, load_cifar10, preprocess
 

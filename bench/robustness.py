@@ -24,14 +24,14 @@ Embeddings are cached (--cache), so a re-run only re-scores.
 """
 import os
 for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"): os.environ.setdefault(v, "1")   # polite on shared cores
-import argparse, sys, time, warnings
+import argparse, time, warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from vit_nbdev.monitor import (ALPHA, COMPONENTS, CORRUPTIONS, as_package, compute_reference, drift_tests, embedding_matrix,
+from vit_nbdev.monitor import (ALPHA, COMPONENTS, as_package, compute_reference, drift_tests, embedding_matrix,
                                ks_pvalue, plot_study, robustness_study, study_table, windows)
 from vit_nbdev.data import load_cifar10
 from vit_nbdev.store import open_store
@@ -200,7 +200,7 @@ def main(argv=None):
     fig.savefig(out/"robustness.png", dpi=120)
 
     clean_acc = acc[("none", 0)]
-    md = [f"# Robustness study of the drift detector\n",
+    md = ["# Robustness study of the drift detector\n",
           f"Model `{version}` ({pkg.model.config.hidden_size}-d embeddings; {params.get('model')}, {params.get('epochs')} epochs on "
           f"{params.get('dataset')}; clean test accuracy {clean_acc:.3f}). CIFAR-10 test split ({len(y)} images), {len(ws)} disjoint windows "
           f"of {a.window} per point. Reference: 500 random validation images (seed 0), held out from training. Corruptions and "

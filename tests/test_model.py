@@ -4,7 +4,7 @@ import pytest, torch
 from PIL import Image
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor, pipeline
 from vit_nbdev.data import load_cifar10, preprocess, CIFAR10_LABELS
-from vit_nbdev.model import build_model, save_package, load_package, PRESETS, forward_features
+from vit_nbdev.model import build_model, load_package, PRESETS, forward_features
 from vit_nbdev.train import TrainConfig, train
 
 def test_presets():
@@ -52,4 +52,4 @@ def test_hf_pipeline_agrees_with_our_top1(trained):
     clf = pipeline("image-classification", model=str(trained), device=-1)
     theirs = [r[0]["label"] for r in clf([Image.fromarray(a.permute(1, 2, 0).numpy()) for a in imgs], batch_size=50)]
     with torch.inference_mode(): ours = [pkg.labels[i] for i in pkg.model(preprocess(imgs, pkg.preprocess)).logits.argmax(-1)]
-    assert sum(a == b for a, b in zip(theirs, ours)) >= 199, "same top-1 (ties aside)"
+    assert sum(a == b for a, b in zip(theirs, ours, strict=True)) >= 199, "same top-1 (ties aside)"

@@ -14,7 +14,7 @@ from vit_nbdev.model import build_model, save_package
 from vit_nbdev.serve import read_telemetry
 from vit_nbdev.monitor import (CORRUPTIONS, as_package, corrupt, drift_report, drift_tests, embed_images, embedding_matrix,
                                ensure_reference, latest_report, list_reports, load_reference, main, reference_key,
-                               run_monitoring, save_report)
+                               run_monitoring)
 from vit_nbdev.store import open_store
 
 BIN = Path(sys.executable).parent
@@ -141,6 +141,7 @@ def test_report_saved_and_loaded_through_the_store(backend, tmp_path, request, p
     assert summary["report"]["json"] == res.keys[1] and summary["window"]["last_n"] == 250
     small = run_monitoring(st, "v1", last_n=50)                          # newer, and not enough data
     html, summary = latest_report(st)
+    assert summary["report"]["json"] == small.keys[1] and html == small.html
     assert summary["status"] == "not_enough_data" and not summary["drift_detected"] and len(list_reports(st)) == 2
 
 

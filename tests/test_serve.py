@@ -3,7 +3,7 @@
 Predictions and their parity with training's preprocessing, every kind of bad upload, admin auth, a
 model swap under load, a bounded load test, graceful shutdown flushing telemetry, telemetry to the
 GCS emulator through an outage, and a fuzzer over the OpenAPI schema."""
-import io, json, os, random, signal, subprocess, sys, threading, time
+import io, os, random, signal, subprocess, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -68,7 +68,7 @@ def scores(answer: dict) -> dict:
 
 def same_answer(a: dict, b: dict, tol=1e-5) -> bool:
     return [t["label"] for t in a["top_k"]] == [t["label"] for t in b["top_k"]] and all(
-        abs(x["score"] - y["score"]) <= tol for x, y in zip(a["top_k"], b["top_k"]))
+        abs(x["score"] - y["score"]) <= tol for x, y in zip(a["top_k"], b["top_k"], strict=True))
 
 
 # -- predictions -------------------------------------------------------------------------------------
@@ -82,7 +82,7 @@ def test_predict_matches_training_preprocessing(server, tiny_packages, test_imag
     assert len(answers) == 6
     pkg = load_package(tiny_packages["a"])
     with torch.inference_mode(): probs = forward_features(pkg.model, preprocess(test_images[:6], pkg.preprocess))[1].softmax(-1)
-    for a, p in zip(answers, probs):
+    for a, p in zip(answers, probs, strict=True):
         assert set(a) == {"label", "score", "top_k", "model_version"} and a["model_version"] == "va"
         assert len(a["top_k"]) == 5 and a["label"] == a["top_k"][0]["label"] and a["score"] == a["top_k"][0]["score"]
         assert [t["score"] for t in a["top_k"]] == sorted((t["score"] for t in a["top_k"]), reverse=True)

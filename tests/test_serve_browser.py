@@ -15,7 +15,7 @@ def test_upload_page_shows_top5_bars(serve_process, tiny_packages, tmp_path):
     if not CHROMIUM.exists(): pytest.fail(f"{CHROMIUM} is missing: run .ci/setup-extra (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
     store = str(tmp_path / "store")
-    version = open_store(store).register(tiny_packages["a"], "va")
+    open_store(store).register(tiny_packages["a"], "va")
     server = serve_process(store)
     server.wait_ready()
     test = load_cifar10(progress=False).test

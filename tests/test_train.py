@@ -2,7 +2,7 @@
 import json, os, signal, subprocess, sys, time
 from pathlib import Path
 import pytest, nbformat
-from vit_nbdev.train import TrainConfig, train, resolve_resume
+from vit_nbdev.train import TrainConfig, train
 from vit_nbdev.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ def test_papermill_run_is_the_record(tmp_path):
     card = json.loads(st.get_bytes(f"models/{version}/card.json"))
     assert card["dataset"]["fingerprint"] and card["dataset"]["splits"] == {"train": 4000, "validation": 1000, "test": 1000}
     assert card["params"]["batch_size"] == 64 and card["code_commit"] and card["metrics"]["test_acc"] == m["metrics"]["test_acc"]
-    assert list((nb_dir := tmp_path/"wandb").glob("offline-run-*")), "W&B ran offline and left its files"  # papermill cwd is nbs/; wandb dir below
+    assert list((tmp_path/"wandb").glob("offline-run-*")), "W&B ran offline and left its files"  # papermill cwd is nbs/; wandb dir below
     
 def test_same_params_same_metrics(tmp_path):
     a = train(quick(tmp_path, run_id="a"))

@@ -24,7 +24,7 @@ BASE=localhost/python-base:3.11-bookworm
 IMAGE=${IMAGE:-localhost/vit-serve:dev}
 
 b() { buildah --root "$WORK/storage" --runroot "$WORK/run" --storage-driver vfs "$@"; }
-log() { printf '\n== %s\n' "$*" >&2; }
+log() { printf '\n== %s %s\n' "$(date +%T)" "$*" >&2; }
 
 # A stand-in for python:3.11-slim-bookworm: Debian bookworm minbase with its python3 (3.11) and venv.
 base() {

@@ -35,16 +35,20 @@ RUN --mount=type=bind,source=docker/wheels,target=/wheels \
 COPY nbs/train.ipynb nbs/train.ipynb
 COPY configs/ configs/
 
-# a non-root user; /app (runs/ and checkpoints/ are written under the working directory) and the
-# caches are writable by it, the caches by any user id (docker run --user ...)
+# a non-root user; vit-train writes runs/ and checkpoints/ under the working directory: those and the caches
+# are writable by any user id too (docker run --user ...)
 RUN useradd --no-log-init --uid 10001 --user-group --create-home --home-dir /home/vit --shell /bin/bash vit \
-    && mkdir -p /app/runs /app/checkpoints /cache/vit_nbdev /cache/huggingface /cache/wandb \
+    && mkdir -p /app/runs /app/checkpoints /cache/vit_nbdev /cache/huggingface /cache/wandb/cache /cache/wandb/data \
+        /cache/wandb/config \
     && chown vit:vit /app /app/runs /app/checkpoints \
-    && chmod 1777 /cache /cache/vit_nbdev /cache/huggingface /cache/wandb
+    && chmod 1777 /app/runs /app/checkpoints /cache /cache/vit_nbdev /cache/huggingface /cache/wandb /cache/wandb/*
 ENV PYTHONUNBUFFERED=1 \
     VIT_CACHE=/cache/vit_nbdev \
     HF_HOME=/cache/huggingface \
     WANDB_DIR=/cache/wandb \
+    WANDB_CACHE_DIR=/cache/wandb/cache \
+    WANDB_DATA_DIR=/cache/wandb/data \
+    WANDB_CONFIG_DIR=/cache/wandb/config \
     MPLCONFIGDIR=/tmp/matplotlib
 # the commit the image is built from (recorded in the model card): --build-arg VIT_CODE_COMMIT=$(git rev-parse HEAD)
 ARG VIT_CODE_COMMIT=unknown

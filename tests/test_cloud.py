@@ -22,6 +22,7 @@ FAKE = textwrap.dedent(f"""\
     rec = dict(name=name, args=args, wandb=os.environ.get("WANDB_API_KEY"))
     for a in args:
         if a.startswith("startup-script="): shutil.copy(a.split("=", 1)[1], os.environ["FAKE_DIR"] + "/startup.sh")
+        if a.endswith("/service.yaml"): shutil.copy(a, os.environ["FAKE_DIR"] + "/service.yaml")
     if name == "docker" and args[:1] == ["run"]:
         vol = args[args.index("-v") + 1].split(":")[0]
         rec["params"] = Path(vol, "params.yaml").read_text()
@@ -129,22 +130,37 @@ def test_on_finish_stop_stops_instead(tmp_path):
     assert calls(tmp_path)[-1]["args"][:3] == ["compute", "instances", "stop"]
     assert "WANDB_MODE=offline" in next(c for c in calls(tmp_path) if c["args"][:1] == ["run"])["args"]
 
+def heredoc(script, name):
+    "The text of file `name` in a printed plan."
+    lines = script.splitlines()
+    i = next(i for i, l in enumerate(lines) if l.startswith(f'cat > "$D/{name}"'))
+    end = lines[i].split("<<")[1].strip("'")
+    return "\n".join(lines[i+1:lines.index(end, i+1)])
+
 def test_deploy_dry_run_builds_pushes_and_deploys_with_a_secret():
     r = run_cli("deploy", "--project", PROJECT, "--store", STORE, "--model", "production", "--max-instances", "5", "--dry-run")
     assert r.returncode == 0, r.stderr
     out = r.stdout; subprocess.run(["bash", "-n"], input=out, text=True, check=True); shellcheck(out)
     sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
     cmds = [l for l in out.splitlines() if l and not l.startswith("#") and l.split()[0] in ("gcloud", "docker")]
-    assert [c.split()[:3] for c in cmds] == [["gcloud", "auth", "configure-docker"], ["docker", "build", "-f"], ["docker", "push", cmds[2].split()[2]],
-                                              ["gcloud", "run", "deploy"]]
+    assert [c.split()[:4] for c in cmds] == [["gcloud", "auth", "configure-docker", "us-central1-docker.pkg.dev"], ["docker", "build", "-f", "docker/serve.Dockerfile"],
+                                              ["docker", "push", cmds[2].split()[2]], ["gcloud", "run", "services", "replace"],
+                                              ["gcloud", "run", "services", "add-iam-policy-binding"]]
     image = cmds[2].split()[2]
-    assert image.startswith(f"us-central1-docker.pkg.dev/{PROJECT}/vit/vit-serve:{sha}") and "docker/serve.Dockerfile" in cmds[1]
-    dep = cmds[3]
-    for flag in [f"--image {image}", f"--set-env-vars VIT_STORE={STORE},VIT_MODEL=production", "--set-secrets VIT_ADMIN_TOKEN=vit-admin-token:latest",
-                 f"--service-account vit-serve@{PROJECT}.iam.gserviceaccount.com", "--max-instances 5", "--min-instances 0", "--concurrency 32",
-                 "--memory 4Gi", "--cpu 2", "--port 8080", "--allow-unauthenticated"]:
-        assert flag in dep, flag
-    assert "VIT_ADMIN_TOKEN=" not in dep.split("--set-env-vars")[1].split("--set-secrets")[0]
+    assert image.startswith(f"us-central1-docker.pkg.dev/{PROJECT}/vit/vit-serve:{sha}") and f"VIT_CODE_COMMIT={image.split(':')[-1]}" in cmds[1]
+    assert cmds[3].endswith(f'"$D/service.yaml" --project {PROJECT} --region us-central1')
+    assert "--member allUsers --role roles/run.invoker" in cmds[4]
+    svc = yaml.safe_load(heredoc(out, "service.yaml"))
+    assert svc["kind"] == "Service" and svc["metadata"]["name"] == "vit-serve"
+    t = svc["spec"]["template"]; spec = t["spec"]; [c] = spec["containers"]
+    assert c["image"] == image and spec["serviceAccountName"] == f"vit-serve@{PROJECT}.iam.gserviceaccount.com"
+    assert spec["containerConcurrency"] == 32 and c["resources"]["limits"] == {"cpu": "2", "memory": "4Gi"}
+    assert t["metadata"]["annotations"]["autoscaling.knative.dev/maxScale"] == "5" and t["metadata"]["annotations"]["autoscaling.knative.dev/minScale"] == "0"
+    env = {e["name"]: e for e in c["env"]}
+    assert env["VIT_STORE"]["value"] == STORE and env["VIT_MODEL"]["value"] == "production"
+    assert env["VIT_ADMIN_TOKEN"] == {"name": "VIT_ADMIN_TOKEN", "valueFrom": {"secretKeyRef": {"name": "vit-admin-token", "key": "latest"}}}
+    assert c["startupProbe"]["httpGet"] == {"path": "/readyz", "port": 8080} and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["ports"] == [{"name": "http1", "containerPort": 8080}]
 
 def test_deploy_runs_the_plan_with_the_tools_it_finds(tmp_path):
     "Without --dry-run the same commands run here, in order (stand-ins for gcloud and docker)."
@@ -152,9 +168,12 @@ def test_deploy_runs_the_plan_with_the_tools_it_finds(tmp_path):
     image = "us-central1-docker.pkg.dev/vit-test-project/vit/vit-serve:v7"
     r = run_cli("deploy", "--project", PROJECT, "--store", STORE, "--image", image, "--no-allow-unauthenticated", env=env)
     assert r.returncode == 0, r.stderr
-    [c] = calls(tmp_path)
-    assert c["args"][:3] == ["run", "deploy", "vit-serve"] and "--no-allow-unauthenticated" in c["args"] and c["args"][c["args"].index("--image") + 1] == image
-    assert "+ gcloud run deploy vit-serve" in r.stderr
+    [c] = calls(tmp_path)                         # private: no allUsers binding
+    assert c["args"][:3] == ["run", "services", "replace"] and c["args"][4:] == ["--project", PROJECT, "--region", "us-central1"]
+    assert "+ gcloud run services replace" in r.stderr
+    from vit_nbdev.cloud import service_yaml
+    svc = CloudRunService(project=PROJECT, store=STORE, image=image, allow_unauthenticated=False)
+    assert (tmp_path/"service.yaml").read_text() == service_yaml(svc, image)
 
 def test_setup_dry_run_grants_the_least(tmp_path):
     r = run_cli("setup", "--project", PROJECT, "--bucket", "vit-test-bucket", "--wandb-secret", "wandb-api-key", "--dry-run")

@@ -185,7 +185,10 @@ def test_race_on_alias(store, pkg, mode):
         if mode == "threads":
             with ThreadPoolExecutor(workers) as ex: results = list(ex.map(lambda a: _race_worker(*a), args))
         else:
-            with get_context("spawn").Pool(workers) as pool: results = pool.starmap(_race_worker, args)
+            with get_context("spawn").Pool(workers) as pool:
+                results = pool.starmap_async(_race_worker, args).get(timeout=300)
+                pool.close(); pool.join()   # let the workers exit on their own: Pool.__exit__ would SIGTERM them, which
+                                            # can leave one hanging under coverage's SIGTERM handler
     finally:
         stop.set()
         sab.join()

@@ -203,6 +203,7 @@ def test_setup_dry_run_grants_the_least(tmp_path):
     (["deploy", "--project", PROJECT, "--store", STORE, "--min-instances", "3", "--max-instances", "1"], "--min-instances"),
     (["deploy", "--project", PROJECT, "--store", STORE, "--memory", "4GB"], "memory"),
     (["deploy", "--project", PROJECT, "--store", STORE, "--image", "Not An Image"], "--image"),
+    (["deploy", "--project", PROJECT, "--store", STORE, "--service-account", "vit-serve@gmail.com"], "service account email"),
 ])
 def test_bad_options_exit_2_with_a_message(args, msg):
     r = run_cli(*args, "--dry-run")

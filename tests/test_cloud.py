@@ -1,15 +1,15 @@
 """`vit-cloud`: dry-run plans, the VM startup script (bash -n, shellcheck, and its life run against
 stand-ins for gcloud/docker: nothing here can reach Google), and bad options."""
-import json, os, shutil, stat, subprocess, sys, textwrap
+import json, os, stat, subprocess, sys, textwrap
 from pathlib import Path
 
 import pytest, yaml
 
+from devtools import dev_tool, shellcheck
 from vit_nbdev.cloud import CloudRunService, TrainVM, startup_script, train_params
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = shutil.which("vit-cloud") or pytest.fail("vit-cloud is not installed (pip install -e .)")
-SHELLCHECK = shutil.which("shellcheck") or pytest.fail("shellcheck is missing: pip install -c constraints.txt -e '.[dev]'")
+CLI = dev_tool("vit-cloud")
 STORE, PROJECT = "gs://vit-test-bucket/runs-a", "vit-test-project"
 
 # A stand-in for gcloud, docker, nvidia-smi...: logs its name, arguments and a few env vars as a JSON line, and
@@ -44,17 +44,13 @@ def calls(tmp_path): return [json.loads(l) for l in (tmp_path/"calls.jsonl").rea
 def run_cli(*args, env=None):
     return subprocess.run([CLI, *args], capture_output=True, text=True, env=env, timeout=120)
 
-def shellcheck(text): 
-    r = subprocess.run([SHELLCHECK, "-"], input=text, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout
-
 TRAIN = ["train", "--project", PROJECT, "--store", STORE, "-f", str(ROOT/"configs/cifar10-scratch.yaml"), "-p", "epochs", "30",
          "--run-id", "20261126-120000-abc123", "--wandb-secret", "wandb-api-key"]
 
 def test_train_dry_run_is_the_plan_and_runs_as_printed(tmp_path):
     r = run_cli(*TRAIN, "--dry-run"); assert r.returncode == 0, r.stderr
     out = r.stdout
-    subprocess.run(["bash", "-n"], input=out, text=True, check=True); shellcheck(out)
+    shellcheck(text=out)
     create = next(l for l in out.splitlines() if l.startswith("gcloud compute instances create"))
     for flag in ["vit-train-20261126-120000-abc123", f"--project {PROJECT}", "--zone us-central1-a", "--machine-type g2-standard-8",
                  "--provisioning-model SPOT", "--instance-termination-action DELETE", "--max-run-duration 1440m",
@@ -140,7 +136,7 @@ def heredoc(script, name):
 def test_deploy_dry_run_builds_pushes_and_deploys_with_a_secret():
     r = run_cli("deploy", "--project", PROJECT, "--store", STORE, "--model", "production", "--max-instances", "5", "--dry-run")
     assert r.returncode == 0, r.stderr
-    out = r.stdout; subprocess.run(["bash", "-n"], input=out, text=True, check=True); shellcheck(out)
+    out = r.stdout; shellcheck(text=out)
     sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
     cmds = [l for l in out.splitlines() if l and not l.startswith("#") and l.split()[0] in ("gcloud", "docker")]
     assert [c.split()[:4] for c in cmds] == [["gcloud", "auth", "configure-docker", "us-central1-docker.pkg.dev"], ["docker", "build", "-f", "docker/serve.Dockerfile"],
@@ -178,7 +174,7 @@ def test_deploy_runs_the_plan_with_the_tools_it_finds(tmp_path):
 def test_setup_dry_run_grants_the_least(tmp_path):
     r = run_cli("setup", "--project", PROJECT, "--bucket", "vit-test-bucket", "--wandb-secret", "wandb-api-key", "--dry-run")
     assert r.returncode == 0, r.stderr
-    shellcheck(r.stdout)
+    shellcheck(text=r.stdout)
     grants = [l for l in r.stdout.splitlines() if "--role" in l and not l.startswith("#")]
     serve = [l for l in grants if f"vit-serve@{PROJECT}" in l]
     assert len(serve) == 2

@@ -7,16 +7,16 @@ the build context.
 """
 from __future__ import annotations
 
-import json, os, re, shlex, shutil, subprocess, sys
+import json, os, re, shlex, subprocess
 from pathlib import Path
 
 import pytest
+from devtools import dev_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT/"docker"
 SERVE, TRAIN = DOCKER/"serve.Dockerfile", DOCKER/"train.Dockerfile"
 DOCKERFILES = [SERVE, TRAIN]
-SCRIPTS = sorted(DOCKER.glob("*.sh"))
 SECRETISH = re.compile(r"TOKEN|KEY|SECRET|PASSW|CREDENTIAL", re.I)
 
 
@@ -155,25 +155,11 @@ def tracked(rel: str) -> list[str]:
 
 # ---- linters
 
-def tool(name: str) -> str:
-    "A linter from the dev extras: next to this Python first, then on PATH."
-    for cand in (Path(sys.executable).parent/name, shutil.which(name)):
-        if cand and Path(cand).is_file(): return str(cand)
-    pytest.fail(f"{name} is not installed (pip install -c constraints.txt -e '.[dev]')")
-
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_hadolint_clean(dockerfile):
-    r = subprocess.run([tool("hadolint"), "--no-color", "--failure-threshold", "style", str(dockerfile.relative_to(ROOT))],
+    r = subprocess.run([dev_tool("hadolint"), "--no-color", "--failure-threshold", "style", str(dockerfile.relative_to(ROOT))],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and not r.stdout.strip(), f"hadolint findings:\n{r.stdout}{r.stderr}"
-
-@pytest.mark.skipif(not SCRIPTS, reason="no shell scripts in docker/")
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
-def test_shell_scripts_clean(script):
-    r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
-    assert r.returncode == 0, r.stderr
-    r = subprocess.run([tool("shellcheck"), "--severity=style", str(script)], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, f"shellcheck findings:\n{r.stdout}{r.stderr}"
 
 
 # ---- both images

@@ -4,6 +4,7 @@ import os, re, shutil, subprocess, sys
 from pathlib import Path
 
 import pytest, yaml
+from devtools import dev_tool, shellcheck
 from identify.identify import tags_from_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,13 +16,6 @@ NBDEV, RUFF = "https://github.com/AnswerDotAI/nbdev", "https://github.com/astral
 # hooks that run the tools of this environment: pre-commit then needs no network (it would clone the repos otherwise).
 UPSTREAM = {"nbdev-clean": dict(entry="nbdev-clean", always_run=True, pass_filenames=False),
             "ruff-check": dict(entry="ruff check --force-exclude", types_or=["python", "pyi", "jupyter"], require_serial=True)}
-
-
-def tool(name: str) -> str:
-    "The console script `name` of this environment."
-    exe = BIN / name
-    if not exe.exists(): pytest.fail(f"{exe} is missing: install the dev extra (pip install -e '.[dev]')")
-    return str(exe)
 
 
 def config() -> dict:
@@ -47,19 +41,19 @@ def selects(hook: dict, path: str) -> bool:
 
 
 def test_ruff_is_clean():
-    r = subprocess.run([tool("ruff"), "check", "--no-cache", *LINTED], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([dev_tool("ruff"), "check", "--no-cache", *LINTED], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_ruff_sees_the_notebooks():
     "The notebooks are linted (`extend-include`), not silently skipped: a lint error in one is reported."
-    r = subprocess.run([tool("ruff"), "check", "--no-cache", "--show-files", "nbs"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([dev_tool("ruff"), "check", "--no-cache", "--show-files", "nbs"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert {"data.ipynb", "train.ipynb"} <= {Path(l).name for l in r.stdout.split()}
 
 
 def test_precommit_config_is_valid_and_has_the_hooks():
-    r = subprocess.run([tool("pre-commit"), "validate-config", str(CONFIG)], capture_output=True, text=True)
+    r = subprocess.run([dev_tool("pre-commit"), "validate-config", str(CONFIG)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     hs = hooks(config())
     assert "nbdev-clean" in hs and hs["nbdev-clean"][:2] == (NBDEV, pinned("nbdev")), hs.get("nbdev-clean")
@@ -88,7 +82,14 @@ def test_precommit_hooks_pass_offline(tmp_path):
            "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
     git = lambda *a: subprocess.run(["git", *a], cwd=repo, env=env, capture_output=True, check=True)
     git("init", "-q"); git("add", "-A")
-    r = subprocess.run([tool("pre-commit"), "run", "--all-files", "--show-diff-on-failure", "-c", str(tmp_path / "local.yaml")],
+    r = subprocess.run([dev_tool("pre-commit"), "run", "--all-files", "--show-diff-on-failure", "-c", str(tmp_path / "local.yaml")],
                        cwd=repo, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert re.search(r"nbdev-clean\.+Passed", r.stdout) and re.search(r"ruff-check\.+Passed", r.stdout), r.stdout
+
+
+SCRIPTS = sorted([*ROOT.glob("docker/*.sh"), ROOT/".ci/run", ROOT/".ci/setup-extra"])
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shell_scripts_clean(script):
+    shellcheck(script, cwd=ROOT)

@@ -1,14 +1,15 @@
 """The GitHub workflows: valid against GitHub's workflow schema, their shell steps pass shellcheck,
 and they do what the project relies on (tests via .ci/run, docs to Pages, images, a keyless deploy)."""
-import re, shutil, subprocess
+import re, subprocess
 from pathlib import Path
 
 import pytest, yaml
+from devtools import dev_tool, shellcheck
 
 ROOT = Path(__file__).resolve().parents[1]
 WF = ROOT/".github"/"workflows"
 FILES = sorted(WF.glob("*.yaml"))
-CHECK = shutil.which("check-jsonschema") or pytest.fail("check-jsonschema is missing: pip install -c constraints.txt -e '.[dev]'")
+CHECK = dev_tool("check-jsonschema")
 
 def load(name): return yaml.load((WF/name).read_text(), Loader=yaml.BaseLoader)   # BaseLoader: `on` stays a string key
 
@@ -35,9 +36,7 @@ def run_steps():
 @pytest.mark.parametrize("where,script", list(run_steps()), ids=lambda x: x if ":" in str(x) else "")
 def test_run_steps_pass_shellcheck(where, script):
     # GitHub substitutes ${{ ... }} before the shell sees the script; stand in a plain word for it
-    text = "#!/usr/bin/env bash\nset -e\n" + re.sub(r"\$\{\{[^}]*\}\}", "GHA_EXPR", script)
-    r = subprocess.run(["shellcheck", "-"], input=text, capture_output=True, text=True)
-    assert r.returncode == 0, f"{where}:\n{r.stdout}"
+    shellcheck(text="#!/usr/bin/env bash\nset -e\n" + re.sub(r"\$\{\{[^}]*\}\}", "GHA_EXPR", script))
 
 def test_tests_run_ci_on_every_push_and_pr():
     w = load("test.yaml")
@@ -70,7 +69,3 @@ def test_images_are_built_with_cache_and_deployed_without_keys():
         assert "workload_identity_provider" in auth["with"] and "credentials_json" not in auth["with"]
     text = "\n".join(p.read_text() for p in FILES)
     assert "credentials_json" not in text and "secrets.GCP" not in text
-
-def test_ci_scripts_pass_shellcheck():
-    r = subprocess.run(["shellcheck", str(ROOT/".ci/run"), str(ROOT/".ci/setup-extra")], capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout

@@ -1,0 +1,23 @@
+"""The command-line tools the tests drive (from the dev extras: ruff, pre-commit, hadolint, shellcheck,
+check-jsonschema; and the package's own scripts), found once, the same way, by every test module."""
+import shutil, subprocess, sys
+from pathlib import Path
+
+import pytest
+
+
+def dev_tool(name: str) -> str:
+    "The console script `name`: next to this Python first (the project's venv), then on PATH; fail if missing."
+    for cand in (Path(sys.executable).parent/name, shutil.which(name)):
+        if cand and Path(cand).is_file(): return str(cand)
+    pytest.fail(f"{name} is not installed (pip install -c constraints.txt -e '.[dev]')")
+
+
+def shellcheck(*paths, text: str | None = None, cwd=None) -> None:
+    "Assert that the scripts at `paths` (or the script `text`) parse (`bash -n`) and pass shellcheck at style severity."
+    runs = [(str(p), None) for p in paths] if text is None else [("-", text)]
+    for arg, script in runs:
+        r = subprocess.run(["bash", "-n", *([arg] if script is None else [])], input=script, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        r = subprocess.run([dev_tool("shellcheck"), "--severity=style", arg], input=script, cwd=cwd, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, f"shellcheck findings:\n{r.stdout}{r.stderr}"

@@ -80,9 +80,9 @@ def main(argv=None):
         import torch; torch.set_num_threads(a.threads)
 
     t = time.perf_counter()
-    from vit_nbdev.monitor import _evidently, drift_report, drift_tests, run_monitoring, save_reference
+    from vit_nbdev.monitor import load_evidently, drift_report, drift_tests, run_monitoring, save_reference
     from vit_nbdev.store import open_store
-    ev = _evidently()
+    ev = load_evidently()
     from evidently import DataDefinition
     for m in ("evidently.presets", "evidently.metrics.embeddings"): importlib.import_module(m)   # so that the timings below exclude it
     t_import = time.perf_counter() - t

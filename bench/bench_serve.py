@@ -226,7 +226,7 @@ def main():
 
     import torch
     from vit_nbdev.data import load_cifar10
-    from vit_nbdev.serve import ServeConfig
+    from vit_nbdev.config import ServeConfig
     threads = a.threads or ServeConfig(torch_threads=a.threads).model_threads
     images = load_cifar10(progress=False).test.images[:64]
     env = dict(python=platform.python_version(), torch=torch.__version__, threads=threads, cpus=os.cpu_count(),

@@ -31,8 +31,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from vit_nbdev.monitor import (ALPHA, COMPONENTS, as_package, compute_reference, drift_tests, embedding_matrix,
-                               ks_pvalue, plot_study, robustness_study, study_table, windows)
+from vit_nbdev.config import ALPHA, COMPONENTS
+from vit_nbdev.monitor import as_package, compute_reference, drift_tests, embedding_matrix, ks_pvalue
+from vit_nbdev.robustness import plot_study, robustness_study, study_table, windows
 from vit_nbdev.data import load_cifar10
 from vit_nbdev.store import open_store
 
@@ -72,8 +73,8 @@ def _evidently_default_preset(ref, win, threshold=0.05, share=0.5):
 
 
 def evidently_detectors() -> dict:
-    from vit_nbdev.monitor import _evidently
-    _evidently()
+    from vit_nbdev.monitor import load_evidently
+    load_evidently()
     from evidently.legacy.metrics.data_drift.embedding_drift_methods import distance, mmd, model, ratio
     return {"Evidently EmbeddingsDrift model (its default)": _evidently_embeddings(model(bootstrap=True)),
             "Evidently EmbeddingsDrift mmd (bootstrap)": _evidently_embeddings(mmd(bootstrap=True)),

@@ -33,6 +33,8 @@ RUN --mount=type=bind,source=docker/wheels,target=/wheels \
 # the package as a wheel, installed in the runtime stage: a change of the source rebuilds a small layer, not the venv
 COPY README.md ./
 COPY vit_nbdev/ vit_nbdev/
+# vit_nbdev/train.ipynb is a link to the training notebook, which the package ships (vit-train works from the wheel)
+COPY nbs/train.ipynb nbs/train.ipynb
 RUN --mount=type=bind,source=docker/wheels,target=/wheels \
     pip wheel --no-cache-dir --find-links /wheels --no-deps --wheel-dir /dist ./
 

@@ -28,11 +28,12 @@ RUN --mount=type=bind,source=docker/wheels,target=/wheels \
 # the package, then what the job runs: the training notebook and the parameter files
 COPY README.md ./
 COPY vit_nbdev/ vit_nbdev/
+# vit_nbdev/train.ipynb is a link to it: the package ships the notebook
+COPY nbs/train.ipynb nbs/train.ipynb
 RUN --mount=type=bind,source=docker/wheels,target=/wheels \
     pip install --no-cache-dir --find-links /wheels --no-deps ./ \
     && rm -rf build vit_nbdev.egg-info \
     && python -c "from jupyter_client.kernelspec import KernelSpecManager as K; print(K().get_kernel_spec('python3').argv)"
-COPY nbs/train.ipynb nbs/train.ipynb
 COPY configs/ configs/
 
 # a non-root user; vit-train writes runs/ and checkpoints/ under the working directory: those and the caches

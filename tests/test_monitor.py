@@ -11,10 +11,12 @@ import torch
 
 from vit_nbdev.data import load_cifar10
 from vit_nbdev.model import build_model, save_package
-from vit_nbdev.serve import read_telemetry
-from vit_nbdev.monitor import (CORRUPTIONS, as_package, corrupt, drift_report, drift_tests, embed_images, embedding_matrix,
-                               ensure_reference, latest_report, list_reports, load_reference, main, reference_key,
+from vit_nbdev.cli import monitor_main as main
+from vit_nbdev.telemetry import read_telemetry
+from vit_nbdev.monitor import (as_package, drift_report, drift_tests, embed_images, embedding_matrix,
+                               ensure_reference, latest_report, list_reports, load_reference, reference_key,
                                run_monitoring)
+from vit_nbdev.robustness import CORRUPTIONS, corrupt
 from vit_nbdev.store import open_store
 
 BIN = Path(sys.executable).parent

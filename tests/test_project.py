@@ -3,7 +3,7 @@ docstrings on the public API, the configs parse."""
 import importlib, inspect, json
 from pathlib import Path
 import yaml
-from vit_nbdev.train import TrainConfig
+from vit_nbdev.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,7 +17,8 @@ def test_readme_is_in_step_with_index():
 
 def test_docs_site_has_every_chapter_in_reading_order():
     chapters = yaml.safe_load((ROOT/"nbs/sidebar.yml").read_text())["website"]["sidebar"]["contents"]
-    assert chapters == ["index.ipynb", "data.ipynb", "model.ipynb", "store.ipynb", "train.ipynb", "serve.ipynb", "monitor.ipynb", "cloud.ipynb"]
+    assert chapters == ["index.ipynb", "config.ipynb", "data.ipynb", "model.ipynb", "store.ipynb", "train.ipynb", "telemetry.ipynb", "batch.ipynb",
+                        "serve.ipynb", "monitor.ipynb", "robustness.ipynb", "cli.ipynb", "cloud.ipynb", "design.ipynb"]
     assert set(chapters) == {p.name for p in (ROOT/"nbs").glob("*.ipynb")}, "a notebook is missing from nbs/sidebar.yml"
     quarto = yaml.safe_load((ROOT/"nbs/_quarto.yml").read_text())
     assert "sidebar.yml" in quarto["metadata-files"]

@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 from conftest import ServeProcess
 from vit_nbdev.data import CIFAR10_LABELS, load_cifar10, preprocess
 from vit_nbdev.model import forward_features, load_package
-from vit_nbdev.serve import read_telemetry
+from vit_nbdev.telemetry import read_telemetry
 from vit_nbdev.store import open_store
 
 TOKEN = "test-admin-token-0123456789"
@@ -254,24 +254,33 @@ def hammer(url: str, blobs: list[bytes], clients: int, until: threading.Event | 
         return out
     with ThreadPoolExecutor(clients) as ex: return list(ex.map(client, range(clients)))
 
+def wait_until(cond, timeout: float = 120, every: float = 0.2):
+    "Wait for `cond()` (a busy machine may be slow), failing after `timeout` seconds."
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(every)
+
 def test_swap_under_load_loses_nothing(server, test_images):
     blobs = [png(x) for x in test_images[:16]]
     stop = threading.Event()
     with ThreadPoolExecutor(1) as ex:
         load = ex.submit(hammer, server.url, blobs, 8, stop, lambda i: 1 + i % 2)
-        time.sleep(2)
+        before = server.metric("vit_predictions_total", version="va")
+        wait_until(lambda: server.metric("vit_predictions_total", version="va") >= before + 32)   # the load is on
         bad = httpx.post(server.url + "/admin/update-model", json={"version": "vbroken"}, headers=ADMIN, timeout=120)
         assert bad.status_code == 422 and "still serving va" in bad.json()["detail"]
         r = httpx.post(server.url + "/admin/update-model", json={"version": "vb"}, headers=ADMIN, timeout=120)
         assert r.status_code == 200 and r.json() | {"load_seconds": 0} == {"version": "vb", "previous": "va", "changed": True, "load_seconds": 0}
-        time.sleep(2)
+        wait_until(lambda: server.metric("vit_predictions_total", version="vb") >= 32)                # and goes on, on vb
         stop.set()
         per_client = load.result()
     flat = [x for c in per_client for x in c]
     assert all(s == 200 for s, _, _ in flat), [x for x in flat if x[0] != 200][:5]
+    assert {v for c in per_client for _, vs, _ in c for v in vs} == {"va", "vb"}
     for c in per_client:                                   # each client sees va, then vb, never back
         versions = [v for _, vs, _ in c for v in vs]
-        assert versions == sorted(versions) and len(set(versions)) == 2, versions
+        assert versions == sorted(versions), versions
         assert all(len(set(vs)) == 1 for _, vs, _ in c)      # a request's images are answered by one model
     assert server.metric("vit_model_info", version="vb") == 1 and server.metric("vit_model_info", version="va") == 0
     print(f"\nswap under load: {len(flat)} requests, all 200")

@@ -1,5 +1,4 @@
 """The upload page in a real browser: Playwright (sync API) driving Debian's Chromium against `vit-serve`."""
-import shutil
 from pathlib import Path
 
 import pytest
@@ -9,7 +8,6 @@ from vit_nbdev.data import CIFAR10_LABELS, load_cifar10
 from vit_nbdev.store import open_store
 
 CHROMIUM = Path("/usr/bin/chromium")
-ROOT = Path(__file__).resolve().parents[1]
 
 def test_upload_page_shows_top5_bars(serve_process, tiny_packages, tmp_path):
     if not CHROMIUM.exists(): pytest.fail(f"{CHROMIUM} is missing: run .ci/setup-extra (apt-get install chromium)")
@@ -44,8 +42,42 @@ def test_upload_page_shows_top5_bars(serve_process, tiny_packages, tmp_path):
             assert page.locator("#preview").evaluate("e => e.complete && e.naturalWidth") == 32
             assert all(u.startswith(server.url) or u.startswith("blob:") for u in requests), requests   # nothing external
             page.screenshot(path=str(shot), full_page=True)
+
+            docs = browser.new_page()                                   # /docs: Swagger UI with its assets from the app (works offline)
+            docs_requests = []
+            docs.on("request", lambda r: docs_requests.append(r.url))
+            docs.goto(server.url + "/docs")
+            docs.wait_for_selector(".opblock-summary-path >> text=/predict", timeout=30_000)
+            assert all(u.startswith(server.url) or u.startswith("data:") for u in docs_requests), docs_requests
         finally:
             browser.close()
-    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-    shutil.copy(shot, ROOT / "bench" / "results" / "serve-page.png")
-    print(f"\nscreenshot: {shot} (copied to bench/results/serve-page.png); page says {label!r}, bars {names}")
+    print(f"\nscreenshot: {shot}; page says {label!r}, bars {names}")
+
+def test_upload_page_works_without_javascript(serve_process, tiny_packages, tmp_path):
+    "The same page as a plain HTML form: choose a file, press Classify, the answer comes back as a page."
+    if not CHROMIUM.exists(): pytest.fail(f"{CHROMIUM} is missing: run .ci/setup-extra (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+    store = str(tmp_path / "store")
+    open_store(store).register(tiny_packages["a"], "va")
+    server = serve_process(store)
+    server.wait_ready()
+    img = tmp_path / "cifar-test-1.png"
+    Image.fromarray(load_cifar10(progress=False).test.images[1].permute(1, 2, 0).numpy()).save(img)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                                          "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_context(java_script_enabled=False).new_page()
+            page.goto(server.url + "/")
+            assert page.is_visible("#file") and page.is_visible("#submit")
+            page.set_input_files("#file", str(img))
+            with page.expect_navigation(): page.click("#submit")
+            label = page.inner_text("#label")
+            assert any(label.lower().startswith(c) for c in CIFAR10_LABELS), label
+            assert len(page.locator(".row .name").all_inner_texts()) == 5
+            assert page.locator("#preview").evaluate("e => e.complete && e.naturalWidth") == 32   # the upload shown back
+            assert page.inner_text("#version") == "va"
+            page.screenshot(path=str(tmp_path / "no-js.png"), full_page=True)
+        finally:
+            browser.close()

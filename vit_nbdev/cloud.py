@@ -265,7 +265,7 @@ def startup_script(vm: TrainVM, run_id: str, params: dict) -> str:
 # %% ../nbs/cloud.ipynb #380fb73c
 def train_params(files=(), pairs=(), *, store: str, run_id: str) -> dict:
     "The run's parameters (YAML files, then pairs), with `store` and `run_id` set; checked against the training notebook's parameters."
-    from vit_nbdev.train import TrainConfig, parse_params
+    from vit_nbdev.config import TrainConfig, parse_params
     try: params = parse_params(files, pairs)
     except (OSError, ValueError) as e: raise CloudError(f"cannot read the parameters: {e}") from e
     params.update(store=store, run_id=run_id)
@@ -445,7 +445,7 @@ def plan_from_args(a: argparse.Namespace) -> Plan:
     "The plan a parsed `vit-cloud` command line asks for."
     opts = {k: v for k, v in vars(a).items() if k not in ("cmd", "dry_run", "parameters_file", "parameter", "run_id")}
     if a.cmd == "train":
-        from vit_nbdev.train import new_run_id
+        from vit_nbdev.config import new_run_id
         vm = TrainVM(**opts).validated()
         run_id = a.run_id or new_run_id()
         return train_plan(vm, train_params(a.parameters_file, a.parameter, store=vm.store, run_id=run_id), run_id)

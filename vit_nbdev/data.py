@@ -6,7 +6,7 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/data.html.md"""
 
 # %% ../nbs/data.ipynb #fea662e1
 from __future__ import annotations
-import hashlib, io, json, tempfile
+import contextlib, dataclasses, hashlib, io, json, tempfile, warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, asdict
 from pathlib import Path
@@ -14,16 +14,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 
-from .store import cache_root
+from .config import cache_root
 
 # %% auto #0
-__all__ = ['CIFAR10_LABELS', 'NATIVE_SIZE', 'SAMPLE_DIR', 'HUB_ID', 'CIFAR10_MEAN', 'CIFAR10_STD', 'resolve_source',
+__all__ = ['CIFAR10_LABELS', 'NATIVE_SIZE', 'SAMPLE_DIR', 'HUB_ID', 'CIFAR10_MEAN', 'CIFAR10_STD', 'FORMATS', 'resolve_source',
            'fingerprint_files', 'decode_split', 'Split', 'CifarData', 'carve_validation', 'load_cifar10',
-           'PreprocessConfig', 'augment', 'preprocess', 'make_sample']
+           'PreprocessConfig', 'augment', 'preprocess', 'ImageError', 'to_rgb', 'decode_image', 'Prepared',
+           'image_tensor', 'prepare_image', 'to_model_size', 'make_sample']
 
 # %% ../nbs/data.ipynb #02f00240
 CIFAR10_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -214,6 +215,80 @@ def preprocess(images: torch.Tensor, cfg: PreprocessConfig | None = None, train:
     mean = torch.tensor(cfg.mean, device=x.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(cfg.std, device=x.device).view(1, 3, 1, 1) * 255
     return _resize((x - mean) / std, cfg.image_size, cfg.interpolation)   # normalise at 32×32: resizing is linear, so it commutes
+
+# %% ../nbs/data.ipynb #a17a6129
+class ImageError(ValueError):
+    "Bytes that are not a usable image; `kind` is `'empty'`, `'unsupported'`, `'broken'` or `'too_large'`."
+    def __init__(self, kind: str, message: str): super().__init__(message); self.kind, self.message = kind, message
+
+Image.init()   # register every plugin, so that `formats=FORMATS` can name them (MPO is a separate plugin in older Pillow)
+FORMATS = tuple(f for f in ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF") if f in Image.OPEN)   # what uploads may be; no EPS (Ghostscript), no exotic plugins
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    "An RGB copy of `im` in any mode: 16-bit/float scaled to 8 bits, transparency composited on white, palette/gray/CMYK converted."
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        a = np.asarray(im).astype(np.float64)
+        if im.mode.startswith("I;16") or (im.mode == "I" and a.max(initial=0) > 255): a = a / 257   # 16-bit: 65535 → 255
+        elif im.mode == "F" and a.max(initial=0) <= 1.0: a = a * 255                                # float in [0, 1]
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))   # mode L
+    if im.mode == "P" and "transparency" in im.info or im.mode in ("LA", "La", "PA", "RGBA", "RGBa") or (
+            im.mode in ("L", "RGB") and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+def decode_image(data: bytes, max_pixels: int = 40_000_000, draft_size: int | None = None) -> Image.Image:
+    "Uploaded bytes → an upright RGB image (first frame); `ImageError` for what cannot or must not be decoded."
+    return _decode(data, max_pixels, draft_size)[0]
+
+def _decode(data: bytes, max_pixels: int, draft_size: int | None) -> tuple[Image.Image, tuple[int, int]]:
+    "`decode_image` and the upright size of the image as uploaded (before any `draft` reduction)."
+    if not data: raise ImageError("empty", "the file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # our own limit below is stricter
+            im = Image.open(io.BytesIO(data), formats=FORMATS)
+    except UnidentifiedImageError:
+        raise ImageError("unsupported", f"not an image that can be read (accepted: {', '.join(f for f in FORMATS if f != 'MPO')})") from None
+    except Image.DecompressionBombError as e: raise ImageError("too_large", f"the image is too large to decode safely: {e}") from None
+    except Exception as e: raise ImageError("broken", f"the image cannot be read ({type(e).__name__}: {e})") from None
+    w, h = im.size
+    if w * h > max_pixels:
+        raise ImageError("too_large", f"the image is {w}×{h} pixels ({w * h / 1e6:.0f} megapixels); the limit is {max_pixels / 1e6:g} megapixels")
+    try:
+        im.seek(0)
+        with contextlib.suppress(Exception):
+            if im.getexif().get(0x0112) in (5, 6, 7, 8): w, h = h, w   # rotated by 90°: the upright size
+        if draft_size and im.format in ("JPEG", "MPO"): im.draft(None, (draft_size, draft_size))
+        im.load()
+        with contextlib.suppress(Exception): im = ImageOps.exif_transpose(im)   # a broken EXIF block should not lose the image
+        return to_rgb(im), (w, h)
+    except ImageError: raise
+    except Exception as e:
+        why = "it is truncated" if "truncated" in str(e) else f"{type(e).__name__}: {e}"
+        raise ImageError("broken", f"the image cannot be decoded ({why})") from None
+
+# %% ../nbs/data.ipynb #2bcd86e7
+@dataclass
+class Prepared:
+    "An upload ready for the model: normalised pixels `(3,S,S)` and the size of the decoded image."
+    pixels: torch.Tensor
+    width: int
+    height: int
+
+def image_tensor(im: Image.Image) -> torch.Tensor:
+    "An RGB PIL image as a `uint8 (3,H,W)` tensor."
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+def prepare_image(data: bytes, cfg: PreprocessConfig, max_pixels: int = 40_000_000) -> Prepared:
+    "Decode `data` and apply the data chapter's `preprocess` with `cfg`, up to the native size: `(3,native,native)` normalised pixels."
+    im, (w, h) = _decode(data, max_pixels, draft_size=2 * cfg.native_size)
+    native = dataclasses.replace(cfg, image_size=cfg.native_size)
+    return Prepared(preprocess(image_tensor(im)[None], native)[0], w, h)
+
+def to_model_size(pixels: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
+    "The last step of `preprocess` for a batch of `prepare_image` outputs: resize to `cfg.image_size` (a no-op at native size)."
+    return _resize(pixels, cfg.image_size, cfg.interpolation)
 
 # %% ../nbs/data.ipynb #1041d14d
 def make_sample(src_dir, out_dir=SAMPLE_DIR, per_class: dict | None = None, seed: int = 0) -> list[Path]:

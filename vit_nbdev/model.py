@@ -6,7 +6,7 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/model.html.md"""
 
 # %% ../nbs/model.ipynb #c34eb47a
 from __future__ import annotations
-import json
+import json, logging, time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,20 +16,16 @@ from transformers.utils import logging as hf_logging
 try: from transformers import ViTImageProcessorPil as ViTImageProcessor   # no torchvision here: the PIL processor, without a warning
 except ImportError: from transformers import ViTImageProcessor
 
-from .data import CIFAR10_LABELS, PreprocessConfig
+from .config import PRESETS, DEFAULT_PRESET, check_model_name
+from .data import CIFAR10_LABELS, PreprocessConfig, load_cifar10, preprocess
+
+_log = logging.getLogger("vit_nbdev.model")
 
 # %% auto #0
-__all__ = ['PRESETS', 'DEFAULT_PRESET', 'label_maps', 'preset_config', 'build_model', 'ModelPackage', 'save_package',
-           'load_package', 'forward_features']
+__all__ = ['label_maps', 'preset_config', 'build_model', 'ModelPackage', 'save_package', 'load_package', 'forward_features',
+           'cpu_has_bf16', 'bf16_agreement', 'use_bf16']
 
 # %% ../nbs/model.ipynb #96a89ecd
-PRESETS: dict[str, dict] = {
-    "vit-cifar-tiny":  dict(image_size=32, patch_size=4, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256),
-    "vit-cifar-small": dict(image_size=32, patch_size=4, hidden_size=256, num_hidden_layers=6, num_attention_heads=8, intermediate_size=512),
-    "vit-b16":         dict(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-}
-DEFAULT_PRESET = "vit-cifar-small"
-
 def label_maps(labels=CIFAR10_LABELS) -> dict:
     "`id2label` / `label2id` / `num_labels` keyword arguments for a config."
     return dict(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
@@ -53,8 +49,7 @@ def build_model(name: str = DEFAULT_PRESET, labels=CIFAR10_LABELS, **overrides) 
         cfg = preset_config(name, labels, **overrides)
         model = ViTForImageClassification._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
         return model, PreprocessConfig(image_size=cfg.image_size)
-    if not Path(name).is_dir() and ("/" not in name or name.startswith((".", "/", "~"))):
-        raise ValueError(f"{name!r} is neither a preset ({', '.join(PRESETS)}), nor a local checkpoint directory, nor a hub id (owner/name)")
+    check_model_name(name)
     verbosity = hf_logging.get_verbosity(); hf_logging.set_verbosity_error()   # the "newly initialized head" notice is expected
     try:
         model = ViTForImageClassification.from_pretrained(name, **label_maps(labels), ignore_mismatched_sizes=True,
@@ -110,3 +105,31 @@ def forward_features(model: ViTForImageClassification, pixel_values: torch.Tenso
     "`(embeddings, logits)` of a batch: the final `[CLS]` token and the classifier's output on it."
     emb = model.vit(pixel_values).last_hidden_state[:, 0]
     return emb, model.classifier(emb)
+
+# %% ../nbs/model.ipynb #790150d2
+def cpu_has_bf16() -> bool:
+    "Does this CPU run bf16 natively (oneDNN with AVX-512 BF16 or AMX)?"
+    try: return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception: return False
+
+@torch.inference_mode()
+def bf16_agreement(package: ModelPackage, images: torch.Tensor, batch_size: int = 100) -> dict:
+    "Top-1 agreement of bf16 autocast with fp32 on `uint8` `images`, and the images/s of each."
+    out = {}
+    for name, bf16 in (("fp32", False), ("bf16", True)):
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out[name] = torch.cat([package.model(preprocess(b, package.preprocess)).logits.float().argmax(-1) for b in images.split(batch_size)])
+        out[f"{name}_images_per_s"] = len(images) / (time.perf_counter() - t0)
+    flips = int((out["fp32"] != out["bf16"]).sum())
+    return dict(images=len(images), flips=flips, agree=flips == 0, fp32_images_per_s=out["fp32_images_per_s"],
+                bf16_images_per_s=out["bf16_images_per_s"])
+
+def use_bf16(package: ModelPackage, precision: str = "fp32", check_images: int = 1000) -> bool:
+    "Whether to serve `package` in bf16: `'fp32'` no, `'bf16'` yes, `'auto'` if the CPU has bf16 and the sample test split agrees."
+    if precision != "auto": return precision == "bf16"
+    if not cpu_has_bf16(): return False
+    r = bf16_agreement(package, load_cifar10(progress=False).test.images[:check_images])
+    _log.info("bf16 check on %d sample test images: %d flips, fp32 %.0f img/s, bf16 %.0f img/s", r["images"], r["flips"],
+              r["fp32_images_per_s"], r["bf16_images_per_s"])
+    return r["agree"]

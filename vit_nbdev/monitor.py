@@ -6,8 +6,7 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/monitor.html.md"""
 
 # %% ../nbs/monitor.ipynb #131ea2b8
 from __future__ import annotations
-import argparse, html as _html, io, json, sys, time, warnings
-from collections.abc import Callable
+import html as _html, io, json, sys, threading, warnings
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,23 +17,20 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from prometheus_client import Gauge
 
 from .data import load_cifar10, preprocess, resolve_source
 from .model import ModelPackage, load_package, forward_features
 from .store import StoreError, NotFound, open_store
-from .serve import Monitoring, read_telemetry, _as_utc, _page
+from .config import ALPHA, COMPONENTS, MIN_RECORDS, REFERENCE_N
+from .telemetry import as_utc, read_telemetry
 
 # %% auto #0
-__all__ = ['REFERENCE_N', 'REFERENCE_FILE', 'COMPONENTS', 'ALPHA', 'MIN_RECORDS', 'CHI2_TEST', 'SEVERITIES', 'CORRUPTIONS',
-           'as_package', 'embed_images', 'embedding_matrix', 'reference_key', 'compute_reference',
+__all__ = ['REFERENCE_FILE', 'CHI2_TEST', 'as_package', 'embed_images', 'embedding_matrix', 'reference_key', 'compute_reference',
            'reference_to_parquet', 'reference_from_parquet', 'save_reference', 'load_reference', 'ensure_reference',
            'Projection', 'fit_projection', 'drift_columns', 'chi2_homogeneity', 'ks_pvalue', 'decide', 'drift_tests',
-           'DriftResult', 'drift_report', 'report_stamp', 'save_report', 'list_reports', 'latest_report',
-           'run_monitoring', 'DriftMonitoring', 'main', 'corrupt', 'windows', 'default_detector', 'robustness_study',
-           'study_table', 'plot_study']
+           'load_evidently', 'DriftResult', 'drift_report', 'report_stamp', 'save_report', 'list_reports',
+           'latest_report', 'run_monitoring', 'DriftMonitoring', 'cli']
 
 # %% ../nbs/monitor.ipynb #10a62c33
 def as_package(package_or_dir, device: str = "cpu") -> ModelPackage:
@@ -66,7 +62,6 @@ def embedding_matrix(df: pd.DataFrame) -> np.ndarray:
     return np.stack([np.asarray(e, dtype=np.float64) for e in df["embedding"]])
 
 # %% ../nbs/monitor.ipynb #da439ed2
-REFERENCE_N = 500
 REFERENCE_FILE = "reference.parquet"
 
 def reference_key(version: str) -> str:
@@ -153,9 +148,6 @@ def _times(s: pd.Series) -> pd.Series:
     return pd.to_datetime(s, utc=True, format="ISO8601") if s.dtype == object else pd.to_datetime(s, utc=True)
 
 # %% ../nbs/monitor.ipynb #ce013282
-COMPONENTS = 10
-ALPHA = 0.02
-MIN_RECORDS = 100
 CHI2_TEST = "chi2_homogeneity"
 
 @dataclass
@@ -234,7 +226,7 @@ def drift_tests(reference_df: pd.DataFrame, current_df: pd.DataFrame, components
     return decide(p, alpha)
 
 # %% ../nbs/monitor.ipynb #409bc0f9
-def _evidently():
+def load_evidently():
     "Import Evidently (slow: on first use only) and register the two-sample chi-square test with it."
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")       # deprecation notices from Evidently's dependencies
@@ -278,6 +270,11 @@ def _versions(reference_df: pd.DataFrame, current_df: pd.DataFrame) -> dict:
                          f"embeddings of different models cannot be compared; load the window of one version (read_telemetry(store, version))")
     return {"model": (ref_v or cur_v or [None])[0], "reference": ref_v[0] if ref_v else None, "current": cur_v}
 
+def _document(title: str, body: str) -> str:
+    "A minimal HTML document around `body` (the report when Evidently has nothing to show)."
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{_html.escape(title)} · vit-nbdev</title></head>'
+            f'<body style="margin:2rem auto;max-width:900px">{body}</body></html>')
+
 def _banner(s: dict) -> str:
     esc = lambda x: _html.escape(str(x))
     if s["status"] != "ok": head, color = "Not enough data: " + esc(s["message"]), "#8a6d00"
@@ -307,8 +304,8 @@ def drift_report(reference_df: pd.DataFrame, current_df: pd.DataFrame, *, compon
     if len(reference_df) < min_records: short.append(f"the reference has {len(reference_df)} records, fewer than min_records={min_records}")
     if short:
         s = dict(status="not_enough_data", message="; ".join(short), drift_detected=False, drift_score=None, scores={}, drifted={}, **base)
-        return DriftResult(s, _page("Drift report: not enough data", _banner(s)) if html else "")
-    ev = _evidently()
+        return DriftResult(s, _document("Drift report: not enough data", _banner(s)) if html else "")
+    ev = load_evidently()
     from evidently import Report, Dataset, DataDefinition
     from evidently.metrics import ValueDrift
     ref, cur, proj = drift_columns(reference_df, current_df, components, fit)
@@ -369,7 +366,7 @@ def latest_report(store) -> tuple[str, dict] | None:
     key = max(js)
     summary = json.loads(st.get_bytes(key))
     try: page = st.get_bytes(key[:-len(".json")] + ".html").decode()
-    except NotFound: page = _page("Drift report", _banner(summary) if "window" in summary else "<p>the HTML of this report is missing</p>")
+    except NotFound: page = _document("Drift report", _banner(summary) if "window" in summary else "<p>the HTML of this report is missing</p>")
     return page, summary
 
 # %% ../nbs/monitor.ipynb #34554a34
@@ -380,26 +377,24 @@ def run_monitoring(store, model: str = "latest", *, last_n: int | None = 1000, s
     version = st.resolve(model)
     ref = ensure_reference(st, version, package=package, **reference_kw)
     cur = read_telemetry(st, version, last_n=last_n, since=since, until=until)
-    window = {k: v for k, v in dict(last_n=last_n, since=_iso(_as_utc(since)), until=_iso(_as_utc(until))).items() if v is not None}
+    window = {k: v for k, v in dict(last_n=last_n, since=_iso(as_utc(since)), until=_iso(as_utc(until))).items() if v is not None}
     res = drift_report(ref, cur, components=components, alpha=alpha, min_records=min_records, window=window)
     if save: save_report(st, res)
     return res
 
 # %% ../nbs/monitor.ipynb #ed28adb0
-class DriftMonitoring(Monitoring):
+class DriftMonitoring:
     "The service's monitoring: latest report at `/monitoring`, reference and report builds behind `/admin/*`, drift gauges in `/metrics`."
     def __init__(self, last_n: int = 1000, min_records: int = MIN_RECORDS):
-        self.last_n, self.min_records, self.building, self.last = last_n, min_records, None, None
+        self.last_n, self.min_records, self.building, self.last, self.service = last_n, min_records, None, None, None
 
     def bind(self, service) -> None:
-        "Register the drift gauges in the service's registry."
-        super().bind(service)
+        "Keep the service (its `get_store()`, `served`, `metrics.registry`) and register the drift gauges."
+        self.service = service
         reg = service.metrics.registry
         self.score = Gauge("vit_drift_score", "drift score of the latest report (0-1; drift above 1 - alpha)", registry=reg)
         self.detected = Gauge("vit_drift_detected", "1 if the latest report found drift, 0 if not, -1 if none yet or not enough data", registry=reg)
         self.detected.set(-1)
-
-    def _store(self): return self.service._open_store()
 
     def _served(self):
         s = self.service.served
@@ -411,24 +406,19 @@ class DriftMonitoring(Monitoring):
         if summary.get("drift_score") is None: self.detected.set(-1); return
         self.score.set(summary["drift_score"]); self.detected.set(int(bool(summary["drift_detected"])))
 
-    def page(self) -> str:
-        "The newest drift report in the store (HTML), or how to make one."
-        found = latest_report(self._store())
-        if found: return found[0]
-        return _page("Monitoring", """<h1>No drift report yet</h1>
-<p>A drift report compares recent telemetry of the served model with reference embeddings of held-out images.
-With <code>Authorization: Bearer $VIT_ADMIN_TOKEN</code>, <code>POST /admin/update-monitoring</code> builds one
-(the reference is made on first need); it then appears here. From a shell: <code>vit-monitor report</code>.</p>
-<p><a href="/">← classify an image</a></p>""")
+    def latest_report(self) -> str | None:
+        "The newest drift report in the store (HTML), if there is one."
+        found = latest_report(self.service.get_store())
+        return found[0] if found else None
 
     def update_reference_data(self) -> dict:
         "Recompute and store the reference embeddings of the serving model."
         s = self._served()
-        ref = ensure_reference(self._store(), s.version, package=s.package, refresh=True)
+        ref = ensure_reference(self.service.get_store(), s.version, package=s.package, refresh=True)
         return dict(version=s.version, records=len(ref), key=reference_key(s.version))
 
     def _build(self, version: str, package):
-        try: self._publish(run_monitoring(self._store(), version, last_n=self.last_n, min_records=self.min_records, package=package).summary)
+        try: self._publish(run_monitoring(self.service.get_store(), version, last_n=self.last_n, min_records=self.min_records, package=package).summary)
         except Exception as e: self.last = dict(status="error", message=f"{type(e).__name__}: {e}")
         finally: self.building = None
 
@@ -436,40 +426,13 @@ With <code>Authorization: Bearer $VIT_ADMIN_TOKEN</code>, <code>POST /admin/upda
         "Start building a drift report of the serving model's recent telemetry in the background."
         s = self._served()
         if self.building is None:
-            import threading
             self.building = threading.Thread(target=self._build, args=(s.version, s.package), daemon=True, name="drift-report")
             self.building.start()
         return dict(status="building", version=s.version, last_n=self.last_n, previous=self.last)
 
 # %% ../nbs/monitor.ipynb #1f661642
-def main(argv=None) -> int:
-    "`vit-monitor reference|report`: compute a model version's reference embeddings, or build and store a drift report."
-    import os
-    ap = argparse.ArgumentParser("vit-monitor", description="Drift monitoring of the served ViT (see nbs/monitor.ipynb).")
-    sub = ap.add_subparsers(dest="command", required=True)
-    def common(p):
-        p.add_argument("--store", default=None, help="store uri (default $VIT_STORE, else ./artifacts)")
-        p.add_argument("--model", default=os.environ.get("VIT_MODEL") or "latest", help="alias or version (default $VIT_MODEL, else latest)")
-        p.add_argument("--data", default=None, help="images for the reference: 'sample', a parquet folder, a hub id (default: the model's own if local, else the sample)")
-        p.add_argument("-n", type=int, default=REFERENCE_N, help="reference images (default %(default)s)")
-        p.add_argument("--seed", type=int, default=0, help="which random images (default %(default)s)")
-        p.add_argument("--split", default=None, choices=["validation", "train", "test"],
-                       help="split they come from (default: validation if --data is the model's training data, else test)")
-    r = sub.add_parser("reference", help="compute and store the reference embeddings of a model version (if missing)")
-    common(r)
-    r.add_argument("--refresh", action="store_true", help="recompute even if one is stored")
-    p = sub.add_parser("report", help="build a drift report from recent telemetry and store it under reports/")
-    common(p)
-    p.add_argument("--last-n", type=int, default=1000, help="the last N records (default %(default)s; 0: all in the time range)")
-    p.add_argument("--since", help="only records at or after this time (ISO 8601, UTC if no zone)")
-    p.add_argument("--until", help="only records before this time")
-    p.add_argument("--min-records", type=int, default=MIN_RECORDS, help="fewer records is 'not enough data' (default %(default)s)")
-    p.add_argument("--components", type=int, default=COMPONENTS, help="principal components tested (default %(default)s)")
-    p.add_argument("--alpha", type=float, default=ALPHA, help="false-alarm level of the whole report (default %(default)s)")
-    p.add_argument("--html", help="also write the HTML report to this file")
-    p.add_argument("--no-save", action="store_true", help="do not store the report")
-    p.add_argument("--fail-on-drift", action="store_true", help="exit with status 1 when drift is detected")
-    a = ap.parse_args(argv)
+def cli(a) -> int:
+    "What `vit-monitor` does once the config chapter has parsed its arguments `a`: a reference or a report; the exit status."
     ref_kw = dict(data_source=a.data, n=a.n, seed=a.seed, split=a.split)
     try:
         st = open_store(a.store)
@@ -486,122 +449,3 @@ def main(argv=None) -> int:
     if a.html: Path(a.html).write_text(res.html)
     print(json.dumps({k: res.summary.get(k) for k in ("status", "message", "drift_detected", "drift_score", "scores", "window", "versions", "report")}, default=str))
     return 1 if a.fail_on_drift and res.drift_detected else 0
-
-# %% ../nbs/monitor.ipynb #6422e301
-SEVERITIES = {   # CIFAR-10-C's parameters, severity 1 … 5
-    "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),    # noise std, images in [0, 1]
-    "blur": (0.4, 0.6, 0.7, 0.8, 1.0),                   # Gaussian blur sigma, pixels
-    "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),           # added to HSV value
-    "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),             # factor on the distance to the channel mean
-    "jpeg": (80, 65, 58, 50, 40),                        # JPEG quality
-    "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),           # downscale factor (box filter), then back up (nearest)
-}
-
-def _gaussian_noise(x, c, g): return x + c * torch.randn(x.shape, generator=g)
-
-def _blur(x, sigma, g):
-    r = int(4 * sigma + 0.5)
-    k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * sigma ** 2)); k = k / k.sum()
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).repeat(3, 1, 1, 1), groups=3)
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1).repeat(3, 1, 1, 1), groups=3)
-
-def _brightness(x, c, g):
-    v = x.amax(1, keepdim=True)                  # HSV value; hue and saturation are kept, so RGB scales with it
-    nv = (v + c).clamp(max=1.0)
-    return torch.where(v > 0, x * nv / v.clamp_min(1e-12), nv.expand_as(x))
-
-def _contrast(x, c, g):
-    m = x.mean((2, 3), keepdim=True)
-    return (x - m) * c + m
-
-def _jpeg(x, q, g):
-    out = []
-    for a in (x * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy():
-        buf = io.BytesIO(); Image.fromarray(a).save(buf, "JPEG", quality=int(q)); buf.seek(0)
-        out.append(np.asarray(Image.open(buf).convert("RGB")))
-    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255 if out else x
-
-def _pixelate(x, c, g):
-    h, w = x.shape[-2:]
-    small = F.adaptive_avg_pool2d(x, (int(h * c), int(w * c)))
-    return F.interpolate(small, size=(h, w), mode="nearest")
-
-CORRUPTIONS: dict[str, Callable] = dict(gaussian_noise=_gaussian_noise, blur=_blur, brightness=_brightness, contrast=_contrast,
-                                        jpeg=_jpeg, pixelate=_pixelate)
-
-def corrupt(images: torch.Tensor, kind: str, severity: int, seed: int = 0, chunk: int = 2000) -> torch.Tensor:
-    "`uint8 (N,3,H,W)` images with corruption `kind` (a key of `CORRUPTIONS`) at `severity` 1–5 (0: unchanged); seeded."
-    if kind not in CORRUPTIONS: raise ValueError(f"unknown corruption {kind!r}; known: {', '.join(CORRUPTIONS)}")
-    if not 0 <= severity <= 5: raise ValueError(f"severity must be 0 … 5, got {severity}")
-    if images.dtype != torch.uint8 or images.ndim != 4: raise ValueError(f"expected uint8 (N,3,H,W) images, got {images.dtype} {tuple(images.shape)}")
-    if severity == 0: return images.clone()
-    c, g = SEVERITIES[kind][severity - 1], torch.Generator().manual_seed(seed)
-    out = [(CORRUPTIONS[kind](b.float() / 255, c, g) * 255).round().clamp(0, 255).to(torch.uint8) for b in images.split(chunk)]
-    return torch.cat(out) if out else images.clone()
-
-# %% ../nbs/monitor.ipynb #3167a8ab
-def windows(n: int, size: int, limit: int | None = None) -> list[slice]:
-    "Disjoint windows `[0, size), [size, 2 size), …` of `n` records, at most `limit` of them."
-    w = [slice(i, i + size) for i in range(0, n - size + 1, size)]
-    return w[:limit] if limit else w
-
-def default_detector(reference_df: pd.DataFrame, window_df: pd.DataFrame) -> bool:
-    "This module's detector with its defaults: `drift_tests(...)['drift_detected']`."
-    return drift_tests(reference_df, window_df)["drift_detected"]
-
-def robustness_study(package, images: torch.Tensor, labels: torch.Tensor, reference_df: pd.DataFrame, *, window: int = 200,
-                     detectors: dict[str, Callable] | None = None, corruptions=None, severities=(1, 2, 3, 4, 5), clean: bool = True,
-                     max_windows: int | None = None, seed: int = 0, batch_size: int = 500, cache_dir=None,
-                     progress: bool = False) -> pd.DataFrame:
-    "Accuracy and alarm rate per detector (default: `default_detector`) for clean `images` (severity 0) and each corruption × severity."
-    pkg = as_package(package)
-    detectors = {"detector": default_detector} if detectors is None else detectors
-    name_to_id = {l: i for i, l in enumerate(pkg.labels)}
-    cases = ([("none", 0)] if clean else []) + [(k, s) for k in (CORRUPTIONS if corruptions is None else corruptions) for s in severities]
-    rows, seconds = [], {name: [] for name in detectors}
-    for k, s in cases:
-        f = Path(cache_dir)/f"{k}-{s}.parquet" if cache_dir else None   # embeddings, reused by later calls (one cache per model and images)
-        if f is not None and f.exists(): recs = pd.read_parquet(f)
-        else:
-            recs = embed_images(pkg, images if s == 0 else corrupt(images, k, s, seed=seed), batch_size, version=pkg.version)
-            if f is not None: f.parent.mkdir(parents=True, exist_ok=True); recs.to_parquet(f)
-        pred = torch.tensor([name_to_id[l] for l in recs["label"]])
-        row = dict(corruption=k, severity=s, accuracy=(pred == labels).float().mean().item())
-        ws = windows(len(recs), window, max_windows)
-        for name, det in detectors.items():
-            t0 = time.perf_counter()
-            row[name] = float(np.mean([bool(det(reference_df, recs.iloc[w].reset_index(drop=True))) for w in ws])) if ws else float("nan")
-            seconds[name].append((time.perf_counter() - t0) / max(1, len(ws)))
-        row["windows"] = len(ws)
-        rows.append(row)
-        if progress: print(k, s, {c: round(v, 3) if isinstance(v, float) else v for c, v in row.items()}, flush=True)
-    df = pd.DataFrame(rows)
-    df.attrs["seconds_per_window"] = {name: float(np.mean(v)) if v else float("nan") for name, v in seconds.items()}
-    return df
-
-def study_table(df: pd.DataFrame, detector: str) -> pd.DataFrame:
-    "One detector's results as a corruption × severity table of `accuracy / alarm rate` (severity 0: clean, its alarms are false alarms)."
-    clean = df[df.severity == 0].iloc[0]
-    t = {(r["corruption"], int(r["severity"])): f"{r['accuracy']:.3f} / {r[detector]:.2f}" for _, r in df[df.severity > 0].iterrows()}
-    tab = pd.Series(t).unstack().reindex(pd.unique(df[df.severity > 0].corruption))
-    tab.insert(0, 0, f"{clean.accuracy:.3f} / {clean[detector]:.2f}")
-    tab.columns = [f"severity {c}" for c in tab.columns]
-    return tab
-
-def plot_study(df: pd.DataFrame, detector: str, title: str = ""):
-    "Accuracy and alarm rate of `detector` against severity, one line per corruption; the clean false-alarm rate at severity 0."
-    import matplotlib.pyplot as plt
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    clean = df[df.severity == 0].iloc[0]
-    for k, g in df[df.severity > 0].groupby("corruption", sort=False):
-        g = g.sort_values("severity")
-        a1.plot([0, *g.severity], [clean.accuracy, *g.accuracy], marker="o", label=k)
-        a2.plot([0, *g.severity], [clean[detector], *g[detector]], marker="o", label=k)
-    a1.set(xlabel="severity (0 = clean)", ylabel="accuracy", title="model accuracy")
-    a2.axhline(0.05, ls=":", c="gray"); a2.axhline(0.9, ls="--", c="gray")
-    a2.set(xlabel="severity (0 = clean: false alarms)", ylabel="alarm rate", ylim=(-0.03, 1.03))
-    a2.set_title(f"alarm rate{f' ({int(df.windows.max())} windows per point)' if 'windows' in df else ''}\n{detector}", fontsize=8)
-    a2.legend(fontsize=7, loc="lower right")
-    if title: fig.suptitle(title)
-    fig.tight_layout()
-    return fig

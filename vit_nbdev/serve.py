@@ -6,114 +6,37 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/serve.html.md"""
 
 # %% ../nbs/serve.ipynb #73284f55
 from __future__ import annotations
-import argparse, asyncio, collections, contextlib, dataclasses, hmac, io, logging, os, re, secrets, threading, time, uuid, warnings
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+import asyncio, base64, contextlib, hmac, logging, os, re, threading, time, uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Protocol
 
-import numpy as np
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from python_multipart.exceptions import MultipartParseError
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
+from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.requests import ClientDisconnect
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .data import PreprocessConfig, preprocess, _resize
-from .model import ModelPackage, forward_features, load_package
+from .config import ServeConfig
+from .batch import MicroBatcher, QueueFull
+from .data import ImageError, prepare_image, to_model_size
+from .model import ModelPackage, forward_features, load_package, use_bf16
 from .store import NotFound, Store, StoreError, open_store
+from .telemetry import TelemetryCollector, TelemetryWriter
 
 _log = logging.getLogger("vit_nbdev.serve")
 
 # %% auto #0
-__all__ = ['FORMATS', 'TELEMETRY_SCHEMA', 'ServeConfig', 'InputError', 'Upload', 'read_uploads', 'to_rgb', 'decode_image',
-           'Prepared', 'image_tensor', 'prepare_image', 'to_model_size', 'cpu_has_bf16', 'Served', 'bf16_agreement',
-           'use_bf16', 'QueueFull', 'MicroBatcher', 'new_instance_id', 'telemetry_key', 'records_to_parquet',
-           'TelemetryWriter', 'read_telemetry', 'ServiceMetrics', 'RequestMiddleware', 'Monitoring', 'upload_page',
-           'ServiceUnavailable', 'ModelUpdateError', 'Service', 'TopK', 'Prediction', 'ErrorBody', 'Health',
-           'Readiness', 'UpdateModelRequest', 'UpdateModelResponse', 'create_app', 'main']
-
-# %% ../nbs/serve.ipynb #3a6e311e
-def _env_bool(s: str) -> bool:
-    if s.strip().lower() in ("1", "true", "yes", "on"): return True
-    if s.strip().lower() in ("0", "false", "no", "off", ""): return False
-    raise ValueError(f"expected a boolean (1/0, true/false), got {s!r}")
-
-@dataclass
-class ServeConfig:
-    "Settings of the service. Each field `x` can come from the environment as `VIT_X` (see `ENV`)."
-    store: str | None = None             # VIT_STORE: a folder or gs://bucket/prefix (None: ./artifacts)
-    model: str = "latest"                # VIT_MODEL: alias or version served at start and re-resolved by update-model
-    max_batch: int = 32                  # images per forward pass at most
-    max_wait_ms: float = 5.0             # how long the first image of a batch waits for company
-    queue_size: int = 256                # images waiting at most; beyond: 503 + Retry-After
-    top_k: int = 5                       # classes in each answer
-    max_upload_mb: float = 10.0          # per file, enforced while reading the body (413)
-    max_files: int = 16                  # files per request (413 beyond)
-    max_pixels: int = 40_000_000         # decoded width × height at most (413: decompression bomb)
-    precision: str = "fp32"              # "fp32" | "bf16" | "auto" (bf16 only if it keeps top-1 on the test split)
-    decode_workers: int = 2              # threads decoding and preprocessing uploads
-    torch_threads: int = 0               # PyTorch intra-op threads for the model; 0: one less than the CPUs (at least 1)
-    telemetry: bool = True               # write prediction records to <store>/telemetry/
-    telemetry_flush_records: int = 512   # records per shard; a full buffer is flushed at once
-    telemetry_flush_s: float = 10.0      # a non-empty buffer is flushed at least this often
-    telemetry_max_buffer: int = 50_000   # records held while the store is unreachable; oldest dropped beyond
-    telemetry_timeout_s: float = 5.0     # per store request of the telemetry writer
-    admin_token: str | None = None       # VIT_ADMIN_TOKEN: bearer token for /admin/*; unset: admin answers 503
-
-    ENV = {"store": "VIT_STORE", "model": "VIT_MODEL", "admin_token": "VIT_ADMIN_TOKEN"}  # the rest: VIT_<NAME>
-
-    @classmethod
-    def env_name(cls, name: str) -> str:
-        "The environment variable of field `name`."
-        return cls.ENV.get(name, f"VIT_{name.upper()}")
-
-    @classmethod
-    def from_env(cls, env=None, **overrides) -> ServeConfig:
-        "Defaults, then the environment `env` (default `os.environ`), then `overrides` that are not None."
-        env, kw = os.environ if env is None else env, {}
-        for f in fields(cls):
-            raw = env.get(cls.env_name(f.name))
-            if raw is None or (raw == "" and f.name in ("store", "admin_token", "model")): continue
-            typ = type(f.default) if f.default is not None else str
-            try: kw[f.name] = _env_bool(raw) if typ is bool else typ(raw)
-            except ValueError as e: raise ValueError(f"{cls.env_name(f.name)}={raw!r}: {e}") from None
-        kw.update({k: v for k, v in overrides.items() if v is not None})
-        cfg = cls(**kw)
-        cfg.check()
-        return cfg
-
-    def check(self) -> None:
-        "Raise `ValueError` for settings that cannot work."
-        for name in ("max_batch", "queue_size", "top_k", "max_files", "max_pixels", "decode_workers", "telemetry_flush_records", "telemetry_max_buffer"):
-            if getattr(self, name) < 1: raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.torch_threads < 0: raise ValueError(f"torch_threads must be ≥ 0 (0: automatic), got {self.torch_threads}")
-        for name in ("max_wait_ms", "max_upload_mb", "telemetry_flush_s", "telemetry_timeout_s"):
-            if not getattr(self, name) >= 0: raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
-        if self.precision not in ("fp32", "bf16", "auto"): raise ValueError(f"precision must be 'fp32', 'bf16' or 'auto', got {self.precision!r}")
-        if self.queue_size < self.max_batch: raise ValueError(f"queue_size ({self.queue_size}) must be at least max_batch ({self.max_batch})")
-
-    @property
-    def model_threads(self) -> int:
-        "PyTorch intra-op threads to use: `torch_threads`, or one less than the CPUs this process may use (at least 1)."
-        if self.torch_threads: return self.torch_threads
-        try: cpus = len(os.sched_getaffinity(0))
-        except AttributeError: cpus = os.cpu_count() or 1
-        return max(1, cpus - 1)
-
-    @property
-    def max_upload_bytes(self) -> int:
-        "The per-file limit in bytes."
-        return int(self.max_upload_mb * 1024 * 1024)
+__all__ = ['IMAGE_STATUS', 'TEMPLATES', 'InputError', 'Upload', 'read_uploads', 'Served', 'ServiceMetrics', 'RequestMiddleware',
+           'Monitoring', 'NoMonitoring', 'upload_page', 'preview_url', 'ServiceUnavailable', 'ModelUpdateError',
+           'Service', 'TopK', 'Prediction', 'ErrorBody', 'Health', 'Readiness', 'UpdateModelRequest',
+           'UpdateModelResponse', 'create_app', 'run_server']
 
 # %% ../nbs/serve.ipynb #7f078429
 class InputError(Exception):
@@ -131,6 +54,8 @@ class Upload:
     def describe(self, i: int) -> str:
         "`file 2 ('cat.png')`: how messages name this upload (1-based)."
         return f"file {i + 1}" + (f" ({self.filename!r})" if self.filename else "")
+
+IMAGE_STATUS = {"empty": 400, "unsupported": 415, "broken": 422, "too_large": 413}   # ImageError.kind → HTTP status
 
 _DRAIN_LIMIT = 64 * 1024 * 1024   # after a refusal, read at most this much more of the body before answering
 
@@ -187,83 +112,7 @@ async def read_uploads(request: Request, field: str = "file", max_bytes: int = 1
     if not uploads: raise InputError(422, f"no file in the request: add one or more multipart parts named {field!r}")
     return uploads
 
-# %% ../nbs/serve.ipynb #a17a6129
-Image.init()   # register every plugin, so that `formats=FORMATS` can name them (MPO is a separate plugin in older Pillow)
-FORMATS = tuple(f for f in ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF") if f in Image.OPEN)   # what uploads may be; no EPS (Ghostscript), no exotic plugins
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    "An RGB copy of `im` in any mode: 16-bit/float scaled to 8 bits, transparency composited on white, palette/gray/CMYK converted."
-    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        a = np.asarray(im).astype(np.float64)
-        if im.mode.startswith("I;16") or (im.mode == "I" and a.max(initial=0) > 255): a = a / 257   # 16-bit: 65535 → 255
-        elif im.mode == "F" and a.max(initial=0) <= 1.0: a = a * 255                                # float in [0, 1]
-        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))   # mode L
-    if im.mode == "P" and "transparency" in im.info or im.mode in ("LA", "La", "PA", "RGBA", "RGBa") or (
-            im.mode in ("L", "RGB") and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return im if im.mode == "RGB" else im.convert("RGB")
-
-def decode_image(data: bytes, max_pixels: int = 40_000_000, draft_size: int | None = None) -> Image.Image:
-    "Uploaded bytes → an upright RGB image (first frame); `InputError` (413/415/422) for what cannot or must not be decoded."
-    return _decode(data, max_pixels, draft_size)[0]
-
-def _decode(data: bytes, max_pixels: int, draft_size: int | None) -> tuple[Image.Image, tuple[int, int]]:
-    "`decode_image` and the upright size of the image as uploaded (before any `draft` reduction)."
-    if not data: raise InputError(400, "the file is empty")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # our own limit below is stricter
-            im = Image.open(io.BytesIO(data), formats=FORMATS)
-    except UnidentifiedImageError:
-        raise InputError(415, f"not an image that can be read (accepted: {', '.join(f for f in FORMATS if f != 'MPO')})") from None
-    except Image.DecompressionBombError as e: raise InputError(413, f"the image is too large to decode safely: {e}") from None
-    except Exception as e: raise InputError(422, f"the image cannot be read ({type(e).__name__}: {e})") from None
-    w, h = im.size
-    if w * h > max_pixels:
-        raise InputError(413, f"the image is {w}×{h} pixels ({w * h / 1e6:.0f} megapixels); the limit is {max_pixels / 1e6:g} megapixels")
-    try:
-        im.seek(0)
-        with contextlib.suppress(Exception):
-            if im.getexif().get(0x0112) in (5, 6, 7, 8): w, h = h, w   # rotated by 90°: the upright size
-        if draft_size and im.format in ("JPEG", "MPO"): im.draft(None, (draft_size, draft_size))
-        im.load()
-        try: im = ImageOps.exif_transpose(im)
-        except Exception: _log.warning("ignored unreadable EXIF orientation")   # a broken EXIF block should not lose the image
-        return to_rgb(im), (w, h)
-    except InputError: raise
-    except Exception as e:
-        why = "it is truncated" if "truncated" in str(e) else f"{type(e).__name__}: {e}"
-        raise InputError(422, f"the image cannot be decoded ({why})") from None
-
-# %% ../nbs/serve.ipynb #2bcd86e7
-@dataclass
-class Prepared:
-    "An upload ready for the model: normalised pixels `(3,S,S)` and the size of the decoded image."
-    pixels: torch.Tensor
-    width: int
-    height: int
-
-def image_tensor(im: Image.Image) -> torch.Tensor:
-    "An RGB PIL image as a `uint8 (3,H,W)` tensor."
-    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
-
-def prepare_image(data: bytes, cfg: PreprocessConfig, max_pixels: int = 40_000_000) -> Prepared:
-    "Decode `data` and apply the data chapter's `preprocess` with `cfg`, up to the native size: `(3,native,native)` normalised pixels."
-    im, (w, h) = _decode(data, max_pixels, draft_size=2 * cfg.native_size)
-    native = dataclasses.replace(cfg, image_size=cfg.native_size)
-    return Prepared(preprocess(image_tensor(im)[None], native)[0], w, h)
-
-def to_model_size(pixels: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
-    "The last step of `preprocess` for a batch of `prepare_image` outputs: resize to `cfg.image_size` (a no-op at native size)."
-    return _resize(pixels, cfg.image_size, cfg.interpolation)
-
 # %% ../nbs/serve.ipynb #6350d228
-def cpu_has_bf16() -> bool:
-    "Does this CPU run bf16 natively (oneDNN with AVX-512 BF16 or AMX)?"
-    try: return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception: return False
-
 @dataclass
 class Served:
     "A model package being served: its version, whether it runs in bf16, and one forward pass for a batch."
@@ -286,274 +135,7 @@ class Served:
         s = self.package.preprocess.native_size
         for n in sizes: self.forward(torch.zeros(n, 3, s, s))
 
-def bf16_agreement(package: ModelPackage, images: torch.Tensor, batch_size: int = 100) -> dict:
-    "Top-1 agreement of bf16 autocast with fp32 on `uint8` `images`, and the images/s of each."
-    out = {}
-    for name, bf16 in (("fp32", False), ("bf16", True)):
-        s, t0 = Served(package, "check", bf16), time.perf_counter()
-        out[name] = torch.cat([s.forward(preprocess(b, package.preprocess))[1].argmax(-1) for b in images.split(batch_size)])
-        out[f"{name}_images_per_s"] = len(images) / (time.perf_counter() - t0)
-    flips = int((out["fp32"] != out["bf16"]).sum())
-    return dict(images=len(images), flips=flips, agree=flips == 0, fp32_images_per_s=out["fp32_images_per_s"],
-                bf16_images_per_s=out["bf16_images_per_s"])
-
-def use_bf16(package: ModelPackage, precision: str = "fp32", check_images: int = 1000) -> bool:
-    "Whether to serve `package` in bf16: `'fp32'` no, `'bf16'` yes, `'auto'` if the CPU has bf16 and the sample test split agrees."
-    if precision != "auto": return precision == "bf16"
-    if not cpu_has_bf16(): return False
-    from vit_nbdev.data import load_cifar10
-    r = bf16_agreement(package, load_cifar10(progress=False).test.images[:check_images])
-    _log.info("bf16 check on %d sample test images: %d flips, fp32 %.0f img/s, bf16 %.0f img/s", r["images"], r["flips"],
-             r["fp32_images_per_s"], r["bf16_images_per_s"])
-    return r["agree"]
-
-# %% ../nbs/serve.ipynb #df69ecc3
-class QueueFull(Exception):
-    "The batcher's queue has no room for the images of a request."
-
-class MicroBatcher:
-    "Batches single images from concurrent requests (≤ `max_batch`, waiting ≤ `max_wait_ms`) and runs them in one worker thread."
-    def __init__(self, max_batch: int = 32, max_wait_ms: float = 5.0, queue_size: int = 256,
-                 on_batch: Callable[[int, float], None] | None = None):
-        self.max_batch, self.max_wait, self.queue_size, self.on_batch = max_batch, max_wait_ms / 1000, queue_size, on_batch
-        self._q: collections.deque = collections.deque()
-        self._cv, self._closed = threading.Condition(), False
-        self.batches = self.images = 0
-        self._thread = threading.Thread(target=self._run, name="vit-batcher", daemon=True)
-        self._thread.start()
-
-    @property
-    def depth(self) -> int:
-        "Images waiting for the model."
-        return len(self._q)
-
-    def submit(self, served: Served, pixels: list[torch.Tensor]) -> list[Future]:
-        "Queue preprocessed images for `served`; a future of `(embedding, probabilities)` for each. `QueueFull` if they do not fit."
-        futs = [Future() for _ in pixels]
-        with self._cv:
-            if self._closed: raise QueueFull("the service is shutting down")
-            if len(self._q) + len(pixels) > self.queue_size:
-                raise QueueFull(f"the service is busy: {len(self._q)} images are waiting (at most {self.queue_size})")
-            self._q.extend(zip([served] * len(pixels), pixels, futs, strict=True))
-            self._cv.notify()
-        return futs
-
-    def _take(self) -> list:
-        "The next batch: wait for an image, then up to `max_wait` for more; [] once closed and drained."
-        with self._cv:
-            while not self._q and not self._closed: self._cv.wait()
-            deadline = time.monotonic() + self.max_wait
-            while 0 < len(self._q) < self.max_batch and not self._closed and (left := deadline - time.monotonic()) > 0:
-                self._cv.wait(left)
-            batch, first = [], self._q[0][0] if self._q else None
-            while self._q and len(batch) < self.max_batch and self._q[0][0] is first:
-                item = self._q.popleft()
-                if item[2].set_running_or_notify_cancel(): batch.append(item)   # skip images whose request gave up
-            return batch if batch or not self._q else self._take()
-
-    def _run(self):
-        while True:
-            batch = self._take()
-            if not batch:
-                with self._cv:
-                    if self._closed and not self._q: return
-                continue
-            t0 = time.perf_counter()
-            try:
-                emb, probs = batch[0][0].forward(torch.stack([b[1] for b in batch]))
-                for i, (_, _, fut) in enumerate(batch): fut.set_result((emb[i], probs[i]))
-            except BaseException as e:   # a failing model fails its requests, not the worker
-                _log.exception("forward pass failed")
-                for *_, fut in batch: fut.set_exception(e)
-            self.batches, self.images = self.batches + 1, self.images + len(batch)
-            if self.on_batch: self.on_batch(len(batch), time.perf_counter() - t0)
-
-    def close(self, timeout: float | None = 30) -> None:
-        "Refuse new images, finish the queued ones, stop the worker."
-        with self._cv:
-            self._closed = True
-            self._cv.notify_all()
-        self._thread.join(timeout)
-
-# %% ../nbs/serve.ipynb #4ef1c058
-TELEMETRY_SCHEMA = pa.schema([
-    ("time", pa.timestamp("us", tz="UTC")), ("request_id", pa.string()), ("item", pa.int32()), ("instance", pa.string()),
-    ("model_version", pa.string()), ("label", pa.string()), ("score", pa.float32()),
-    ("top_k", pa.list_(pa.struct([("label", pa.string()), ("score", pa.float32())]))),
-    ("embedding", pa.list_(pa.float32())), ("width", pa.int32()), ("height", pa.int32()),
-])
-
-def new_instance_id() -> str:
-    "A process's telemetry id: start time and random hex, e.g. `20261126T114502-3fa2c1d0`."
-    return f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(4)}"
-
-def telemetry_key(version: str, day: str, instance: str, seq: int) -> str:
-    "The store key of a telemetry shard."
-    return f"telemetry/{version}/{day}/{instance}-{seq:06d}.parquet"
-
-def records_to_parquet(records: list[dict]) -> bytes:
-    "Telemetry records as the bytes of one parquet file with `TELEMETRY_SCHEMA`."
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(records, schema=TELEMETRY_SCHEMA), buf, compression="zstd")
-    return buf.getvalue()
-
-class TelemetryWriter:
-    "Buffers prediction records and writes them as append-only parquet shards from a background thread; never blocks the caller."
-    def __init__(self, store: Store | str | None, instance: str | None = None, flush_records: int = 512, flush_s: float = 10.0,
-                 max_buffer: int = 50_000, timeout_s: float = 5.0, max_backoff_s: float = 30.0):
-        self._store_arg, self._store = store, store if isinstance(store, Store) else None
-        self.instance = instance or new_instance_id()
-        self.flush_records, self.flush_s, self.max_buffer = flush_records, flush_s, max(max_buffer, flush_records)
-        self.timeout_s, self.max_backoff_s = timeout_s, max_backoff_s
-        self.written = self.dropped = self.failures = self.shards = 0
-        self.last_error: str | None = None
-        self._buf: collections.deque = collections.deque()
-        self._pending: list[tuple[str, list[dict]]] = []     # shards taken from the buffer, not yet written (retried as they are)
-        self._pending_n, self._seq = 0, 0
-        self._cv, self._stop, self._io = threading.Condition(), False, threading.Lock()   # _io: one flusher at a time
-        self._thread = threading.Thread(target=self._run, name="vit-telemetry", daemon=True)
-        self._thread.start()
-
-    @property
-    def buffered(self) -> int:
-        "Records waiting to be written."
-        return len(self._buf) + self._pending_n
-
-    def add(self, record: dict) -> None:
-        "Queue one record (see `TELEMETRY_SCHEMA`); beyond `max_buffer` waiting records the oldest are dropped."
-        with self._cv:
-            self._buf.append(record)
-            while self._buf and len(self._buf) + self._pending_n > self.max_buffer:
-                self._buf.popleft(); self.dropped += 1
-            if len(self._buf) >= self.flush_records: self._cv.notify()
-
-    def _open(self) -> Store:
-        if self._store is None: self._store = open_store(self._store_arg, timeout=self.timeout_s)
-        return self._store
-
-    def _cut(self, force: bool) -> None:
-        "Move buffered records into pending shards (one per version and day), if there is a full shard or `force`."
-        with self._cv:
-            if self._pending or not self._buf or (len(self._buf) < self.flush_records and not force): return
-            chunk = [self._buf.popleft() for _ in range(min(len(self._buf), self.flush_records))]
-            groups: dict[tuple, list] = {}
-            for r in chunk: groups.setdefault((r["model_version"], r["time"].strftime("%Y-%m-%d")), []).append(r)
-            for (version, day), recs in groups.items():
-                self._seq += 1
-                self._pending.append((telemetry_key(version, day, self.instance, self._seq), recs))
-            self._pending_n = len(chunk)
-
-    def _write_pending(self) -> bool:
-        "Try to write every pending shard; False at the first failure."
-        for key, recs in list(self._pending):
-            try:
-                st = self._open()
-                try: st.put_bytes(key, records_to_parquet(recs), overwrite=False)
-                except StoreError:
-                    if not st.exists(key): raise   # else: an earlier attempt of ours landed (a lost reply)
-            except Exception as e:
-                with self._cv: self.failures += 1; self.last_error = f"{type(e).__name__}: {e}"
-                _log.warning("telemetry: writing %s failed (%s); will retry", key, self.last_error)
-                return False
-            with self._cv:
-                self._pending.remove((key, recs)); self._pending_n -= len(recs)
-                self.written += len(recs); self.shards += 1
-        return True
-
-    def flush(self, force: bool = True, timeout: float = -1) -> bool:
-        "Write what is buffered now (only full shards unless `force`), in the calling thread; False if a write failed."
-        if not self._io.acquire(timeout=timeout): return False
-        try: return self._flush(force)
-        finally: self._io.release()
-
-    def _flush(self, force: bool) -> bool:
-        while True:
-            self._cut(force)
-            if not self._pending: return True
-            if not self._write_pending(): return False
-            if not self._buf or (len(self._buf) < self.flush_records and not force): return True
-
-    def _run(self):
-        backoff, last = 0.0, time.monotonic()
-        while True:
-            with self._cv:
-                wait = backoff or max(0.0, last + self.flush_s - time.monotonic())
-                self._cv.wait_for(lambda: self._stop or (not backoff and len(self._buf) >= self.flush_records), timeout=wait)  # noqa: B023 (called in this iteration only)
-                if self._stop: return
-                timed = time.monotonic() >= last + self.flush_s
-            if self.flush(force=timed or bool(backoff)):
-                backoff = 0.0
-                if timed: last = time.monotonic()
-            else: backoff = min(self.max_backoff_s, max(0.5, 2 * backoff))
-
-    def close(self, timeout: float = 20.0) -> int:
-        "Stop the thread and write everything left, retrying until `timeout`; the records still unwritten are dropped. Returns that count."
-        with self._cv:
-            self._stop = True
-            self._cv.notify_all()
-        deadline = time.monotonic() + timeout
-        self._thread.join(timeout)
-        while not self.flush(timeout=max(0.0, deadline - time.monotonic())) and time.monotonic() < deadline - 0.5: time.sleep(0.5)
-        with self._cv:
-            lost = self.buffered
-            self.dropped += lost
-            self._buf.clear(); self._pending.clear(); self._pending_n = 0
-        if lost: _log.error("telemetry: %d records could not be written before shutdown (%s)", lost, self.last_error)
-        return lost
-
-    def stats(self) -> dict:
-        "Counters: records written, dropped, buffered; shards written; failed writes; the last error."
-        return dict(written=self.written, dropped=self.dropped, buffered=self.buffered, shards=self.shards,
-                    failures=self.failures, last_error=self.last_error, instance=self.instance)
-
-# %% ../nbs/serve.ipynb #35655020
-def _as_utc(t) -> pd.Timestamp | None:
-    if t is None: return None
-    t = pd.Timestamp(t)
-    return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
-
-def read_telemetry(store: Store | str | None, version: str | None = None, last_n: int | None = None, since=None, until=None,
-                   workers: int = 8) -> pd.DataFrame:
-    "Telemetry records of `version` (default: every version) sorted by time: those in `[since, until)`, and of those the last `last_n`."
-    st = open_store(store)
-    since, until = _as_utc(since), _as_utc(until)
-    by_day: dict[str, list[str]] = {}
-    for k in st.list(f"telemetry/{version}/" if version else "telemetry/"):
-        parts = k.split("/")
-        if len(parts) == 4 and parts[3].endswith(".parquet"): by_day.setdefault(parts[2], []).append(k)
-    def read(k):
-        try: t = pq.read_table(io.BytesIO(st.get_bytes(k)))
-        except (StoreError, OSError, pa.ArrowException) as e: warnings.warn(f"skipping unreadable telemetry shard {k}: {e}", stacklevel=1); return None   # in a worker thread: no caller frame to point at
-        return t.cast(TELEMETRY_SCHEMA) if t.schema.names == TELEMETRY_SCHEMA.names else t
-    frames, n = [], 0
-    with ThreadPoolExecutor(workers) as ex:     # one request per shard on GCS: fetch them in parallel
-        for day in sorted(by_day, reverse=True):
-            if until is not None and day > until.strftime("%Y-%m-%d"): continue
-            if since is not None and day < since.strftime("%Y-%m-%d"): break
-            got = [t for t in ex.map(read, sorted(by_day[day])) if t is not None]
-            frames += got; n += sum(t.num_rows for t in got)
-            if last_n is not None and n >= last_n and since is None and until is None: break
-    df = pa.concat_tables(frames or [TELEMETRY_SCHEMA.empty_table()], promote_options="default").to_pandas()
-    df["time"] = pd.to_datetime(df["time"], utc=True)
-    if since is not None: df = df[df["time"] >= since]
-    if until is not None: df = df[df["time"] < until]
-    df = df.sort_values([c for c in ("time", "request_id", "item") if c in df], kind="stable")
-    return (df.tail(last_n) if last_n is not None else df).reset_index(drop=True)
-
 # %% ../nbs/serve.ipynb #6e438cd0
-class _TelemetryCollector:
-    "Exposes a `TelemetryWriter`'s counters (read at scrape time)."
-    def __init__(self, get: Callable[[], TelemetryWriter | None]): self.get = get
-    def describe(self): return []
-    def collect(self):
-        w = self.get()
-        s = w.stats() if w else dict(written=0, dropped=0, failures=0, buffered=0)
-        for name, doc, key in [("vit_telemetry_records_written", "telemetry records written to the store", "written"),
-                               ("vit_telemetry_records_dropped", "telemetry records dropped (buffer full while the store was unreachable, or unwritten at shutdown)", "dropped"),
-                               ("vit_telemetry_write_failures", "failed telemetry shard writes (each is retried)", "failures")]:
-            c = CounterMetricFamily(name, doc); c.add_metric([], s[key]); yield c
-        yield GaugeMetricFamily("vit_telemetry_buffered_records", "telemetry records waiting to be written", value=s["buffered"])
-
 class ServiceMetrics:
     "The Prometheus metrics of one service, in their own registry."
     def __init__(self, registry: CollectorRegistry | None = None):
@@ -570,7 +152,7 @@ class ServiceMetrics:
         self.model_info = Gauge("vit_model_info", "the model version being served (value 1)", ["version"], registry=r)
         self.swaps = Counter("vit_model_updates", "admin model updates by result", ["result"], registry=r)
         self.telemetry_writer: TelemetryWriter | None = None
-        r.register(_TelemetryCollector(lambda: self.telemetry_writer))
+        r.register(TelemetryCollector(lambda: self.telemetry_writer))
 
     def set_model(self, version: str) -> None:
         "Report `version` as the one being served."
@@ -604,115 +186,35 @@ class RequestMiddleware:
             self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
 
 # %% ../nbs/serve.ipynb #36b4594d
-class Monitoring:
-    "The monitoring hook of the service; this bare one has no drift report and answers 501 to the admin actions (`monitor.DriftMonitoring` is the default)."
-    service: Any = None
-    def bind(self, service) -> None:
-        "Called once by the service: keep it to reach `service.store`, `service.served`, `service.metrics.registry`."
-        self.service = service
-    def page(self) -> str:
-        "HTML of `/monitoring`: the latest drift report."
-        return _page("Monitoring", """
-<h1>No drift report yet</h1>
-<p>A drift report compares what the service has seen recently (the telemetry it writes to
-<code>telemetry/&lt;version&gt;/</code> in its store) with reference embeddings of the served model's training data.</p>
-<p>To make one, an operator calls, with <code>Authorization: Bearer $VIT_ADMIN_TOKEN</code>:</p>
-<ol><li><code>POST /admin/update-reference-data</code> — compute the reference embeddings of the serving model (once per model);</li>
-<li><code>POST /admin/update-monitoring</code> — build a report from recent telemetry; it then appears on this page.</li></ol>
-<p class="muted">This service runs the bare monitoring hook, which answers <code>501 Not Implemented</code>; <code>vit-serve</code>'s default is the monitoring chapter's <code>DriftMonitoring</code>.</p>
-<p><a href="/">← classify an image</a></p>""")
+class Monitoring(Protocol):
+    "What the service asks of a monitoring implementation (the monitoring chapter's `DriftMonitoring` is one)."
+    def bind(self, service: Service) -> None: ...
+    def latest_report(self) -> str | None: ...
+    def update_reference_data(self) -> dict: ...
+    def update_monitoring(self) -> dict: ...
+
+class NoMonitoring:
+    "No drift monitoring: no report, and the admin actions answer 501 Not Implemented."
+    def bind(self, service) -> None: pass
+    def latest_report(self) -> str | None: return None
     def update_reference_data(self) -> dict:
-        "Recompute the reference embeddings of the serving model."
-        raise NotImplementedError("reference data is not implemented yet: it arrives with the monitoring chapter (nbs/monitor.ipynb)")
-    def update_monitoring(self) -> dict:
-        "Build a new drift report from recent telemetry."
-        raise NotImplementedError("drift reports are not implemented yet: they arrive with the monitoring chapter (nbs/monitor.ipynb)")
-
-def _default_monitoring() -> Monitoring:
-    "The monitoring chapter's `DriftMonitoring` (imported here: `monitor` builds on this module)."
-    from vit_nbdev.monitor import DriftMonitoring
-    return DriftMonitoring()
-
-def _esc(s) -> str:
-    import html
-    return html.escape(str(s))
-
-_CSS = """:root{--fg:#1d2430;--muted:#667085;--accent:#3b6fe0;--bg:#f5f6fa;--card:#fff}
-*{box-sizing:border-box}body{font:16px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;background:var(--bg);color:var(--fg)}
-main{max-width:760px;margin:2rem auto;padding:0 1rem}h1{font-size:1.6rem;margin:.2rem 0 .4rem}
-.card{background:var(--card);border-radius:12px;box-shadow:0 1px 3px #0002;padding:1.25rem;margin:1rem 0}
-.muted,footer{color:var(--muted);font-size:.9rem}code{background:#eef0f6;padding:0 .3em;border-radius:4px}a{color:var(--accent)}"""
-
-def _page(title: str, body: str, extra_css: str = "", script: str = "") -> str:
-    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">'
-            f"<title>{_esc(title)} · vit-nbdev</title><style>{_CSS}{extra_css}</style></head><body><main>{body}</main>"
-            f"{'<script>' + script + '</script>' if script else ''}</body></html>")
+        raise NotImplementedError("this service runs without drift monitoring (vit-serve runs the monitoring chapter's DriftMonitoring)")
+    update_monitoring = update_reference_data
 
 # %% ../nbs/serve.ipynb #5c8b337b
-_PAGE_CSS = """
-#drop{display:block;border:2px dashed #c5cbe0;border-radius:10px;padding:2rem 1rem;text-align:center;cursor:pointer}
-#drop.over{border-color:var(--accent);background:#eef3ff}
-.result{display:flex;gap:1.5rem;align-items:flex-start;flex-wrap:wrap}
-#preview{width:192px;height:192px;object-fit:contain;image-rendering:pixelated;background:#eceef4;border-radius:8px}
-.preds{flex:1;min-width:260px}#label{margin:0 0 .6rem;font-size:1.4rem;text-transform:capitalize}
-.row{display:grid;grid-template-columns:7rem 1fr 4.2rem;gap:.6rem;align-items:center;margin:.35rem 0}
-.name{text-transform:capitalize}.pct{text-align:right;font-variant-numeric:tabular-nums}
-.bar{height:16px;background:#e4e8f3;border-radius:8px;overflow:hidden}.bar>span{display:block;height:100%;background:#9db4ea}
-.row.top .bar>span{background:var(--accent)}.row.top .name{font-weight:600}
-#error{color:#b42318;font-weight:500}"""
+TEMPLATES = Environment(loader=PackageLoader("vit_nbdev"), autoescape=select_autoescape(), trim_blocks=True)
 
-_PAGE_JS = r"""
-const $ = id => document.getElementById(id);
-async function showVersion() {
-  try { const j = await (await fetch('/readyz')).json(); $('version').textContent = j.model_version || j.detail || 'loading…'; }
-  catch (e) { $('version').textContent = 'unreachable'; }
-}
-function row(t, top) {
-  const r = document.createElement('div'); r.className = 'row' + (top ? ' top' : '');
-  const n = document.createElement('span'); n.className = 'name'; n.textContent = t.label;
-  const b = document.createElement('div'); b.className = 'bar';
-  const f = document.createElement('span'); f.style.width = (100 * t.score).toFixed(1) + '%'; b.appendChild(f);
-  const p = document.createElement('span'); p.className = 'pct'; p.textContent = (100 * t.score).toFixed(1) + '%';
-  r.append(n, b, p); return r;
-}
-async function classify(file) {
-  if (!file) return;
-  $('error').textContent = ''; $('out').hidden = false; $('label').textContent = 'classifying…'; $('bars').replaceChildren();
-  $('preview').src = URL.createObjectURL(file);
-  const fd = new FormData(); fd.append('file', file, file.name);
-  let r, j;
-  try { r = await fetch('/predict', {method: 'POST', body: fd}); } catch (e) { return fail('the service is unreachable (' + e + ')'); }
-  try { j = await r.json(); } catch (e) { j = {detail: r.status + ' ' + r.statusText}; }
-  if (!r.ok) return fail(typeof j.detail === 'string' ? j.detail : r.status + ' ' + r.statusText);
-  const p = j[0];
-  $('label').textContent = p.label + ' — ' + (100 * p.score).toFixed(1) + '%';
-  $('bars').replaceChildren(...p.top_k.map((t, i) => row(t, i === 0)));
-  $('version').textContent = p.model_version;
-  $('out').dataset.done = '1';
-}
-function fail(msg) { $('out').hidden = true; $('error').textContent = msg; }
-$('file').addEventListener('change', e => classify(e.target.files[0]));
-const drop = $('drop');
-['dragenter', 'dragover'].forEach(t => drop.addEventListener(t, e => { e.preventDefault(); drop.classList.add('over'); }));
-['dragleave', 'drop'].forEach(t => drop.addEventListener(t, e => { e.preventDefault(); drop.classList.remove('over'); }));
-drop.addEventListener('drop', e => classify(e.dataTransfer.files[0]));
-showVersion();
-"""
-
-def upload_page(labels: list[str] | None = None) -> str:
-    "The HTML of `/`: pick an image, see it with its top-5 classes as bars, and the model version."
+def upload_page(labels: list[str] | None = None, result: dict | None = None, error: str | None = None,
+                preview: str | None = None, version: str | None = None) -> str:
+    "The HTML of `/`: the form, and (after a plain-form `POST /`) the answer for one image or the error."
     classes = ", ".join(labels) if labels else "the classes of the served model"
-    return _page("Classify an image", f"""
-<h1>What is in this picture?</h1>
-<p class="muted">A Vision Transformer trained on CIFAR-10 ({_esc(classes)}). Your image is
-reduced to 32×32 pixels, as the training images were, so small centred objects work best.</p>
-<div class="card"><label id="drop" for="file"><strong>Choose an image</strong> or drop one here
-<input id="file" name="file" type="file" accept="image/*" hidden></label></div>
-<p id="error" role="alert"></p>
-<div class="card" id="out" hidden><div class="result"><img id="preview" alt="the image you chose">
-<div class="preds"><h2 id="label"></h2><div id="bars"></div></div></div></div>
-<footer>model <code id="version">…</code> · <a href="/docs">API</a> · <a href="/monitoring">monitoring</a> · <a href="/metrics">metrics</a></footer>
-""", _PAGE_CSS, _PAGE_JS)
+    return TEMPLATES.get_template("upload.html").render(title="Classify an image", classes=classes, result=result,
+                                                         error=error, preview=preview, version=version)
+
+def preview_url(data: bytes, content_type: str | None, max_bytes: int = 2**20) -> str | None:
+    "A `data:` URL showing an uploaded image back on the page (none for large files or non-images)."
+    if not content_type or not content_type.startswith("image/") or len(data) > max_bytes: return None
+    return f"data:{content_type};base64,{base64.b64encode(data).decode()}"
 
 # %% ../nbs/serve.ipynb #cf0cd48c
 class ServiceUnavailable(Exception):
@@ -733,7 +235,7 @@ class Service:
         self.served: Served | None = None
         self.load_error: str | None = None
         self.telemetry, self._own_telemetry = telemetry, telemetry is None
-        self.monitoring = monitoring or _default_monitoring()
+        self.monitoring = monitoring or NoMonitoring()
         self.batcher: MicroBatcher | None = None
         self.pool: ThreadPoolExecutor | None = None
         self._stopping = threading.Event()
@@ -770,7 +272,8 @@ class Service:
         self.metrics.batch_size.observe(n); self.metrics.batch_seconds.observe(seconds)
 
     # -- models --
-    def _open_store(self) -> Store:
+    def get_store(self) -> Store:
+        "The store (opened on first use)."
         if self.store is None: self.store = open_store(self.cfg.store)
         return self.store
 
@@ -781,7 +284,7 @@ class Service:
 
     def _load(self, version: str) -> Served:
         "Fetch, load and warm up a resolved `version` (in a worker thread)."
-        path = self._open_store().fetch_model(version)
+        path = self.get_store().fetch_model(version)
         return self._prepare(load_package(path), version)
 
     def _install(self, served: Served) -> None:
@@ -794,7 +297,7 @@ class Service:
         while not self._stopping.is_set() and self.served is None:
             try:
                 self.load_error = f"loading {self.cfg.model!r} from {self.store_uri}"
-                served = self._load(self._open_store().resolve(self.cfg.model))
+                served = self._load(self.get_store().resolve(self.cfg.model))
                 if self.served is None: self._install(served)   # an admin update may have been quicker
                 return
             except Exception as e:
@@ -808,7 +311,7 @@ class Service:
         name = name or self.cfg.model
         async with self._update_lock:
             old, t0 = self.served, time.perf_counter()
-            try: version = await asyncio.to_thread(lambda: self._open_store().resolve(name))
+            try: version = await asyncio.to_thread(lambda: self.get_store().resolve(name))
             except NotFound as e: self.metrics.swaps.labels("not_found").inc(); raise ModelUpdateError(404, str(e)) from None
             except StoreError as e: self.metrics.swaps.labels("store_error").inc(); raise ModelUpdateError(503, f"the store is unavailable: {e}") from None
             if old is not None and old.version == version:
@@ -831,6 +334,10 @@ class Service:
     # -- predictions --
     async def predict(self, request: Request) -> list[dict]:
         "Read the uploads of `request`, classify them in the batcher, record telemetry; `InputError`/`ServiceUnavailable` if not."
+        return (await self.classify(request))[1]
+
+    async def classify(self, request: Request) -> tuple[list[Upload], list[dict]]:
+        "`predict`, also returning the uploads (the plain-form page shows the image back)."
         served = self.served
         if served is None: raise ServiceUnavailable(f"the model is not loaded yet ({self.load_error or 'starting'})", retry_after=5)
         uploads = await read_uploads(request, "file", self.cfg.max_upload_bytes, self.cfg.max_files)
@@ -838,7 +345,7 @@ class Service:
         prepared = await asyncio.gather(*(loop.run_in_executor(self.pool, prepare_image, u.data, served.package.preprocess,
                                                                self.cfg.max_pixels) for u in uploads), return_exceptions=True)
         for i, p in enumerate(prepared):
-            if isinstance(p, InputError): raise InputError(p.status, f"{uploads[i].describe(i)}: {p.message}")
+            if isinstance(p, ImageError): raise InputError(IMAGE_STATUS[p.kind], f"{uploads[i].describe(i)}: {p.message}")
             if isinstance(p, BaseException): raise p
         try: futs = self.batcher.submit(served, [p.pixels for p in prepared])
         except QueueFull as e:
@@ -856,7 +363,7 @@ class Service:
                 self.telemetry.add(dict(time=now, request_id=rid, item=i, instance=self.telemetry.instance, model_version=served.version,
                                         label=top[0]["label"], score=top[0]["score"], top_k=top, embedding=emb.tolist(),
                                         width=p.width, height=p.height))
-        return results
+        return uploads, results
 
 # %% ../nbs/serve.ipynb #525b57f8
 class TopK(BaseModel):
@@ -924,7 +431,7 @@ def create_app(store: Store | str | None = None, model: str | ModelPackage | Non
         try: yield
         finally: await asyncio.to_thread(svc.stop)
 
-    app = FastAPI(title="vit-nbdev", version=_version(), lifespan=lifespan,
+    app = FastAPIOffline(title="vit-nbdev", version=_version(), lifespan=lifespan,   # /docs and /redoc with their assets served here
                   description="Classify images with a Vision Transformer trained on CIFAR-10. Upload page at `/`.")
     app.state.service = svc
     app.add_middleware(RequestMiddleware, metrics=svc.metrics)
@@ -954,7 +461,19 @@ def create_app(store: Store | str | None = None, model: str | ModelPackage | Non
     def index():
         "A page to pick an image and see its top-5 classes."
         s = svc.served
-        return upload_page(s.labels if s else None)
+        return upload_page(s.labels if s else None, version=s.version if s else None)
+
+    @app.post("/", response_class=HTMLResponse, summary="Upload page: classify (plain HTML form)", openapi_extra={"requestBody": _UPLOAD_BODY},
+              responses={c: {"content": {"text/html": {}}} for c in (400, 413, 415, 422, 503)})
+    async def index_form(request: Request):
+        "The upload page's form without JavaScript: classify the first image and answer with the page, the result filled in."
+        s = svc.served
+        labels, version = (s.labels, s.version) if s else (None, None)
+        try: uploads, results = await svc.classify(request)
+        except (InputError, ServiceUnavailable) as e:
+            return HTMLResponse(upload_page(labels, error=e.message, version=version), getattr(e, "status", 503))
+        return upload_page(labels, result=results[0], preview=preview_url(uploads[0].data, uploads[0].content_type),
+                           version=results[0]["model_version"])
 
     @app.post("/predict", response_model=list[Prediction], summary="Classify images", openapi_extra={"requestBody": _UPLOAD_BODY},
               responses=_errors(400, 413, 415, 422, 503))
@@ -983,7 +502,8 @@ def create_app(store: Store | str | None = None, model: str | ModelPackage | Non
     @app.get("/monitoring", response_class=HTMLResponse, summary="Drift report")
     def monitoring_page():
         "The latest drift report (HTML)."
-        return svc.monitoring.page()
+        return svc.monitoring.latest_report() or TEMPLATES.get_template("monitoring.html").render(
+            title="Monitoring", enabled=not isinstance(svc.monitoring, NoMonitoring))
 
     admin = dict(dependencies=[Depends(require_admin)], tags=["admin"])
 
@@ -1020,31 +540,11 @@ def _version() -> str:
     return __version__
 
 # %% ../nbs/serve.ipynb #eed09c44
-def main(argv: list[str] | None = None) -> None:
-    "`vit-serve`: run the service with uvicorn (flags override the VIT_* environment; `PORT` sets the port)."
-    p = argparse.ArgumentParser("vit-serve", description="Serve a registered ViT model over HTTP (upload page at /).")
-    p.add_argument("--host", default="0.0.0.0", help="interface to listen on (default 0.0.0.0)")
-    p.add_argument("--port", type=int, default=None, help="port (default $PORT, else 8000)")
-    p.add_argument("--store", help="store root: a folder or gs://bucket/prefix (default $VIT_STORE, else ./artifacts)")
-    p.add_argument("--model", help="alias or version to serve (default $VIT_MODEL, else latest)")
-    for name, typ, doc in [("max_batch", int, "images per forward pass at most"), ("max_wait_ms", float, "how long a batch waits to fill"),
-                           ("queue_size", int, "images waiting at most (503 beyond)"), ("top_k", int, "classes per answer"),
-                           ("max_upload_mb", float, "per-file limit in MB (413 beyond)"), ("max_files", int, "files per request (413 beyond)"),
-                           ("precision", str, "fp32 | bf16 | auto"), ("torch_threads", int, "PyTorch threads for the model, 0: CPUs - 1")]:
-        p.add_argument(f"--{name.replace('_', '-')}", type=typ, help=f"{doc} (default ${ServeConfig.env_name(name)}, "
-                                                                       f"else {getattr(ServeConfig, name)})")
-    p.add_argument("--no-telemetry", action="store_true", help="do not write prediction records to the store")
-    p.add_argument("--graceful-timeout", type=float, default=8.0, help="seconds to let requests finish after SIGTERM (default 8)")
-    p.add_argument("--log-level", default="info")
-    p.add_argument("--access-log", action="store_true", help="log every request")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def run_server(settings: dict, monitoring: Monitoring | None = None, *, host: str = "127.0.0.1", port: int = 8000,
+               log_level: str = "info", access_log: bool = False, graceful_timeout: float = 8.0) -> None:
+    "Run the app with uvicorn until SIGTERM (what `vit-serve` does once the config chapter has checked its arguments)."
     import uvicorn
-    try:
-        app = create_app(a.store, a.model, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, queue_size=a.queue_size, top_k=a.top_k,
-                         max_upload_mb=a.max_upload_mb, max_files=a.max_files, precision=a.precision,
-                         telemetry=False if a.no_telemetry else None, torch_threads=a.torch_threads)
-    except ValueError as e: p.error(str(e))
-    port = a.port if a.port is not None else int(os.environ.get("PORT") or 8000)
-    uvicorn.run(app, host=a.host, port=port, log_level=a.log_level.lower(), access_log=a.access_log,
-                timeout_graceful_shutdown=a.graceful_timeout, server_header=False)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(monitoring=monitoring, **settings)
+    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), access_log=access_log,
+                timeout_graceful_shutdown=graceful_timeout, server_header=False)

@@ -18,9 +18,10 @@ from google.auth.exceptions import GoogleAuthError, TransportError
 from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
 
+from .config import cache_root
+
 # %% auto #0
-__all__ = ['MARKER', 'HISTORY_LIMIT', 'StoreError', 'NotFound', 'new_version', 'Store', 'cache_root', 'LocalStore', 'GCSStore',
-           'open_store']
+__all__ = ['MARKER', 'HISTORY_LIMIT', 'StoreError', 'NotFound', 'new_version', 'Store', 'LocalStore', 'GCSStore', 'open_store']
 
 # %% ../nbs/store.ipynb #92a2460d
 class StoreError(RuntimeError):
@@ -256,10 +257,6 @@ class Store:
         return dst
 
 # %% ../nbs/store.ipynb #229db1a6
-def cache_root() -> Path:
-    "The project's local cache: `$VIT_CACHE`, default `~/.cache/vit_nbdev` (models under `models/`, decoded datasets under `datasets/`)."
-    return Path(os.environ.get("VIT_CACHE") or "~/.cache/vit_nbdev").expanduser()
-
 def _complete_locally(d: Path) -> bool:
     "Does the folder `d` hold a complete version: its marker and every listed file at its listed size?"
     try: files = json.loads((d/MARKER).read_bytes())["files"]

@@ -6,8 +6,8 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/train.html.md"""
 
 # %% ../nbs/train.ipynb #bd684879
 from __future__ import annotations
-import argparse, json, os, shutil, signal, subprocess, sys, time, uuid
-from dataclasses import dataclass, field, asdict, fields
+import json, os, shutil, signal, subprocess, sys, time
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,67 +19,20 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from .config import PRECISIONS, PRESETS, TrainConfig, new_run_id
 from .data import load_cifar10, preprocess, Split, PreprocessConfig
-from .model import build_model, save_package, PRESETS
+from .model import build_model, save_package
 from .store import open_store, new_version, StoreError
 
 # %% auto #0
-__all__ = ['NOTEBOOK', 'TrainConfig', 'resolve_precision', 'epoch_order', 'step_indices', 'evaluate', 'RunState',
-           'latest_checkpoint', 'resolve_resume', 'make_accelerator', 'start_tracking', 'wandb_run', 'code_commit',
-           'new_run_id', 'TrainResult', 'train', 'parse_params', 'run_notebook', 'main']
-
-# %% ../nbs/train.ipynb #8eca8051
-@dataclass
-class TrainConfig:
-    "Every parameter of a training run (the names of the notebook's parameters cell)."
-    dataset: str = "sample"
-    revision: str | None = None
-    model: str = "vit-cifar-tiny"
-    image_size: int | None = None
-    epochs: int = 4
-    max_steps: int | None = None
-    batch_size: int = 128
-    grad_accum: int = 1
-    eval_batch_size: int = 500
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    warmup_steps: int = 20
-    label_smoothing: float = 0.1
-    max_grad_norm: float = 1.0
-    augment: bool = True
-    val_fraction: float = 0.2
-    seed: int = 0
-    mixed_precision: str = "auto"
-    eval_every: int = 0
-    checkpoint_every: int = 50
-    log_every: int = 10
-    tracker: str = "wandb"
-    wandb_project: str = "vit-nbdev"
-    store: str | None = None
-    aliases: list = field(default_factory=lambda: ["latest"])
-    run_id: str | None = None
-    checkpoint_dir: str = "checkpoints"
-    resume: bool | str = False
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        "Build from a dict (e.g. papermill parameters), refusing unknown names."
-        names = {f.name for f in fields(cls)}
-        if unknown := set(d) - names: raise ValueError(f"unknown training parameter(s) {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**d)
-
-    def micro_batch(self, world: int = 1) -> int:
-        "Images per forward pass on each process; refuses batch sizes that do not divide."
-        if self.batch_size % (world * self.grad_accum):
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by processes × grad_accum = {world} × {self.grad_accum}; "
-                             f"use a multiple of {world * self.grad_accum}, e.g. {max(1, self.batch_size // (world * self.grad_accum)) * world * self.grad_accum}")
-        return self.batch_size // (world * self.grad_accum)
+__all__ = ['NOTEBOOK', 'resolve_precision', 'epoch_order', 'step_indices', 'evaluate', 'RunState', 'latest_checkpoint',
+           'resolve_resume', 'make_accelerator', 'start_tracking', 'wandb_run', 'code_commit', 'TrainResult', 'train',
+           'run_notebook', 'results_table', 'cli']
 
 # %% ../nbs/train.ipynb #ed53c0d8
 def resolve_precision(mixed_precision: str = "auto") -> str:
     "Map `'auto'` to `'bf16'`, `'fp16'` or `'no'` for this machine; check other values."
-    if mixed_precision not in ("auto", "bf16", "fp16", "no"):
-        raise ValueError(f"mixed_precision must be 'auto', 'bf16', 'fp16' or 'no', got {mixed_precision!r}")
+    if mixed_precision not in PRECISIONS: raise ValueError(f"mixed_precision must be one of {PRECISIONS}, got {mixed_precision!r}")
     if mixed_precision != "auto": return mixed_precision
     if not torch.cuda.is_available(): return "no"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -168,10 +121,6 @@ def code_commit() -> str:
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError): return "unknown"
 
-def new_run_id() -> str:
-    "A sortable, unique run id, e.g. `20261126-114502-3fa2c1`."
-    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-
 # %% ../nbs/train.ipynb #888abadd
 @dataclass
 class TrainResult:
@@ -188,6 +137,7 @@ class TrainResult:
 def train(cfg: TrainConfig | None = None, **params) -> TrainResult:
     "Train a ViT on CIFAR-10 as `cfg` says; register the best model in the store; return the metrics."
     cfg = cfg or TrainConfig.from_dict(params)
+    cfg.check()
     acc = make_accelerator(cfg)
     world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
     cfg.micro_batch(world)   # refuses a batch_size that processes × grad_accum do not divide
@@ -215,10 +165,11 @@ def train(cfg: TrainConfig | None = None, **params) -> TrainResult:
     start_tracking(acc, cfg, run_id)
     eval_every = cfg.eval_every or steps_per_epoch
     running, seen, t0 = torch.zeros((), device=acc.device), 0, time.perf_counter()
-    bar = tqdm(range(state.step, total), initial=state.step, total=total, desc="train", disable=not acc.is_local_main_process)
+    start = state.step
+    bar = tqdm(range(start, total), initial=state.step, total=total, desc="train", disable=not acc.is_local_main_process)
     for step in bar:
         epoch, i = divmod(step, steps_per_epoch)
-        if i == 0 or step == state.step: order = epoch_order(len(train_y), cfg.seed, epoch).to(acc.device)
+        if i == 0 or step == start: order = epoch_order(len(train_y), cfg.seed, epoch).to(acc.device)
         for k, idx in enumerate(step_indices(order, i, cfg.batch_size, rank, world, cfg.grad_accum)):
             with acc.accumulate(model):
                 g = torch.Generator().manual_seed(hash((cfg.seed, step, k, rank)) % 2**63)
@@ -294,21 +245,13 @@ def _publish(acc, cfg: TrainConfig, st, res: TrainResult, model, pre, data):
     acc.print(f"registered {res.version} in {st.uri} as {', '.join(cfg.aliases)}; test acc {res.metrics['test_acc']:.4f}")
 
 # %% ../nbs/train.ipynb #13ccc0a4
-NOTEBOOK = Path(__file__).resolve().parent.parent/"nbs"/"train.ipynb" if "__file__" in globals() else Path("train.ipynb").resolve()
-
-def parse_params(files=(), pairs=()) -> dict:
-    "Parameters from YAML files, then `(name, value)` pairs (values parsed as YAML: `3` is an int, `null` is None)."
-    import yaml
-    out = {}
-    for f in files or (): out.update(yaml.safe_load(Path(f).read_text()) or {})
-    for k, v in pairs or (): out[k] = yaml.safe_load(v)
-    return out
+NOTEBOOK = Path(__file__).resolve().parent/"train.ipynb" if "__file__" in globals() else Path("train.ipynb").resolve()
 
 def run_notebook(params: dict, output=None, notebook=None) -> Path:
     "Execute the training notebook with papermill and upload the executed copy to the run's folder in the store."
     import papermill as pm
     params = {**params, "run_id": params.get("run_id") or new_run_id()}
-    TrainConfig.from_dict(params)   # fail on a bad name before starting a kernel
+    TrainConfig.from_dict(params)   # fail on a bad name or value before starting a kernel
     out = Path(output or Path("runs")/f"{params['run_id']}.ipynb"); out.parent.mkdir(parents=True, exist_ok=True)
     nb = Path(notebook or NOTEBOOK)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # a stopped VM / container still uploads what ran
@@ -317,17 +260,24 @@ def run_notebook(params: dict, output=None, notebook=None) -> Path:
         if out.exists(): open_store(params.get("store")).put_file(out, f"runs/{params['run_id']}/train.ipynb")
     return out
 
-def main(argv=None):
-    "`vit-train`: run the training notebook with papermill (default) or the loop directly (`--direct`, for torchrun/accelerate)."
-    ap = argparse.ArgumentParser("vit-train", description="Train a ViT on CIFAR-10 (see nbs/train.ipynb).")
-    ap.add_argument("-f", "--parameters-file", action="append", default=[], help="YAML file of parameters (repeatable)")
-    ap.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"), help="one parameter (repeatable)")
-    ap.add_argument("--direct", action="store_true", help="run the loop in this process (under torchrun / accelerate launch)")
-    ap.add_argument("--output", help="where to write the executed notebook (default runs/<run-id>.ipynb)")
-    ap.add_argument("--notebook", help="the training notebook (default: nbs/train.ipynb of this checkout)")
-    a = ap.parse_args(argv)
-    params = parse_params(a.parameters_file, a.parameter)
-    if a.direct:
+def results_table(run_id: str, version: str | None, metrics: dict, record: str | None = None) -> str:
+    "The few lines `vit-train` ends with: accuracies, steps, throughput, the version registered and where the record is."
+    rows = [("run", run_id), ("version", version or "-"),
+            ("val acc", f"{metrics['val_acc']:.4f}  (best, on the validation carve)"), ("test acc", f"{metrics['test_acc']:.4f}"),
+            ("steps", f"{metrics['steps']}  ({metrics['train_time_s']:.0f} s training, {metrics['processes']} process(es), {metrics['mixed_precision']})"),
+            ("img/s", f"{metrics['images_per_s']:.1f}")] + ([("record", record)] if record else [])
+    return "\n".join(f"{k:<9}{v}" for k, v in rows)
+
+def cli(params: dict, direct: bool = False, output=None, notebook=None) -> None:
+    "What `vit-train` does once its arguments are checked: train (notebook or `direct`), then print the results table."
+    if direct:
         r = train(TrainConfig.from_dict(params))
-        print(json.dumps(dict(run_id=r.run_id, version=r.version, **r.metrics), default=str))
-    else: print(run_notebook(params, a.output, a.notebook))
+        if int(os.environ.get("RANK", "0")) == 0:   # under torchrun every process gets here; one prints
+            print(results_table(r.run_id, r.version, r.metrics), flush=True)
+            print(json.dumps(dict(run_id=r.run_id, version=r.version, **r.metrics), default=str), flush=True)
+        return
+    params = {**params, "run_id": params.get("run_id") or new_run_id()}
+    out = run_notebook(params, output, notebook)
+    st = open_store(params.get("store"))
+    m = json.loads(st.get_bytes(f"runs/{params['run_id']}/metrics.json"))
+    print(results_table(params["run_id"], m["version"], m["metrics"], f"{out} (and {st.uri}/runs/{params['run_id']}/train.ipynb)"))

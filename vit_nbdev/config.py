@@ -12,8 +12,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['PRESETS', 'DEFAULT_PRESET', 'PRECISIONS', 'TRACKERS', 'REFERENCE_N', 'COMPONENTS', 'ALPHA', 'MIN_RECORDS',
-           'cache_root', 'check_model_name', 'TrainConfig', 'parse_params', 'new_run_id', 'ServeConfig']
+__all__ = ['PRESETS', 'DEFAULT_PRESET', 'CHECKPOINTS', 'PRECISIONS', 'TRACKERS', 'REFERENCE_N', 'COMPONENTS', 'ALPHA',
+           'MIN_RECORDS', 'cache_root', 'shipped_checkpoint', 'check_model_name', 'TrainConfig', 'parse_params',
+           'new_run_id', 'ServeConfig']
 
 # %% ../nbs/config.ipynb #ee80d5a0
 def cache_root() -> Path:
@@ -27,13 +28,21 @@ PRESETS: dict[str, dict] = {
     "vit-b16":         dict(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
 }
 DEFAULT_PRESET = "vit-cifar-small"
+CHECKPOINTS = Path(__file__).parent/"checkpoints" if "__file__" in globals() else Path("../vit_nbdev/checkpoints").resolve()
+
+def shipped_checkpoint(name: str) -> Path | None:
+    "The folder of a checkpoint shipped in the package (`vit_nbdev/checkpoints/<name>/`), if `name` is one."
+    p = CHECKPOINTS/name if isinstance(name, str) and name and "/" not in name and not name.startswith(".") else None
+    return p if p is not None and (p/"config.json").exists() else None
 
 def check_model_name(name: str) -> str:
-    "`name` if it can name a model (a preset, an existing folder, or a hub id `owner/name`), else a `ValueError` saying what can."
+    "`name` if it can name a model (a preset, a shipped checkpoint, an existing folder, or a hub id `owner/name`), else a `ValueError` saying what can."
     if not isinstance(name, str) or not name: raise ValueError(f"model must be a non-empty string, got {name!r}")
-    if name in PRESETS or Path(name).expanduser().is_dir(): return name
+    if name in PRESETS or shipped_checkpoint(name) or Path(name).expanduser().is_dir(): return name
     if "/" not in name or name.startswith((".", "/", "~")):
-        raise ValueError(f"{name!r} is neither a preset ({', '.join(PRESETS)}), nor a local checkpoint directory, nor a hub id (owner/name)")
+        shipped = ", ".join(sorted(p.name for p in CHECKPOINTS.glob("*") if (p/"config.json").exists())) or "none"
+        raise ValueError(f"{name!r} is neither a preset ({', '.join(PRESETS)}), nor a shipped checkpoint ({shipped}), "
+                         f"nor a local checkpoint directory, nor a hub id (owner/name)")
     return name
 
 # %% ../nbs/config.ipynb #59481845

@@ -6,7 +6,7 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/model.html.md"""
 
 # %% ../nbs/model.ipynb #c34eb47a
 from __future__ import annotations
-import json, logging, time
+import json, logging, shutil, time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,14 +16,14 @@ from transformers.utils import logging as hf_logging
 try: from transformers import ViTImageProcessorPil as ViTImageProcessor   # no torchvision here: the PIL processor, without a warning
 except ImportError: from transformers import ViTImageProcessor
 
-from .config import PRESETS, DEFAULT_PRESET, check_model_name
+from .config import PRESETS, DEFAULT_PRESET, check_model_name, shipped_checkpoint
 from .data import CIFAR10_LABELS, PreprocessConfig, load_cifar10, preprocess
 
 _log = logging.getLogger("vit_nbdev.model")
 
 # %% auto #0
-__all__ = ['label_maps', 'preset_config', 'build_model', 'ModelPackage', 'save_package', 'load_package', 'forward_features',
-           'cpu_has_bf16', 'bf16_agreement', 'use_bf16']
+__all__ = ['label_maps', 'preset_config', 'build_model', 'ModelPackage', 'save_package', 'load_package', 'ship_checkpoint',
+           'forward_features', 'cpu_has_bf16', 'bf16_agreement', 'use_bf16']
 
 # %% ../nbs/model.ipynb #96a89ecd
 def label_maps(labels=CIFAR10_LABELS) -> dict:
@@ -50,6 +50,7 @@ def build_model(name: str = DEFAULT_PRESET, labels=CIFAR10_LABELS, **overrides) 
         model = ViTForImageClassification._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
         return model, PreprocessConfig(image_size=cfg.image_size)
     check_model_name(name)
+    name = str(shipped_checkpoint(name) or name)   # a shipped checkpoint is a local folder inside the package
     verbosity = hf_logging.get_verbosity(); hf_logging.set_verbosity_error()   # the "newly initialized head" notice is expected
     try:
         model = ViTForImageClassification.from_pretrained(name, **label_maps(labels), ignore_mismatched_sizes=True,
@@ -99,6 +100,19 @@ def load_package(path, device: str | torch.device = "cpu") -> ModelPackage:
     pre = PreprocessConfig.load(p/"preprocess.json") if (p/"preprocess.json").exists() else _checkpoint_preprocess(str(p), model.config.image_size)
     card = json.loads((p/"card.json").read_text()) if (p/"card.json").exists() else {}
     return ModelPackage(model, pre, card, p)
+
+# %% ../nbs/model.ipynb #275d53e2
+def ship_checkpoint(package_dir, dest, run_record=None, note: str | None = None) -> Path:
+    "Write the package at `package_dir` to `dest` as a shipped checkpoint: fp16 weights, config, preprocessing, card, run record."
+    pkg, out = load_package(package_dir), Path(dest)
+    if out.exists(): shutil.rmtree(out)
+    pkg.model.half().save_pretrained(out, safe_serialization=True)
+    pkg.preprocess.save(out/"preprocess.json")
+    _hf_processor(pkg.preprocess).save_pretrained(out)
+    card = {**pkg.card, "shipped": {"from_version": pkg.version, "weights": "fp16", "note": note}}
+    (out/"card.json").write_text(json.dumps(card, indent=2, default=str))
+    if run_record: shutil.copy(run_record, out/"train.ipynb")
+    return out
 
 # %% ../nbs/model.ipynb #74262c78
 def forward_features(model: ViTForImageClassification, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ def cpu():
 def main():
     ap = argparse.ArgumentParser(); ap.add_argument("--runs", type=int, default=5); a = ap.parse_args()
     print(f"cpu: {cpu()}; python {platform.python_version()}; best / median of {a.runs} runs")
-    dry = ["train", "--project", "p-1234", "--store", "gs://b/vit", "-f", str(ROOT/"configs/sample.yaml"), "--run-id", "r1", "--dry-run"]
+    dry = ["train", "--project", "p-1234", "--store", "gs://my-bucket/vit", "-f", str(ROOT/"configs/sample.yaml"), "--run-id", "r1", "--dry-run"]
     cases = [("vit-train --help", [BIN/"vit-train", "--help"], [sys.executable, "-c", "import vit_nbdev.train"]),
              ("vit-serve --help", [BIN/"vit-serve", "--help"], [sys.executable, "-c", "import vit_nbdev.serve"]),
              ("vit-monitor --help", [BIN/"vit-monitor", "--help"], [sys.executable, "-c", "import vit_nbdev.monitor"]),

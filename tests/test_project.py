@@ -11,7 +11,7 @@ def test_readme_is_in_step_with_index():
     readme = ROOT.joinpath("README.md").read_text()
     nb = json.loads(ROOT.joinpath("nbs/index.ipynb").read_text())
     for c in nb["cells"]:
-        src = "".join(c["source"]).strip().replace("```{mermaid}", "```mermaid")   # Quarto's diagram block is GitHub's
+        src = "".join(c["source"]).strip().replace("```{mermaid}", "```mermaid").replace("](images/", "](nbs/images/")   # Quarto's diagram block is GitHub's; images live in nbs/
         if c["cell_type"] == "markdown" and not src.startswith("# vit-nbdev"):
             assert src in readme, f"README.md lacks this part of nbs/index.ipynb (regenerate it):\n{src[:300]}"
 

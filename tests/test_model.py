@@ -63,3 +63,29 @@ def test_hf_pipeline_agrees_with_our_top1(trained):
     theirs = [r[0]["label"] for r in clf([Image.fromarray(a.permute(1, 2, 0).numpy()) for a in imgs], batch_size=50)]
     with torch.inference_mode(): ours = [pkg.labels[i] for i in pkg.model(preprocess(imgs, pkg.preprocess)).logits.argmax(-1)]
     assert sum(a == b for a, b in zip(theirs, ours, strict=True)) >= 199, "same top-1 (ties aside)"
+
+def test_shipped_checkpoint_loads_like_a_local_folder(tmp_path, monkeypatch):
+    "`ship_checkpoint` writes fp16 weights that come back as fp32; a name under CHECKPOINTS is a model name everywhere."
+    import vit_nbdev.config as C
+    from vit_nbdev.model import ship_checkpoint
+    torch.manual_seed(2)
+    model, pre = build_model("vit-cifar-tiny")
+    pkg_dir = save_package(model.eval(), pre, tmp_path/"pkg", card={"version": "v-test", "metrics": {"test_acc": 0.5}})
+    (tmp_path/"record.ipynb").write_text("{}")
+    ck = ship_checkpoint(pkg_dir, tmp_path/"checkpoints"/"tiny-demo", run_record=tmp_path/"record.ipynb", note="test")
+    assert (ck/"train.ipynb").exists() and (ck/"model.safetensors").stat().st_size < (pkg_dir/"model.safetensors").stat().st_size * 0.6
+    monkeypatch.setattr(C, "CHECKPOINTS", tmp_path/"checkpoints")
+    assert C.check_model_name("tiny-demo") == "tiny-demo" and C.shipped_checkpoint("tiny-demo") == ck
+    with pytest.raises(ValueError, match="shipped checkpoint \\(tiny-demo\\)"): C.check_model_name("tiny-dem0")
+    m, p = build_model("tiny-demo")
+    assert m.dtype == torch.float32 and p == pre
+    x = preprocess(load_cifar10(progress=False).test.images[:32], pre)
+    with torch.inference_mode(): a, b = model(x).logits, m.eval()(x).logits
+    assert (a - b).abs().max() < 0.05 and (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+
+def test_bf16_choice(trained):
+    from vit_nbdev.model import bf16_agreement, use_bf16
+    pkg = load_package(trained)
+    assert use_bf16(pkg, "fp32") is False and use_bf16(pkg, "bf16") is True
+    r = bf16_agreement(pkg, load_cifar10(progress=False).test.images[:64])
+    assert r["images"] == 64 and 0 <= r["flips"] <= 64 and r["fp32_images_per_s"] > 0

@@ -177,3 +177,22 @@ def test_cli(tmp_path, package_dir, pkg, data, capsys):
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads(p.stdout.strip().splitlines()[-1])["status"] == "not_enough_data"
     assert len(list_reports(st)) == 1
+
+def test_robustness_study_end_to_end(pkg, data, reference, tmp_path):
+    "The study of the robustness chapter (its full-size cells are `slow`): accuracy and alarm rates per corruption and severity."
+    import matplotlib; matplotlib.use("Agg")
+    from vit_nbdev.robustness import default_detector, plot_study, robustness_study, study_table
+    images, labels = data.test.images[:400], data.test.labels[:400]
+    df = robustness_study(pkg, images, labels, reference, window=200, corruptions=["contrast", "jpeg"], severities=(5,),
+                          detectors={"ours": default_detector}, cache_dir=tmp_path/"emb")
+    assert list(zip(df.corruption, df.severity, strict=True)) == [("none", 0), ("contrast", 5), ("jpeg", 5)]
+    assert (df.windows == 2).all() and df.ours.between(0, 1).all() and df.accuracy.between(0, 1).all()
+    assert df.set_index("corruption").loc["contrast", "ours"] == 1.0          # severity-5 contrast is a different world
+    assert len(list((tmp_path/"emb").glob("*.parquet"))) == 3                  # embeddings cached for the next call
+    again = robustness_study(pkg, images, labels, reference, window=200, corruptions=["contrast", "jpeg"], severities=(5,),
+                             detectors={"ours": default_detector}, cache_dir=tmp_path/"emb")
+    assert again.drop(columns="windows").equals(df.drop(columns="windows"))
+    tab = study_table(df, "ours")
+    assert list(tab.columns) == ["severity 0", "severity 5"] and list(tab.index) == ["contrast", "jpeg"]
+    fig = plot_study(df, "ours", "test")
+    assert fig is not None

@@ -6,7 +6,7 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/train.html.md"""
 
 # %% ../nbs/train.ipynb #bd684879
 from __future__ import annotations
-import json, os, shutil, signal, subprocess, sys, time
+import json, os, platform, shutil, signal, subprocess, sys, time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,8 +26,8 @@ from .store import open_store, new_version, StoreError
 
 # %% auto #0
 __all__ = ['NOTEBOOK', 'resolve_precision', 'epoch_order', 'step_indices', 'evaluate', 'RunState', 'latest_checkpoint',
-           'resolve_resume', 'make_accelerator', 'start_tracking', 'wandb_run', 'code_commit', 'TrainResult', 'train',
-           'run_notebook', 'results_table', 'cli']
+           'resolve_resume', 'make_accelerator', 'start_tracking', 'wandb_run', 'device_info', 'code_commit',
+           'TrainResult', 'train', 'run_notebook', 'results_table', 'cli']
 
 # %% ../nbs/train.ipynb #ed53c0d8
 def resolve_precision(mixed_precision: str = "auto") -> str:
@@ -111,6 +111,14 @@ def wandb_run(accelerator: Accelerator):
     return accelerator.get_tracker("wandb", unwrap=True)
 
 # %% ../nbs/train.ipynb #2bc26982
+def device_info(device: torch.device | None = None) -> str:
+    "What a run trained on, for its card: the GPU's name, or the CPU's model and the threads PyTorch used."
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda": return f"{torch.cuda.get_device_name(device)} ({torch.cuda.device_count()} visible)"
+    try: name = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name"))
+    except (OSError, StopIteration): name = platform.processor() or "unknown CPU"
+    return f"CPU: {name}, {torch.get_num_threads()} threads"
+
 def code_commit() -> str:
     "The git commit of the code (`$VIT_CODE_COMMIT` in images built without `.git`)."
     if c := os.environ.get("VIT_CODE_COMMIT"): return c
@@ -230,7 +238,7 @@ def _checkpoint(acc: Accelerator, ckpt_dir: Path, step: int, keep: int = 2):
 def _publish(acc, cfg: TrainConfig, st, res: TrainResult, model, pre, data):
     version = new_version()
     card = dict(version=version, created=datetime.now(UTC).isoformat(), code_commit=code_commit(), run_id=res.run_id,
-                params=asdict(cfg), dataset=data.info(), metrics=res.metrics,
+                params=asdict(cfg), dataset=data.info(), metrics=res.metrics, device=device_info(acc.device),
                 parent=None if cfg.model in PRESETS else cfg.model)
     pkg = save_package(model, pre, Path(cfg.checkpoint_dir)/res.run_id/"package", card)
     res.version = st.register(pkg, version=version, aliases=tuple(cfg.aliases))

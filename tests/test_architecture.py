@@ -25,13 +25,13 @@ def test_monitor_loads_neither_fastapi_nor_serve():
 def test_config_is_a_leaf_that_loads_nothing_heavy():
     assert loaded_after("import vit_nbdev.config") == ["vit_nbdev.config"]
 
-@pytest.mark.parametrize("main", ["train_main", "serve_main", "monitor_main"])
+@pytest.mark.parametrize("main", ["train_main", "serve_main", "monitor_main", "models_main"])
 def test_help_loads_nothing_heavy(main):
     code = (f"import contextlib, io\nfrom vit_nbdev.cli import {main}\n"
             f"with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit): {main}(['--help'])")
     assert loaded_after(code) == ["vit_nbdev.cli", "vit_nbdev.config"]
 
-@pytest.mark.parametrize("cmd", ["vit-train", "vit-serve", "vit-monitor", "vit-cloud"])
+@pytest.mark.parametrize("cmd", ["vit-train", "vit-serve", "vit-monitor", "vit-models", "vit-cloud"])
 def test_installed_scripts_answer_help(cmd):
     p = subprocess.run([BIN/cmd, "--help"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and "usage:" in p.stdout, p.stderr
@@ -51,6 +51,13 @@ def test_cloud_train_dry_run_never_imports_torch(tmp_path):
     assert p.returncode == 0 and "gcloud compute instances create" in p.stdout, p.stderr[-2000:]
     bad = subprocess.run([sys.executable, "-c", code, *args[:-1], "-p", "lr", "-1", "--dry-run"], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "lr must be > 0" in bad.stderr, bad.stderr[-2000:]
+
+def test_models_list_never_imports_torch(tmp_path):
+    "`vit-models list` and `show` read the registry only: PyTorch is loaded by the gate, not before."
+    code = ("import sys\nfor m in ('torch', 'transformers', 'fastapi', 'accelerate'): sys.modules[m] = None\n"
+            "from vit_nbdev.cli import models_main\nsys.exit(models_main(sys.argv[1:]))")
+    p = subprocess.run([sys.executable, "-c", code, "list", "--store", str(tmp_path/"store")], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "no versions yet" in p.stdout, p.stderr[-2000:]
 
 def test_documented_module_map_matches_the_imports():
     assert module_map.check() == []

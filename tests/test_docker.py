@@ -310,3 +310,58 @@ def test_train_environment():
     assert "WANDB_API_KEY" not in env and "WANDB_MODE" not in env, "W&B: the key (and so the mode) come from the runtime environment"
     user = last(final(TRAIN), "USER")
     assert user and user.split(":")[0] not in ("root", "0")
+
+
+# ---- docker/smoke-test.sh (the check before a deploy), against a stand-in `docker` that runs the image's
+#      entrypoint on this machine: the script's own logic end to end, without a Docker engine
+
+FAKE_DOCKER = '''#!{python}
+"A stand-in for `docker run -d / inspect / logs / rm -f`: runs the container's entrypoint here, in its own process group."
+import os, signal, subprocess, sys, time
+from pathlib import Path
+state = Path(os.environ["FAKE_DOCKER_STATE"])
+cmd, args = sys.argv[1], sys.argv[2:]
+pid = lambda name: int((state / f"{{name}}.pid").read_text())
+if cmd == "run":
+    env, opts = dict(os.environ), {{}}
+    while args[0].startswith("-"):
+        a = args.pop(0)
+        if a in ("-d", "--rm"): continue
+        v = args.pop(0)
+        if a == "-e": env[v.partition("=")[0]] = v.partition("=")[2]
+        else: opts[a] = v
+    env["PORT"] = opts["-p"].split(":")[1]          # the image's PORT (8080), published on this host port
+    argv = [opts["--entrypoint"], *args[1:]] if not os.environ.get("FAKE_DOCKER_BROKEN") else ["sh", "-c", "echo no model here; exit 3"]
+    with open(state / f"{{opts['--name']}}.log", "w") as log:
+        p = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    (state / f"{{opts['--name']}}.pid").write_text(str(p.pid)); print("0123456789ab")
+elif cmd == "inspect":
+    try: stat = Path(f"/proc/{{pid(args[-1])}}/stat").read_text().split()[2]
+    except (OSError, ValueError): stat = "X"
+    print("true" if stat not in ("Z", "X") else "false")
+elif cmd == "logs": sys.stdout.write((state / f"{{args[-1]}}.log").read_text())
+elif cmd == "rm":
+    try: os.killpg(pid(args[-1]), signal.SIGTERM); time.sleep(1); os.killpg(pid(args[-1]), signal.SIGKILL)
+    except (OSError, ValueError): pass
+'''
+
+def _smoke(tmp_path, broken=False, timeout_s=240) -> subprocess.CompletedProcess:
+    import socket, sys
+    bin_dir, state = tmp_path / "fake-bin", tmp_path / "fake-docker"
+    bin_dir.mkdir(exist_ok=True); state.mkdir(exist_ok=True)
+    (bin_dir / "docker").write_text(FAKE_DOCKER.format(python=sys.executable)); (bin_dir / "docker").chmod(0o755)
+    with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "FAKE_DOCKER_STATE": str(state), "TMPDIR": str(tmp_path), "SMOKE_PORT": str(port), "VIT_CACHE": str(tmp_path / "cache"),
+           **({"FAKE_DOCKER_BROKEN": "1"} if broken else {})}
+    return subprocess.run([str(DOCKER / "smoke-test.sh"), "registry.example/vit/vit-serve:abc", str(timeout_s)], env=env,
+                          capture_output=True, text=True, timeout=timeout_s + 60)
+
+def test_smoke_script_registers_a_model_and_waits_for_readyz(tmp_path):
+    r = _smoke(tmp_path)
+    assert r.returncode == 0 and '"ready":true' in r.stdout and '"model_version":"smoke"' in r.stdout, r.stdout + r.stderr
+    assert (tmp_path / "smoke-store" / "models" / "smoke" / "_COMPLETE").exists()
+
+def test_smoke_script_fails_with_the_containers_log(tmp_path):
+    r = _smoke(tmp_path, broken=True, timeout_s=30)
+    assert r.returncode == 1 and "stopped before it was ready" in r.stderr and "no model here" in r.stderr, r.stdout + r.stderr

@@ -261,7 +261,7 @@ def wait_until(cond, timeout: float = 120, every: float = 0.2):
         assert time.monotonic() < deadline, "timed out"
         time.sleep(every)
 
-def test_swap_under_load_loses_nothing(server, test_images):
+def test_swap_under_load_loses_nothing(server, served_store, test_images):
     blobs = [png(x) for x in test_images[:16]]
     stop = threading.Event()
     with ThreadPoolExecutor(1) as ex:
@@ -270,8 +270,9 @@ def test_swap_under_load_loses_nothing(server, test_images):
         wait_until(lambda: server.metric("vit_predictions_total", version="va") >= before + 32)   # the load is on
         bad = httpx.post(server.url + "/admin/update-model", json={"version": "vbroken"}, headers=ADMIN, timeout=120)
         assert bad.status_code == 422 and "still serving va" in bad.json()["detail"]
-        r = httpx.post(server.url + "/admin/update-model", json={"version": "vb"}, headers=ADMIN, timeout=120)
-        assert r.status_code == 200 and r.json() | {"load_seconds": 0} == {"version": "vb", "previous": "va", "changed": True, "load_seconds": 0}
+        r = httpx.post(server.url + "/admin/update-model", json={"version": "vb"}, headers=ADMIN, timeout=120)   # moves latest too
+        assert r.status_code == 200 and r.json() | {"load_seconds": 0} == {"version": "vb", "previous": "va", "changed": True, "load_seconds": 0,
+                                                                           "alias": "latest"}
         wait_until(lambda: server.metric("vit_predictions_total", version="vb") >= 32)                # and goes on, on vb
         stop.set()
         per_client = load.result()
@@ -284,8 +285,9 @@ def test_swap_under_load_loses_nothing(server, test_images):
         assert all(len(set(vs)) == 1 for _, vs, _ in c)      # a request's images are answered by one model
     assert server.metric("vit_model_info", version="vb") == 1 and server.metric("vit_model_info", version="va") == 0
     print(f"\nswap under load: {len(flat)} requests, all 200")
-    r = httpx.post(server.url + "/admin/update-model", headers=ADMIN, timeout=120)   # back to VIT_MODEL (latest = va)
-    assert r.json()["version"] == "va" and r.json()["changed"]
+    assert open_store(served_store).resolve("latest") == "vb"
+    r = httpx.post(server.url + "/admin/update-model", json={"version": "va"}, headers=ADMIN, timeout=120)   # latest back to va
+    assert r.json()["version"] == "va" and r.json()["changed"] and open_store(served_store).resolve("latest") == "va"
 
 def test_load_16_clients(server, served_store, test_images):
     "16 concurrent clients for 20 s: no errors; every prediction becomes a telemetry record."

@@ -1,4 +1,4 @@
-"""`vit-train`, `vit-serve` and `vit-monitor`: parse and check the arguments with the light `config` module, then import the chapter that does the work.
+"""`vit-train`, `vit-serve`, `vit-monitor` and `vit-models`: parse and check the arguments with the light `config` module, then import the chapter that does the work.
 
 Docs: https://vit-nbdev.github.io/vit-nbdev/cli.html.md"""
 
@@ -11,7 +11,8 @@ import argparse, os
 from .config import ALPHA, COMPONENTS, MIN_RECORDS, REFERENCE_N, ServeConfig, TrainConfig, parse_params
 
 # %% auto #0
-__all__ = ['train_parser', 'train_main', 'serve_parser', 'serve_main', 'monitor_parser', 'monitor_main']
+__all__ = ['train_parser', 'train_main', 'serve_parser', 'serve_main', 'monitor_parser', 'monitor_main', 'models_parser',
+           'models_main']
 
 # %% ../nbs/cli.ipynb #3c712507
 def train_parser() -> argparse.ArgumentParser:
@@ -45,7 +46,8 @@ def serve_parser() -> argparse.ArgumentParser:
     for name, typ, doc in [("max_batch", int, "images per forward pass at most"), ("max_wait_ms", float, "how long a batch waits to fill"),
                            ("queue_size", int, "images waiting at most (503 beyond)"), ("top_k", int, "classes per answer"),
                            ("max_upload_mb", float, "per-file limit in MB (413 beyond)"), ("max_files", int, "files per request (413 beyond)"),
-                           ("precision", str, "fp32 | bf16 | auto"), ("torch_threads", int, "PyTorch threads for the model, 0: CPUs - 1")]:
+                           ("precision", str, "fp32 | bf16 | auto"), ("torch_threads", int, "PyTorch threads for the model, 0: CPUs - 1"),
+                           ("model_poll_s", float, "seconds between checks that the --model alias has not moved, 0: never")]:
         p.add_argument(f"--{name.replace('_', '-')}", type=typ, help=f"{doc} (default ${ServeConfig.env_name(name)}, "
                                                                        f"else {getattr(ServeConfig, name)})")
     p.add_argument("--no-telemetry", action="store_true", help="do not write prediction records to the store")
@@ -60,6 +62,7 @@ def serve_main(argv=None) -> None:
     a = p.parse_args(argv)
     settings = dict(store=a.store, model=a.model, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, queue_size=a.queue_size, top_k=a.top_k,
                     max_upload_mb=a.max_upload_mb, max_files=a.max_files, precision=a.precision, torch_threads=a.torch_threads,
+                    model_poll_s=a.model_poll_s,
                     telemetry=False if a.no_telemetry else None)
     try: ServeConfig.from_env(**settings)
     except ValueError as e: p.error(str(e))
@@ -101,4 +104,38 @@ def monitor_main(argv=None) -> int:
     "`vit-monitor`: parse, then build a reference or a report (see the monitoring chapter)."
     a = monitor_parser().parse_args(argv)
     from vit_nbdev.monitor import cli
+    return cli(a)
+
+# %% ../nbs/cli.ipynb #e614bdb7
+def models_parser() -> argparse.ArgumentParser:
+    "`vit-models`' arguments: `list`, `show`, `promote` and `rollback`."
+    ap = argparse.ArgumentParser("vit-models", description="The model registry: list the versions, show a card, promote a version to an alias "
+                                 "through an accuracy gate, roll an alias back (see the models chapter).")
+    sub = ap.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--store", default=None, help="store uri (default $VIT_STORE, else ./artifacts)")
+    sub.add_parser("list", parents=[common], help="versions, when they were registered, their accuracies and aliases, as a table")
+    s = sub.add_parser("show", parents=[common], help="the card of a version: data, params, metrics, code commit, files, alias moves")
+    s.add_argument("version", help="a version, or an alias for the version it points at")
+    s.add_argument("--json", action="store_true", help="print the card as JSON")
+    p = sub.add_parser("promote", parents=[common], help="move an alias (production) to a version, if the version is not worse on held-out images")
+    p.add_argument("version", help="the candidate: a version, or an alias such as latest")
+    p.add_argument("--alias", default="production", help="the alias to move (default %(default)s)")
+    p.add_argument("--data", default="sample", help="held-out images, their test split: 'sample' (bundled), a parquet folder or a hub id (default %(default)s)")
+    p.add_argument("--images", type=int, default=None, help="gate on the first N images of the (shuffled) split only (default: all)")
+    p.add_argument("--tolerance", type=float, default=0.5, help="refuse if the candidate's accuracy is lower by more than this many points (default %(default)s)")
+    p.add_argument("--force", action="store_true", help="promote even if the gate refuses (the alias's log records it: who, when, both accuracies)")
+    p.add_argument("--by", default=None, help="who promotes, for the log (default user@host)")
+    r = sub.add_parser("rollback", parents=[common], help="move an alias back to the version it pointed at before its last move")
+    r.add_argument("--alias", default="production", help="the alias to move back (default %(default)s)")
+    r.add_argument("--by", default=None, help="who rolls back, for the log (default user@host)")
+    return ap
+
+def models_main(argv=None) -> int:
+    "`vit-models`: parse, then list, show, promote or roll back (see the models chapter). Exit status: 0 done, 1 refused by the gate, 2 error, 3 conflict."
+    ap = models_parser()
+    a = ap.parse_args(argv)
+    if a.command == "promote" and not a.tolerance >= 0: ap.error(f"--tolerance must be ≥ 0 points, got {a.tolerance}")
+    if a.command == "promote" and a.images is not None and a.images < 1: ap.error(f"--images must be at least 1, got {a.images}")
+    from vit_nbdev.models import cli
     return cli(a)

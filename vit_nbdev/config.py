@@ -12,9 +12,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['PRESETS', 'DEFAULT_PRESET', 'CHECKPOINTS', 'PRECISIONS', 'TRACKERS', 'REFERENCE_N', 'COMPONENTS', 'ALPHA',
-           'MIN_RECORDS', 'cache_root', 'shipped_checkpoint', 'check_model_name', 'TrainConfig', 'parse_params',
-           'new_run_id', 'ServeConfig']
+__all__ = ['PRESETS', 'DEFAULT_PRESET', 'CHECKPOINTS', 'PRECISIONS', 'TRACKERS', 'PROTECTED_ALIASES', 'REFERENCE_N', 'COMPONENTS',
+           'ALPHA', 'MIN_RECORDS', 'cache_root', 'shipped_checkpoint', 'check_model_name', 'TrainConfig',
+           'parse_params', 'new_run_id', 'ServeConfig']
 
 # %% ../nbs/config.ipynb #ee80d5a0
 def cache_root() -> Path:
@@ -48,6 +48,7 @@ def check_model_name(name: str) -> str:
 # %% ../nbs/config.ipynb #59481845
 PRECISIONS = ("auto", "bf16", "fp16", "no")
 TRACKERS = ("wandb", "none")
+PROTECTED_ALIASES = ("production",)   # moved only by `vit-models promote` (gated) / `rollback`, never by a training run
 
 @dataclass
 class TrainConfig:
@@ -106,6 +107,8 @@ class TrainConfig:
         need(self.mixed_precision in PRECISIONS, "mixed_precision", " or ".join(map(repr, PRECISIONS)))
         need(self.tracker in TRACKERS, "tracker", " or ".join(map(repr, TRACKERS)))
         need(all(isinstance(a, str) and a for a in self.aliases), "aliases", "a list of alias names")
+        need(not set(self.aliases) & set(PROTECTED_ALIASES), "aliases",
+             f"free of {', '.join(PROTECTED_ALIASES)}: a run moves latest; production moves only by `vit-models promote` (gated) or `rollback`")
         check_model_name(self.model)
 
     def micro_batch(self, world: int = 1) -> int:
@@ -150,7 +153,7 @@ def _env_bool(s: str) -> bool:
 class ServeConfig:
     "Settings of the service. Each field `x` can come from the environment as `VIT_X` (see `ENV`)."
     store: str | None = None             # VIT_STORE: a folder or gs://bucket/prefix (None: ./artifacts)
-    model: str = "latest"                # VIT_MODEL: alias or version served at start and re-resolved by update-model
+    model: str = "latest"                # VIT_MODEL: an alias (followed as it moves) or a version (pinned)
     max_batch: int = 32                  # images per forward pass at most
     max_wait_ms: float = 5.0             # how long the first image of a batch waits for company
     queue_size: int = 256                # images waiting at most; beyond: 503 + Retry-After
@@ -167,6 +170,7 @@ class ServeConfig:
     telemetry_max_buffer: int = 50_000   # records held while the store is unreachable; oldest dropped beyond
     telemetry_timeout_s: float = 5.0     # per store request of the telemetry writer
     admin_token: str | None = None       # VIT_ADMIN_TOKEN: bearer token for /admin/*; unset: admin answers 503
+    model_poll_s: float = 30.0           # when VIT_MODEL is an alias: check it this often (jittered) and follow it; 0: never
 
     ENV = {"store": "VIT_STORE", "model": "VIT_MODEL", "admin_token": "VIT_ADMIN_TOKEN"}  # the rest: VIT_<NAME>
 
@@ -195,7 +199,7 @@ class ServeConfig:
         for name in ("max_batch", "queue_size", "top_k", "max_files", "max_pixels", "decode_workers", "telemetry_flush_records", "telemetry_max_buffer"):
             if getattr(self, name) < 1: raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.torch_threads < 0: raise ValueError(f"torch_threads must be ≥ 0 (0: automatic), got {self.torch_threads}")
-        for name in ("max_wait_ms", "max_upload_mb", "telemetry_flush_s", "telemetry_timeout_s"):
+        for name in ("max_wait_ms", "max_upload_mb", "telemetry_flush_s", "telemetry_timeout_s", "model_poll_s"):
             if not getattr(self, name) >= 0: raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
         if self.precision not in ("fp32", "bf16", "auto"): raise ValueError(f"precision must be 'fp32', 'bf16' or 'auto', got {self.precision!r}")
         if self.queue_size < self.max_batch: raise ValueError(f"queue_size ({self.queue_size}) must be at least max_batch ({self.max_batch})")

@@ -258,8 +258,9 @@ def _iso(t) -> str | None:
 
 def _window_info(current_df: pd.DataFrame, window: dict | None) -> dict:
     t = _times(current_df["time"]) if "time" in current_df and len(current_df) else None
-    return {**(window or {}), "n": len(current_df), "start": _iso(t.min()) if t is not None else None,
-            "end": _iso(t.max()) if t is not None else None}
+    inst = current_df["instance"].dropna().value_counts() if "instance" in current_df else pd.Series(dtype=int)
+    return {**(window or {}), "n": len(current_df), "instances": len(inst), "by_instance": {str(k): int(v) for k, v in inst.items()},
+            "start": _iso(t.min()) if t is not None else None, "end": _iso(t.max()) if t is not None else None}
 
 def _versions(reference_df: pd.DataFrame, current_df: pd.DataFrame) -> dict:
     ref_v = sorted(set(map(str, reference_df.get("model_version", pd.Series(dtype=str)))))
@@ -284,9 +285,13 @@ def _banner(s: dict) -> str:
     span = f" from {esc(w['start'])} to {esc(w['end'])}" if w.get("start") else ""
     scores = " · ".join(f"{g} {v:.3f}" for g, v in (s.get("scores") or {}).items())
     scores = f"<br>scores (an alarm is a score above {1 - alpha:.2f}): {scores}" if scores else ""
+    who = f" from {w['instances']} instance{'s' * (w['instances'] != 1)}" if w.get("instances") else ""
+    if (f := w.get("telemetry_flush_s")) and (s["status"] != "ok" or w["n"] < (w.get("last_n") or 0)):
+        scores += (f"<br>A short window: each instance writes its records to the store every {f:g} s (VIT_TELEMETRY_FLUSH_S); "
+                   f"this one wrote its own before the report, the others' last {f:g} s are not in it yet.")
     return (f'<div style="font:15px/1.5 system-ui,sans-serif;padding:12px 16px;margin:0 0 8px;border-left:6px solid {color};background:#f8f9fb">'
             f'<b style="color:{color};font-size:18px">{head}</b><br>'
-            f"model <code>{esc(s['versions']['model'])}</code> · window of {w['n']} records{span}"
+            f"model <code>{esc(s['versions']['model'])}</code> · window of {w['n']} records{who}{span}"
             f" · reference of {s['n_reference']} records · {esc(s['method']['name'])}, alpha {alpha}{scores}"
             f'<br><span style="color:#667085">created {esc(s["created"])}</span></div>')
 
@@ -371,13 +376,15 @@ def latest_report(store) -> tuple[str, dict] | None:
 
 # %% ../nbs/monitor.ipynb #34554a34
 def run_monitoring(store, model: str = "latest", *, last_n: int | None = 1000, since=None, until=None, min_records: int = MIN_RECORDS,
-                   components: int = COMPONENTS, alpha: float = ALPHA, save: bool = True, package=None, **reference_kw) -> DriftResult:
-    "Drift report of `model`'s recent telemetry (last `last_n` records in `[since, until)`) against its reference (made if missing); stored if `save`."
+                   components: int = COMPONENTS, alpha: float = ALPHA, save: bool = True, package=None, telemetry_flush_s: float | None = None,
+                   **reference_kw) -> DriftResult:
+    "Drift report of `model`'s recent telemetry (last `last_n` records in `[since, until)`) against its reference (made if missing); stored if `save`. `telemetry_flush_s` (the fleet's) is shown when the window is short."
     st = open_store(store)
     version = st.resolve(model)
     ref = ensure_reference(st, version, package=package, **reference_kw)
     cur = read_telemetry(st, version, last_n=last_n, since=since, until=until)
-    window = {k: v for k, v in dict(last_n=last_n, since=_iso(as_utc(since)), until=_iso(as_utc(until))).items() if v is not None}
+    window = {k: v for k, v in dict(last_n=last_n, since=_iso(as_utc(since)), until=_iso(as_utc(until)), telemetry_flush_s=telemetry_flush_s).items()
+              if v is not None}
     res = drift_report(ref, cur, components=components, alpha=alpha, min_records=min_records, window=window)
     if save: save_report(st, res)
     return res
@@ -418,17 +425,30 @@ class DriftMonitoring:
         return dict(version=s.version, records=len(ref), key=reference_key(s.version))
 
     def _build(self, version: str, package):
-        try: self._publish(run_monitoring(self.service.get_store(), version, last_n=self.last_n, min_records=self.min_records, package=package).summary)
+        svc = self.service
+        flush_s = svc.cfg.telemetry_flush_s if getattr(svc, "telemetry", None) else None
+        try: self._publish(run_monitoring(svc.get_store(), version, last_n=self.last_n, min_records=self.min_records, package=package,
+                                          telemetry_flush_s=flush_s).summary)
         except Exception as e: self.last = dict(status="error", message=f"{type(e).__name__}: {e}")
         finally: self.building = None
 
-    def update_monitoring(self) -> dict:
-        "Start building a drift report of the serving model's recent telemetry in the background."
-        s = self._served()
-        if self.building is None:
-            self.building = threading.Thread(target=self._build, args=(s.version, s.package), daemon=True, name="drift-report")
-            self.building.start()
-        return dict(status="building", version=s.version, last_n=self.last_n, previous=self.last)
+    def flush_telemetry(self) -> dict:
+        "Write the service's buffered telemetry now, in this thread: `written` (records), `buffered` (left: the store failed)."
+        w = getattr(self.service, "telemetry", None)
+        if w is None: return dict(written=0, buffered=0)
+        before = w.written
+        w.flush()
+        return dict(written=w.written - before, buffered=w.buffered)
+
+    def update_monitoring(self, wait: float = 0) -> dict:
+        "Write this instance's buffered telemetry, then build a drift report of the serving model's recent telemetry in the background; wait up to `wait` s for it."
+        s, flushed = self._served(), self.flush_telemetry()
+        if (t := self.building) is None:
+            t = self.building = threading.Thread(target=self._build, args=(s.version, s.package), daemon=True, name="drift-report")
+            t.start()
+        if wait: t.join(wait)
+        if wait and not t.is_alive(): return dict(status="done", version=s.version, flushed=flushed, report=self.last)
+        return dict(status="building", version=s.version, last_n=self.last_n, flushed=flushed, previous=self.last)
 
 # %% ../nbs/monitor.ipynb #1f661642
 def cli(a) -> int:

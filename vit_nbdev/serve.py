@@ -6,7 +6,7 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/serve.html.md"""
 
 # %% ../nbs/serve.ipynb #73284f55
 from __future__ import annotations
-import asyncio, base64, contextlib, hmac, logging, os, re, threading, time, uuid
+import asyncio, base64, contextlib, hmac, logging, os, random, re, socket, threading, time, uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -15,7 +15,8 @@ from typing import Protocol
 import torch
 from python_multipart.multipart import MultipartParser, parse_options_header
 from python_multipart.exceptions import MultipartParseError
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from jinja2 import Environment, PackageLoader, select_autoescape
@@ -150,7 +151,8 @@ class ServiceMetrics:
         self.rejected = Counter("vit_queue_rejections", "requests refused with 503 because the queue was full", registry=r)
         self.predictions = Counter("vit_predictions", "images classified, by model version and predicted label", ["version", "label"], registry=r)
         self.model_info = Gauge("vit_model_info", "the model version being served (value 1)", ["version"], registry=r)
-        self.swaps = Counter("vit_model_updates", "admin model updates by result", ["result"], registry=r)
+        self.swaps = Counter("vit_model_updates", "model updates by source (admin, poll) and result", ["source", "result"], registry=r)
+        self.polls = Counter("vit_model_polls", "checks of the VIT_MODEL alias by result (unchanged, moved, store_error)", ["result"], registry=r)
         self.telemetry_writer: TelemetryWriter | None = None
         r.register(TelemetryCollector(lambda: self.telemetry_writer))
 
@@ -191,7 +193,7 @@ class Monitoring(Protocol):
     def bind(self, service: Service) -> None: ...
     def latest_report(self) -> str | None: ...
     def update_reference_data(self) -> dict: ...
-    def update_monitoring(self) -> dict: ...
+    def update_monitoring(self, wait: float = 0) -> dict: ...
 
 class NoMonitoring:
     "No drift monitoring: no report, and the admin actions answer 501 Not Implemented."
@@ -199,7 +201,7 @@ class NoMonitoring:
     def latest_report(self) -> str | None: return None
     def update_reference_data(self) -> dict:
         raise NotImplementedError("this service runs without drift monitoring (vit-serve runs the monitoring chapter's DriftMonitoring)")
-    update_monitoring = update_reference_data
+    def update_monitoring(self, wait: float = 0) -> dict: return self.update_reference_data()
 
 # %% ../nbs/serve.ipynb #5c8b337b
 TEMPLATES = Environment(loader=PackageLoader("vit_nbdev"), autoescape=select_autoescape(), trim_blocks=True)
@@ -240,6 +242,7 @@ class Service:
         self.pool: ThreadPoolExecutor | None = None
         self._stopping = threading.Event()
         self._update_lock = asyncio.Lock()
+        self._loop, self._follower, self._stamp = None, None, None   # the follower polls the alias VIT_MODEL (see _follow)
         self.monitoring.bind(self)
 
     # -- lifecycle --
@@ -258,11 +261,17 @@ class Service:
         if self.initial_package is not None:
             p = self.initial_package
             self._install(self._prepare(p, p.version or "unregistered"))
-        else: threading.Thread(target=self._initial_load, name="vit-loader", daemon=True).start()
+            return
+        threading.Thread(target=self._initial_load, name="vit-loader", daemon=True).start()
+        with contextlib.suppress(RuntimeError): self._loop = asyncio.get_running_loop()   # swaps run on the app's event loop
+        if self.cfg.model_poll_s > 0 and self._loop is not None:
+            self._follower = threading.Thread(target=self._follow, name="vit-follow", daemon=True)
+            self._follower.start()
 
     def stop(self, telemetry_timeout: float = 20.0) -> None:
         "Finish queued images, then write the remaining telemetry (bounded by `telemetry_timeout`)."
         self._stopping.set()
+        if self._follower: self._follower.join(timeout=2)
         if self.batcher: self.batcher.close()
         if self.pool: self.pool.shutdown(wait=False, cancel_futures=True)
         if self.telemetry and self._own_telemetry: self.telemetry.close(telemetry_timeout)
@@ -297,6 +306,7 @@ class Service:
         while not self._stopping.is_set() and self.served is None:
             try:
                 self.load_error = f"loading {self.cfg.model!r} from {self.store_uri}"
+                self._stamp = self.get_store().alias_stamp(self.cfg.model)   # before resolving: a later move shows in the next poll
                 served = self._load(self.get_store().resolve(self.cfg.model))
                 if self.served is None: self._install(served)   # an admin update may have been quicker
                 return
@@ -304,32 +314,50 @@ class Service:
                 self.load_error = f"cannot load model {self.cfg.model!r} from {self.store_uri}: {e} (retrying in {delay:.0f} s)"
                 _log.error(self.load_error)
                 self._stopping.wait(delay)
-                delay = min(30.0, delay * 2)
+                delay = min(30.0, self.cfg.model_poll_s or 30.0, delay * 2)
 
-    async def update_model(self, name: str | None = None) -> dict:
-        "Resolve `name` (default: the configured `VIT_MODEL`), load it beside the current model and swap; `ModelUpdateError` if not."
-        name = name or self.cfg.model
-        async with self._update_lock:
-            old, t0 = self.served, time.perf_counter()
-            try: version = await asyncio.to_thread(lambda: self.get_store().resolve(name))
-            except NotFound as e: self.metrics.swaps.labels("not_found").inc(); raise ModelUpdateError(404, str(e)) from None
-            except StoreError as e: self.metrics.swaps.labels("store_error").inc(); raise ModelUpdateError(503, f"the store is unavailable: {e}") from None
-            if old is not None and old.version == version:
-                self.metrics.swaps.labels("unchanged").inc()
-                return dict(version=version, previous=version, changed=False, load_seconds=0.0)
-            try: new = await asyncio.to_thread(self._load, version)
+    def _follow(self) -> None:
+        "While `VIT_MODEL` is an alias: read its stamp every `model_poll_s` × 0.5–1 (a fleet spreads out) and swap when it moved."
+        while not self._stopping.wait(self.cfg.model_poll_s * random.uniform(0.5, 1.0)):
+            if (served := self.served) is None: continue   # the loader's job
+            try: stamp = self.get_store().alias_stamp(self.cfg.model)
             except StoreError as e:
-                self.metrics.swaps.labels("store_error").inc()
-                raise ModelUpdateError(503, f"could not fetch {version!r}: {e}; still serving {old.version if old else 'nothing'}") from None
-            except Exception as e:
-                self.metrics.swaps.labels("load_error").inc()
-                _log.warning("loading %s failed (%s: %s); still serving %s", version, type(e).__name__, e, old.version if old else "nothing")
-                raise ModelUpdateError(422, f"version {version!r} is not a loadable model package ({type(e).__name__}: {e}); "
-                                            f"still serving {old.version if old else 'nothing'}") from None
-            self._install(new)
-            self.metrics.swaps.labels("swapped").inc()
-            return dict(version=version, previous=old.version if old else None, changed=True,
-                        load_seconds=round(time.perf_counter() - t0, 3))
+                self.metrics.polls.labels("store_error").inc()
+                _log.warning("checking alias %r failed (%s); still serving %s", self.cfg.model, e, served.version); continue
+            if stamp is None and served.version == self.cfg.model: return _log.info("%s is a version: pinned, not polling", served.version)
+            self.metrics.polls.labels("unchanged" if stamp == self._stamp else "moved").inc()
+            if stamp == self._stamp: continue
+            try: asyncio.run_coroutine_threadsafe(self.update_model(source="poll"), self._loop).result(); self._stamp = stamp
+            except ModelUpdateError as e:
+                if e.status != 503: self._stamp = stamp   # a broken version is tried again when the alias moves, an outage at once
+                _log.warning("following alias %r: %s", self.cfg.model, e.message)
+            except Exception as e: return _log.info("stopped following %r (%s)", self.cfg.model, type(e).__name__)  # the loop is gone
+
+    async def update_model(self, name: str | None = None, source: str = "admin") -> dict:
+        "Resolve `name` (default: `VIT_MODEL`), load it beside the current model and swap; given a `name` while `VIT_MODEL` is an alias, also move the alias to it (the fleet follows). `ModelUpdateError` if not."
+        async with self._update_lock:
+            old, t0, alias, new = self.served, time.perf_counter(), None, None
+            count, still = lambda r: self.metrics.swaps.labels(source, r).inc(), f"still serving {old.version if old else 'nothing'}"
+            try:
+                st = self.get_store()
+                version = await asyncio.to_thread(st.resolve, name or self.cfg.model)
+                m = self.cfg.model   # an alias, existing or not yet created, unless it names a complete version
+                if name and await asyncio.to_thread(lambda: st.alias_doc(m) is not None or not st.is_complete(m)): alias = m
+            except NotFound as e: count("not_found"); raise ModelUpdateError(404, str(e)) from None
+            except StoreError as e: count("store_error"); raise ModelUpdateError(503, f"the store is unavailable: {e}") from None
+            if old is None or old.version != version:
+                try: new = await asyncio.to_thread(self._load, version)
+                except StoreError as e: count("store_error"); raise ModelUpdateError(503, f"could not fetch {version!r}: {e}; {still}") from None
+                except Exception as e:
+                    count("load_error")
+                    _log.warning("loading %s failed (%s: %s); %s", version, type(e).__name__, e, still)
+                    raise ModelUpdateError(422, f"version {version!r} is not a loadable model package ({type(e).__name__}: {e}); {still}") from None
+            if alias:
+                try: await asyncio.to_thread(st.set_alias, alias, version, note={"how": "admin", "by": f"POST /admin/update-model on {socket.gethostname()}"})
+                except StoreError as e: count("store_error"); raise ModelUpdateError(503, f"could not move {alias!r} to {version!r}: {e}; {still}") from None
+            if new is None: count("unchanged"); return dict(version=version, previous=version, changed=False, load_seconds=0.0, alias=alias)
+            self._install(new); count("swapped")
+            return dict(version=version, previous=old.version if old else None, changed=True, load_seconds=round(time.perf_counter() - t0, 3), alias=alias)
 
     # -- predictions --
     async def predict(self, request: Request) -> list[dict]:
@@ -398,11 +426,12 @@ class UpdateModelRequest(BaseModel):
     version: str | None = Field(None, max_length=200, examples=["production", "v20261126-114502-123-3fa2c1"])
 
 class UpdateModelResponse(BaseModel):
-    "What an update did: the version now served, the one before, whether it changed, how long loading took."
+    "What an update did: the version now served, the one before, whether it changed, how long loading took, the alias it moved."
     version: str
     previous: str | None
     changed: bool
     load_seconds: float
+    alias: str | None = Field(None, description="the alias (VIT_MODEL) moved to `version` in the registry: the other instances follow it")
 
 def _errors(*codes: int) -> dict:
     return {c: {"model": ErrorBody} for c in codes}
@@ -447,6 +476,10 @@ def create_app(store: Store | str | None = None, model: str | ModelPackage | Non
     @app.exception_handler(ModelUpdateError)
     async def _update_error(request, e: ModelUpdateError):
         return JSONResponse({"detail": e.message}, e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):
+        return JSONResponse({"detail": "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())}, 422)
 
     def require_admin(request: Request) -> None:
         "Admin routes: `Authorization: Bearer $VIT_ADMIN_TOKEN`, compared in constant time; 503 if no token is configured."
@@ -511,7 +544,7 @@ def create_app(store: Store | str | None = None, model: str | ModelPackage | Non
               openapi_extra={"requestBody": {"required": False, "content": {"application/json": {"schema": UpdateModelRequest.model_json_schema()}}}},
               responses=_errors(401, 404, 422, 503), **admin)
     async def update_model(request: Request):
-        "Resolve `version` (default: `VIT_MODEL`), load it beside the current model and swap atomically; requests in flight finish on the old one."
+        "Resolve `version` (default: `VIT_MODEL`), load it beside the current model and swap atomically; requests in flight finish on the old one. If `VIT_MODEL` is an alias, it is moved to `version` too, and the other instances follow."
         raw = await request.body()
         try: body = UpdateModelRequest.model_validate_json(raw) if raw.strip() else UpdateModelRequest()
         except ValidationError as e:
@@ -529,9 +562,9 @@ def create_app(store: Store | str | None = None, model: str | ModelPackage | Non
         return await _hook(svc.monitoring.update_reference_data)
 
     @app.post("/admin/update-monitoring", summary="Build a drift report", responses=_errors(401, 501, 503), **admin)
-    async def update_monitoring():
-        "Build a new drift report from recent telemetry (the monitoring chapter implements it)."
-        return await _hook(svc.monitoring.update_monitoring)
+    async def update_monitoring(wait: float = Query(0, ge=0, le=120, description="seconds to wait for the report (0: answer at once)")):
+        "Write this instance's buffered telemetry, then build a drift report of recent telemetry (the monitoring chapter implements it)."
+        return await _hook(lambda: svc.monitoring.update_monitoring(wait=wait))
 
     return app
 

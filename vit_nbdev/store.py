@@ -21,7 +21,8 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 from .config import cache_root
 
 # %% auto #0
-__all__ = ['MARKER', 'HISTORY_LIMIT', 'StoreError', 'NotFound', 'new_version', 'Store', 'LocalStore', 'GCSStore', 'open_store']
+__all__ = ['MARKER', 'HISTORY_LIMIT', 'StoreError', 'NotFound', 'Conflict', 'new_version', 'Store', 'LocalStore', 'GCSStore',
+           'open_store']
 
 # %% ../nbs/store.ipynb #92a2460d
 class StoreError(RuntimeError):
@@ -30,6 +31,13 @@ class StoreError(RuntimeError):
 class NotFound(StoreError, KeyError):
     "A key, version or alias that is not in the store."
     __str__ = RuntimeError.__str__  # not KeyError's, which would quote the message
+
+class Conflict(StoreError):
+    "A conditional alias move that lost: the alias no longer points where the caller expected (someone else moved it)."
+    def __init__(self, alias: str, current: str|None, expected: str|None):
+        self.alias, self.current, self.expected = alias, current, expected
+        super().__init__(f"alias {alias!r} now points at {current or 'nothing'}, not {expected or 'nothing'} as expected: "
+                         f"someone else moved it in the meantime")
 
 # %% ../nbs/store.ipynb #5103fd17
 def _internal(name: str) -> bool:
@@ -68,7 +76,7 @@ def _natural(s: str) -> list:
 
 # %% ../nbs/store.ipynb #516746c7
 MARKER = "_COMPLETE"  # written last into models/<version>/: the version is complete
-HISTORY_LIMIT = 100   # an alias remembers at most this many earlier versions
+HISTORY_LIMIT = 100   # an alias remembers at most this many earlier versions (and log entries)
 
 def _now() -> str:
     "The current UTC time, ISO formatted."
@@ -77,6 +85,12 @@ def _now() -> str:
 def _dumps(obj) -> bytes:
     "`obj` as indented JSON bytes."
     return json.dumps(obj, indent=1).encode()
+
+def _moved(doc: dict|None, version: str, history: list, limit: int, note: dict) -> dict:
+    "The alias document `doc` after a move to `version`: the given `history`, and one more log entry (`version`, `previous`, `at`, and `note`)."
+    at = _now()
+    log = (doc or {}).get("log", []) + [{"version": version, "previous": doc["version"] if doc else None, "at": at, **note}]
+    return {"version": version, "history": history[-limit:], "updated": at, "log": log[-limit:]}
 
 @contextlib.contextmanager
 def _tmp_next_to(dst: Path):
@@ -113,6 +127,9 @@ class Store:
         raise NotImplementedError
     def _update_json(self, key: str, fn: Callable[[dict|None], dict|None]) -> dict|None:
         "Atomically replace the JSON document at `key` (None: absent) by `fn(document)` unless that is None; return the result."
+        raise NotImplementedError
+    def _stamp(self, key: str) -> str|None:
+        "A token that changes whenever the object at `key` is replaced (one metadata read), or None if there is none."
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -173,8 +190,8 @@ class Store:
         return dst
 
     # -- registry --
-    def _is_complete(self, version: str) -> bool:
-        "Has `version` its completion marker?"
+    def is_complete(self, version: str) -> bool:
+        "Is `version` a complete version (its completion marker, written last, is there)?"
         return self.exists(f"models/{version}/{MARKER}")
 
     def register(self, package_dir: str|Path, version: str|None=None, aliases: Iterable[str]=("latest",)) -> str:
@@ -189,7 +206,7 @@ class Store:
         marker = {"version": version, "created": _now(),
                   "files": {p.relative_to(src).as_posix(): p.stat().st_size for p in files}}
         self.put_bytes(f"models/{version}/{MARKER}", _dumps(marker), overwrite=False)
-        for a in aliases: self.set_alias(a, version)
+        for a in aliases: self.set_alias(a, version, note={"how": "register"})
         return version
 
     def versions(self) -> list[str]:
@@ -197,47 +214,64 @@ class Store:
         parts = (k.split("/") for k in self.list("models/"))
         return sorted((p[1] for p in parts if len(p) == 3 and p[2] == MARKER), key=_natural)
 
-    def _alias_doc(self, alias: str) -> dict|None:
-        "The JSON document of `alias`, or None if there is no such alias."
+    def alias_doc(self, alias: str) -> dict|None:
+        "The document of `alias`: `version`, `history` (for rollback), `log` (its moves: who, how, when), `updated`; None if there is no such alias."
         try: return json.loads(self.get_bytes(f"models/_aliases/{alias}.json"))
         except NotFound: return None
+
+    def alias_stamp(self, alias: str) -> str|None:
+        "A token that changes whenever `alias` moves (its object's generation on GCS, its file's inode and mtime on a folder), or None if there is no such alias: one small read, what a server polls."
+        return self._stamp(f"models/_aliases/{_name(alias, 'alias')}.json")
 
     def aliases(self) -> dict[str, str]:
         "Every alias and the version it points at."
         names = [k[len("models/_aliases/"):-len(".json")] for k in self.list("models/_aliases/") if k.endswith(".json")]
-        docs = {a: self._alias_doc(a) for a in names if "/" not in a}
+        docs = {a: self.alias_doc(a) for a in names if "/" not in a}
         return {a: d["version"] for a, d in docs.items() if d}
 
-    def set_alias(self, alias: str, version: str) -> None:
-        "Point `alias` at the complete `version`, atomically, remembering the version it pointed at before."
+    def set_alias(self, alias: str, version: str, *, expect: str|None=..., note: dict|None=None) -> dict:
+        "Point `alias` at the complete `version`, atomically, remembering where it pointed; given `expect`, only if it points there now (None: nowhere yet), else `Conflict`. `note` (who, how) goes into the alias's log."
         alias, version = _name(alias, "alias"), _name(version, "version")
-        if not self._is_complete(version):
+        if not self.is_complete(version):
             raise StoreError(f"cannot point {alias!r} at {version!r}: it is not a complete version in {self.uri} "
                              f"(no models/{version}/{MARKER}; was its upload interrupted?)")
         def move(doc):
-            if doc and doc["version"] == version: return None  # already there: nothing to record
-            hist = (doc["history"] + [doc["version"]]) if doc else []
-            return {"version": version, "history": hist[-self.history_limit:], "updated": _now()}
-        self._update_json(f"models/_aliases/{alias}.json", move)
+            cur = doc["version"] if doc else None
+            if expect is not ... and cur != expect: raise Conflict(alias, cur, expect)
+            if cur == version: return None  # already there: nothing to record
+            return _moved(doc, version, (doc["history"] + [cur]) if doc else [], self.history_limit, {"how": "set", **(note or {})})
+        return self._update_json(f"models/_aliases/{alias}.json", move)
 
-    def rollback(self, alias: str) -> str:
-        "Move `alias` back to the version it pointed at before the last move (undo); return that version."
+    def rollback(self, alias: str, *, expect: str|None=..., note: dict|None=None) -> str:
+        "Move `alias` back to the version it pointed at before the last move (undo); return that version (`expect` and `note` as for `set_alias`)."
         alias = _name(alias, "alias")
         def back(doc):
-            if doc is None: raise NotFound(f"no alias {alias!r} in {self.uri}")
+            if doc is None: raise NotFound(f"no alias {alias!r} in {self.uri} (aliases: {', '.join(self.aliases()) or 'none'})")
+            if expect is not ... and doc["version"] != expect: raise Conflict(alias, doc["version"], expect)
             if not doc["history"]: raise StoreError(f"alias {alias!r} has no earlier version to roll back to")
-            return {"version": doc["history"][-1], "history": doc["history"][:-1], "updated": _now()}
+            return _moved(doc, doc["history"][-1], doc["history"][:-1], self.history_limit, {"how": "rollback", **(note or {})})
         return self._update_json(f"models/_aliases/{alias}.json", back)["version"]
 
     def resolve(self, name: str) -> str:
         "The version that `name` means: an alias's target, or `name` itself if it is a complete version."
         if _NAME.fullmatch(name or ""):
-            if doc := self._alias_doc(name): return doc["version"]
-            if self._is_complete(name): return name
+            if doc := self.alias_doc(name): return doc["version"]
+            if self.is_complete(name): return name
+            if self.list(f"models/{name}/"):
+                raise NotFound(f"version {name!r} in {self.uri} is incomplete: it has files but no models/{name}/{MARKER} "
+                               f"(an interrupted or unfinished upload), so nothing may use it")
         als = ", ".join(f"{a} -> {v}" for a, v in self.aliases().items()) or "none"
         vs = self.versions()
         shown = (", ".join(vs[-10:]) or "none") + (f" (the latest 10 of {len(vs)})" if len(vs) > 10 else "")
         raise NotFound(f"no alias or complete version {name!r} in {self.uri}. Aliases: {als}. Versions: {shown}")
+
+    def card(self, name: str) -> dict:
+        "The model card of the version `name` means (its package's `card.json`), with `version`, `registered` and `files` (name: bytes) from the registry."
+        version = self.resolve(name)
+        marker = json.loads(self.get_bytes(f"models/{version}/{MARKER}"))
+        try: card = json.loads(self.get_bytes(f"models/{version}/card.json"))
+        except NotFound: card = {}
+        return {**card, "version": version, "registered": marker["created"], "files": marker["files"]}
 
     def fetch_model(self, name: str, cache_dir: str|Path|None=None) -> Path:
         "Resolve `name` and return a local folder holding that complete version, downloading it into the cache if needed."
@@ -306,6 +340,11 @@ class LocalStore(Store):
 
     def _remove(self, key):
         with self._missing(key): self._path(key).unlink()
+
+    def _stamp(self, key):
+        try: s = self._path(key).stat()
+        except (FileNotFoundError, NotADirectoryError): return None
+        return f"{s.st_ino}-{s.st_mtime_ns}-{s.st_size}"
 
     def _update_json(self, key, fn):
         path = self._path(key)
@@ -404,6 +443,10 @@ class GCSStore(Store):
 
     def _remove(self, key):
         with self._errors(key): self._blob(key).delete(**self._kw)
+
+    def _stamp(self, key):
+        with self._errors(key): blob = self.bucket.get_blob(self._blob(key).name, **self._kw)
+        return None if blob is None else str(blob.generation)
 
     def _update_json(self, key, fn):
         for attempt in range(self.cas_attempts):

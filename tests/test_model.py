@@ -1,5 +1,5 @@
 """Model presets, the hub code path on a local checkpoint, and the model package in the wider ecosystem."""
-import os, subprocess, sys
+import json, os, subprocess, sys
 import pytest, torch
 from PIL import Image
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor, pipeline
@@ -89,3 +89,17 @@ def test_bf16_choice(trained):
     assert use_bf16(pkg, "fp32") is False and use_bf16(pkg, "bf16") is True
     r = bf16_agreement(pkg, load_cifar10(progress=False).test.images[:64])
     assert r["images"] == 64 and 0 <= r["flips"] <= 64 and r["fp32_images_per_s"] > 0
+
+def test_the_shipped_pretrained_checkpoint():
+    "The checkpoint in the package: a model name like a hub id, its lineage in the card, its run record beside it, ≤ 8 MB."
+    from vit_nbdev.config import CHECKPOINTS, TrainConfig
+    ck = CHECKPOINTS/"vit-cifar-small-cifar10"
+    card = json.loads((ck/"card.json").read_text())
+    assert card["dataset"]["fingerprint"] and card["dataset"]["splits"]["train"] == 40000 and card["code_commit"]
+    assert card["params"]["model"] == "vit-cifar-small" and card["metrics"]["test_acc"] > 0.5 and card["shipped"]["weights"] == "fp16"
+    assert (ck/"train.ipynb").exists() and sum(f.stat().st_size for f in ck.iterdir()) < 8e6
+    TrainConfig.from_dict({"model": "vit-cifar-small-cifar10"})
+    m, p = build_model("vit-cifar-small-cifar10")
+    test = load_cifar10(progress=False).test
+    with torch.inference_mode(): acc = (m.eval()(preprocess(test.images, p)).logits.argmax(-1) == test.labels).float().mean().item()
+    assert acc > 0.5, acc          # the sample's test images come from CIFAR-10's test split, which pretraining never saw

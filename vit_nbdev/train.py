@@ -272,7 +272,7 @@ def results_table(run_id: str, version: str | None, metrics: dict, record: str |
     "The few lines `vit-train` ends with: accuracies, steps, throughput, the version registered and where the record is."
     rows = [("run", run_id), ("version", version or "-"),
             ("val acc", f"{metrics['val_acc']:.4f}  (best, on the validation carve)"), ("test acc", f"{metrics['test_acc']:.4f}"),
-            ("steps", f"{metrics['steps']}  ({metrics['train_time_s']:.0f} s training, {metrics['processes']} process(es), {metrics['mixed_precision']})"),
+            ("steps", f"{metrics['steps']}  ({metrics['train_time_s']:.0f} s training, {metrics['processes']} process(es), mixed precision: {metrics['mixed_precision']})"),
             ("img/s", f"{metrics['images_per_s']:.1f}")] + ([("record", record)] if record else [])
     return "\n".join(f"{k:<9}{v}" for k, v in rows)
 

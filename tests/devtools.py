@@ -21,3 +21,13 @@ def shellcheck(*paths, text: str | None = None, cwd=None) -> None:
         assert r.returncode == 0, r.stderr
         r = subprocess.run([dev_tool("shellcheck"), "--severity=style", arg], input=script, cwd=cwd, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, f"shellcheck findings:\n{r.stdout}{r.stderr}"
+
+
+def wait_for(cond, timeout: float = 30, what: str = "a condition", every: float = 0.2):
+    "Poll `cond()` until it returns something true (a busy machine may be slow) and return that; fail after `timeout` seconds."
+    import time
+    deadline = time.monotonic() + timeout
+    while not (res := cond()):
+        if time.monotonic() > deadline: pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+    return res

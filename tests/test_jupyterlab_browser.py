@@ -7,7 +7,7 @@ import json, os, secrets, shutil, signal, socket, subprocess, sys, time, urllib.
 from pathlib import Path
 
 import pytest
-from devtools import dev_tool
+from devtools import dev_tool, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -18,15 +18,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_for(cond, timeout: float, what: str, every: float = 0.1):
-    "Poll `cond()` until it returns something true; fail after `timeout` seconds."
-    deadline = time.monotonic() + timeout
-    while not (res := cond()):
-        if time.monotonic() > deadline: pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(every)
-    return res
 
 
 class JupyterLab:

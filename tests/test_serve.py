@@ -11,6 +11,7 @@ import httpx, numpy as np, pytest, torch
 from PIL import Image, ImageOps
 
 from conftest import ServeProcess
+from devtools import wait_for
 from vit_nbdev.data import CIFAR10_LABELS, load_cifar10, preprocess
 from vit_nbdev.model import forward_features, load_package
 from vit_nbdev.telemetry import read_telemetry
@@ -254,26 +255,19 @@ def hammer(url: str, blobs: list[bytes], clients: int, until: threading.Event | 
         return out
     with ThreadPoolExecutor(clients) as ex: return list(ex.map(client, range(clients)))
 
-def wait_until(cond, timeout: float = 120, every: float = 0.2):
-    "Wait for `cond()` (a busy machine may be slow), failing after `timeout` seconds."
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(every)
-
 def test_swap_under_load_loses_nothing(server, served_store, test_images):
     blobs = [png(x) for x in test_images[:16]]
     stop = threading.Event()
     with ThreadPoolExecutor(1) as ex:
         load = ex.submit(hammer, server.url, blobs, 8, stop, lambda i: 1 + i % 2)
         before = server.metric("vit_predictions_total", version="va")
-        wait_until(lambda: server.metric("vit_predictions_total", version="va") >= before + 32)   # the load is on
+        wait_for(lambda: server.metric("vit_predictions_total", version="va") >= before + 32, 120, "the load to be on")   # the load is on
         bad = httpx.post(server.url + "/admin/update-model", json={"version": "vbroken"}, headers=ADMIN, timeout=120)
         assert bad.status_code == 422 and "still serving va" in bad.json()["detail"]
         r = httpx.post(server.url + "/admin/update-model", json={"version": "vb"}, headers=ADMIN, timeout=120)   # moves latest too
         assert r.status_code == 200 and r.json() | {"load_seconds": 0} == {"version": "vb", "previous": "va", "changed": True, "load_seconds": 0,
                                                                            "alias": "latest"}
-        wait_until(lambda: server.metric("vit_predictions_total", version="vb") >= 32)                # and goes on, on vb
+        wait_for(lambda: server.metric("vit_predictions_total", version="vb") >= 32, 120, "answers from vb")                # and goes on, on vb
         stop.set()
         per_client = load.result()
     flat = [x for c in per_client for x in c]
@@ -399,12 +393,6 @@ def test_full_queue_answers_503_with_retry_after(serve_process, tiny_packages, t
 
 # -- GCS ------------------------------------------------------------------------------------------------
 
-def _wait(cond, timeout=30, what=""):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
 def test_telemetry_to_gcs_survives_outages(serve_process, gcs_emulator, gcs_uri, tiny_packages, test_images):
     "Telemetry shards land in the emulator; paused or stopped, predictions go on at full speed, records are retried or dropped (counted), and resume after."
     open_store(gcs_uri).register(tiny_packages["a"], "va")
@@ -424,14 +412,14 @@ def test_telemetry_to_gcs_survives_outages(serve_process, gcs_emulator, gcs_uri,
         return max(lat)
 
     run(10, "before")
-    _wait(lambda: count() == 10, what="10 records in GCS")
+    wait_for(lambda: count() == 10, what="10 records in GCS")
     with gcs_emulator.paused():                               # connections hang
         slowest = run(50, "paused")
-        _wait(lambda: p.metric("vit_telemetry_write_failures_total") > 0, what="a failed write")
+        wait_for(lambda: p.metric("vit_telemetry_write_failures_total") > 0, what="a failed write")
         assert p.metric("vit_telemetry_records_dropped_total") > 0    # 50 records > a buffer of 30
     assert slowest < 2.0, f"a prediction took {slowest:.1f} s while GCS hung"
     run(10, "after")
-    _wait(lambda: p.metric("vit_telemetry_buffered_records") == 0, what="the buffer to drain")
+    wait_for(lambda: p.metric("vit_telemetry_buffered_records") == 0, what="the buffer to drain")
     df = read_telemetry(open_store(gcs_uri), "va")
     ids = set(df.request_id)
     assert {f"after-{i}" for i in range(10)} <= ids and {f"before-{i}" for i in range(10)} <= ids
@@ -442,10 +430,10 @@ def test_telemetry_to_gcs_survives_outages(serve_process, gcs_emulator, gcs_uri,
 
     with gcs_emulator.down():                                 # connection refused; the restarted emulator is empty
         slowest = run(20, "down")
-        _wait(lambda: p.metric("vit_telemetry_write_failures_total") > 2, what="failed writes while down")
+        wait_for(lambda: p.metric("vit_telemetry_write_failures_total") > 2, what="failed writes while down")
     assert slowest < 2.0
     run(5, "back")
-    _wait(lambda: p.metric("vit_telemetry_buffered_records") == 0, timeout=40, what="the buffer to drain after a restart")
+    wait_for(lambda: p.metric("vit_telemetry_buffered_records") == 0, timeout=40, what="the buffer to drain after a restart")
     ids = set(read_telemetry(open_store(gcs_uri), "va").request_id)
     assert {f"back-{i}" for i in range(5)} <= ids
     assert p.proc.poll() is None and httpx.get(p.url + "/readyz").status_code == 200

@@ -1,7 +1,7 @@
 """The module map of `vit_nbdev` as a mermaid graph, made from the code's own imports.
 
     python tools/module_map.py            # print the graph of the package as it is
-    python tools/module_map.py --check    # exit 1 if the graph in nbs/index.ipynb or README.md differs
+    python tools/module_map.py --check    # exit 1 if the graph in nbs/index.ipynb or README.md differs, or a module imports another's `_names`
     python tools/module_map.py --write    # put the graph of the code into nbs/index.ipynb and README.md
     python tools/module_map.py --package DIR   # the graph of another copy of the package (e.g. an old commit's)
 
@@ -33,6 +33,16 @@ def edges(package: Path) -> tuple[set, set]:
                 if n in mods and n != m: (eager if id(node) in top else lazy).add((m, n))
     return eager, lazy - eager
 
+def private_imports(package: Path) -> list[str]:
+    "Imports of another module's private (`_`) names: `'<module>: <names> from <module>'` for each."
+    found = []
+    for f in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("vit_nbdev")):
+                if names := [a.name for a in node.names if a.name.startswith("_") and a.name != "__version__"]:
+                    found.append(f"{f.stem}: {', '.join(names)} from {node.module}")
+    return found
+
 def mermaid(package: Path) -> str:
     "The graph, one arrow per line, sorted."
     eager, lazy = edges(package)
@@ -51,7 +61,7 @@ def documents() -> dict[str, str]:
             "README.md": (ROOT/"README.md").read_text()}
 
 def check(package: Path = ROOT/"vit_nbdev") -> list[str]:
-    "Where the documented module map is missing or differs from the code's."
+    "Where the documented module map is missing or differs from the code's, and any import of another module's private names."
     want = "\n".join(l.strip() for l in mermaid(package).splitlines()[1:])
     problems = []
     for name, text in documents().items():
@@ -59,7 +69,7 @@ def check(package: Path = ROOT/"vit_nbdev") -> list[str]:
         if not found: problems.append(f"{name}: no module map (a block starting with {BEGIN!r})")
         for b in found:
             if "\n".join(l.strip() for l in b.splitlines()) != want: problems.append(f"{name}: the module map differs from the code's imports")
-    return problems
+    return problems + [f"private names imported across modules: {p}" for p in private_imports(package)]
 
 def write(package: Path = ROOT/"vit_nbdev") -> None:
     "Replace the module map in nbs/index.ipynb and README.md by the code's."

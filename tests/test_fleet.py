@@ -6,7 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx, pytest
 
-from test_serve import ADMIN, TOKEN, hammer, png, predict, wait_until
+from devtools import wait_for
+from test_serve import ADMIN, TOKEN, hammer, png, predict
 from vit_nbdev.data import load_cifar10
 from vit_nbdev.store import open_store
 
@@ -42,7 +43,7 @@ def test_two_instances_follow_the_alias(store_uri, serve_process, tiny_packages,
     stop, blobs = threading.Event(), [png(x) for x in images[:16]]
     with ThreadPoolExecutor(2) as ex:
         loads = [ex.submit(hammer, p.url, blobs, 2, stop) for p in fleet]
-        wait_until(lambda: all(p.metric("vit_predictions_total") >= 10 for p in fleet))        # the load is on
+        wait_for(lambda: all(p.metric("vit_predictions_total") >= 10 for p in fleet), 120, "the load")        # the load is on
         t0 = time.monotonic()
         r = httpx.post(a.url + "/admin/update-model", json={"version": "vb"}, headers=ADMIN, timeout=120)
         t_a = time.monotonic() - t0
@@ -52,7 +53,7 @@ def test_two_instances_follow_the_alias(store_uri, serve_process, tiny_packages,
         st.rollback("production")                                                              # a move in the registry alone
         t_registry = converged(fleet, "va", time.monotonic())
         st.set_alias("production", "vbroken")                                                  # a version that does not load
-        wait_until(lambda: all(p.metric("vit_model_updates_total", source="poll", result="load_error") >= 1 for p in fleet), timeout=60)
+        wait_for(lambda: all(p.metric("vit_model_updates_total", source="poll", result="load_error") >= 1 for p in fleet), timeout=60)
         assert [version_of(p) for p in fleet] == ["va", "va"]                                  # ... keeps the fleet on va
         st.set_alias("production", "vb")
         t_again = converged(fleet, "vb", time.monotonic())
@@ -79,7 +80,7 @@ def test_a_store_outage_keeps_the_model(gcs_emulator, gcs_uri, serve_process, ti
     p = serve_process(gcs_uri, VIT_MODEL="production", VIT_MODEL_POLL_S=0.5, VIT_TELEMETRY=0)
     p.wait_ready()
     with gcs_emulator.paused():
-        wait_until(lambda: p.metric("vit_model_polls_total", result="store_error") >= 1, timeout=90)
+        wait_for(lambda: p.metric("vit_model_polls_total", result="store_error") >= 1, timeout=90)
         r = predict(p.url, png(images[0]))
         assert r.status_code == 200 and r.json()[0]["model_version"] == "va" and version_of(p) == "va"
     st.set_alias("production", "vb")
@@ -96,7 +97,7 @@ def test_a_fresh_fleet_waits_for_the_first_promotion(tmp_path, serve_process, ti
     def waiting_for_production():
         try: return "no alias or complete version 'production'" in (httpx.get(p.url + "/readyz").json().get("detail") or "")
         except httpx.TransportError: return False                                            # not listening yet
-    wait_until(waiting_for_production, timeout=120)
+    wait_for(waiting_for_production, timeout=120)
     t0 = time.monotonic()
     promote(store, "latest", images=100, by="test", echo=lambda s: None)
     print(f"\nthe first promotion: the instance serves it {converged([p], 'va', t0):.2f} s after it began")
@@ -107,7 +108,7 @@ def test_a_pinned_version_is_not_polled(tmp_path, serve_process, tiny_packages):
     st.register(tiny_packages["a"], "va"); st.register(tiny_packages["b"], "vb", aliases=[])
     p = serve_process(store, VIT_MODEL="va", VIT_MODEL_POLL_S=0.2, VIT_ADMIN_TOKEN=TOKEN, VIT_TELEMETRY=0)
     p.wait_ready()
-    wait_until(lambda: "va is a version: pinned, not polling" in p.log(), timeout=60)     # the follower has stopped
+    wait_for(lambda: "va is a version: pinned, not polling" in p.log(), timeout=60)     # the follower has stopped
     st.set_alias("latest", "vb")
     assert p.metric("vit_model_polls_total") == 0 and version_of(p) == "va"
     r = httpx.post(p.url + "/admin/update-model", json={"version": "vb"}, headers=ADMIN, timeout=120)   # this instance only
@@ -135,7 +136,7 @@ def test_a_report_covers_every_prediction(tmp_path, serve_process, tiny_packages
     page = httpx.get(a.url + "/monitoring").text
     assert "window of 300 records from 1 instance" in page and "every 3600 s (VIT_TELEMETRY_FLUSH_S)" in page   # short: it says why
     predict_n(b, 100)
-    wait_until(lambda: b.metric("vit_telemetry_records_written_total") >= 100, timeout=60)   # B writes every 0.5 s by itself
+    wait_for(lambda: b.metric("vit_telemetry_records_written_total") >= 100, timeout=60)   # B writes every 0.5 s by itself
     rep = httpx.post(a.url + "/admin/update-monitoring", params={"wait": 120}, headers=ADMIN, timeout=180).json()["report"]
     assert rep["n_current"] == 400 and sorted(rep["window"]["by_instance"].values()) == [100, 300], rep["window"]
     assert "window of 400 records from 2 instances" in httpx.get(a.url + "/monitoring").text

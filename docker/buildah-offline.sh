@@ -46,7 +46,7 @@ base() {
 }
 
 # Every wheel the serving image installs (CPython 3.11, x86_64): the CPU torch of constraints.txt, the
-# dependencies at their pinned versions, and setuptools for building the package.
+# dependencies and the `fast` extra at their pinned versions, and setuptools for building the package.
 wheels() {
     log "wheelhouse in $WORK/wheels"
     local torch extra=()
@@ -56,7 +56,7 @@ wheels() {
     (cd "$REPO" && "$PYTHON" -m pip download --dest "$WORK/wheels" --only-binary=:all: \
         --python-version 3.11 --implementation cp --platform manylinux_2_28_x86_64 \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform linux_x86_64 \
-        "${extra[@]}" -c constraints.txt "$torch" 'setuptools>=77' .)
+        "${extra[@]}" -c constraints.txt "$torch" 'setuptools>=77' '.[fast]')
 }
 
 # The wheels enter the build through docker/wheels/ (hard links, else copies; removed afterwards) and

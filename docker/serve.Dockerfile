@@ -23,10 +23,10 @@ WORKDIR /src
 RUN --mount=type=bind,source=docker/wheels,target=/wheels \
     pip install --no-cache-dir --find-links /wheels --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
-# the dependencies of pyproject.toml at the versions of constraints.txt (not the dev extras), before the source
+# the dependencies of pyproject.toml and its `fast` extra (ONNX Runtime engines) at the versions of constraints.txt, before the source
 COPY pyproject.toml constraints.txt ./
 RUN --mount=type=bind,source=docker/wheels,target=/wheels \
-    python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+    python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['fast']))" > /tmp/requirements.txt \
     && grep -v '^torch==' constraints.txt > /tmp/constraints.txt \
     && pip install --no-cache-dir --find-links /wheels -c /tmp/constraints.txt -r /tmp/requirements.txt
 

@@ -163,7 +163,8 @@ class ServeProcess:
         self.log_path = Path(log_dir) / f"vit-serve-{self.port}.log"
         e = {k: v for k, v in os.environ.items() if not k.startswith("VIT_") or k == "VIT_CACHE"}
         e.update({"PORT": str(self.port), "VIT_STORE": str(store), "PYTHONUNBUFFERED": "1",
-                  "VIT_CACHE": str(Path(log_dir) / "vit-cache")})
+                  "VIT_CACHE": str(Path(log_dir) / "vit-cache"),
+                  "VIT_ENGINE": "torch-fp32"})   # pinned: quick starts; the choice itself is tested in test_engine.py
         e.update({k: str(v) for k, v in (env or {}).items() if v is not None})
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([str(Path(sys.executable).parent / "vit-serve"), "--host", "127.0.0.1", *args],

@@ -83,13 +83,6 @@ def test_shipped_checkpoint_loads_like_a_local_folder(tmp_path, monkeypatch):
     with torch.inference_mode(): a, b = model(x).logits, m.eval()(x).logits
     assert (a - b).abs().max() < 0.05 and (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
 
-def test_bf16_choice(trained):
-    from vit_nbdev.model import bf16_agreement, use_bf16
-    pkg = load_package(trained)
-    assert use_bf16(pkg, "fp32") is False and use_bf16(pkg, "bf16") is True
-    r = bf16_agreement(pkg, load_cifar10(progress=False).test.images[:64])
-    assert r["images"] == 64 and 0 <= r["flips"] <= 64 and r["fp32_images_per_s"] > 0
-
 def test_the_shipped_pretrained_checkpoint():
     "The checkpoint in the package: a model name like a hub id, its lineage in the card, its run record beside it, ≤ 8 MB."
     from vit_nbdev.config import CHECKPOINTS, TrainConfig

@@ -8,7 +8,7 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/cli.html.md"""
 from __future__ import annotations
 import argparse, os
 
-from .config import ALPHA, COMPONENTS, MIN_RECORDS, REFERENCE_N, ServeConfig, TrainConfig, parse_params
+from .config import ALPHA, COMPONENTS, ENGINES, MIN_RECORDS, REFERENCE_N, ServeConfig, TrainConfig, parse_params
 
 # %% auto #0
 __all__ = ['train_parser', 'train_main', 'serve_parser', 'serve_main', 'monitor_parser', 'monitor_main', 'models_parser',
@@ -46,7 +46,7 @@ def serve_parser() -> argparse.ArgumentParser:
     for name, typ, doc in [("max_batch", int, "images per forward pass at most"), ("max_wait_ms", float, "how long a batch waits to fill"),
                            ("queue_size", int, "images waiting at most (503 beyond)"), ("top_k", int, "classes per answer"),
                            ("max_upload_mb", float, "per-file limit in MB (413 beyond)"), ("max_files", int, "files per request (413 beyond)"),
-                           ("precision", str, "fp32 | bf16 | auto"), ("torch_threads", int, "PyTorch threads for the model, 0: CPUs - 1"),
+                           ("engine", str, "auto (timed on this host) or one engine name, pinned"), ("threads", int, "intra-op threads of the model, 0: measured"),
                            ("model_poll_s", float, "seconds between checks that the --model alias has not moved, 0: never")]:
         p.add_argument(f"--{name.replace('_', '-')}", type=typ, help=f"{doc} (default ${ServeConfig.env_name(name)}, "
                                                                        f"else {getattr(ServeConfig, name)})")
@@ -61,7 +61,7 @@ def serve_main(argv=None) -> None:
     p = serve_parser()
     a = p.parse_args(argv)
     settings = dict(store=a.store, model=a.model, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, queue_size=a.queue_size, top_k=a.top_k,
-                    max_upload_mb=a.max_upload_mb, max_files=a.max_files, precision=a.precision, torch_threads=a.torch_threads,
+                    max_upload_mb=a.max_upload_mb, max_files=a.max_files, engine=a.engine, threads=a.threads,
                     model_poll_s=a.model_poll_s,
                     telemetry=False if a.no_telemetry else None)
     try: ServeConfig.from_env(**settings)
@@ -108,7 +108,7 @@ def monitor_main(argv=None) -> int:
 
 # %% ../nbs/cli.ipynb #e614bdb7
 def models_parser() -> argparse.ArgumentParser:
-    "`vit-models`' arguments: `list`, `show`, `promote` and `rollback`."
+    "`vit-models`' arguments: `list`, `show`, `promote`, `rollback` and `export`."
     ap = argparse.ArgumentParser("vit-models", description="The model registry: list the versions, show a card, promote a version to an alias "
                                  "through an accuracy gate, roll an alias back (see the models chapter).")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -129,13 +129,21 @@ def models_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("rollback", parents=[common], help="move an alias back to the version it pointed at before its last move")
     r.add_argument("--alias", default="production", help="the alias to move back (default %(default)s)")
     r.add_argument("--by", default=None, help="who rolls back, for the log (default user@host)")
+    e = sub.add_parser("export", parents=[common], help="make and check the inference engines of a version once, and store them beside it")
+    e.add_argument("version", help="a version, or an alias for the version it points at")
+    e.add_argument("--engines", default=None, help="comma-separated engine names (default: every engine this host can run)")
+    e.add_argument("--images", type=int, default=1000, help="held-out images of the accuracy check (default %(default)s, at least 1000 to serve)")
     return ap
 
 def models_main(argv=None) -> int:
-    "`vit-models`: parse, then list, show, promote or roll back (see the models chapter). Exit status: 0 done, 1 refused by the gate, 2 error, 3 conflict."
+    "`vit-models`: parse, then list, show, promote, roll back or export (see the models chapter). Exit status: 0 done, 1 refused by the gate, 2 error, 3 conflict."
     ap = models_parser()
     a = ap.parse_args(argv)
     if a.command == "promote" and not a.tolerance >= 0: ap.error(f"--tolerance must be ≥ 0 points, got {a.tolerance}")
     if a.command == "promote" and a.images is not None and a.images < 1: ap.error(f"--images must be at least 1, got {a.images}")
+    if a.command == "export":
+        if a.images < 1: ap.error(f"--images must be at least 1, got {a.images}")
+        bad = [n for n in (a.engines or "").split(",") if n and n not in ENGINES]
+        if bad: ap.error(f"unknown engine(s) {', '.join(bad)}: choose from {', '.join(ENGINES)}")
     from vit_nbdev.models import cli
     return cli(a)

@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['PRESETS', 'DEFAULT_PRESET', 'CHECKPOINTS', 'PRECISIONS', 'TRACKERS', 'PROTECTED_ALIASES', 'REFERENCE_N', 'COMPONENTS',
-           'ALPHA', 'MIN_RECORDS', 'cache_root', 'shipped_checkpoint', 'check_model_name', 'TrainConfig',
+__all__ = ['PRESETS', 'DEFAULT_PRESET', 'CHECKPOINTS', 'PRECISIONS', 'ENGINES', 'TRACKERS', 'PROTECTED_ALIASES', 'REFERENCE_N',
+           'COMPONENTS', 'ALPHA', 'MIN_RECORDS', 'cache_root', 'shipped_checkpoint', 'check_model_name', 'TrainConfig',
            'parse_params', 'new_run_id', 'ServeConfig']
 
 # %% ../nbs/config.ipynb #ee80d5a0
@@ -47,6 +47,8 @@ def check_model_name(name: str) -> str:
 
 # %% ../nbs/config.ipynb #59481845
 PRECISIONS = ("auto", "bf16", "fp16", "no")
+ENGINES = {"torch-fp32": ("torch", "fp32"), "torch-bf16": ("torch", "bf16"), "torch-int8": ("torch", "int8"),   # name: (runtime, precision)
+           "onnx-fp32": ("onnx", "fp32"), "onnx-int8": ("onnx", "int8")}                               # (the engine chapter runs them)
 TRACKERS = ("wandb", "none")
 PROTECTED_ALIASES = ("production",)   # moved only by `vit-models promote` (gated) / `rollback`, never by a training run
 
@@ -161,9 +163,10 @@ class ServeConfig:
     max_upload_mb: float = 10.0          # per file, enforced while reading the body (413)
     max_files: int = 16                  # files per request (413 beyond)
     max_pixels: int = 40_000_000         # decoded width × height at most (413: decompression bomb)
-    precision: str = "fp32"              # "fp32" | "bf16" | "auto" (bf16 only if it keeps top-1 on the test split)
-    decode_workers: int = 2              # threads decoding and preprocessing uploads
-    torch_threads: int = 0               # PyTorch intra-op threads for the model; 0: one less than the CPUs (at least 1)
+    engine: str = "auto"                 # "auto": the fastest engine that agrees with fp32, timed on this host; or one of ENGINES, pinned
+    threads: int = 0                     # intra-op threads of the model; 0: measured with the engine
+    decode_workers: int = 0              # threads decoding uploads; 0: the CPUs the model's threads leave (at least 1)
+    engine_budget_s: float = 30.0        # seconds a cold start may spend checking engines that `vit-models export` did not
     telemetry: bool = True               # write prediction records to <store>/telemetry/
     telemetry_flush_records: int = 512   # records per shard; a full buffer is flushed at once
     telemetry_flush_s: float = 10.0      # a non-empty buffer is flushed at least this often
@@ -196,21 +199,14 @@ class ServeConfig:
 
     def check(self) -> None:
         "Raise `ValueError` for settings that cannot work."
-        for name in ("max_batch", "queue_size", "top_k", "max_files", "max_pixels", "decode_workers", "telemetry_flush_records", "telemetry_max_buffer"):
+        for name in ("max_batch", "queue_size", "top_k", "max_files", "max_pixels", "telemetry_flush_records", "telemetry_max_buffer"):
             if getattr(self, name) < 1: raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.torch_threads < 0: raise ValueError(f"torch_threads must be ≥ 0 (0: automatic), got {self.torch_threads}")
-        for name in ("max_wait_ms", "max_upload_mb", "telemetry_flush_s", "telemetry_timeout_s", "model_poll_s"):
+        for name in ("threads", "decode_workers"):
+            if getattr(self, name) < 0: raise ValueError(f"{name} must be ≥ 0 (0: automatic), got {getattr(self, name)}")
+        for name in ("max_wait_ms", "max_upload_mb", "telemetry_flush_s", "telemetry_timeout_s", "model_poll_s", "engine_budget_s"):
             if not getattr(self, name) >= 0: raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
-        if self.precision not in ("fp32", "bf16", "auto"): raise ValueError(f"precision must be 'fp32', 'bf16' or 'auto', got {self.precision!r}")
+        if self.engine != "auto" and self.engine not in ENGINES: raise ValueError(f"engine must be 'auto' or one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.queue_size < self.max_batch: raise ValueError(f"queue_size ({self.queue_size}) must be at least max_batch ({self.max_batch})")
-
-    @property
-    def model_threads(self) -> int:
-        "PyTorch intra-op threads to use: `torch_threads`, or one less than the CPUs this process may use (at least 1)."
-        if self.torch_threads: return self.torch_threads
-        try: cpus = len(os.sched_getaffinity(0))
-        except AttributeError: cpus = os.cpu_count() or 1
-        return max(1, cpus - 1)
 
     @property
     def max_upload_bytes(self) -> int:

@@ -23,7 +23,7 @@ _log = logging.getLogger("vit_nbdev.model")
 
 # %% auto #0
 __all__ = ['label_maps', 'preset_config', 'build_model', 'ModelPackage', 'save_package', 'load_package', 'ship_checkpoint',
-           'forward_features', 'cpu_has_bf16', 'bf16_agreement', 'use_bf16']
+           'forward_features']
 
 # %% ../nbs/model.ipynb #96a89ecd
 def label_maps(labels=CIFAR10_LABELS) -> dict:
@@ -119,31 +119,3 @@ def forward_features(model: ViTForImageClassification, pixel_values: torch.Tenso
     "`(embeddings, logits)` of a batch: the final `[CLS]` token and the classifier's output on it."
     emb = model.vit(pixel_values).last_hidden_state[:, 0]
     return emb, model.classifier(emb)
-
-# %% ../nbs/model.ipynb #790150d2
-def cpu_has_bf16() -> bool:
-    "Does this CPU run bf16 natively (oneDNN with AVX-512 BF16 or AMX)?"
-    try: return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception: return False
-
-@torch.inference_mode()
-def bf16_agreement(package: ModelPackage, images: torch.Tensor, batch_size: int = 100) -> dict:
-    "Top-1 agreement of bf16 autocast with fp32 on `uint8` `images`, and the images/s of each."
-    out = {}
-    for name, bf16 in (("fp32", False), ("bf16", True)):
-        t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out[name] = torch.cat([package.model(preprocess(b, package.preprocess)).logits.float().argmax(-1) for b in images.split(batch_size)])
-        out[f"{name}_images_per_s"] = len(images) / (time.perf_counter() - t0)
-    flips = int((out["fp32"] != out["bf16"]).sum())
-    return dict(images=len(images), flips=flips, agree=flips == 0, fp32_images_per_s=out["fp32_images_per_s"],
-                bf16_images_per_s=out["bf16_images_per_s"])
-
-def use_bf16(package: ModelPackage, precision: str = "fp32", check_images: int = 1000) -> bool:
-    "Whether to serve `package` in bf16: `'fp32'` no, `'bf16'` yes, `'auto'` if the CPU has bf16 and the sample test split agrees."
-    if precision != "auto": return precision == "bf16"
-    if not cpu_has_bf16(): return False
-    r = bf16_agreement(package, load_cifar10(progress=False).test.images[:check_images])
-    _log.info("bf16 check on %d sample test images: %d flips, fp32 %.0f img/s, bf16 %.0f img/s", r["images"], r["flips"],
-              r["fp32_images_per_s"], r["bf16_images_per_s"])
-    return r["agree"]

@@ -161,8 +161,13 @@ def cli(a) -> int:
         elif a.command == "promote":
             promote(st, a.version, a.alias, data=a.data, tolerance=a.tolerance, images=a.images, force=a.force, by=a.by,
                     echo=lambda s: print(s, flush=True))
+        elif a.command == "export":
+            from vit_nbdev.engine import export_engines
+            for c in export_engines(st, a.version, [n for n in (a.engines or "").split(",") if n] or None, a.images).values():
+                print(f"{c['engine']:11s} agreement {100 * c['agreement']:6.2f}%  accuracy {100 * c['accuracy']:6.2f}% (fp32 {100 * c['reference_accuracy']:.2f}%)"
+                      f"  {'eligible' if c['eligible'] else 'NOT eligible'}  ({c['seconds']:.0f} s)", flush=True)
         else: print("{}: {} -> {}".format(a.alias, *rollback(st, a.alias, by=a.by)))
     except GateRefused as e: return fail(str(e), 1)
     except Conflict as e: return fail(f"conflict: {e}; nothing was changed (run it again to compare with {e.current})", 3)
-    except (StoreError, ValueError, FileNotFoundError) as e: return fail(f"error: {e}", 2)
+    except (StoreError, ValueError, FileNotFoundError, RuntimeError) as e: return fail(f"error: {e}", 2)
     return 0

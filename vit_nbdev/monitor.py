@@ -20,7 +20,8 @@ import torch
 from prometheus_client import Gauge
 
 from .data import load_cifar10, preprocess, resolve_source
-from .model import ModelPackage, load_package, forward_features
+from .engine import REFERENCE_ENGINE, Engine, build_engine, cpu_budget, sync_engines
+from .model import ModelPackage, load_package
 from .store import StoreError, NotFound, open_store
 from .config import ALPHA, COMPONENTS, MIN_RECORDS, REFERENCE_N
 from .telemetry import as_utc, read_telemetry
@@ -38,13 +39,15 @@ def as_package(package_or_dir, device: str = "cpu") -> ModelPackage:
     return package_or_dir if isinstance(package_or_dir, ModelPackage) else load_package(package_or_dir, device=device)
 
 @torch.inference_mode()
-def embed_images(package: ModelPackage, images: torch.Tensor, batch_size: int = 500, version: str | None = None) -> pd.DataFrame:
-    "Telemetry-like records of `uint8 (N,3,H,W)` images: `embedding` (final `[CLS]` token), predicted `label`, its `score`, `model_version`."
+def embed_images(package: ModelPackage, images: torch.Tensor, batch_size: int = 500, version: str | None = None,
+                 engine: Engine | None = None) -> pd.DataFrame:
+    "Telemetry-like records of `uint8 (N,3,H,W)` images: `embedding` (final `[CLS]` token), predicted `label`, its `score`, `model_version`, `engine` (default: fp32 PyTorch)."
     model = package.model
     dev = next(model.parameters()).device
+    run = engine or build_engine(REFERENCE_ENGINE, package, torch.get_num_threads())
     embs, probs = [], []
     for b in images.split(batch_size):
-        e, logits = forward_features(model, preprocess(b.to(dev), package.preprocess))
+        e, logits = run(preprocess(b.to(dev), package.preprocess))
         embs.append(e.float().cpu()); probs.append(logits.float().softmax(-1).cpu())
     d = model.config.hidden_size
     E = torch.cat(embs).numpy() if embs else np.zeros((0, d), np.float32)
@@ -52,7 +55,8 @@ def embed_images(package: ModelPackage, images: torch.Tensor, batch_size: int = 
     score, idx = P.max(-1) if len(P) else (torch.zeros(0), torch.zeros(0, dtype=torch.long))
     labels = package.labels
     return pd.DataFrame({"embedding": list(E), "label": [labels[i] for i in idx.tolist()], "score": score.numpy().astype(np.float32),
-                         "model_version": version or package.version or "unversioned"})
+                         "model_version": version or package.version or "unversioned",
+                         "engine": engine.name if engine else REFERENCE_ENGINE})
 
 def embedding_matrix(df: pd.DataFrame) -> np.ndarray:
     "The `embedding` column of `df` (lists or arrays of floats) as one `float64 (N, D)` array."
@@ -64,9 +68,9 @@ def embedding_matrix(df: pd.DataFrame) -> np.ndarray:
 # %% ../nbs/monitor.ipynb #da439ed2
 REFERENCE_FILE = "reference.parquet"
 
-def reference_key(version: str) -> str:
-    "The store key of `version`'s reference embeddings: `models/<version>/reference.parquet`."
-    return f"models/{version}/{REFERENCE_FILE}"
+def reference_key(version: str, engine: str = REFERENCE_ENGINE) -> str:
+    "The store key of `version`'s reference embeddings by `engine`: `models/<version>/reference.parquet` for fp32, `reference-<engine>.parquet` for the others."
+    return f"models/{version}/{REFERENCE_FILE}" if engine == REFERENCE_ENGINE else f"models/{version}/reference-{engine}.parquet"
 
 def _default_source(card: dict) -> str:
     "The model's training data if it can be read here without a download, else the bundled sample."
@@ -76,8 +80,8 @@ def _default_source(card: dict) -> str:
     return src if kind in ("sample", "local") else "sample"
 
 def compute_reference(package_or_dir, data_source: str | None = None, n: int = REFERENCE_N, seed: int = 0,
-                      split: str | None = None, batch_size: int = 500) -> pd.DataFrame:
-    "Embed `n` random (seeded) held-out images: of `data_source` (default: the training data if local, else the sample), `split` (default: validation if that is the training data, else test)."
+                      split: str | None = None, batch_size: int = 500, engine: Engine | None = None) -> pd.DataFrame:
+    "Embed `n` random (seeded) held-out images with `engine` (default fp32): of `data_source` (default: the training data if local, else the sample), `split` (default: validation if that is the training data, else test)."
     pkg = as_package(package_or_dir)
     params = pkg.card.get("params") or {}
     src = data_source or _default_source(pkg.card)
@@ -89,11 +93,11 @@ def compute_reference(package_or_dir, data_source: str | None = None, n: int = R
     s = getattr(data, split)
     if not 0 < n <= len(s): raise ValueError(f"n={n} reference images requested, the {split} split of {src!r} has {len(s)}")
     idx = torch.randperm(len(s), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    df = embed_images(pkg, s.images[idx], batch_size, version=pkg.version)
+    df = embed_images(pkg, s.images[idx], batch_size, version=pkg.version, engine=engine)
     df["target"] = [data.label_names[i] for i in s.labels[idx].tolist()]
     df["index"] = idx.numpy()
     df.attrs["reference"] = dict(model_version=pkg.version, data_source=data.source, fingerprint=data.fingerprint, split=split,
-                                 n=n, seed=seed, held_out=split == "test" or (split == "validation" and same),
+                                 n=n, seed=seed, engine=df['engine'].iloc[0], held_out=split == "test" or (split == "validation" and same),
                                  created=datetime.now(UTC).isoformat(timespec="seconds"))
     return df
 
@@ -117,27 +121,27 @@ def reference_from_parquet(data: bytes) -> pd.DataFrame:
 
 def save_reference(store, version: str, df: pd.DataFrame, overwrite: bool = True) -> str:
     "Store `df` as `version`'s reference; return the key."
-    key = reference_key(version)
+    key = reference_key(version, df.attrs.get("reference", {}).get("engine", REFERENCE_ENGINE))
     open_store(store).put_bytes(key, reference_to_parquet(df), overwrite=overwrite)
     return key
 
-def load_reference(store, version: str) -> pd.DataFrame | None:
-    "`version`'s stored reference, or `None` if it has none yet."
-    try: return reference_from_parquet(open_store(store).get_bytes(reference_key(version)))
+def load_reference(store, version: str, engine: str = REFERENCE_ENGINE) -> pd.DataFrame | None:
+    "`version`'s stored reference by `engine`, or `None` if it has none yet."
+    try: return reference_from_parquet(open_store(store).get_bytes(reference_key(version, engine)))
     except NotFound: return None
 
 def ensure_reference(store, version: str = "latest", *, package=None, data_source: str | None = None, n: int = REFERENCE_N,
-                     seed: int = 0, split: str | None = None, refresh: bool = False) -> pd.DataFrame:
-    "The reference of `version` (an alias or a version): the stored one, else (or if `refresh`) computed now and stored."
-    st = open_store(store)
+                     seed: int = 0, split: str | None = None, refresh: bool = False, engine: Engine | None = None) -> pd.DataFrame:
+    "The reference of `version` (an alias or a version) by `engine` (default fp32): the stored one, else (or if `refresh`) computed now and stored."
+    st, name = open_store(store), engine.name if engine else REFERENCE_ENGINE
     version = st.resolve(version)
-    if not refresh and (df := load_reference(st, version)) is not None: return df
+    if not refresh and (df := load_reference(st, version, name)) is not None: return df
     pkg = as_package(package if package is not None else st.fetch_model(version))
-    df = compute_reference(pkg, data_source, n, seed, split).assign(model_version=version)
+    df = compute_reference(pkg, data_source, n, seed, split, engine=engine).assign(model_version=version)
     df.attrs["reference"]["model_version"] = version
     try: save_reference(st, version, df, overwrite=refresh)
     except StoreError:   # another process stored it first: use theirs, so that every instance compares with the same
-        if (theirs := load_reference(st, version)) is not None: return theirs
+        if (theirs := load_reference(st, version, name)) is not None: return theirs
         raise
     return df
 
@@ -375,16 +379,28 @@ def latest_report(store) -> tuple[str, dict] | None:
     return page, summary
 
 # %% ../nbs/monitor.ipynb #34554a34
+def _window_engine(cur: pd.DataFrame, engine: Engine | None) -> tuple[str, int]:
+    "The engine most records of the window came from (records from before engines count as fp32), and how many came from others."
+    if "engine" not in cur or cur.empty: return (engine.name if engine else REFERENCE_ENGINE), 0
+    counts = cur["engine"].fillna(REFERENCE_ENGINE).replace("", REFERENCE_ENGINE).value_counts()
+    cur["engine"] = cur["engine"].fillna(REFERENCE_ENGINE).replace("", REFERENCE_ENGINE)
+    return counts.index[0], int(len(cur) - counts.iloc[0])
+
 def run_monitoring(store, model: str = "latest", *, last_n: int | None = 1000, since=None, until=None, min_records: int = MIN_RECORDS,
                    components: int = COMPONENTS, alpha: float = ALPHA, save: bool = True, package=None, telemetry_flush_s: float | None = None,
-                   **reference_kw) -> DriftResult:
+                   engine: Engine | None = None, **reference_kw) -> DriftResult:
     "Drift report of `model`'s recent telemetry (last `last_n` records in `[since, until)`) against its reference (made if missing); stored if `save`. `telemetry_flush_s` (the fleet's) is shown when the window is short."
     st = open_store(store)
     version = st.resolve(model)
-    ref = ensure_reference(st, version, package=package, **reference_kw)
     cur = read_telemetry(st, version, last_n=last_n, since=since, until=until)
-    window = {k: v for k, v in dict(last_n=last_n, since=_iso(as_utc(since)), until=_iso(as_utc(until)), telemetry_flush_s=telemetry_flush_s).items()
-              if v is not None}
+    name, others = _window_engine(cur, engine)
+    cur = cur[cur["engine"] == name] if others else cur
+    if name != (engine.name if engine else REFERENCE_ENGINE):   # the telemetry came from another engine: embed the reference with that one
+        package = as_package(package if package is not None else st.fetch_model(version))
+        engine = build_engine(name, package, cpu_budget(), sync_engines(st, version))
+    ref = ensure_reference(st, version, package=package, engine=engine if name != REFERENCE_ENGINE else None, **reference_kw)
+    window = {k: v for k, v in dict(last_n=last_n, since=_iso(as_utc(since)), until=_iso(as_utc(until)), telemetry_flush_s=telemetry_flush_s,
+                                    engine=name, other_engines=others or None).items() if v is not None}
     res = drift_report(ref, cur, components=components, alpha=alpha, min_records=min_records, window=window)
     if save: save_report(st, res)
     return res
@@ -421,14 +437,14 @@ class DriftMonitoring:
     def update_reference_data(self) -> dict:
         "Recompute and store the reference embeddings of the serving model."
         s = self._served()
-        ref = ensure_reference(self.service.get_store(), s.version, package=s.package, refresh=True)
-        return dict(version=s.version, records=len(ref), key=reference_key(s.version))
+        ref = ensure_reference(self.service.get_store(), s.version, package=s.package, refresh=True, engine=s.engine)
+        return dict(version=s.version, records=len(ref), key=reference_key(s.version, s.engine.name), engine=s.engine.name)
 
-    def _build(self, version: str, package):
+    def _build(self, version: str, package, engine):
         svc = self.service
         flush_s = svc.cfg.telemetry_flush_s if getattr(svc, "telemetry", None) else None
         try: self._publish(run_monitoring(svc.get_store(), version, last_n=self.last_n, min_records=self.min_records, package=package,
-                                          telemetry_flush_s=flush_s).summary)
+                                          telemetry_flush_s=flush_s, engine=engine).summary)
         except Exception as e: self.last = dict(status="error", message=f"{type(e).__name__}: {e}")
         finally: self.building = None
 
@@ -444,7 +460,7 @@ class DriftMonitoring:
         "Write this instance's buffered telemetry, then build a drift report of the serving model's recent telemetry in the background; wait up to `wait` s for it."
         s, flushed = self._served(), self.flush_telemetry()
         if (t := self.building) is None:
-            t = self.building = threading.Thread(target=self._build, args=(s.version, s.package), daemon=True, name="drift-report")
+            t = self.building = threading.Thread(target=self._build, args=(s.version, s.package, s.engine), daemon=True, name="drift-report")
             t.start()
         if wait: t.join(wait)
         if wait and not t.is_alive(): return dict(status="done", version=s.version, flushed=flushed, report=self.last)

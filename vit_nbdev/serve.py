@@ -27,7 +27,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from .config import ServeConfig
 from .batch import MicroBatcher, QueueFull
 from .data import ImageError, prepare_image, to_model_size
-from .model import ModelPackage, forward_features, load_package, use_bf16
+from .engine import Engine, choose_engine, cpu_budget, sync_engines
+from .model import ModelPackage, load_package
 from .store import NotFound, Store, StoreError, open_store
 from .telemetry import TelemetryCollector, TelemetryWriter
 
@@ -116,10 +117,11 @@ async def read_uploads(request: Request, field: str = "file", max_bytes: int = 1
 # %% ../nbs/serve.ipynb #6350d228
 @dataclass
 class Served:
-    "A model package being served: its version, whether it runs in bf16, and one forward pass for a batch."
+    "A model package being served: its version, the engine that runs it (and how it was chosen), one forward pass for a batch."
     package: ModelPackage
     version: str
-    bf16: bool = False
+    engine: Engine
+    engine_report: dict = field(default_factory=dict)
     loaded_at: float = field(default_factory=time.time)
     labels: list[str] = field(init=False)   # class names in logit order (read once: the config's are slow to read)
 
@@ -127,9 +129,8 @@ class Served:
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "`(embeddings, probabilities)` of a batch from `prepare_image` (or `preprocess`), both float32."
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            emb, logits = forward_features(self.package.model, to_model_size(pixels, self.package.preprocess))
-        return emb.float(), logits.float().softmax(-1)
+        emb, logits = self.engine(to_model_size(pixels, self.package.preprocess))
+        return emb, logits.softmax(-1)
 
     def warm_up(self, sizes=(1, 2)) -> None:
         "Run the model once per batch size in `sizes`, so that the first request does not pay for the set-up."
@@ -153,13 +154,19 @@ class ServiceMetrics:
         self.model_info = Gauge("vit_model_info", "the model version being served (value 1)", ["version"], registry=r)
         self.swaps = Counter("vit_model_updates", "model updates by source (admin, poll) and result", ["source", "result"], registry=r)
         self.polls = Counter("vit_model_polls", "checks of the VIT_MODEL alias by result (unchanged, moved, store_error)", ["result"], registry=r)
+        self.engine = Gauge("vit_engine_images_per_second", "the serving engine's images/s, timed at load on this host", ["engine", "precision", "threads"], registry=r)
+        self.engine_agreement = Gauge("vit_engine_agreement", "top-1 agreement of the serving engine with fp32 on the check images (-1: unchecked)", registry=r)
         self.telemetry_writer: TelemetryWriter | None = None
         r.register(TelemetryCollector(lambda: self.telemetry_writer))
 
-    def set_model(self, version: str) -> None:
-        "Report `version` as the one being served."
+    def set_model(self, version: str, engine: dict | None = None) -> None:
+        "Report `version` as the one being served, and its `engine` (the report of `choose_engine`)."
         self.model_info.clear()
         self.model_info.labels(version).set(1)
+        if engine:
+            self.engine.clear()
+            self.engine.labels(engine["name"], engine["precision"], str(engine["threads"])).set(engine["images_per_s"])
+            self.engine_agreement.set(-1 if engine.get("agreement") is None else engine["agreement"])
 
     def render(self) -> bytes:
         "The Prometheus text exposition."
@@ -248,10 +255,10 @@ class Service:
     # -- lifecycle --
     def start(self) -> None:
         "Start the batcher, the decode threads, the telemetry writer, and the loading of the model (in the background)."
-        torch.set_num_threads(self.cfg.model_threads)
         self.batcher = MicroBatcher(self.cfg.max_batch, self.cfg.max_wait_ms, self.cfg.queue_size, on_batch=self._on_batch)
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth if self.batcher else 0)
-        self.pool = ThreadPoolExecutor(self.cfg.decode_workers, thread_name_prefix="vit-decode")
+        self._pool_size = self.cfg.decode_workers or max(1, cpu_budget() - 1)   # resized once the engine has its threads
+        self.pool = ThreadPoolExecutor(self._pool_size, thread_name_prefix="vit-decode")
         if self.telemetry is None and self.cfg.telemetry:
             c = self.cfg
             self.telemetry = TelemetryWriter(self.store or self.store_uri, flush_records=c.telemetry_flush_records, flush_s=c.telemetry_flush_s,
@@ -286,20 +293,25 @@ class Service:
         if self.store is None: self.store = open_store(self.cfg.store)
         return self.store
 
-    def _prepare(self, package: ModelPackage, version: str) -> Served:
-        s = Served(package, version, bf16=use_bf16(package, self.cfg.precision))
+    def _prepare(self, package: ModelPackage, version: str, engines=None) -> Served:
+        c = self.cfg   # the engine: measured on this host (engine chapter), from the artifacts and checks stored beside the version
+        choice = choose_engine(package, pin=c.engine, threads=c.threads, folder=engines, budget_s=c.engine_budget_s, max_batch=c.max_batch)
+        s = Served(package, version, choice.engine, choice.report)
         s.warm_up()
         return s
 
     def _load(self, version: str) -> Served:
         "Fetch, load and warm up a resolved `version` (in a worker thread)."
         path = self.get_store().fetch_model(version)
-        return self._prepare(load_package(path), version)
+        return self._prepare(load_package(path), version, sync_engines(self.get_store(), version))
 
     def _install(self, served: Served) -> None:
         self.served, self.load_error = served, None
-        self.metrics.set_model(served.version)
-        _log.info("serving %s (%s)", served.version, "bf16" if served.bf16 else "fp32")
+        self.metrics.set_model(served.version, served.engine_report)
+        if self.pool is not None and not self.cfg.decode_workers and (n := max(1, cpu_budget() - served.engine.threads)) != self._pool_size:
+            old, self._pool_size, self.pool = self.pool, n, ThreadPoolExecutor(n, thread_name_prefix="vit-decode")
+            old.shutdown(wait=False)   # its queued decodes still finish
+        _log.info("serving %s with engine %s on %d thread(s), %d decoding", served.version, served.engine.name, served.engine.threads, self._pool_size)
 
     def _initial_load(self) -> None:
         delay = 1.0
@@ -390,7 +402,7 @@ class Service:
             if self.telemetry:
                 self.telemetry.add(dict(time=now, request_id=rid, item=i, instance=self.telemetry.instance, model_version=served.version,
                                         label=top[0]["label"], score=top[0]["score"], top_k=top, embedding=emb.tolist(),
-                                        width=p.width, height=p.height))
+                                        width=p.width, height=p.height, engine=served.engine.name))
         return uploads, results
 
 # %% ../nbs/serve.ipynb #525b57f8
@@ -419,6 +431,8 @@ class Readiness(BaseModel):
     ready: bool
     model_version: str | None = None
     detail: str | None = None
+    engine: dict | None = Field(None, description="the engine serving the model and how it was chosen: name, precision, threads, "
+                                "images_per_s (measured at load), agreement and accuracy_drop (vs fp32), candidates timed, skipped")
 
 class UpdateModelRequest(BaseModel):
     "Body of `POST /admin/update-model`: the alias or version to serve (default: the configured `VIT_MODEL`)."
@@ -444,12 +458,12 @@ _UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": 
 def create_app(store: Store | str | None = None, model: str | ModelPackage | None = None, *, max_batch: int | None = None,
                max_wait_ms: float | None = None, queue_size: int | None = None, top_k: int | None = None,
                max_upload_mb: float | None = None, max_files: int | None = None, telemetry: bool | TelemetryWriter | None = None,
-               precision: str | None = None, admin_token: str | None = None, monitoring: Monitoring | None = None,
+               engine: str | None = None, admin_token: str | None = None, monitoring: Monitoring | None = None,
                **settings) -> FastAPI:
     "The FastAPI app serving `model` (alias, version or a loaded package; default `$VIT_MODEL`, else `latest`) from `store` (default `$VIT_STORE`)."
     cfg = ServeConfig.from_env(store=None if store is None or isinstance(store, Store) else str(store), model=model if isinstance(model, str) else None,
                                max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size, top_k=top_k,
-                               max_upload_mb=max_upload_mb, max_files=max_files, precision=precision, admin_token=admin_token,
+                               max_upload_mb=max_upload_mb, max_files=max_files, engine=engine, admin_token=admin_token,
                                telemetry=telemetry if isinstance(telemetry, bool) else None, **settings)
     svc = Service(cfg, store if isinstance(store, Store) else None, model if isinstance(model, ModelPackage) else None,
                   telemetry if isinstance(telemetry, TelemetryWriter) else None, monitoring)
@@ -524,7 +538,7 @@ def create_app(store: Store | str | None = None, model: str | ModelPackage | Non
         "200 once a model is loaded and warmed up; 503 (with the reason) before."
         s = svc.served
         if s is None: return JSONResponse(Readiness(ready=False, detail=svc.load_error or "starting").model_dump(), 503)
-        return Readiness(ready=True, model_version=s.version)
+        return Readiness(ready=True, model_version=s.version, engine=s.engine_report)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
              responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}})

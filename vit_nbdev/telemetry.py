@@ -30,6 +30,7 @@ TELEMETRY_SCHEMA = pa.schema([
     ("model_version", pa.string()), ("label", pa.string()), ("score", pa.float32()),
     ("top_k", pa.list_(pa.struct([("label", pa.string()), ("score", pa.float32())]))),
     ("embedding", pa.list_(pa.float32())), ("width", pa.int32()), ("height", pa.int32()),
+    ("engine", pa.string()),   # the engine that computed the embedding (engine chapter): drift compares like with like
 ])
 
 def new_instance_id() -> str:

@@ -207,7 +207,9 @@ def test_pages_docs_and_metrics(server):
             "/admin/update-reference-data", "/admin/update-monitoring"} <= set(spec["paths"])
     ok = spec["paths"]["/predict"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert ok["items"]["$ref"].endswith("/Prediction")
-    assert httpx.get(server.url + "/readyz").json() == {"ready": True, "model_version": "va", "detail": None}
+    ready = httpx.get(server.url + "/readyz").json()
+    assert {k: ready[k] for k in ("ready", "model_version", "detail")} == {"ready": True, "model_version": "va", "detail": None}
+    assert (ready["engine"]["name"], ready["engine"]["selected_by"]) == ("torch-fp32", "VIT_ENGINE")   # conftest pins it
     m = httpx.get(server.url + "/metrics").text
     for name in ("vit_http_requests_total", "vit_http_request_duration_seconds_bucket", "vit_batch_size_bucket", "vit_queue_depth",
                  'vit_model_info{version="va"} 1.0', "vit_telemetry_records_written_total", "vit_telemetry_records_dropped_total",

@@ -202,6 +202,7 @@ def read_check(folder: str | Path | None, name: str) -> dict | None:
     return None
 
 def write_check(folder: str | Path, check: dict) -> Path:
+    "Store `check` (from `check_engine`) as `folder/<engine_key>/check.json`."
     p = Path(folder)/check["key"]/"check.json"
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(check, indent=1))
@@ -289,7 +290,9 @@ def choose_engine(package: ModelPackage, *, pin: str = "auto", threads: int = 0,
     return Choice(engine, report)
 
 # %% ../nbs/engine.ipynb #99acd724
-def engines_prefix(version: str) -> str: return f"models/{version}/engines/"
+def engines_prefix(version: str) -> str:
+    "Where the engines of `version` are kept in the store."
+    return f"models/{version}/engines/"
 
 def export_engines(store: Store | str | None, name: str = "latest", names: list[str] | None = None, n: int = CHECK_N) -> dict[str, dict]:
     "Make and check every candidate engine of model `name` (alias or version) and store the artifacts and checks beside it."

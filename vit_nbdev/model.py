@@ -6,7 +6,7 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/model.html.md"""
 
 # %% ../nbs/model.ipynb #c34eb47a
 from __future__ import annotations
-import json, logging, shutil, time
+import json, logging, shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +17,7 @@ try: from transformers import ViTImageProcessorPil as ViTImageProcessor   # no t
 except ImportError: from transformers import ViTImageProcessor
 
 from .config import PRESETS, DEFAULT_PRESET, check_model_name, shipped_checkpoint
-from .data import CIFAR10_LABELS, PreprocessConfig, load_cifar10, preprocess
+from .data import CIFAR10_LABELS, PreprocessConfig
 
 _log = logging.getLogger("vit_nbdev.model")
 

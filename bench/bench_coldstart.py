@@ -36,7 +36,7 @@ def cold_start(store: str, env: dict, pythonpath: str | None, timeout: float = 9
     if pythonpath: e["PYTHONPATH"] = pythonpath
     cmd = [sys.executable, "-c", "from vit_nbdev.cli import serve_main; serve_main()", "--host", "127.0.0.1", "--port", str(port)]
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(cmd, env=e, cwd=cache, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)   # not the checkout: `-c` imports from the cwd
     try:
         while True:
             if p.poll() is not None: raise RuntimeError(f"vit-serve exited: {p.stderr.read()[-2000:]}")
@@ -60,7 +60,7 @@ def main():
     ap.add_argument("--cache", default=None, help="keep the packages and exported stores here between runs (the B/16 export takes minutes)")
     a = ap.parse_args()
     import torch
-    from vit_nbdev.engine import export_engines, host_info
+    from vit_nbdev.engine import engines_prefix, export_engines, host_info
     from vit_nbdev.model import build_model, save_package
     from vit_nbdev.store import open_store
     host = host_info()
@@ -78,6 +78,7 @@ def main():
                 model, pre = build_model(preset)
                 pkg = save_package(model, pre, work/f"{preset}-pkg")
                 for st in (plain, exported): open_store(st).register(pkg, "v1", aliases=["latest"])
+            if not open_store(exported).list(engines_prefix("v1")):
                 t0 = time.perf_counter()
                 export_engines(open_store(exported), "v1")
                 print(f"{preset}: vit-models export took {time.perf_counter() - t0:.0f} s", flush=True)

@@ -184,10 +184,11 @@ def predictions(engine: Engine, package: ModelPackage, images: torch.Tensor, bat
     "Top-1 class indices of `engine` on `uint8` `images`."
     return torch.cat([engine(preprocess(b, package.preprocess))[1].argmax(-1) for b in images.split(batch_size)])
 
-def check_engine(engine: Engine, package: ModelPackage, images: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor) -> dict:
-    "How `engine` compares with the fp32 `reference` predictions on `images`: agreement, accuracies, drop, eligible."
+def check_engine(engine: Engine, package: ModelPackage, images: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor,
+                 pred: torch.Tensor | None = None) -> dict:
+    "How `engine` (or its predictions `pred`, if already made) compares with the fp32 `reference` predictions on `images`: agreement, accuracies, drop, eligible."
     t0 = time.perf_counter()
-    pred = predictions(engine, package, images)
+    pred = predictions(engine, package, images) if pred is None else pred
     acc, ref = (pred == labels).float().mean().item(), (reference == labels).float().mean().item()
     agree = (pred == reference).float().mean().item()
     return dict(engine=engine.name, key=engine_key(engine.name), images=len(images), agreement=round(agree, 5), accuracy=round(acc, 5),
@@ -216,11 +217,12 @@ def check_engines(package: ModelPackage, folder: str | Path, names: list[str] | 
     "Make the artifacts and run the check of every engine in `names` (default: `candidate_names()`), stored in `folder`."
     threads = threads or cpu_budget()
     images, labels = check_set(package, n)
-    reference = predictions(build_engine(REFERENCE_ENGINE, package, threads), package, images)
+    ref = build_engine(REFERENCE_ENGINE, package, threads)
+    reference = predictions(ref, package, images)
     out = {}
     for name in names or candidate_names():
-        e = build_engine(name, package, threads, folder)
-        out[name] = check_engine(e, package, images, labels, reference)
+        e = ref if name == REFERENCE_ENGINE else build_engine(name, package, threads, folder)
+        out[name] = check_engine(e, package, images, labels, reference, reference if e is ref else None)
         write_check(folder, out[name])
         _log.info("check %s: agreement %.2f%%, accuracy %.2f%% (fp32 %.2f%%) on %d images: %s", name, 100 * out[name]["agreement"],
                   100 * out[name]["accuracy"], 100 * out[name]["reference_accuracy"], len(images), "eligible" if out[name]["eligible"] else "NOT eligible")
@@ -228,9 +230,11 @@ def check_engines(package: ModelPackage, folder: str | Path, names: list[str] | 
     return out
 
 # %% ../nbs/engine.ipynb #dc5ecac5
-def images_per_s(engine: Engine, batch: torch.Tensor, min_s: float = 0.3) -> float:
-    "Images per second of `engine` on `batch`: one warm-up call, then calls until `min_s` has passed (at least one)."
+def images_per_s(engine: Engine, batch: torch.Tensor, min_s: float = 0.2) -> float:
+    "Images per second of `engine` on `batch`: one warm-up call, then calls until `min_s` has passed (none if the warm-up took that long)."
+    t0 = time.perf_counter()
     engine(batch)
+    if (first := time.perf_counter() - t0) >= min_s: return len(batch) / first   # slow already: no need to know how slow exactly
     t0, n = time.perf_counter(), 0
     while n == 0 or time.perf_counter() - t0 < min_s: engine(batch); n += len(batch)
     return n / (time.perf_counter() - t0)
@@ -246,7 +250,7 @@ def thread_options(cpus: int) -> list[int]:
     return sorted({1, max(1, cpus // 2), cpus})
 
 def choose_engine(package: ModelPackage, *, pin: str = "auto", threads: int = 0, folder: str | Path | None = None,
-                  budget_s: float = 30.0, max_batch: int = 32, min_s: float = 0.3) -> Choice:
+                  budget_s: float = 30.0, max_batch: int = 32, min_s: float = 0.2) -> Choice:
     "Time the eligible engines × thread counts on this host and return the fastest (or the `pin`ned one)."
     t_start, cpus = time.perf_counter(), cpu_budget()
     if folder is None:   # a package that is not in a store: its artifacts go to the local cache
@@ -256,8 +260,8 @@ def choose_engine(package: ModelPackage, *, pin: str = "auto", threads: int = 0,
     s = package.model.config.image_size
     names = candidate_names() if pin == "auto" else [engine_spec(pin) and pin]
     ref = TorchEngine(package, "fp32", min(options))
-    ref_rate = images_per_s(ref, torch.zeros(1, 3, s, s), min_s=0.1)
-    batch = torch.zeros(max(1, min(max_batch, int(ref_rate / 4))), 3, s, s)
+    batch = torch.zeros(max(1, min(max_batch, int(images_per_s(ref, torch.zeros(1, 3, s, s), min_s=0.05) / 4))), 3, s, s)
+    ref_rate = images_per_s(ref, batch, min_s)   # also fp32's own timing at this thread count
     checks = {n: read_check(folder, n) for n in names}
     missing = [n for n in names if checks[n] is None and n != REFERENCE_ENGINE]
     checks[REFERENCE_ENGINE] = checks.get(REFERENCE_ENGINE) or dict(engine=REFERENCE_ENGINE, agreement=1.0, drop=0.0, eligible=True)
@@ -275,7 +279,7 @@ def choose_engine(package: ModelPackage, *, pin: str = "auto", threads: int = 0,
         for t in options:
             try: e = ref if (name, t) == (REFERENCE_ENGINE, ref.threads) else build_engine(name, package, t, folder)
             except Exception as ex: skipped[name] = f"failed to load: {ex}"; break
-            r = images_per_s(e, batch, min_s)
+            r = ref_rate if e is ref else images_per_s(e, batch, min_s)
             rates.append(dict(name=name, threads=t, images_per_s=round(r, 2)))
             if best is None or r > best[1]: best = (e, r)
             else: del e

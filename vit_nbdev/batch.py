@@ -6,7 +6,7 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/batch.html.md"""
 
 # %% ../nbs/batch.ipynb #70fd7f18
 from __future__ import annotations
-import collections, logging, threading, time
+import collections, contextlib, logging, threading, time
 from collections.abc import Callable
 from concurrent.futures import Future
 
@@ -27,7 +27,7 @@ class MicroBatcher:
                  on_batch: Callable[[int, float], None] | None = None):
         self.max_batch, self.max_wait, self.queue_size, self.on_batch = max_batch, max_wait_ms / 1000, queue_size, on_batch
         self._q: collections.deque = collections.deque()
-        self._cv, self._closed = threading.Condition(), False
+        self._cv, self._closed, self._coming = threading.Condition(), False, 0
         self.batches = self.images = 0
         self._thread = threading.Thread(target=self._run, name="vit-batcher", daemon=True)
         self._thread.start()
@@ -48,12 +48,22 @@ class MicroBatcher:
             self._cv.notify()
         return futs
 
+    @contextlib.contextmanager
+    def incoming(self):
+        "Mark a request on its way to `submit` (being read or decoded): a batch waits for such requests only, so a lone one starts at once."
+        with self._cv: self._coming += 1
+        try: yield
+        finally:
+            with self._cv:
+                self._coming -= 1
+                self._cv.notify()
+
     def _take(self) -> list:
-        "The next batch: wait for an image, then up to `max_wait` for more; [] once closed and drained."
+        "The next batch: wait for an image, then up to `max_wait` for more while requests are `incoming`; [] once closed and drained."
         with self._cv:
             while not self._q and not self._closed: self._cv.wait()
             deadline = time.monotonic() + self.max_wait
-            while 0 < len(self._q) < self.max_batch and not self._closed and (left := deadline - time.monotonic()) > 0:
+            while 0 < len(self._q) < self.max_batch and self._coming and not self._closed and (left := deadline - time.monotonic()) > 0:
                 self._cv.wait(left)
             batch, first = [], self._q[0][0] if self._q else None
             while self._q and len(batch) < self.max_batch and self._q[0][0] is first:

@@ -66,6 +66,7 @@ def serve_main(argv=None) -> None:
                     telemetry=False if a.no_telemetry else None)
     try: ServeConfig.from_env(**settings)
     except ValueError as e: p.error(str(e))
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch loads: OpenMP threads sleep between regions instead of spinning (see the engine chapter)
     from vit_nbdev.serve import run_server
     from vit_nbdev.monitor import DriftMonitoring
     run_server(settings, DriftMonitoring(), host=a.host, port=a.port if a.port is not None else int(os.environ.get("PORT") or 8000),

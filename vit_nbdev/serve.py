@@ -380,17 +380,18 @@ class Service:
         "`predict`, also returning the uploads (the plain-form page shows the image back)."
         served = self.served
         if served is None: raise ServiceUnavailable(f"the model is not loaded yet ({self.load_error or 'starting'})", retry_after=5)
-        uploads = await read_uploads(request, "file", self.cfg.max_upload_bytes, self.cfg.max_files)
-        loop = asyncio.get_running_loop()
-        prepared = await asyncio.gather(*(loop.run_in_executor(self.pool, prepare_image, u.data, served.package.preprocess,
-                                                               self.cfg.max_pixels) for u in uploads), return_exceptions=True)
-        for i, p in enumerate(prepared):
-            if isinstance(p, ImageError): raise InputError(IMAGE_STATUS[p.kind], f"{uploads[i].describe(i)}: {p.message}")
-            if isinstance(p, BaseException): raise p
-        try: futs = self.batcher.submit(served, [p.pixels for p in prepared])
-        except QueueFull as e:
-            self.metrics.rejected.inc()
-            raise ServiceUnavailable(f"{e}; retry in a second", retry_after=1) from None
+        with self.batcher.incoming():   # batches wait for requests on their way, and only while there are some (a lone one starts at once)
+            uploads = await read_uploads(request, "file", self.cfg.max_upload_bytes, self.cfg.max_files)
+            loop = asyncio.get_running_loop()
+            prepared = await asyncio.gather(*(loop.run_in_executor(self.pool, prepare_image, u.data, served.package.preprocess,
+                                                                   self.cfg.max_pixels) for u in uploads), return_exceptions=True)
+            for i, p in enumerate(prepared):
+                if isinstance(p, ImageError): raise InputError(IMAGE_STATUS[p.kind], f"{uploads[i].describe(i)}: {p.message}")
+                if isinstance(p, BaseException): raise p
+            try: futs = self.batcher.submit(served, [p.pixels for p in prepared])
+            except QueueFull as e:
+                self.metrics.rejected.inc()
+                raise ServiceUnavailable(f"{e}; retry in a second", retry_after=1) from None
         outs = await asyncio.gather(*(asyncio.wrap_future(f) for f in futs))
         now, rid, k = datetime.now(UTC), request.state.request_id, min(self.cfg.top_k, len(served.labels))
         results = []

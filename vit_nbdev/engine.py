@@ -258,7 +258,8 @@ def choose_engine(package: ModelPackage, *, pin: str = "auto", threads: int = 0,
         folder = cache_root()/"engines"/"packages"/hashlib.sha256(where.encode()).hexdigest()[:16]
     options = [threads] if threads else thread_options(cpus)
     s = package.model.config.image_size
-    names = candidate_names() if pin == "auto" else [engine_spec(pin) and pin]
+    names = candidate_names() if pin == "auto" else [pin]
+    if pin != "auto": engine_spec(pin)   # an unknown name fails here, with the list of engines
     ref = TorchEngine(package, "fp32", min(options))
     batch = torch.zeros(max(1, min(max_batch, int(images_per_s(ref, torch.zeros(1, 3, s, s), min_s=0.05) / 4))), 3, s, s)
     ref_rate = images_per_s(ref, batch, min_s)   # also fp32's own timing at this thread count

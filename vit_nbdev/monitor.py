@@ -382,8 +382,7 @@ def latest_report(store) -> tuple[str, dict] | None:
 def _window_engine(cur: pd.DataFrame, engine: Engine | None) -> tuple[str, int]:
     "The engine most records of the window came from (records from before engines count as fp32), and how many came from others."
     if "engine" not in cur or cur.empty: return (engine.name if engine else REFERENCE_ENGINE), 0
-    counts = cur["engine"].fillna(REFERENCE_ENGINE).replace("", REFERENCE_ENGINE).value_counts()
-    cur["engine"] = cur["engine"].fillna(REFERENCE_ENGINE).replace("", REFERENCE_ENGINE)
+    counts = cur["engine"].value_counts()
     return counts.index[0], int(len(cur) - counts.iloc[0])
 
 def run_monitoring(store, model: str = "latest", *, last_n: int | None = 1000, since=None, until=None, min_records: int = MIN_RECORDS,
@@ -393,6 +392,7 @@ def run_monitoring(store, model: str = "latest", *, last_n: int | None = 1000, s
     st = open_store(store)
     version = st.resolve(model)
     cur = read_telemetry(st, version, last_n=last_n, since=since, until=until)
+    if "engine" in cur: cur["engine"] = cur["engine"].fillna(REFERENCE_ENGINE).replace("", REFERENCE_ENGINE)   # records from before engines: fp32
     name, others = _window_engine(cur, engine)
     cur = cur[cur["engine"] == name] if others else cur
     if name != (engine.name if engine else REFERENCE_ENGINE):   # the telemetry came from another engine: embed the reference with that one

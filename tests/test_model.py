@@ -67,13 +67,19 @@ def test_hf_pipeline_agrees_with_our_top1(trained):
 def test_shipped_checkpoint_loads_like_a_local_folder(tmp_path, monkeypatch):
     "`ship_checkpoint` writes fp16 weights that come back as fp32; a name under CHECKPOINTS is a model name everywhere."
     import vit_nbdev.config as C
-    from vit_nbdev.model import ship_checkpoint
+    from vit_nbdev.model import checkpoint_lineage, ship_checkpoint
     torch.manual_seed(2)
     model, pre = build_model("vit-cifar-tiny")
-    pkg_dir = save_package(model.eval(), pre, tmp_path/"pkg", card={"version": "v-test", "metrics": {"test_acc": 0.5}})
+    pkg_dir = save_package(model.eval(), pre, tmp_path/"pkg", card={"version": "v-test", "run_id": "stage-1", "metrics": {"test_acc": 0.5}})
     (tmp_path/"record.ipynb").write_text("{}")
-    ck = ship_checkpoint(pkg_dir, tmp_path/"checkpoints"/"tiny-demo", run_record=tmp_path/"record.ipynb", note="test")
+    ck = ship_checkpoint(pkg_dir, tmp_path/"checkpoints"/"tiny-demo", run_records=[tmp_path/"record.ipynb"], note="test")
     assert (ck/"train.ipynb").exists() and (ck/"model.safetensors").stat().st_size < (pkg_dir/"model.safetensors").stat().st_size * 0.6
+    card2 = {"version": "v-test-2", "run_id": "stage-2", "params": {"model": "tiny-demo"}, "metrics": {"test_acc": 0.6}, "parent": "tiny-demo"}
+    stage1_card = json.loads((ck/"card.json").read_text())
+    ck2 = ship_checkpoint(save_package(model.eval(), pre, tmp_path/"pkg2", card=card2), ck, run_records=[tmp_path/"record.ipynb"] * 2)
+    assert ck2 == ck and json.loads((ck/"card.json").read_text())["parent"]["version"] == "v-test"   # stage 1 moved to lineage/
+    assert sorted(f.name for f in ck.glob("*.ipynb")) == ["train-part1.ipynb", "train.ipynb"]
+    assert [c["version"] for c in checkpoint_lineage(ck)] == ["v-test-2", "v-test"] and checkpoint_lineage(ck)[1] == stage1_card
     monkeypatch.setattr(C, "CHECKPOINTS", tmp_path/"checkpoints")
     assert C.check_model_name("tiny-demo") == "tiny-demo" and C.shipped_checkpoint("tiny-demo") == ck
     with pytest.raises(ValueError, match="shipped checkpoint \\(tiny-demo\\)"): C.check_model_name("tiny-dem0")
@@ -86,11 +92,16 @@ def test_shipped_checkpoint_loads_like_a_local_folder(tmp_path, monkeypatch):
 def test_the_shipped_pretrained_checkpoint():
     "The checkpoint in the package: a model name like a hub id, its lineage in the card, its run record beside it, ≤ 8 MB."
     from vit_nbdev.config import CHECKPOINTS, TrainConfig
+    from vit_nbdev.model import checkpoint_lineage
     ck = CHECKPOINTS/"vit-cifar-small-cifar10"
     card = json.loads((ck/"card.json").read_text())
     assert card["dataset"]["fingerprint"] and card["dataset"]["splits"]["train"] == 40000 and card["code_commit"]
-    assert card["params"]["model"] == "vit-cifar-small" and card["metrics"]["test_acc"] > 0.5 and card["shipped"]["weights"] == "fp16"
-    assert (ck/"train.ipynb").exists() and sum(f.stat().st_size for f in ck.iterdir()) < 8e6
+    assert card["metrics"]["test_acc"] > 0.6 and card["shipped"]["weights"] == "fp16" and card["code_commit"] != "unknown"
+    assert (ck/"train.ipynb").exists() and (ck/"model.safetensors").stat().st_size < 8e6
+    chain = checkpoint_lineage(ck)                      # every stage's card and run record, back to the preset it started from
+    assert chain[-1]["params"]["model"] == "vit-cifar-small" and all(c["params"]["model"] == "vit-cifar-small-cifar10" for c in chain[:-1])
+    assert all(c["dataset"]["fingerprint"] == card["dataset"]["fingerprint"] for c in chain)
+    assert all((ck/"lineage"/c["run_id"]/"train.ipynb").exists() for c in chain[1:])
     TrainConfig.from_dict({"model": "vit-cifar-small-cifar10"})
     m, p = build_model("vit-cifar-small-cifar10")
     test = load_cifar10(progress=False).test

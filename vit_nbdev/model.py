@@ -23,7 +23,7 @@ _log = logging.getLogger("vit_nbdev.model")
 
 # %% auto #0
 __all__ = ['label_maps', 'preset_config', 'build_model', 'ModelPackage', 'save_package', 'load_package', 'ship_checkpoint',
-           'forward_features']
+           'checkpoint_lineage', 'forward_features']
 
 # %% ../nbs/model.ipynb #96a89ecd
 def label_maps(labels=CIFAR10_LABELS) -> dict:
@@ -102,17 +102,37 @@ def load_package(path, device: str | torch.device = "cpu") -> ModelPackage:
     return ModelPackage(model, pre, card, p)
 
 # %% ../nbs/model.ipynb #275d53e2
-def ship_checkpoint(package_dir, dest, run_record=None, note: str | None = None) -> Path:
-    "Write the package at `package_dir` to `dest` as a shipped checkpoint: fp16 weights, config, preprocessing, card, run record."
+def ship_checkpoint(package_dir, dest, run_records=(), note: str | None = None, code_commit: str | None = None) -> Path:
+    """Write the package at `package_dir` to `dest` as a shipped checkpoint: fp16 weights, config, preprocessing, card and
+    run records (the last is `train.ipynb`, earlier parts of a resumed run `train-part<i>.ipynb`). When the package was
+    trained from the checkpoint it replaces, that one's card and records move to `lineage/<run_id>/`: the chain back to a
+    preset stays in the folder."""
     pkg, out = load_package(package_dir), Path(dest)
-    if out.exists(): shutil.rmtree(out)
-    pkg.model.half().save_pretrained(out, safe_serialization=True)
-    pkg.preprocess.save(out/"preprocess.json")
-    _hf_processor(pkg.preprocess).save_pretrained(out)
+    records = [Path(run_records)] if isinstance(run_records, (str, Path)) else [Path(r) for r in run_records]
     card = {**pkg.card, "shipped": {"from_version": pkg.version, "weights": "fp16", "note": note}}
-    (out/"card.json").write_text(json.dumps(card, indent=2, default=str))
-    if run_record: shutil.copy(run_record, out/"train.ipynb")
+    if code_commit: card["code_commit"] = code_commit
+    new = out.with_name(out.name + ".new"); shutil.rmtree(new, ignore_errors=True)
+    pkg.model.half().save_pretrained(new, safe_serialization=True)
+    pkg.preprocess.save(new/"preprocess.json")
+    _hf_processor(pkg.preprocess).save_pretrained(new)
+    for i, r in enumerate(records): shutil.copy(r, new/("train.ipynb" if i == len(records) - 1 else f"train-part{i + 1}.ipynb"))
+    if (out/"card.json").exists() and card.get("parent") == out.name:    # continued from the checkpoint it replaces
+        prev = json.loads((out/"card.json").read_text())
+        if (out/"lineage").exists(): shutil.copytree(out/"lineage", new/"lineage")
+        stage = new/"lineage"/prev["run_id"]; stage.mkdir(parents=True)
+        for f in [out/"card.json", *out.glob("*.ipynb")]: shutil.copy(f, stage/f.name)
+        card["parent"] = dict(name=out.name, run_id=prev["run_id"], version=prev.get("version"),
+                              test_acc=prev.get("metrics", {}).get("test_acc"), card=f"lineage/{prev['run_id']}/card.json")
+    (new/"card.json").write_text(json.dumps(card, indent=2, default=str))
+    for f in new.rglob("*"): f.chmod(0o755 if f.is_dir() else 0o644)     # readable by a non-root service user
+    shutil.rmtree(out, ignore_errors=True); new.rename(out)
     return out
+
+def checkpoint_lineage(dest) -> list[dict]:
+    "The cards of a shipped checkpoint and of every checkpoint it was trained from, newest first, back to a preset."
+    cards, d = [json.loads((Path(dest)/"card.json").read_text())], Path(dest)
+    while isinstance(p := cards[-1].get("parent"), dict): cards.append(json.loads((d/p["card"]).read_text()))
+    return cards
 
 # %% ../nbs/model.ipynb #74262c78
 def forward_features(model: ViTForImageClassification, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,13 +25,13 @@ def test_monitor_loads_neither_fastapi_nor_serve():
 def test_config_is_a_leaf_that_loads_nothing_heavy():
     assert loaded_after("import vit_nbdev.config") == ["vit_nbdev.config"]
 
-@pytest.mark.parametrize("main", ["train_main", "serve_main", "monitor_main", "models_main"])
+@pytest.mark.parametrize("main", ["train_main", "serve_main", "monitor_main", "models_main", "data_main"])
 def test_help_loads_nothing_heavy(main):
     code = (f"import contextlib, io\nfrom vit_nbdev.cli import {main}\n"
             f"with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit): {main}(['--help'])")
     assert loaded_after(code) == ["vit_nbdev.cli", "vit_nbdev.config"]
 
-@pytest.mark.parametrize("cmd", ["vit-train", "vit-serve", "vit-monitor", "vit-models", "vit-cloud"])
+@pytest.mark.parametrize("cmd", ["vit-train", "vit-serve", "vit-monitor", "vit-models", "vit-cloud", "vit-data"])
 def test_installed_scripts_answer_help(cmd):
     p = subprocess.run([BIN/cmd, "--help"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and "usage:" in p.stdout, p.stderr

@@ -31,7 +31,7 @@ def test_unreachable_hub_id_says_what_to_pass(tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     t = tmp_path_factory.mktemp("run")
-    r = train(TrainConfig(max_steps=15, batch_size=64, eval_every=15, checkpoint_every=0, tracker="none", store=str(t/"store"), checkpoint_dir=str(t/"ck")))
+    r = train(TrainConfig(model="vit-cifar-tiny", max_steps=15, batch_size=64, eval_every=15, checkpoint_every=0, tracker="none", store=str(t/"store"), checkpoint_dir=str(t/"ck")))
     return r.package_dir
 
 def test_package_round_trip_is_exact(trained):

@@ -18,7 +18,7 @@ def test_readme_is_in_step_with_index():
 def test_docs_site_has_every_chapter_in_reading_order():
     chapters = yaml.safe_load((ROOT/"nbs/sidebar.yml").read_text())["website"]["sidebar"]["contents"]
     assert chapters == ["index.ipynb", "config.ipynb", "data.ipynb", "model.ipynb", "store.ipynb", "train.ipynb", "models.ipynb", "telemetry.ipynb", "batch.ipynb", "engine.ipynb",
-                        "serve.ipynb", "monitor.ipynb", "robustness.ipynb", "cli.ipynb", "cloud.ipynb", "design.ipynb"]
+                        "serve.ipynb", "monitor.ipynb", "robustness.ipynb", "loop.ipynb", "cli.ipynb", "cloud.ipynb", "design.ipynb"]
     assert set(chapters) == {p.name for p in (ROOT/"nbs").glob("*.ipynb")}, "a notebook is missing from nbs/sidebar.yml"
     quarto = yaml.safe_load((ROOT/"nbs/_quarto.yml").read_text())
     assert "sidebar.yml" in quarto["metadata-files"]

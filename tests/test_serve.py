@@ -2,9 +2,11 @@
 
 Predictions and their parity with training's preprocessing, every kind of bad upload, admin auth, a
 model swap under load, a bounded load test, graceful shutdown flushing telemetry, telemetry to the
-GCS emulator through an outage, and a fuzzer over the OpenAPI schema."""
+GCS emulator through an outage, feedback labels across two instances with kept images, and a fuzzer
+over the OpenAPI schema."""
 import io, os, random, signal, subprocess, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx, numpy as np, pytest, torch
@@ -14,7 +16,7 @@ from conftest import ServeProcess
 from devtools import wait_for
 from vit_nbdev.data import CIFAR10_LABELS, load_cifar10, preprocess
 from vit_nbdev.model import forward_features, load_package
-from vit_nbdev.telemetry import read_telemetry
+from vit_nbdev.telemetry import PredictionIds, decode_kept_image, read_telemetry
 from vit_nbdev.store import open_store
 
 TOKEN = "test-admin-token-0123456789"
@@ -84,7 +86,7 @@ def test_predict_matches_training_preprocessing(server, tiny_packages, test_imag
     pkg = load_package(tiny_packages["a"])
     with torch.inference_mode(): probs = forward_features(pkg.model, preprocess(test_images[:6], pkg.preprocess))[1].softmax(-1)
     for a, p in zip(answers, probs, strict=True):
-        assert set(a) == {"label", "score", "top_k", "model_version"} and a["model_version"] == "va"
+        assert set(a) == {"label", "score", "top_k", "model_version", "prediction_id"} and a["model_version"] == "va"
         assert len(a["top_k"]) == 5 and a["label"] == a["top_k"][0]["label"] and a["score"] == a["top_k"][0]["score"]
         assert [t["score"] for t in a["top_k"]] == sorted((t["score"] for t in a["top_k"]), reverse=True)
         assert all(t["label"] in CIFAR10_LABELS for t in a["top_k"])
@@ -204,7 +206,8 @@ def test_pages_docs_and_metrics(server):
     assert mon.status_code == 200 and "No drift report yet" in mon.text and "/admin/update-monitoring" in mon.text
     spec = httpx.get(server.url + "/openapi.json").json()
     assert {"/", "/predict", "/healthz", "/readyz", "/metrics", "/monitoring", "/admin/update-model",
-            "/admin/update-reference-data", "/admin/update-monitoring"} <= set(spec["paths"])
+            "/admin/update-reference-data", "/admin/update-monitoring", "/feedback", "/feedback/form"} <= set(spec["paths"])
+    assert "Live accuracy (labelled predictions)" in mon.text
     ok = spec["paths"]["/predict"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert ok["items"]["$ref"].endswith("/Prediction")
     ready = httpx.get(server.url + "/readyz").json()
@@ -213,7 +216,8 @@ def test_pages_docs_and_metrics(server):
     m = httpx.get(server.url + "/metrics").text
     for name in ("vit_http_requests_total", "vit_http_request_duration_seconds_bucket", "vit_batch_size_bucket", "vit_queue_depth",
                  'vit_model_info{version="va"} 1.0', "vit_telemetry_records_written_total", "vit_telemetry_records_dropped_total",
-                 "vit_drift_score", "vit_drift_detected"):
+                 "vit_drift_score", "vit_drift_detected", 'vit_feedback_rejected_total{reason="too_large"}',
+                 "vit_feedback_without_image_total", "vit_feedback_records_written_total"):
         assert name in m, name
     assert server.metric("vit_batch_size_count") > 0
 
@@ -331,7 +335,9 @@ def test_monitoring_end_to_end(serve_process, tiny_packages, tmp_path, test_imag
     page = httpx.get(p.url + "/monitoring").text
     from vit_nbdev.monitor import latest_report
     html, summary = latest_report(open_store(store))
-    assert page != before and page == html and summary["status"] == "ok" and summary["n_current"] >= 100
+    body = html.find("<body>") + 6                                   # the live accuracy goes on top of the report
+    assert page != before and page.startswith(html[:body]) and page.endswith(html[body:]) and "Live accuracy" in page[:page.find("</section>")]
+    assert summary["status"] == "ok" and summary["n_current"] >= 100
     assert 0 <= p.metric("vit_drift_score") <= 1 and p.metric("vit_drift_detected") in (0, 1)
     st = open_store(store)
     assert any(k.endswith(".json") for k in st.list("reports/")) and st.exists("models/va/reference.parquet")
@@ -379,6 +385,65 @@ def test_sigterm_flushes_telemetry_records_equal_predictions(serve_process, tiny
     assert set(df.columns) >= {"time", "request_id", "model_version", "label", "score", "top_k", "embedding", "width", "height"}
     assert len(df.embedding[0]) == 128 and df.width[0] == 32 and (df.model_version == "va").all()
     print(f"\nSIGTERM under load: {ok} images answered 200, {len(df)} telemetry records on disk")
+
+# -- feedback ---------------------------------------------------------------------------------------------
+
+def test_feedback_across_two_instances_with_kept_images(serve_process, tiny_packages, tmp_path, test_images):
+    "predict -> POST /feedback on the same or another instance (shared VIT_FEEDBACK_KEY) -> every accepted label in the store after SIGTERM, none of the refused; images kept (or not) in telemetry."
+    store, key = str(tmp_path / "store"), "feedback-key-shared-by-the-fleet"
+    open_store(store).register(tiny_packages["a"], "va")
+    a = serve_process(store, VIT_FEEDBACK_KEY=key, VIT_TELEMETRY_FLUSH_S=3600)                  # writes nothing before its shutdown
+    b = serve_process(store, VIT_FEEDBACK_KEY=key, VIT_TELEMETRY_FLUSH_S=0.5, VIT_KEEP_IMAGES=0)
+    for p in (a, b): p.wait_ready()
+    uploads = [png(x) for x in test_images[:3]]
+    on_a, [on_b] = predict(a.url, *uploads).json(), predict(b.url, uploads[0]).json()
+    fb = lambda p, body, **kw: httpx.post(p.url + "/feedback", timeout=30, **({"content": body} if isinstance(body, bytes) else {"json": body}), **kw)
+    item = lambda ans, label: {"prediction_id": ans["prediction_id"], "label": label}
+
+    r = fb(a, item(on_a[0], "cat"))                                             # single
+    assert (r.status_code, r.json()) == (200, {"accepted": 1, "excluded_from_training": 0}), r.text
+    r = fb(b, [item(on_a[1], "dog"), item(on_a[2], on_a[2]["label"]), item(on_b, "ship")])   # a list, two made by the other instance
+    assert (r.status_code, r.json()) == (200, {"accepted": 3, "excluded_from_training": 1}), r.text
+    r = fb(a, item(on_b, "frog"))                                               # b kept no image
+    assert r.json() == {"accepted": 1, "excluded_from_training": 1}
+    page = httpx.post(a.url + "/feedback/form", data=item(on_a[0], "bird"), timeout=30)   # the page without JavaScript
+    assert page.status_code == 200 and "Thanks! Your label is recorded." in page.text
+    accepted = 6
+
+    expired = PredictionIds.from_settings(key).new("va", 3, True, t=datetime.now(UTC) - timedelta(days=8))
+    payload, mac = on_a[0]["prediction_id"].rsplit(".", 1)
+    forged = payload[:-1] + "0." + mac                                          # "image not kept", with the MAC of "kept"
+    other_key = PredictionIds.from_settings("another fleet's key").new("va", 3, True)
+    bad = [(item(on_a[0], "kitten"), 422, "airplane, automobile, bird, cat"), ({"prediction_id": expired, "label": "cat"}, 404, "has expired"),
+           ({"prediction_id": forged, "label": "cat"}, 404, forged[:40]), ({"prediction_id": other_key, "label": "cat"}, 404, "is unknown"),
+           ([item(on_a[1], "cat"), item(on_a[2], "kitten")], 422, "item 2: unknown label 'kitten'"),      # all or nothing: the good one is not kept
+           ([item(on_a[1], "cat"), {"prediction_id": "nope", "label": "cat"}], 404, "item 2: prediction id 'nope'"),
+           (b"{not json", 422, "not JSON"), ({"label": "cat"}, 422, "expected JSON"), ([], 422, "a list of 0"),
+           ([item(on_a[1], "cat")] * 1001, 422, "a list of 1001"), (b" " * (2**20 + 1), 413, "1 MiB")]
+    for body, status, words in bad:
+        r = fb(a, body)
+        assert r.status_code == status and words in r.json()["detail"], (body if not isinstance(body, bytes) else body[:20], r.status_code, r.text[:300])
+    assert httpx.post(a.url + "/feedback/form", data={"prediction_id": "nope", "label": "cat"}).status_code == 404
+
+    assert a.metric("vit_feedback_total", model_version="va") == 3 and b.metric("vit_feedback_total", model_version="va") == 3
+    assert a.metric("vit_feedback_total", correct="true") + b.metric("vit_feedback_total", correct="true") >= 1   # on_a[2] was confirmed
+    assert a.metric("vit_feedback_without_image_total") == 1 and b.metric("vit_feedback_without_image_total") == 1
+    for reason, n in [("unknown_label", 2), ("unknown_id", 5), ("invalid", 4), ("too_large", 1)]:
+        assert a.metric("vit_feedback_rejected_total", reason=reason) == n, reason
+    wait_for(lambda: b.metric("vit_feedback_records_written_total") == 3, what="b to write its labels")
+    mon = httpx.get(b.url + "/monitoring").text                                 # b's labels are in the store: its page counts them
+    live = mon[mon.index("Live accuracy"):mon.index("</section>")]
+    assert "<code>va</code>" in live and '<td style="padding:2px 12px;text-align:right">3</td>' in live, live
+
+    for p in (a, b): assert p.stop() in (0, -signal.SIGTERM), p.log()
+    got = read_telemetry(store, "va", kind="feedback")
+    assert len(got) == accepted and set(got.source) == {"api", "page"}, got        # none lost, none of the refused
+    assert set(got.prediction_id) == {x["prediction_id"] for x in [*on_a, on_b]}
+    assert list(got[got.prediction_id == on_b["prediction_id"]].image_kept) == [False, False]
+    tel = read_telemetry(store, "va").set_index("prediction_id")
+    assert len(tel) == 4 and tel.image[on_b["prediction_id"]] is None
+    for ans, x in zip(on_a, test_images[:3], strict=True):                     # the image as the model saw it: the upload, 32×32
+        assert (decode_kept_image(tel.image[ans["prediction_id"]]) == x.permute(1, 2, 0).numpy()).all()
 
 def test_full_queue_answers_503_with_retry_after(serve_process, tiny_packages, tmp_path, test_images):
     store = str(tmp_path / "store")

@@ -1,4 +1,6 @@
-"""The upload page in a real browser: Playwright (sync API) driving Debian's Chromium against `vit-serve`."""
+"""The upload page in a real browser: Playwright (sync API) driving Debian's Chromium against `vit-serve`, with and
+without JavaScript: classify an image, then correct the answer with one click (the label reaches the store)."""
+import signal
 from pathlib import Path
 
 import pytest
@@ -6,6 +8,7 @@ from PIL import Image
 
 from vit_nbdev.data import CIFAR10_LABELS, load_cifar10
 from vit_nbdev.store import open_store
+from vit_nbdev.telemetry import read_telemetry
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -41,6 +44,14 @@ def test_upload_page_shows_top5_bars(serve_process, tiny_packages, tmp_path):
             assert len(widths) == 5 and all(w > 0 for w in widths) and widths == sorted(widths, reverse=True), widths
             assert page.locator("#preview").evaluate("e => e.complete && e.naturalWidth") == 32
             assert all(u.startswith(server.url) or u.startswith("blob:") for u in requests), requests   # nothing external
+            buttons = page.locator("#fb button")
+            assert buttons.count() == 10 and page.locator("#fb button.yes").get_attribute("value") == label.split(" ")[0].lower()
+            wrong = page.locator("#fb button:not(.yes)").first                 # "Wrong? It is a …": one click
+            truth = wrong.get_attribute("value")
+            wrong.click()
+            page.wait_for_function("document.getElementById('thanks').textContent.startsWith('Thanks')", timeout=30_000)
+            assert page.locator("#fb button.sent").get_attribute("value") == truth and page.inner_text("#error") == ""
+            assert server.metric("vit_feedback_total", model_version="va", correct="false") == 1
             page.screenshot(path=str(shot), full_page=True)
 
             docs = browser.new_page()                                   # /docs: Swagger UI with its assets from the app (works offline)
@@ -51,7 +62,10 @@ def test_upload_page_shows_top5_bars(serve_process, tiny_packages, tmp_path):
             assert all(u.startswith(server.url) or u.startswith("data:") for u in docs_requests), docs_requests
         finally:
             browser.close()
-    print(f"\nscreenshot: {shot}; page says {label!r}, bars {names}")
+    assert server.stop() in (0, -signal.SIGTERM), server.log()
+    [fb] = read_telemetry(store, kind="feedback").to_dict("records")           # flushed at shutdown
+    assert (fb["label"], fb["correct"], fb["source"], fb["image_kept"]) == (truth, False, "api", True), fb
+    print(f"\nscreenshot: {shot}; page says {label!r}, bars {names}; corrected to {truth!r}")
 
 def test_upload_page_works_without_javascript(serve_process, tiny_packages, tmp_path):
     "The same page as a plain HTML form: choose a file, press Classify, the answer comes back as a page."
@@ -79,5 +93,11 @@ def test_upload_page_works_without_javascript(serve_process, tiny_packages, tmp_
             assert page.locator("#preview").evaluate("e => e.complete && e.naturalWidth") == 32   # the upload shown back
             assert page.inner_text("#version") == "va"
             page.screenshot(path=str(tmp_path / "no-js.png"), full_page=True)
+            truth = page.locator("#fb button:not(.yes)").first.get_attribute("value")
+            with page.expect_navigation(): page.locator("#fb button:not(.yes)").first.click()   # the correction, as a plain form
+            assert page.inner_text("#thanks") == "Thanks! Your label is recorded." and page.inner_text("#error") == ""
         finally:
             browser.close()
+    assert server.stop() in (0, -signal.SIGTERM), server.log()
+    [fb] = read_telemetry(store, kind="feedback").to_dict("records")
+    assert (fb["label"], fb["correct"], fb["source"]) == (truth, False, "page"), fb

@@ -1,13 +1,14 @@
-"""Training end to end: papermill run of the notebook, determinism, resume after SIGKILL, 2-process DDP, errors."""
+"""Training end to end: papermill run of the notebook, determinism, resume after SIGKILL, 2-process DDP, errors, the data snapshot a card names."""
 import json, os, signal, subprocess, sys, time
 from pathlib import Path
-import pytest, nbformat
+import pytest, nbformat, torch
 from vit_nbdev.train import TrainConfig, train
 from vit_nbdev.store import open_store
+from vit_nbdev.data import CIFAR10_LABELS, has_snapshot, load_cifar10, write_snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-QUICK = dict(max_steps=12, batch_size=64, eval_every=6, checkpoint_every=0, log_every=3, tracker="none", eval_batch_size=500)
+QUICK = dict(model="vit-cifar-tiny", max_steps=12, batch_size=64, eval_every=6, checkpoint_every=0, log_every=3, tracker="none", eval_batch_size=500)
 
 def env(**kw):
     return {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", **kw}
@@ -51,7 +52,7 @@ def _wait_for(path: Path, proc, timeout=300):
         time.sleep(0.2)
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
-    common = ["-p", "max_steps", "24", "-p", "batch_size", "64", "-p", "checkpoint_every", "8", "-p", "eval_every", "8",
+    common = ["-p", "model", "vit-cifar-tiny", "-p", "max_steps", "24", "-p", "batch_size", "64", "-p", "checkpoint_every", "8", "-p", "eval_every", "8",
               "-p", "tracker", "none", "-p", "store", str(tmp_path/"store"), "-p", "checkpoint_dir", str(tmp_path/"ck")]
     run = lambda rid, *extra: subprocess.Popen([BIN/"vit-train", "--direct", *common, "-p", "run_id", rid, *extra], cwd=tmp_path,
                                                env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -68,7 +69,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     for k in ("val_acc", "test_acc", "test_loss", "steps"): assert resumed[k] == whole[k], k
 
 def test_two_process_ddp(tmp_path):
-    args = ["-p", "max_steps", "16", "-p", "batch_size", "64", "-p", "eval_every", "8", "-p", "checkpoint_every", "8",
+    args = ["-p", "model", "vit-cifar-tiny", "-p", "max_steps", "16", "-p", "batch_size", "64", "-p", "eval_every", "8", "-p", "checkpoint_every", "8",
             "-p", "tracker", "none", "-p", "store", str(tmp_path/"store"), "-p", "checkpoint_dir", str(tmp_path/"ck"), "-p", "run_id", "ddp"]
     p = subprocess.run([BIN/"torchrun", "--nproc_per_node", "2", "--master_port", "29517", "--no-python", BIN/"vit-train", "--direct", *args],
                        cwd=tmp_path, env=env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=900)
@@ -91,3 +92,27 @@ def test_errors_users_meet(tmp_path):
     with pytest.raises(RuntimeError, match="cannot write to the store"): train(quick(tmp_path, store=str(tmp_path/"afile"/"store")))
     with pytest.raises(ValueError, match="unknown training parameter"): TrainConfig.from_dict({"epoch": 3})
     with pytest.raises(ValueError, match="mixed_precision"): train(quick(tmp_path, mixed_precision="fp8"))
+
+def test_card_names_the_snapshot_and_extra_train(tmp_path, monkeypatch):
+    "A run writes the snapshot of its data when the store lacks it and its card names it; a run on `store:<fp>` with `extra_train` trains on more."
+    monkeypatch.setenv("VIT_CACHE", str(tmp_path/"cache"))                   # snapshots are fetched into the cache: a throwaway one
+    st = open_store(str(tmp_path/"store"))
+    a = train(quick(tmp_path, run_id="snap", max_steps=4, eval_every=4))
+    card = st.card(a.version)
+    fp = card["dataset"]["fingerprint"]
+    assert card["dataset"]["snapshot"] == f"datasets/{fp}" and has_snapshot(st, fp) and "extra_train" not in card["dataset"]
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 256, (40, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(40) % 10
+    write_snapshot(st, "feedback-test", {"train": (x[:32], y[:32]), "test": (x[32:], y[32:])},
+                   {"kind": "feedback", "source": "a test", "label_names": CIFAR10_LABELS})
+    b = train(quick(tmp_path, run_id="more", max_steps=4, eval_every=4, dataset=f"store:{fp}", extra_train="store:feedback-test"))
+    card = st.card(b.version)
+    assert card["dataset"]["fingerprint"] == fp and card["dataset"]["snapshot"] == f"datasets/{fp}"
+    extra = {"source": "store:feedback-test", "fingerprint": "feedback-test", "snapshot": "datasets/feedback-test", "images": 32}
+    assert card["extra_train"] == extra and card["dataset"]["extra_train"] == extra
+    assert card["dataset"]["splits"] == {"train": 4000 + 32, "validation": 1000, "test": 1000}   # training grew; held-out splits did not
+    assert card["params"]["extra_train"] == "store:feedback-test"
+    write_snapshot(st, "other-labels", {"train": (x, y)}, {"source": "a test", "label_names": [n.upper() for n in CIFAR10_LABELS]})
+    with pytest.raises(ValueError, match="must be the same"): train(quick(tmp_path, run_id="bad", extra_train="store:other-labels"))
+    with pytest.raises(FileNotFoundError, match="no dataset snapshot"): train(quick(tmp_path, run_id="bad2", dataset="store:0123456789abcdef"))
+    assert len(load_cifar10(f"store:{fp}", store=st, progress=False).train) == 4000

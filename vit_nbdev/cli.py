@@ -1,4 +1,4 @@
-"""`vit-train`, `vit-serve`, `vit-monitor` and `vit-models`: parse and check the arguments with the light `config` module, then import the chapter that does the work.
+"""`vit-train`, `vit-serve`, `vit-monitor`, `vit-models` and `vit-data`: parse and check the arguments with the light `config` module, then import the chapter that does the work.
 
 Docs: https://vit-nbdev.github.io/vit-nbdev/cli.html.md"""
 
@@ -6,13 +6,14 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/cli.html.md"""
 
 # %% ../nbs/cli.ipynb #4fc964f8
 from __future__ import annotations
-import argparse, os
+import argparse, json, os, sys
+from datetime import datetime
 
 from .config import ALPHA, COMPONENTS, ENGINES, MIN_RECORDS, REFERENCE_N, ServeConfig, TrainConfig, parse_params
 
 # %% auto #0
 __all__ = ['train_parser', 'train_main', 'serve_parser', 'serve_main', 'monitor_parser', 'monitor_main', 'models_parser',
-           'models_main']
+           'models_main', 'data_parser', 'data_main']
 
 # %% ../nbs/cli.ipynb #3c712507
 def train_parser() -> argparse.ArgumentParser:
@@ -74,7 +75,7 @@ def serve_main(argv=None) -> None:
 
 # %% ../nbs/cli.ipynb #d2d56783
 def monitor_parser() -> argparse.ArgumentParser:
-    "`vit-monitor`'s arguments: `reference` and `report`."
+    "`vit-monitor`'s arguments: `reference`, `report` and `retrain`."
     ap = argparse.ArgumentParser("vit-monitor", description="Drift monitoring of the served ViT (see the monitoring chapter).")
     sub = ap.add_subparsers(dest="command", required=True)
     def common(p):
@@ -99,11 +100,33 @@ def monitor_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", help="also write the HTML report to this file")
     p.add_argument("--no-save", action="store_true", help="do not store the report")
     p.add_argument("--fail-on-drift", action="store_true", help="exit with status 1 when drift is detected")
+    t = sub.add_parser("retrain", help="snapshot the feedback, fine-tune production on its data plus the feedback, promote it if the gate passes")
+    t.add_argument("--store", default=None, help="store uri (default $VIT_STORE, else ./artifacts)")
+    t.add_argument("--model", default="production", help="the model to start from and compare with (default %(default)s)")
+    t.add_argument("--alias", default="production", help="the alias to move if the candidate passes (default %(default)s)")
+    t.add_argument("--if-drift", action="store_true", help="act only if the latest drift report found drift")
+    t.add_argument("--min-feedback", type=int, default=50, help="act only with at least N labelled predictions with kept images (default %(default)s)")
+    t.add_argument("--since", help="only feedback at or after this time (ISO 8601)")
+    t.add_argument("--holdout", type=float, default=0.3, help="share of the feedback held out for the gate (default %(default)s)")
+    t.add_argument("--tolerance", type=float, default=0.5, help="the candidate may be this many points worse on the clean test split (default %(default)s)")
+    t.add_argument("--gate-images", type=int, default=None, help="gate on the first N clean test images only (default: all)")
+    t.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"), help="a training parameter (repeatable)")
+    t.add_argument("--cloud", action="store_true", help="train on a GPU VM with vit-cloud train (give its arguments with --cloud-arg)")
+    t.add_argument("--cloud-arg", action="append", default=[], help="one argument for vit-cloud train, e.g. --cloud-arg=--project=my-project (repeatable)")
     return ap
 
 def monitor_main(argv=None) -> int:
-    "`vit-monitor`: parse, then build a reference or a report (see the monitoring chapter)."
-    a = monitor_parser().parse_args(argv)
+    "`vit-monitor`: parse, then build a reference or a report (see the monitoring chapter), or retrain (the loop chapter)."
+    ap = monitor_parser()
+    a = ap.parse_args(argv)
+    if a.command == "retrain":
+        if a.min_feedback < 1: ap.error(f"--min-feedback must be at least 1, got {a.min_feedback}")
+        if not 0 < a.holdout < 1: ap.error(f"--holdout must be between 0 and 1, got {a.holdout}")
+        if not a.tolerance >= 0: ap.error(f"--tolerance must be ≥ 0 points, got {a.tolerance}")
+        try: TrainConfig.from_dict(parse_params([], a.parameter))
+        except ValueError as e: ap.error(str(e))
+        from vit_nbdev.loop import cli
+        return cli(a)
     from vit_nbdev.monitor import cli
     return cli(a)
 
@@ -148,3 +171,60 @@ def models_main(argv=None) -> int:
         if bad: ap.error(f"unknown engine(s) {', '.join(bad)}: choose from {', '.join(ENGINES)}")
     from vit_nbdev.models import cli
     return cli(a)
+
+# %% ../nbs/cli.ipynb #878d8e26
+def data_parser() -> argparse.ArgumentParser:
+    "`vit-data`'s arguments: `snapshot` and `snapshots`."
+    ap = argparse.ArgumentParser("vit-data", description="Dataset snapshots in the store: the decoded splits a model trains on, written once "
+                                 "under datasets/<fingerprint>/ (see the data chapter).")
+    sub = ap.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--store", default=None, help="store uri (default $VIT_STORE, else ./artifacts)")
+    s = sub.add_parser("snapshot", parents=[common], help="write the snapshot of a dataset (or, with --feedback, of the labelled predictions) "
+                       "unless it is there; print its meta as JSON")
+    s.add_argument("--dataset", default=None, help="'sample' (bundled), a parquet folder, a hub id or store:<fingerprint> (default sample)")
+    s.add_argument("--revision", default=None, help="hub revision of --dataset")
+    s.add_argument("--feedback", action="store_true", help="snapshot the labelled predictions (feedback with kept images) instead, with a held-out part")
+    s.add_argument("--since", default=None, help="with --feedback: only feedback at or after this time (ISO 8601, UTC if no zone)")
+    s.add_argument("--holdout", type=float, default=None, help="with --feedback: the fraction held out as the test split (default 0.3)")
+    ls = sub.add_parser("snapshots", parents=[common], help="the complete snapshots in the store: fingerprint, kind, split sizes, when")
+    ls.add_argument("--json", action="store_true", help="print them as JSON")
+    return ap
+
+def _snapshots_table(rows: list[dict]) -> str:
+    "The snapshots as a text table."
+    lines = [f"{'fingerprint':<18}{'kind':<10}{'created':<27}{'splits':<28}source"]
+    for r in rows:
+        splits = ", ".join(f"{k} {v}" for k, v in (r["splits"] or {}).items())
+        lines.append(f"{r['fingerprint']:<18}{r['kind']:<10}{str(r['created']):<27}{splits:<28}{r['source']}")
+    return "\n".join(lines)
+
+def data_main(argv=None) -> int:
+    "`vit-data`: parse and check, then write or list snapshots (see the data chapter). Exit status: 0 done, 2 error."
+    ap = data_parser()
+    a = ap.parse_args(argv)
+    if a.command == "snapshot":
+        if a.feedback and (a.dataset or a.revision): ap.error("--feedback snapshots the labelled predictions: it takes no --dataset or --revision")
+        if not a.feedback and (a.since is not None or a.holdout is not None): ap.error("--since and --holdout go with --feedback")
+        if a.holdout is not None and not 0 < a.holdout < 1: ap.error(f"--holdout must be in (0, 1), got {a.holdout}")
+        if a.since is not None:
+            try: datetime.fromisoformat(a.since)
+            except ValueError: ap.error(f"--since must be an ISO 8601 time such as 2026-11-26T12:00, got {a.since!r}")
+    try:
+        from vit_nbdev.store import open_store
+        st = open_store(a.store)
+        if a.command == "snapshots":
+            from vit_nbdev.data import list_snapshots
+            rows = list_snapshots(st)
+            print(json.dumps(rows, indent=1, default=str) if a.json else _snapshots_table(rows) if rows else f"no snapshots yet in {st.uri}")
+        elif a.feedback:
+            try: from vit_nbdev.loop import snapshot_feedback
+            except ImportError as e: raise RuntimeError(f"feedback snapshots need the loop chapter (vit_nbdev.loop): {e}") from e
+            print(json.dumps(snapshot_feedback(st, since=a.since, holdout=0.3 if a.holdout is None else a.holdout), indent=1, default=str))
+        else:
+            from vit_nbdev.data import snapshot_dataset
+            print(json.dumps(snapshot_dataset(st, a.dataset or "sample", a.revision), indent=1, default=str))
+    except (RuntimeError, ValueError, LookupError, OSError) as e:   # StoreError is a RuntimeError, NotFound a LookupError
+        print(f"vit-data {a.command}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        return 2
+    return 0

@@ -18,7 +18,7 @@ __all__ = ['PRESETS', 'DEFAULT_PRESET', 'CHECKPOINTS', 'PRECISIONS', 'ENGINES', 
 
 # %% ../nbs/config.ipynb #ee80d5a0
 def cache_root() -> Path:
-    "The local cache folder: `$VIT_CACHE`, else `~/.cache/vit_nbdev` (models under `models/`, decoded datasets under `datasets/`)."
+    "The local cache folder: `$VIT_CACHE`, else `~/.cache/vit_nbdev` (models under `models/`, decoded datasets under `datasets/`, snapshots fetched from a store under `datasets/snapshots/`)."
     return Path(os.environ.get("VIT_CACHE") or Path.home()/".cache"/"vit_nbdev").expanduser()
 
 # %% ../nbs/config.ipynb #38ec8d89
@@ -36,8 +36,11 @@ def shipped_checkpoint(name: str) -> Path | None:
     return p if p is not None and (p/"config.json").exists() else None
 
 def check_model_name(name: str) -> str:
-    "`name` if it can name a model (a preset, a shipped checkpoint, an existing folder, or a hub id `owner/name`), else a `ValueError` saying what can."
+    "`name` if it can name a model (a preset, a shipped checkpoint, a version in the run's store `store:<version>`, an existing folder, or a hub id `owner/name`), else a `ValueError` saying what can."
     if not isinstance(name, str) or not name: raise ValueError(f"model must be a non-empty string, got {name!r}")
+    if name.startswith("store:"):
+        if len(name) > 6 and "/" not in name: return name
+        raise ValueError(f"{name!r}: write store:<version or alias> (a model registered in the run's store)")
     if name in PRESETS or shipped_checkpoint(name) or Path(name).expanduser().is_dir(): return name
     if "/" not in name or name.startswith((".", "/", "~")):
         shipped = ", ".join(sorted(p.name for p in CHECKPOINTS.glob("*") if (p/"config.json").exists())) or "none"
@@ -57,16 +60,17 @@ class TrainConfig:
     "Every parameter of a training run (the names of the notebook's parameters cell)."
     dataset: str = "sample"
     revision: str | None = None
-    model: str = "vit-cifar-tiny"
+    extra_train: str | None = None
+    model: str = "vit-cifar-small-cifar10"
     image_size: int | None = None
-    epochs: int = 4
+    epochs: int = 1
     max_steps: int | None = None
     batch_size: int = 128
     grad_accum: int = 1
     eval_batch_size: int = 500
-    lr: float = 2e-3
+    lr: float = 3e-4
     weight_decay: float = 0.05
-    warmup_steps: int = 20
+    warmup_steps: int = 5
     label_smoothing: float = 0.1
     max_grad_norm: float = 1.0
     augment: bool = True
@@ -106,6 +110,8 @@ class TrainConfig:
         for n in ("warmup_steps", "eval_every", "checkpoint_every", "weight_decay"): need(getattr(self, n) >= 0, n, "≥ 0")
         need(self.lr > 0, "lr", "> 0"); need(self.max_grad_norm > 0, "max_grad_norm", "> 0")
         need(0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)"); need(0 < self.val_fraction < 1, "val_fraction", "in (0, 1)")
+        need(self.revision is None or not self.dataset.startswith("store:"), "revision", "None for a snapshot (store:<fingerprint> is immutable)")
+        need(self.extra_train is None or bool(self.extra_train.strip()), "extra_train", "None or a dataset source such as store:<fingerprint>")
         need(self.mixed_precision in PRECISIONS, "mixed_precision", " or ".join(map(repr, PRECISIONS)))
         need(self.tracker in TRACKERS, "tracker", " or ".join(map(repr, TRACKERS)))
         need(all(isinstance(a, str) and a for a in self.aliases), "aliases", "a list of alias names")
@@ -174,6 +180,10 @@ class ServeConfig:
     telemetry_timeout_s: float = 5.0     # per store request of the telemetry writer
     admin_token: str | None = None       # VIT_ADMIN_TOKEN: bearer token for /admin/*; unset: admin answers 503
     model_poll_s: float = 30.0           # when VIT_MODEL is an alias: check it this often (jittered) and follow it; 0: never
+    keep_images: bool = True             # keep each prediction's image (at the model's size, PNG) in telemetry for retraining: a privacy choice
+    feedback_ttl_s: float = 7 * 86400.0  # POST /feedback accepts a prediction id this long (404 after)
+    feedback_key: str | None = field(default=None, repr=False)   # VIT_FEEDBACK_KEY: secret signing prediction ids (a fleet shares it);
+                                                                 # unset: derived from VIT_ADMIN_TOKEN, else random per process
 
     ENV = {"store": "VIT_STORE", "model": "VIT_MODEL", "admin_token": "VIT_ADMIN_TOKEN"}  # the rest: VIT_<NAME>
 
@@ -188,7 +198,7 @@ class ServeConfig:
         env, kw = os.environ if env is None else env, {}
         for f in fields(cls):
             raw = env.get(cls.env_name(f.name))
-            if raw is None or (raw == "" and f.name in ("store", "admin_token", "model")): continue
+            if raw is None or (raw == "" and f.name in ("store", "admin_token", "model", "feedback_key")): continue
             typ = type(f.default) if f.default is not None else str
             try: kw[f.name] = _env_bool(raw) if typ is bool else typ(raw)
             except ValueError as e: raise ValueError(f"{cls.env_name(f.name)}={raw!r}: {e}") from None
@@ -205,6 +215,7 @@ class ServeConfig:
             if getattr(self, name) < 0: raise ValueError(f"{name} must be ≥ 0 (0: automatic), got {getattr(self, name)}")
         for name in ("max_wait_ms", "max_upload_mb", "telemetry_flush_s", "telemetry_timeout_s", "model_poll_s", "engine_budget_s"):
             if not getattr(self, name) >= 0: raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+        if not self.feedback_ttl_s > 0: raise ValueError(f"feedback_ttl_s must be > 0, got {self.feedback_ttl_s}")
         if self.engine != "auto" and self.engine not in ENGINES: raise ValueError(f"engine must be 'auto' or one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.queue_size < self.max_batch: raise ValueError(f"queue_size ({self.queue_size}) must be at least max_batch ({self.max_batch})")
 

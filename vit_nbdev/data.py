@@ -6,9 +6,10 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/data.html.md"""
 
 # %% ../nbs/data.ipynb #fea662e1
 from __future__ import annotations
-import contextlib, dataclasses, hashlib, io, json, tempfile, warnings
+import contextlib, dataclasses, hashlib, io, json, re, shutil, tempfile, warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, asdict
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +20,14 @@ from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 
 from .config import cache_root
+from .store import MARKER, StoreError, open_store
 
 # %% auto #0
-__all__ = ['CIFAR10_LABELS', 'NATIVE_SIZE', 'SAMPLE_DIR', 'HUB_ID', 'CIFAR10_MEAN', 'CIFAR10_STD', 'FORMATS', 'resolve_source',
-           'fingerprint_files', 'decode_split', 'Split', 'CifarData', 'carve_validation', 'load_cifar10',
-           'PreprocessConfig', 'augment', 'preprocess', 'ImageError', 'to_rgb', 'decode_image', 'Prepared',
-           'image_tensor', 'prepare_image', 'to_model_size', 'make_sample']
+__all__ = ['CIFAR10_LABELS', 'NATIVE_SIZE', 'SAMPLE_DIR', 'HUB_ID', 'SNAPSHOTS', 'CIFAR10_MEAN', 'CIFAR10_STD', 'FORMATS',
+           'resolve_source', 'fingerprint_files', 'decode_split', 'Split', 'CifarData', 'carve_validation',
+           'load_splits', 'load_cifar10', 'snapshot_prefix', 'has_snapshot', 'write_snapshot', 'read_snapshot',
+           'snapshot_dataset', 'list_snapshots', 'add_train', 'PreprocessConfig', 'augment', 'preprocess', 'ImageError',
+           'to_rgb', 'decode_image', 'Prepared', 'image_tensor', 'prepare_image', 'to_model_size', 'make_sample']
 
 # %% ../nbs/data.ipynb #02f00240
 CIFAR10_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -34,12 +37,14 @@ HUB_ID = "uoft-cs/cifar10"
 
 # %% ../nbs/data.ipynb #4a6bd541
 def resolve_source(source: str = "sample") -> tuple[str, str]:
-    "Classify `source` as `('sample'|'local'|'hub', location)`."
+    "Classify `source` as `('sample'|'store'|'local'|'hub', location)`; a `store:<fingerprint>` source's location is the fingerprint."
     if source in (None, "", "sample"): return "sample", str(SAMPLE_DIR)
+    if source.startswith("store:"): return "store", source[len("store:"):]
     p = Path(source).expanduser()
     if p.is_dir(): return "local", str(p.resolve())
     if p.suffix or source.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"dataset folder {source!r} does not exist (pass 'sample', a parquet folder, or a hub id like {HUB_ID!r})")
+        raise FileNotFoundError(f"dataset folder {source!r} does not exist (pass 'sample', a parquet folder, a hub id like {HUB_ID!r}, "
+                                f"or a snapshot 'store:<fingerprint>')")
     return "hub", source
 
 # %% ../nbs/data.ipynb #0e75d35d
@@ -110,17 +115,20 @@ class CifarData:
     source: str
     revision: str | None
     fingerprint: str
+    snapshot: str | None = None       # the store prefix of its snapshot, `datasets/<fingerprint>`, once known
+    extra_train: dict | None = None   # what `add_train` appended to the training split
     def info(self) -> dict:
-        "Lineage for the model card: source, revision, fingerprint, split sizes."
-        return dict(source=self.source, revision=self.revision, fingerprint=self.fingerprint,
-                    splits={k: len(getattr(self, k)) for k in ("train", "validation", "test")})
+        "Lineage for the model card: source, revision, fingerprint, snapshot, split sizes (and `extra_train` if any)."
+        d = dict(source=self.source, revision=self.revision, fingerprint=self.fingerprint, snapshot=self.snapshot,
+                 splits={k: len(getattr(self, k)) for k in ("train", "validation", "test")})
+        return {**d, "extra_train": self.extra_train} if self.extra_train else d
 
 # %% ../nbs/data.ipynb #88505d17
 def _save_cache(d: Path, tensors: dict, meta: dict):
     d.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=d.parent, prefix=".tmp-"))
     for split, (x, y) in tensors.items(): save_file({"images": x, "labels": y}, tmp/f"{split}.safetensors")
-    (tmp/"meta.json").write_text(json.dumps(meta, indent=1))
+    (tmp/"meta.json").write_text(json.dumps(meta, indent=1, default=str))
     try: tmp.rename(d)   # atomic: a reader sees the whole cache or none
     except OSError:      # another process won the race; theirs is as good as ours
         import shutil; shutil.rmtree(tmp, ignore_errors=True)
@@ -142,15 +150,15 @@ def carve_validation(x: torch.Tensor, y: torch.Tensor, val_fraction: float = 0.2
     return Split(x[t], y[t]), Split(x[v], y[v])
 
 # %% ../nbs/data.ipynb #9940ce2d
-def load_cifar10(source: str = "sample", revision: str | None = None, val_fraction: float = 0.2, seed: int = 0,
-                 cache_dir=None, progress: bool = True) -> CifarData:
-    "Load CIFAR-10 from `'sample'`, a local parquet folder or a hub id, decoded once and cached by content fingerprint."
-    kind, loc = resolve_source(source)
-    ds, fp = None, None
+def _identify(kind: str, loc: str, revision: str | None = None) -> tuple[str, object]:
+    "The content fingerprint of a file source (sample, local folder, hub id) and, for a hub id, the loaded dataset."
     if kind == "hub":
         ds = _load_hf(loc, revision)
-        fp = fingerprint_files([f["filename"] for s in ds.values() for f in s.cache_files])
-    else: fp = fingerprint_files(_data_files(loc))
+        return fingerprint_files([f["filename"] for s in ds.values() for f in s.cache_files]), ds
+    return fingerprint_files(_data_files(loc)), None
+
+def _decoded(source: str, loc: str, fp: str, ds=None, cache_dir=None, progress: bool = True) -> tuple[dict, dict]:
+    "The raw splits of a file source and their meta, decoded once into `<cache_dir>/<fingerprint>/`."
     d = Path(cache_dir or cache_root()/"datasets")/fp
     if not (d/"meta.json").exists():
         ds = ds or _load_hf(loc)
@@ -159,10 +167,146 @@ def load_cifar10(source: str = "sample", revision: str | None = None, val_fracti
         names = list(getattr(feat, "names", None) or CIFAR10_LABELS)
         tensors = {s: decode_split(ds[s], s, len(names), progress=progress) for s in ("train", "test")}
         _save_cache(d, tensors, dict(splits=list(tensors), label_names=names, fingerprint=fp))
-    tensors, meta = _load_cache(d)
+    return _load_cache(d)
+
+def load_splits(source: str = "sample", revision: str | None = None, cache_dir=None, progress: bool = True,
+                store=None) -> tuple[dict, dict]:
+    "The raw splits of `source` as `{split: (images, labels)}` (`train` and `test`, before the validation carve) and their lineage: `source`, `revision`, `fingerprint`, `label_names`, `snapshot` (for `store:<fingerprint>`, read from `store`)."
+    kind, loc = resolve_source(source)
+    if kind == "store":
+        if revision is not None: raise ValueError(f"a snapshot is immutable: {source!r} takes no revision (got {revision!r})")
+        tensors, meta = read_snapshot(store, loc, cache_dir=cache_dir)
+        return tensors, dict(source=meta["source"], revision=meta.get("revision"), fingerprint=meta["fingerprint"],
+                             label_names=meta["label_names"], snapshot=snapshot_prefix(loc))
+    fp, ds = _identify(kind, loc, revision)
+    tensors, meta = _decoded(source, loc, fp, ds, cache_dir, progress)
+    return tensors, dict(source=kind if kind == "sample" else loc, revision=revision, fingerprint=fp,
+                         label_names=meta["label_names"], snapshot=None)
+
+def load_cifar10(source: str = "sample", revision: str | None = None, val_fraction: float = 0.2, seed: int = 0,
+                 cache_dir=None, progress: bool = True, store=None) -> CifarData:
+    "Load CIFAR-10 from `'sample'`, a local parquet folder or a hub id (decoded once, cached by content fingerprint), or a snapshot `'store:<fingerprint>'` in `store` (default `$VIT_STORE`, else `./artifacts`); validation carved from train."
+    tensors, meta = load_splits(source, revision, cache_dir, progress, store)
+    if "train" not in tensors or "test" not in tensors:
+        raise ValueError(f"dataset {source!r} needs 'train' and 'test' splits, found {list(tensors)}")
     tr, va = carve_validation(*tensors["train"], val_fraction, seed)
-    return CifarData(tr, va, Split(*tensors["test"]), meta["label_names"], source=kind if kind == "sample" else loc,
-                     revision=revision, fingerprint=fp)
+    return CifarData(tr, va, Split(*tensors["test"]), meta["label_names"], source=meta["source"], revision=meta["revision"],
+                     fingerprint=meta["fingerprint"], snapshot=meta["snapshot"])
+
+# %% ../nbs/data.ipynb #796ff95c
+SNAPSHOTS = "datasets"   # the folder of the snapshots in a store: datasets/<fingerprint>/
+_FINGERPRINT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+def snapshot_prefix(fingerprint: str) -> str:
+    "The store prefix of the snapshot `fingerprint`, `datasets/<fingerprint>`; `ValueError` for a name that cannot be one."
+    if not (isinstance(fingerprint, str) and _FINGERPRINT.fullmatch(fingerprint)):
+        raise ValueError(f"bad snapshot fingerprint {fingerprint!r}: use letters, digits, '.', '_' and '-' (e.g. store:{'0' * 16})")
+    return f"{SNAPSHOTS}/{fingerprint}"
+
+def has_snapshot(store, fingerprint: str) -> bool:
+    "Is the snapshot `fingerprint` in `store` complete (its marker, written last, is there)?"
+    return open_store(store).exists(f"{snapshot_prefix(fingerprint)}/{MARKER}")
+
+def _check_splits(tensors: dict, label_names: list) -> None:
+    "Raise `ValueError` unless every split is `(uint8 (N,3,H,W) images, int64 (N,) labels in range)`."
+    if not tensors: raise ValueError("a snapshot needs at least one split")
+    for s, (x, y) in tensors.items():
+        if not (isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1] == 3):
+            raise ValueError(f"split {s!r}: images must be uint8 (N,3,H,W), got {getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+        if not (isinstance(y, torch.Tensor) and y.dtype == torch.int64 and tuple(y.shape) == (len(x),)):
+            raise ValueError(f"split {s!r}: labels must be int64 of shape ({len(x)},), got {getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
+        if len(y) and not (0 <= int(y.min()) and int(y.max()) < len(label_names)):
+            raise ValueError(f"split {s!r}: labels must be in 0..{len(label_names) - 1} (the label names), got {int(y.min())}..{int(y.max())}")
+
+def write_snapshot(store, fingerprint: str, tensors: dict, meta: dict) -> str:
+    "Write `tensors` (`{split: (images, labels)}`) and `meta` to `store` as the immutable snapshot `datasets/<fingerprint>/`, marker last; a no-op if it is complete already. `meta` needs `label_names` and `source`; `fingerprint`, `splits` (sizes) and `created` are filled in. Returns the prefix."
+    st, prefix = open_store(store), snapshot_prefix(fingerprint)
+    if st.exists(f"{prefix}/{MARKER}"): return prefix   # complete: never written twice
+    if missing := [k for k in ("label_names", "source") if k not in meta]: raise ValueError(f"snapshot meta needs {missing}")
+    if meta.get("fingerprint", fingerprint) != fingerprint:
+        raise ValueError(f"meta names the fingerprint {meta['fingerprint']!r}, the snapshot is {fingerprint!r}")
+    _check_splits(tensors, meta["label_names"])
+    meta = {**meta, "fingerprint": fingerprint, "splits": {s: len(y) for s, (_, y) in tensors.items()},
+            "created": meta.get("created") or datetime.now(UTC).isoformat(timespec="seconds")}
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)/fingerprint
+        _save_cache(d, tensors, meta)
+        files = {p.name: p.stat().st_size for p in sorted(d.iterdir())}
+        st.put_dir(d, prefix)   # replaces what an interrupted write left: without the marker nobody has read it
+        marker = json.dumps(dict(fingerprint=fingerprint, created=meta["created"], files=files), indent=1).encode()
+        try: st.put_bytes(f"{prefix}/{MARKER}", marker, overwrite=False)
+        except StoreError:
+            if not st.exists(f"{prefix}/{MARKER}"): raise   # else another writer completed it meanwhile: the same data
+    return prefix
+
+# %% ../nbs/data.ipynb #8354cc1f
+def _missing_snapshot(st, fingerprint: str) -> FileNotFoundError:
+    "The error for a snapshot that `st` lacks or holds incomplete, naming those it has."
+    keys = [k.split("/") for k in st.list(f"{SNAPSHOTS}/")]
+    complete = sorted({k[1] for k in keys if len(k) == 3 and k[2] == MARKER})
+    if any(len(k) >= 3 and k[1] == fingerprint for k in keys):
+        return FileNotFoundError(f"snapshot {fingerprint!r} in {st.uri} is incomplete (no {MARKER}: an interrupted write), so nothing may read it; "
+                                 f"write it again (`vit-data snapshot`, or the writer that made it)")
+    return FileNotFoundError(f"no dataset snapshot {fingerprint!r} in {st.uri}; snapshots there: {', '.join(complete) or 'none'} "
+                             f"(make one with `vit-data snapshot --dataset SOURCE`)")
+
+def read_snapshot(store, fingerprint: str, cache_dir=None) -> tuple[dict, dict]:
+    "The splits (`{split: (images, labels)}`) and meta of the complete snapshot `fingerprint` in `store`, fetched once into `<cache_dir>/snapshots/<store>/<fingerprint>/` (default cache: `<cache>/datasets`); `FileNotFoundError` for a missing or incomplete one."
+    st, prefix = open_store(store), snapshot_prefix(fingerprint)
+    root = Path(cache_dir or cache_root()/"datasets")/"snapshots"/hashlib.sha256(st.uri.encode()).hexdigest()[:16]
+    d = root/fingerprint
+    if not (d/MARKER).exists():
+        if not st.exists(f"{prefix}/{MARKER}"): raise _missing_snapshot(st, fingerprint)
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{fingerprint}.", suffix="~"))
+        try:
+            st.get_dir(f"{prefix}/", tmp)
+            files = json.loads((tmp/MARKER).read_text())["files"]
+            if bad := sorted(f for f, n in files.items() if not (tmp/f).is_file() or (tmp/f).stat().st_size != n):
+                raise StoreError(f"the download of snapshot {fingerprint!r} from {st.uri} is incomplete: {', '.join(bad)}")
+            with contextlib.suppress(OSError): tmp.rename(d)   # fails only if another process was quicker
+        finally: shutil.rmtree(tmp, ignore_errors=True)
+    return _load_cache(d)
+
+def snapshot_dataset(store, source: str = "sample", revision: str | None = None, cache_dir=None, progress: bool = True) -> dict:
+    "Write the snapshot of `source` (its raw `train` and `test` splits as decoded) to `store` unless it is there; return its meta with `snapshot` (the prefix) and `written` (False: it was there)."
+    st = open_store(store)
+    kind, loc = resolve_source(source)
+    fp, ds = (loc, None) if kind == "store" else _identify(kind, loc, revision)
+    prefix, written = snapshot_prefix(fp), False
+    if not st.exists(f"{prefix}/{MARKER}"):
+        if kind == "store": raise _missing_snapshot(st, fp)
+        tensors, meta = _decoded(source, loc, fp, ds, cache_dir, progress)
+        write_snapshot(st, fp, tensors, dict(kind="source", source=kind if kind == "sample" else loc, revision=revision,
+                                             label_names=meta["label_names"]))
+        written = True
+    return {**json.loads(st.get_bytes(f"{prefix}/meta.json")), "snapshot": prefix, "written": written}
+
+def list_snapshots(store) -> list[dict]:
+    "The complete snapshots in `store`, oldest first: `fingerprint`, `kind` (`source`, `feedback`, …), `splits` (sizes), `created`, `source`, `snapshot` (the prefix)."
+    st = open_store(store)
+    fps = sorted({k.split("/")[1] for k in st.list(f"{SNAPSHOTS}/") if k.count("/") == 2 and k.endswith(f"/{MARKER}")})
+    rows = []
+    for fp in fps:
+        m = json.loads(st.get_bytes(f"{SNAPSHOTS}/{fp}/meta.json"))
+        rows.append(dict(fingerprint=fp, kind=m.get("kind", "source"), splits=m.get("splits"), created=m.get("created"),
+                         source=m.get("source"), snapshot=f"{SNAPSHOTS}/{fp}"))
+    return sorted(rows, key=lambda r: str(r["created"]))
+
+# %% ../nbs/data.ipynb #1380015e
+def add_train(data: CifarData, source: str, store=None, cache_dir=None, progress: bool = True) -> CifarData:
+    "`data` with the `train` split of `source` (e.g. a feedback snapshot `store:<fingerprint>` in `store`) appended to its training split, recorded in `extra_train`; validation and test unchanged."
+    if data.extra_train: raise ValueError(f"extra training data was added already ({data.extra_train['source']!r})")
+    tensors, meta = load_splits(source, cache_dir=cache_dir, progress=progress, store=store)
+    if "train" not in tensors: raise ValueError(f"extra training data {source!r} has no 'train' split (it has {', '.join(tensors)})")
+    if list(meta["label_names"]) != list(data.label_names):
+        raise ValueError(f"extra training data {source!r} has the labels {meta['label_names']}, the dataset {data.label_names}: "
+                         f"they must be the same, in the same order")
+    x, y = tensors["train"]
+    if x.shape[1:] != data.train.images.shape[1:]:
+        raise ValueError(f"extra training data {source!r} has images of shape {tuple(x.shape[1:])}, the dataset {tuple(data.train.images.shape[1:])}")
+    extra = dict(source=source, fingerprint=meta["fingerprint"], snapshot=meta["snapshot"], images=len(y))
+    return dataclasses.replace(data, train=Split(torch.cat([data.train.images, x]), torch.cat([data.train.labels, y])), extra_train=extra)
 
 # %% ../nbs/data.ipynb #df7c1908
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)

@@ -94,7 +94,8 @@ def gate(store: Store | str | None, candidate: str, current: str | None, data: s
          images: int | None = None) -> dict:
     "Accuracies of the versions `candidate` and `current` (None: none yet) on the same held-out images, and whether the candidate `passed`."
     from vit_nbdev.data import Split, load_cifar10
-    st, d = open_store(store), load_cifar10(data, progress=False)
+    st = open_store(store)
+    d = load_cifar10(data, progress=False, store=st)
     split = Split(d.test.images[:images], d.test.labels[:images]) if images else d.test
     def acc(v):
         try: return accuracy(st.fetch_model(v), split)

@@ -449,12 +449,14 @@ class DriftMonitoring:
         finally: self.building = None
 
     def flush_telemetry(self) -> dict:
-        "Write the service's buffered telemetry now, in this thread: `written` (records), `buffered` (left: the store failed)."
-        w = getattr(self.service, "telemetry", None)
-        if w is None: return dict(written=0, buffered=0)
-        before = w.written
-        w.flush()
-        return dict(written=w.written - before, buffered=w.buffered)
+        "Write the service's buffered telemetry and feedback now, in this thread: `written` (records), `buffered` (left: the store failed)."
+        out = dict(written=0, buffered=0)
+        for w in (getattr(self.service, "telemetry", None), getattr(getattr(self.service, "feedback", None), "writer", None)):
+            if w is None: continue
+            before = w.written
+            w.flush()
+            out["written"] += w.written - before; out["buffered"] += w.buffered
+        return out
 
     def update_monitoring(self, wait: float = 0) -> dict:
         "Write this instance's buffered telemetry, then build a drift report of the serving model's recent telemetry in the background; wait up to `wait` s for it."

@@ -6,7 +6,7 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/serve.html.md"""
 
 # %% ../nbs/serve.ipynb #73284f55
 from __future__ import annotations
-import asyncio, base64, contextlib, hmac, logging, os, random, re, socket, threading, time, uuid
+import asyncio, base64, contextlib, hmac, logging, os, random, socket, threading, time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,7 +22,7 @@ from fastapi_offline import FastAPIOffline
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.requests import ClientDisconnect
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from .config import ServeConfig
 from .batch import MicroBatcher, QueueFull
@@ -30,15 +30,16 @@ from .data import ImageError, prepare_image, to_model_size
 from .engine import Engine, choose_engine, cpu_budget, sync_engines
 from .model import ModelPackage, load_package
 from .store import NotFound, Store, StoreError, open_store
-from .telemetry import TelemetryCollector, TelemetryWriter
+from .telemetry import (FEEDBACK_BODY_SCHEMA, FEEDBACK_ITEM_SCHEMA, FeedbackDesk, FeedbackError, PredictionIds, RequestMiddleware,
+                                 ServiceMetrics, TelemetryWriter, encode_kept_image)
 
 _log = logging.getLogger("vit_nbdev.serve")
 
 # %% auto #0
-__all__ = ['IMAGE_STATUS', 'TEMPLATES', 'InputError', 'Upload', 'read_uploads', 'Served', 'ServiceMetrics', 'RequestMiddleware',
-           'Monitoring', 'NoMonitoring', 'upload_page', 'preview_url', 'ServiceUnavailable', 'ModelUpdateError',
-           'Service', 'TopK', 'Prediction', 'ErrorBody', 'Health', 'Readiness', 'UpdateModelRequest',
-           'UpdateModelResponse', 'create_app', 'run_server']
+__all__ = ['IMAGE_STATUS', 'TEMPLATES', 'FEEDBACK_MAX_BYTES', 'FEEDBACK_STATUS', 'InputError', 'Upload', 'read_uploads',
+           'read_body', 'Served', 'Monitoring', 'NoMonitoring', 'upload_page', 'preview_url', 'ServiceUnavailable',
+           'ModelUpdateError', 'Service', 'TopK', 'Prediction', 'FeedbackAnswer', 'ErrorBody', 'Health', 'Readiness',
+           'UpdateModelRequest', 'UpdateModelResponse', 'create_app', 'run_server']
 
 # %% ../nbs/serve.ipynb #7f078429
 class InputError(Exception):
@@ -114,6 +115,17 @@ async def read_uploads(request: Request, field: str = "file", max_bytes: int = 1
     if not uploads: raise InputError(422, f"no file in the request: add one or more multipart parts named {field!r}")
     return uploads
 
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    "The whole body of a small request (JSON, a form), refusing (413) one over `max_bytes` as it streams in."
+    body, size = bytearray(), 0
+    try:
+        async for chunk in request.stream():
+            if (size := size + len(chunk)) <= max_bytes: body += chunk
+            elif size > _DRAIN_LIMIT: break   # read the rest (up to a bound) so that the client gets its 413
+    except ClientDisconnect: raise InputError(400, "the client disconnected before the body was complete") from None
+    if size > max_bytes: raise InputError(413, f"the body is larger than the limit of {max_bytes / 2**20:g} MiB")
+    return bytes(body)
+
 # %% ../nbs/serve.ipynb #6350d228
 @dataclass
 class Served:
@@ -137,63 +149,6 @@ class Served:
         s = self.package.preprocess.native_size
         for n in sizes: self.forward(torch.zeros(n, 3, s, s))
 
-# %% ../nbs/serve.ipynb #6e438cd0
-class ServiceMetrics:
-    "The Prometheus metrics of one service, in their own registry."
-    def __init__(self, registry: CollectorRegistry | None = None):
-        r = self.registry = registry or CollectorRegistry()
-        self.requests = Counter("vit_http_requests", "HTTP requests by route, method and status", ["route", "method", "status"], registry=r)
-        self.latency = Histogram("vit_http_request_duration_seconds", "HTTP request latency by route", ["route"], registry=r,
-                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
-        self.batch_size = Histogram("vit_batch_size", "images per forward pass", registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-        self.batch_seconds = Histogram("vit_batch_duration_seconds", "time of one forward pass", registry=r,
-                                       buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
-        self.queue_depth = Gauge("vit_queue_depth", "images waiting for the model", registry=r)
-        self.rejected = Counter("vit_queue_rejections", "requests refused with 503 because the queue was full", registry=r)
-        self.predictions = Counter("vit_predictions", "images classified, by model version and predicted label", ["version", "label"], registry=r)
-        self.model_info = Gauge("vit_model_info", "the model version being served (value 1)", ["version"], registry=r)
-        self.swaps = Counter("vit_model_updates", "model updates by source (admin, poll) and result", ["source", "result"], registry=r)
-        self.polls = Counter("vit_model_polls", "checks of the VIT_MODEL alias by result (unchanged, moved, store_error)", ["result"], registry=r)
-        self.engine = Gauge("vit_engine_images_per_second", "the serving engine's images/s, timed at load on this host", ["engine", "precision", "threads"], registry=r)
-        self.engine_agreement = Gauge("vit_engine_agreement", "top-1 agreement of the serving engine with fp32 on the check images (-1: unchecked)", registry=r)
-        self.telemetry_writer: TelemetryWriter | None = None
-        r.register(TelemetryCollector(lambda: self.telemetry_writer))
-
-    def set_model(self, version: str, engine: dict | None = None) -> None:
-        "Report `version` as the one being served, and its `engine` (the report of `choose_engine`)."
-        self.model_info.clear()
-        self.model_info.labels(version).set(1)
-        if engine:
-            self.engine.clear()
-            self.engine.labels(engine["name"], engine["precision"], str(engine["threads"])).set(engine["images_per_s"])
-            self.engine_agreement.set(-1 if engine.get("agreement") is None else engine["agreement"])
-
-    def render(self) -> bytes:
-        "The Prometheus text exposition."
-        return generate_latest(self.registry)
-
-class RequestMiddleware:
-    "ASGI middleware: a request id (`X-Request-ID`, echoed), request counts and latency by route template."
-    _ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-    def __init__(self, app, metrics: ServiceMetrics): self.app, self.metrics = app, metrics
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http": return await self.app(scope, receive, send)
-        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        rid = given if self._ID.fullmatch(given) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
-        status, t0 = 500, time.perf_counter()
-        async def send_(msg):
-            nonlocal status
-            if msg["type"] == "http.response.start":
-                status = msg["status"]
-                msg = {**msg, "headers": [*msg.get("headers", []), (b"x-request-id", rid.encode())]}
-            await send(msg)
-        try: await self.app(scope, receive, send_)
-        finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
-
 # %% ../nbs/serve.ipynb #36b4594d
 class Monitoring(Protocol):
     "What the service asks of a monitoring implementation (the monitoring chapter's `DriftMonitoring` is one)."
@@ -214,11 +169,11 @@ class NoMonitoring:
 TEMPLATES = Environment(loader=PackageLoader("vit_nbdev"), autoescape=select_autoescape(), trim_blocks=True)
 
 def upload_page(labels: list[str] | None = None, result: dict | None = None, error: str | None = None,
-                preview: str | None = None, version: str | None = None) -> str:
-    "The HTML of `/`: the form, and (after a plain-form `POST /`) the answer for one image or the error."
+                preview: str | None = None, version: str | None = None, notice: str | None = None) -> str:
+    "The HTML of `/`: the form, and (after a plain-form `POST /` or `POST /feedback/form`) the answer for one image, a `notice` or the error."
     classes = ", ".join(labels) if labels else "the classes of the served model"
-    return TEMPLATES.get_template("upload.html").render(title="Classify an image", classes=classes, result=result,
-                                                         error=error, preview=preview, version=version)
+    return TEMPLATES.get_template("upload.html").render(title="Classify an image", classes=classes, labels=labels or [], result=result,
+                                                         error=error, preview=preview, version=version, notice=notice)
 
 def preview_url(data: bytes, content_type: str | None, max_bytes: int = 2**20) -> str | None:
     "A `data:` URL showing an uploaded image back on the page (none for large files or non-images)."
@@ -234,8 +189,13 @@ class ModelUpdateError(Exception):
     "An admin model update that did not happen: an HTTP status and the reason; the previous model keeps serving."
     def __init__(self, status: int, message: str): super().__init__(message); self.status, self.message = status, message
 
+def _prepare(data: bytes, pre, max_pixels: int, keep: bool):
+    "In a decode thread: the upload ready for the model, and the image telemetry keeps (PNG at the native size) if `keep`."
+    p = prepare_image(data, pre, max_pixels)
+    return p, encode_kept_image(p.pixels, pre) if keep else None
+
 class Service:
-    "The serving state behind the app: store, current model, batcher, telemetry writer, metrics, monitoring hook."
+    "The serving state behind the app: store, current model, batcher, telemetry and feedback writers, prediction ids, metrics, monitoring hook."
     def __init__(self, cfg: ServeConfig, store: Store | None = None, model: ModelPackage | None = None,
                  telemetry: TelemetryWriter | None = None, monitoring: Monitoring | None = None):
         self.cfg, self.store, self.initial_package = cfg, store, model
@@ -244,6 +204,7 @@ class Service:
         self.served: Served | None = None
         self.load_error: str | None = None
         self.telemetry, self._own_telemetry = telemetry, telemetry is None
+        self.feedback = FeedbackDesk(PredictionIds.from_settings(cfg.feedback_key, cfg.admin_token, cfg.feedback_ttl_s), self.metrics.registry)
         self.monitoring = monitoring or NoMonitoring()
         self.batcher: MicroBatcher | None = None
         self.pool: ThreadPoolExecutor | None = None
@@ -254,17 +215,19 @@ class Service:
 
     # -- lifecycle --
     def start(self) -> None:
-        "Start the batcher, the decode threads, the telemetry writer, and the loading of the model (in the background)."
+        "Start the batcher, the decode threads, the telemetry and feedback writers, and the loading of the model (in the background)."
         self.batcher = MicroBatcher(self.cfg.max_batch, self.cfg.max_wait_ms, self.cfg.queue_size, on_batch=self._on_batch)
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth if self.batcher else 0)
         self._pool_size = self.cfg.decode_workers or max(1, cpu_budget() - 1)   # resized once the engine has its threads
         self.pool = ThreadPoolExecutor(self._pool_size, thread_name_prefix="vit-decode")
-        if self.telemetry is None and self.cfg.telemetry:
-            c = self.cfg
-            self.telemetry = TelemetryWriter(self.store or self.store_uri, flush_records=c.telemetry_flush_records, flush_s=c.telemetry_flush_s,
-                                             max_buffer=c.telemetry_max_buffer, timeout_s=c.telemetry_timeout_s,
-                                             max_backoff_s=min(30.0, max(1.0, 4 * c.telemetry_flush_s)))
+        c = self.cfg
+        writer = lambda kind: TelemetryWriter(self.store or self.store_uri, flush_records=c.telemetry_flush_records, flush_s=c.telemetry_flush_s,
+                                              max_buffer=c.telemetry_max_buffer, timeout_s=c.telemetry_timeout_s,
+                                              max_backoff_s=min(30.0, max(1.0, 4 * c.telemetry_flush_s)), kind=kind)
+        if self.telemetry is None and c.telemetry: self.telemetry = writer("telemetry")
+        self.feedback.writer = writer("feedback")   # labels are recorded even without telemetry (then no image is kept)
         self.metrics.telemetry_writer = self.telemetry
+        _log.info("prediction ids: key %s; images kept: %s", self.feedback.ids.source, bool(c.keep_images and self.telemetry))
         if self.initial_package is not None:
             p = self.initial_package
             self._install(self._prepare(p, p.version or "unregistered"))
@@ -281,8 +244,9 @@ class Service:
         if self._follower: self._follower.join(timeout=2)
         if self.batcher: self.batcher.close()
         if self.pool: self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.feedback.writer: self.feedback.writer.close(telemetry_timeout)   # the labels first: people gave them
         if self.telemetry and self._own_telemetry: self.telemetry.close(telemetry_timeout)
-        _log.info("stopped; telemetry %s", self.telemetry.stats() if self.telemetry else "off")
+        _log.info("stopped; telemetry %s; feedback %s", self.telemetry.stats() if self.telemetry else "off", self.feedback.writer and self.feedback.writer.stats())
 
     def _on_batch(self, n: int, seconds: float) -> None:
         self.metrics.batch_size.observe(n); self.metrics.batch_seconds.observe(seconds)
@@ -306,7 +270,8 @@ class Service:
         return self._prepare(load_package(path), version, sync_engines(self.get_store(), version))
 
     def _install(self, served: Served) -> None:
-        self.served, self.load_error = served, None
+        self.served, self.load_error, self.feedback.current = served, None, served.version
+        self.feedback.labels[served.version] = served.labels   # feedback for this version is checked against its labels
         self.metrics.set_model(served.version, served.engine_report)
         if self.pool is not None and not self.cfg.decode_workers and (n := max(1, cpu_budget() - served.engine.threads)) != self._pool_size:
             old, self._pool_size, self.pool = self.pool, n, ThreadPoolExecutor(n, thread_name_prefix="vit-decode")
@@ -383,27 +348,29 @@ class Service:
         with self.batcher.incoming():   # batches wait for requests on their way, and only while there are some (a lone one starts at once)
             uploads = await read_uploads(request, "file", self.cfg.max_upload_bytes, self.cfg.max_files)
             loop = asyncio.get_running_loop()
-            prepared = await asyncio.gather(*(loop.run_in_executor(self.pool, prepare_image, u.data, served.package.preprocess,
-                                                                   self.cfg.max_pixels) for u in uploads), return_exceptions=True)
+            keep = self.cfg.keep_images and self.telemetry is not None
+            prepared = await asyncio.gather(*(loop.run_in_executor(self.pool, _prepare, u.data, served.package.preprocess,
+                                                                   self.cfg.max_pixels, keep) for u in uploads), return_exceptions=True)
             for i, p in enumerate(prepared):
                 if isinstance(p, ImageError): raise InputError(IMAGE_STATUS[p.kind], f"{uploads[i].describe(i)}: {p.message}")
                 if isinstance(p, BaseException): raise p
-            try: futs = self.batcher.submit(served, [p.pixels for p in prepared])
+            try: futs = self.batcher.submit(served, [p.pixels for p, _ in prepared])
             except QueueFull as e:
                 self.metrics.rejected.inc()
                 raise ServiceUnavailable(f"{e}; retry in a second", retry_after=1) from None
         outs = await asyncio.gather(*(asyncio.wrap_future(f) for f in futs))
         now, rid, k = datetime.now(UTC), request.state.request_id, min(self.cfg.top_k, len(served.labels))
         results = []
-        for i, ((emb, probs), p) in enumerate(zip(outs, prepared, strict=True)):
+        for i, ((emb, probs), (p, png)) in enumerate(zip(outs, prepared, strict=True)):
             scores, idx = probs.topk(k)
             top = [{"label": served.labels[j], "score": s} for s, j in zip(scores.tolist(), idx.tolist(), strict=True)]
-            results.append({"label": top[0]["label"], "score": top[0]["score"], "top_k": top, "model_version": served.version})
+            pid = self.feedback.ids.new(served.version, int(idx[0]), png is not None, now)
+            results.append({"label": top[0]["label"], "score": top[0]["score"], "top_k": top, "model_version": served.version, "prediction_id": pid})
             self.metrics.predictions.labels(served.version, top[0]["label"]).inc()
             if self.telemetry:
                 self.telemetry.add(dict(time=now, request_id=rid, item=i, instance=self.telemetry.instance, model_version=served.version,
                                         label=top[0]["label"], score=top[0]["score"], top_k=top, embedding=emb.tolist(),
-                                        width=p.width, height=p.height, engine=served.engine.name))
+                                        width=p.width, height=p.height, engine=served.engine.name, prediction_id=pid, image=png))
         return uploads, results
 
 # %% ../nbs/serve.ipynb #525b57f8
@@ -413,11 +380,17 @@ class TopK(BaseModel):
     score: float
 
 class Prediction(BaseModel):
-    "The answer for one image: the top class and its probability, the `top_k` classes, and the model version that answered."
+    "The answer for one image: the top class and its probability, the `top_k` classes, the model version that answered, and the id to label it with."
     label: str
     score: float
     top_k: list[TopK]
     model_version: str
+    prediction_id: str = Field(description="send it to POST /feedback with the true label (accepted for VIT_FEEDBACK_TTL_S, default 7 days)")
+
+class FeedbackAnswer(BaseModel):
+    "What `POST /feedback` recorded: labels accepted, and how many of them cannot become training data (their image was not kept)."
+    accepted: int
+    excluded_from_training: int
 
 class ErrorBody(BaseModel):
     "Every error: a sentence for a person."
@@ -450,6 +423,8 @@ class UpdateModelResponse(BaseModel):
 
 def _errors(*codes: int) -> dict:
     return {c: {"model": ErrorBody} for c in codes}
+
+FEEDBACK_MAX_BYTES, FEEDBACK_STATUS = 2**20, {"unknown_id": 404, "unknown_label": 422, "invalid": 422, "not_ready": 503}   # FeedbackError.reason → status
 
 _UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file"],
@@ -484,6 +459,10 @@ def create_app(store: Store | str | None = None, model: str | ModelPackage | Non
     async def _input_error(request, e: InputError):
         return JSONResponse({"detail": e.message}, e.status, headers=e.headers)
 
+    @app.exception_handler(FeedbackError)
+    async def _feedback_error(request, e: FeedbackError):
+        return JSONResponse({"detail": e.message}, FEEDBACK_STATUS[e.reason], headers={"Retry-After": "5"} if e.reason == "not_ready" else None)
+
     @app.exception_handler(ServiceUnavailable)
     async def _unavailable(request, e: ServiceUnavailable):
         return JSONResponse({"detail": e.message}, 503, headers={"Retry-After": str(e.retry_after)})
@@ -505,29 +484,46 @@ def create_app(store: Store | str | None = None, model: str | ModelPackage | Non
             raise HTTPException(401, "missing or wrong admin token: send Authorization: Bearer <VIT_ADMIN_TOKEN>",
                                 headers={"WWW-Authenticate": "Bearer"})
 
+    async def feedback_body(request: Request, form: bool = False) -> bytes:
+        try: return await read_body(request, 64 * 1024 if form else FEEDBACK_MAX_BYTES)
+        except InputError as e: svc.feedback.rejected.labels("too_large" if e.status == 413 else "invalid").inc(); raise
+
+    def page(status: int = 200, **kw) -> HTMLResponse:   # the upload page, for the model being served
+        return HTMLResponse(upload_page(svc.served and svc.served.labels, **{"version": svc.served and svc.served.version, **kw}), status)
+
     @app.get("/", response_class=HTMLResponse, summary="Upload page")
     def index():
         "A page to pick an image and see its top-5 classes."
-        s = svc.served
-        return upload_page(s.labels if s else None, version=s.version if s else None)
+        return page()
 
     @app.post("/", response_class=HTMLResponse, summary="Upload page: classify (plain HTML form)", openapi_extra={"requestBody": _UPLOAD_BODY},
               responses={c: {"content": {"text/html": {}}} for c in (400, 413, 415, 422, 503)})
     async def index_form(request: Request):
         "The upload page's form without JavaScript: classify the first image and answer with the page, the result filled in."
-        s = svc.served
-        labels, version = (s.labels, s.version) if s else (None, None)
         try: uploads, results = await svc.classify(request)
-        except (InputError, ServiceUnavailable) as e:
-            return HTMLResponse(upload_page(labels, error=e.message, version=version), getattr(e, "status", 503))
-        return upload_page(labels, result=results[0], preview=preview_url(uploads[0].data, uploads[0].content_type),
-                           version=results[0]["model_version"])
+        except (InputError, ServiceUnavailable) as e: return page(getattr(e, "status", 503), error=e.message)
+        return page(result=results[0], preview=preview_url(uploads[0].data, uploads[0].content_type), version=results[0]["model_version"])
 
     @app.post("/predict", response_model=list[Prediction], summary="Classify images", openapi_extra={"requestBody": _UPLOAD_BODY},
               responses=_errors(400, 413, 415, 422, 503))
     async def predict(request: Request):
         "Classify one or more images sent as multipart parts named `file`: one answer per image, in order."
         return JSONResponse(await svc.predict(request))   # built to the schema already: skip re-validating it
+
+    @app.post("/feedback", response_model=FeedbackAnswer, summary="Give the true label of predictions", openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": FEEDBACK_BODY_SCHEMA}}}},
+              responses=_errors(404, 413, 422, 503))
+    async def feedback(request: Request):
+        "Record the true `label` of a prediction (`{\"prediction_id\": …, \"label\": …}`, the id from `/predict`) or of a list of them: all or nothing, the first bad item decides the answer."
+        return svc.feedback.record(await feedback_body(request))
+
+    @app.post("/feedback/form", response_class=HTMLResponse, summary="Upload page: give the true label (plain HTML form)",
+              openapi_extra={"requestBody": {"required": True, "content": {"application/x-www-form-urlencoded": {"schema": FEEDBACK_ITEM_SCHEMA}}}},
+              responses={c: {"content": {"text/html": {}}} for c in (404, 413, 422, 503)})
+    async def feedback_form(request: Request):
+        "The upload page's label buttons without JavaScript: form fields `prediction_id` and `label`; answers with the page and a thank-you."
+        try: svc.feedback.record(await feedback_body(request, form=True), source="page", form=True)
+        except (InputError, FeedbackError) as e: return page(getattr(e, "status", None) or FEEDBACK_STATUS[e.reason], error=e.message)
+        return page(notice="Thanks! Your label is recorded.")
 
     @app.get("/healthz", response_model=Health, summary="Liveness")
     def healthz():
@@ -547,11 +543,14 @@ def create_app(store: Store | str | None = None, model: str | ModelPackage | Non
         "Prometheus text exposition: requests, latency, batch sizes, queue depth, model version, telemetry."
         return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/monitoring", response_class=HTMLResponse, summary="Drift report")
+    @app.get("/monitoring", response_class=HTMLResponse, summary="Live accuracy and drift report")
     def monitoring_page():
-        "The latest drift report (HTML)."
-        return svc.monitoring.latest_report() or TEMPLATES.get_template("monitoring.html").render(
+        "The live accuracy of labelled predictions (the fleet's, per model version) above the latest drift report (HTML)."
+        acc = svc.feedback.accuracy(svc.store or svc.store_uri)   # a store that cannot be opened: said on the page
+        live = TEMPLATES.get_template("accuracy.html").render(error=acc if isinstance(acc, str) else None, rows=[] if isinstance(acc, str) else acc.to_dict("records"))
+        page = svc.monitoring.latest_report() or TEMPLATES.get_template("monitoring.html").render(
             title="Monitoring", enabled=not isinstance(svc.monitoring, NoMonitoring))
+        return page[:(i := page.find("<body>") + 6)] + live + page[i:] if "<body>" in page else live + page
 
     admin = dict(dependencies=[Depends(require_admin)], tags=["admin"])
 

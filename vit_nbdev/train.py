@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from .config import PRECISIONS, PRESETS, TrainConfig, new_run_id
-from .data import load_cifar10, preprocess, Split, PreprocessConfig
+from .data import add_train, has_snapshot, load_cifar10, preprocess, snapshot_dataset, snapshot_prefix, Split, PreprocessConfig
 from .model import build_model, save_package
 from .store import open_store, new_version, StoreError
 
@@ -155,8 +155,11 @@ def train(cfg: TrainConfig | None = None, **params) -> TrainResult:
     st = open_store(cfg.store)
     if main: _check_writable(st, run_id, cfg)
     set_seed(cfg.seed)
-    data = load_cifar10(cfg.dataset, cfg.revision, cfg.val_fraction, seed=cfg.seed, progress=main)
-    model, pre = build_model(cfg.model, data.label_names, **({"image_size": cfg.image_size} if cfg.image_size else {}))
+    data = load_cifar10(cfg.dataset, cfg.revision, cfg.val_fraction, seed=cfg.seed, progress=main, store=st)
+    if cfg.extra_train: data = add_train(data, cfg.extra_train, store=st, progress=main)
+    if main: _snapshot(st, cfg, data)
+    src = str(st.fetch_model(cfg.model[6:])) if cfg.model.startswith("store:") else cfg.model   # store:<version>: a registered model, e.g. production's
+    model, pre = build_model(src, data.label_names, **({"image_size": cfg.image_size} if cfg.image_size else {}))
     train_x, train_y = data.train.images.to(acc.device), data.train.labels.to(acc.device)
     steps_per_epoch = len(data.train) // cfg.batch_size
     if steps_per_epoch == 0: raise ValueError(f"batch_size {cfg.batch_size} is larger than the training split ({len(data.train)} images)")
@@ -227,6 +230,15 @@ def _check_writable(st, run_id: str, cfg: TrainConfig):
     except (StoreError, OSError) as e:
         raise RuntimeError(f"cannot write to the store {st.uri!r} ({e}); fix `store` / $VIT_STORE or its permissions before training") from e
 
+def _snapshot(st, cfg: TrainConfig, data):
+    "Write the snapshots of the run's data that the store lacks, and name them in `data`'s lineage (the card's `dataset`, `extra_train`)."
+    if not data.snapshot:
+        data.snapshot = (snapshot_prefix(data.fingerprint) if has_snapshot(st, data.fingerprint)
+                         else snapshot_dataset(st, cfg.dataset, cfg.revision, progress=False)["snapshot"])
+    if data.extra_train and not data.extra_train["snapshot"]:
+        fp = data.extra_train["fingerprint"]
+        data.extra_train["snapshot"] = snapshot_prefix(fp) if has_snapshot(st, fp) else snapshot_dataset(st, cfg.extra_train, progress=False)["snapshot"]
+
 def _checkpoint(acc: Accelerator, ckpt_dir: Path, step: int, keep: int = 2):
     tmp = ckpt_dir/f".tmp_step_{step}"          # a run killed while saving leaves no half checkpoint behind
     acc.save_state(str(tmp))
@@ -238,7 +250,7 @@ def _checkpoint(acc: Accelerator, ckpt_dir: Path, step: int, keep: int = 2):
 def _publish(acc, cfg: TrainConfig, st, res: TrainResult, model, pre, data):
     version = new_version()
     card = dict(version=version, created=datetime.now(UTC).isoformat(), code_commit=code_commit(), run_id=res.run_id,
-                params=asdict(cfg), dataset=data.info(), metrics=res.metrics, device=device_info(acc.device),
+                params=asdict(cfg), dataset=data.info(), extra_train=data.extra_train, metrics=res.metrics, device=device_info(acc.device),
                 parent=None if cfg.model in PRESETS else cfg.model)
     pkg = save_package(model, pre, Path(cfg.checkpoint_dir)/res.run_id/"package", card)
     res.version = st.register(pkg, version=version, aliases=tuple(cfg.aliases))

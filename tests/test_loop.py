@@ -96,3 +96,13 @@ def test_a_training_failure_leaves_production_alone(loop):
     assert open_store(store).resolve("production") == before
     p, _ = retrain(store, "-p", "no_such_parameter", "1")
     assert p.returncode == 2 and "no_such_parameter" in p.stderr
+
+def test_cloud_training_is_vit_cloud_train_with_the_same_parameters(capsys):
+    "`retrain --cloud` hands the same parameters to `vit-cloud train` (here its dry run: the plan, and no candidate)."
+    from vit_nbdev.loop import train_candidate
+    params = dict(store="gs://my-bucket/vit", run_id="r-loop", dataset="store:2a91ae42138ce260", model="store:v1", extra_train="store:fb-1",
+                  aliases=["latest", "candidate"], epochs=1)
+    with pytest.raises(RuntimeError, match="dry run"): train_candidate(params, cloud_args=["--project", "p-1234", "--dry-run"])
+    plan = capsys.readouterr().err
+    assert "gcloud compute instances create vit-train-r-loop --project p-1234" in plan
+    assert all(s in plan for s in ("store:v1", "store:fb-1", "store:2a91ae42138ce260")), plan[-2000:]

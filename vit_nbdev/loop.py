@@ -6,7 +6,7 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/loop.html.md"""
 
 # %% ../nbs/loop.ipynb #d08d55a1
 from __future__ import annotations
-import hashlib, io, json, subprocess, sys, time
+import contextlib, hashlib, io, json, sys, time
 from datetime import UTC, datetime
 
 import numpy as np
@@ -89,22 +89,25 @@ def _feedback_split(st: Store, fingerprint: str) -> Split:
     return Split(*tensors["test"])
 
 def train_candidate(params: dict, cloud_args: list[str] | None = None, timeout_s: float = 6 * 3600, echo=print) -> str:
-    "Train with `params` (papermill here, or on a GPU VM through `vit-cloud train` with `cloud_args`); the version it registered."
+    "Train with `params` (papermill here, or on a GPU VM through `vit-cloud train` with `cloud_args`, then wait for its result in the store); the version it registered."
     from vit_nbdev.train import run_notebook
-    st, rid = open_store(params["store"]), params["run_id"]
-    if cloud_args is None:
-        run_notebook(params, output=None)
+    rid = params["run_id"]
+    if cloud_args is None: run_notebook(params, output=None)
     else:
-        pairs = [a for k, v in params.items() if k not in ("store", "run_id") for a in ("-p", k, json.dumps(v) if not isinstance(v, str) else v)]
-        cmd = [sys.executable, "-m", "vit_nbdev.cloud", "train", *cloud_args, "--store", st.uri, "--run-id", rid, *pairs]
-        echo("$ " + " ".join(cmd[2:]))
-        subprocess.run(cmd, check=True)
+        from vit_nbdev.cloud import main as vit_cloud
+        pairs = [a for k, v in params.items() if k not in ("store", "run_id") for a in ("-p", k, v if isinstance(v, str) else json.dumps(v))]
+        argv = ["train", *cloud_args, "--store", params["store"], "--run-id", rid, *pairs]
+        echo("vit-cloud " + " ".join(argv))
+        with contextlib.redirect_stdout(sys.stderr):          # stdout is for the summary
+            try: vit_cloud(argv)
+            except SystemExit as e:
+                if e.code: raise RuntimeError(f"vit-cloud train failed (exit status {e.code})") from None
         if "--dry-run" in cloud_args: raise RuntimeError("dry run: the VM was not started, so there is no candidate")
-        deadline = time.monotonic() + timeout_s
+        st, deadline = open_store(params["store"]), time.monotonic() + timeout_s
         while not st.exists(f"runs/{rid}/metrics.json"):
             if time.monotonic() > deadline: raise TimeoutError(f"no result from the VM after {timeout_s:.0f} s (runs/{rid}/ in {st.uri})")
             time.sleep(30)
-    return json.loads(st.get_bytes(f"runs/{rid}/metrics.json"))["version"]
+    return json.loads(open_store(params["store"]).get_bytes(f"runs/{rid}/metrics.json"))["version"]
 
 def retrain(store: Store | str | None = None, *, model: str = "production", alias: str = "production", if_drift: bool = False,
             min_feedback: int = 50, since=None, holdout: float = FEEDBACK_HOLDOUT, params: dict | None = None,

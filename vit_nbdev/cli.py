@@ -12,8 +12,8 @@ from datetime import datetime
 from .config import ALPHA, COMPONENTS, ENGINES, MIN_RECORDS, REFERENCE_N, ServeConfig, TrainConfig, parse_params
 
 # %% auto #0
-__all__ = ['train_parser', 'train_main', 'serve_parser', 'serve_main', 'monitor_parser', 'monitor_main', 'models_parser',
-           'models_main', 'data_parser', 'data_main']
+__all__ = ['train_parser', 'train_main', 'serve_parser', 'serve_main', 'monitor_parser', 'monitor_main', 'store_option',
+           'models_parser', 'models_main', 'data_parser', 'data_main']
 
 # %% ../nbs/cli.ipynb #3c712507
 def train_parser() -> argparse.ArgumentParser:
@@ -131,13 +131,18 @@ def monitor_main(argv=None) -> int:
     return cli(a)
 
 # %% ../nbs/cli.ipynb #e614bdb7
+def store_option() -> argparse.ArgumentParser:
+    "The `--store` option the registry and dataset commands share (a parent parser)."
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--store", default=None, help="store uri (default $VIT_STORE, else ./artifacts)")
+    return p
+
 def models_parser() -> argparse.ArgumentParser:
     "`vit-models`' arguments: `list`, `show`, `promote`, `rollback` and `export`."
     ap = argparse.ArgumentParser("vit-models", description="The model registry: list the versions, show a card, promote a version to an alias "
                                  "through an accuracy gate, roll an alias back (see the models chapter).")
     sub = ap.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--store", default=None, help="store uri (default $VIT_STORE, else ./artifacts)")
+    common = store_option()
     sub.add_parser("list", parents=[common], help="versions, when they were registered, their accuracies and aliases, as a table")
     s = sub.add_parser("show", parents=[common], help="the card of a version: data, params, metrics, code commit, files, alias moves")
     s.add_argument("version", help="a version, or an alias for the version it points at")
@@ -178,8 +183,7 @@ def data_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser("vit-data", description="Dataset snapshots in the store: the decoded splits a model trains on, written once "
                                  "under datasets/<fingerprint>/ (see the data chapter).")
     sub = ap.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--store", default=None, help="store uri (default $VIT_STORE, else ./artifacts)")
+    common = store_option()
     s = sub.add_parser("snapshot", parents=[common], help="write the snapshot of a dataset (or, with --feedback, of the labelled predictions) "
                        "unless it is there; print its meta as JSON")
     s.add_argument("--dataset", default=None, help="'sample' (bundled), a parquet folder, a hub id or store:<fingerprint> (default sample)")

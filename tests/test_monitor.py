@@ -178,20 +178,30 @@ def test_cli(tmp_path, package_dir, pkg, data, capsys):
     assert json.loads(p.stdout.strip().splitlines()[-1])["status"] == "not_enough_data"
     assert len(list_reports(st)) == 1
 
-def test_robustness_study_end_to_end(pkg, data, reference, tmp_path):
-    "The study of the robustness chapter (its full-size cells are `slow`): accuracy and alarm rates per corruption and severity."
+def test_robustness_study_end_to_end(data, tmp_path):
+    "The quick study of the robustness chapter (its cells are `slow`), on the shipped checkpoint: accuracy and alarm rates per corruption and severity."
     import matplotlib; matplotlib.use("Agg")
-    from vit_nbdev.robustness import default_detector, plot_study, robustness_study, study_table
-    images, labels = data.test.images[:400], data.test.labels[:400]
-    df = robustness_study(pkg, images, labels, reference, window=200, corruptions=["contrast", "jpeg"], severities=(5,),
-                          detectors={"ours": default_detector}, cache_dir=tmp_path/"emb")
+    from vit_nbdev.config import shipped_checkpoint
+    from vit_nbdev.monitor import compute_reference
+    from vit_nbdev.robustness import default_detector, plot_study, robustness_study, split_windows, study_table, windows
+    qpkg = as_package(shipped_checkpoint("vit-cifar-small-cifar10"))
+    reference = compute_reference(qpkg, "sample", n=500, split="validation")
+    assert reference.attrs["reference"]["split"] == "validation"            # never the test images the windows are cut from
+    images, labels = data.test.images[:600], data.test.labels[:600]
+    kw = dict(window=200, corruptions=["contrast", "jpeg"], severities=(5,), detectors={"ours": default_detector}, cache_dir=tmp_path/"emb")
+    df = robustness_study(qpkg, images, labels, reference, **kw)
     assert list(zip(df.corruption, df.severity, strict=True)) == [("none", 0), ("contrast", 5), ("jpeg", 5)]
-    assert (df.windows == 2).all() and df.ours.between(0, 1).all() and df.accuracy.between(0, 1).all()
+    assert (df.windows == 3).all() and df.ours.between(0, 1).all() and df.accuracy.between(0, 1).all()
+    assert df.accuracy.iloc[0] > 0.4                                          # a trained model, not chance
     assert df.set_index("corruption").loc["contrast", "ours"] == 1.0          # severity-5 contrast is a different world
     assert len(list((tmp_path/"emb").glob("*.parquet"))) == 3                  # embeddings cached for the next call
-    again = robustness_study(pkg, images, labels, reference, window=200, corruptions=["contrast", "jpeg"], severities=(5,),
-                             detectors={"ours": default_detector}, cache_dir=tmp_path/"emb")
+    again = robustness_study(qpkg, images, labels, reference, **kw)
     assert again.drop(columns="windows").equals(df.drop(columns="windows"))
+    val, test = split_windows(windows(600, 200))                               # validation: even windows, test: odd ones
+    assert (val, test) == ([slice(0, 200), slice(400, 600)], [slice(200, 400)])
+    on_test = robustness_study(qpkg, images, labels, reference, subset="test", **kw)
+    assert (on_test.windows == 1).all() and on_test.accuracy.equals(df.accuracy)
+    with pytest.raises(ValueError, match="subset"): robustness_study(qpkg, images, labels, reference, subset="train", **kw)
     tab = study_table(df, "ours")
     assert list(tab.columns) == ["severity 0", "severity 5"] and list(tab.index) == ["contrast", "jpeg"]
     fig = plot_study(df, "ours", "test")

@@ -19,7 +19,8 @@ from PIL import Image
 from .monitor import as_package, drift_tests, embed_images
 
 # %% auto #0
-__all__ = ['SEVERITIES', 'CORRUPTIONS', 'corrupt', 'windows', 'default_detector', 'robustness_study', 'study_table', 'plot_study']
+__all__ = ['SEVERITIES', 'CORRUPTIONS', 'corrupt', 'windows', 'split_windows', 'default_detector', 'robustness_study',
+           'study_table', 'plot_study']
 
 # %% ../nbs/robustness.ipynb #6422e301
 SEVERITIES = {   # CIFAR-10-C's parameters, severity 1 … 5
@@ -79,15 +80,20 @@ def windows(n: int, size: int, limit: int | None = None) -> list[slice]:
     w = [slice(i, i + size) for i in range(0, n - size + 1, size)]
     return w[:limit] if limit else w
 
+def split_windows(ws: list) -> tuple[list, list]:
+    "The *validation* windows (even indices) and the *test* windows (odd indices) of `ws`: choose a detector's settings on the first, report on the second."
+    return ws[0::2], ws[1::2]
+
 def default_detector(reference_df: pd.DataFrame, window_df: pd.DataFrame) -> bool:
     "This module's detector with its defaults: `drift_tests(...)['drift_detected']`."
     return drift_tests(reference_df, window_df)["drift_detected"]
 
 def robustness_study(package, images: torch.Tensor, labels: torch.Tensor, reference_df: pd.DataFrame, *, window: int = 200,
                      detectors: dict[str, Callable] | None = None, corruptions=None, severities=(1, 2, 3, 4, 5), clean: bool = True,
-                     max_windows: int | None = None, seed: int = 0, batch_size: int = 500, cache_dir=None,
+                     max_windows: int | None = None, subset: str | None = None, seed: int = 0, batch_size: int = 500, cache_dir=None,
                      progress: bool = False) -> pd.DataFrame:
-    "Accuracy and alarm rate per detector (default: `default_detector`) for clean `images` (severity 0) and each corruption × severity."
+    "Accuracy and alarm rate per detector (default: `default_detector`) for clean `images` (severity 0) and each corruption × severity; alarm rates over all windows, or only the `subset` 'validation' or 'test' ones (`split_windows`)."
+    if subset not in (None, "validation", "test"): raise ValueError(f"subset must be None, 'validation' or 'test', got {subset!r}")
     pkg = as_package(package)
     detectors = {"detector": default_detector} if detectors is None else detectors
     name_to_id = {l: i for i, l in enumerate(pkg.labels)}
@@ -102,6 +108,7 @@ def robustness_study(package, images: torch.Tensor, labels: torch.Tensor, refere
         pred = torch.tensor([name_to_id[l] for l in recs["label"]])
         row = dict(corruption=k, severity=s, accuracy=(pred == labels).float().mean().item())
         ws = windows(len(recs), window, max_windows)
+        if subset is not None: ws = split_windows(ws)[subset == "test"]
         for name, det in detectors.items():
             t0 = time.perf_counter()
             row[name] = float(np.mean([bool(det(reference_df, recs.iloc[w].reset_index(drop=True))) for w in ws])) if ws else float("nan")

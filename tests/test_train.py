@@ -109,7 +109,7 @@ def test_card_names_the_snapshot_and_extra_train(tmp_path, monkeypatch):
     card = st.card(b.version)
     assert card["dataset"]["fingerprint"] == fp and card["dataset"]["snapshot"] == f"datasets/{fp}"
     extra = {"source": "store:feedback-test", "fingerprint": "feedback-test", "snapshot": "datasets/feedback-test", "images": 32}
-    assert card["extra_train"] == extra and card["dataset"]["extra_train"] == extra
+    assert card["dataset"]["extra_train"] == extra and "extra_train" not in card   # recorded once, with the data
     assert card["dataset"]["splits"] == {"train": 4000 + 32, "validation": 1000, "test": 1000}   # training grew; held-out splits did not
     assert card["params"]["extra_train"] == "store:feedback-test"
     write_snapshot(st, "other-labels", {"train": (x, y)}, {"source": "a test", "label_names": [n.upper() for n in CIFAR10_LABELS]})

@@ -6,19 +6,15 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/loop.html.md"""
 
 # %% ../nbs/loop.ipynb #d08d55a1
 from __future__ import annotations
-import contextlib, hashlib, io, json, sys, time
-from datetime import UTC, datetime
+import contextlib, hashlib, json, sys, time
 
-import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
 from .config import TrainConfig
 from .data import CIFAR10_LABELS, Split, read_snapshot, write_snapshot
 from .store import Store, open_store
-from .telemetry import read_telemetry
+from .telemetry import decode_kept_image, read_telemetry
 
 # %% auto #0
 __all__ = ['FEEDBACK_HOLDOUT', 'RETRAIN_PARAMS', 'labelled_predictions', 'holdout_part', 'snapshot_feedback', 'train_candidate',
@@ -44,35 +40,30 @@ def holdout_part(prediction_id: str, holdout: float = FEEDBACK_HOLDOUT) -> bool:
     "Whether a labelled prediction belongs to the held-out part: a hash of its id, so it never changes side."
     return int(hashlib.sha256(prediction_id.encode()).hexdigest()[:8], 16) / 2**32 < holdout
 
-def _pixels(png: bytes, size: int) -> torch.Tensor:
-    x = torch.from_numpy(np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))).permute(2, 0, 1)
-    if x.shape[-1] == size and x.shape[-2] == size: return x
-    y = F.interpolate(x[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-    return y.round().clamp(0, 255).to(torch.uint8)
-
 def snapshot_feedback(store: Store | str | None, since=None, holdout: float = FEEDBACK_HOLDOUT, size: int = 32,
-                      labels=CIFAR10_LABELS) -> dict:
-    "Turn the labelled predictions with kept images into a dataset snapshot (`train` and held-out `test` parts); its meta."
+                      labels=CIFAR10_LABELS, rows: pd.DataFrame | None = None) -> dict:
+    "Turn the labelled predictions with kept `size`×`size` images (`rows`: `labelled_predictions`, read if not given) into a dataset snapshot (`train` and held-out `test` parts); its meta."
     if not 0 < holdout < 1: raise ValueError(f"holdout must be between 0 and 1, got {holdout}")
     st = open_store(store)
-    rows = labelled_predictions(st, since)
+    rows = labelled_predictions(st, since) if rows is None else rows
     usable = rows[rows["image"].notna() & rows["label"].isin(labels)].sort_values("prediction_id")
+    pixels = [torch.from_numpy(decode_kept_image(b)).permute(2, 0, 1) for b in usable["image"]]
+    fits = [tuple(p.shape) == (3, size, size) for p in pixels]      # kept at another model's native size: not this dataset's images
+    usable, pixels = usable[fits], [p for p, f in zip(pixels, fits, strict=True) if f]
     if usable.empty:
-        raise ValueError(f"no labelled prediction with a kept image{' since ' + str(since) if since else ''} "
+        raise ValueError(f"no labelled prediction with a kept {size}×{size} image{' since ' + str(since) if since else ''} "
                          f"({len(rows)} labelled, none usable): nothing to snapshot")
     h = hashlib.sha256()
     for pid, label, png in zip(usable["prediction_id"], usable["label"], usable["image"], strict=True): h.update(f"{pid}\t{label}\t".encode() + png)
     fp = "fb-" + h.hexdigest()[:16]
-    x = torch.stack([_pixels(b, size) for b in usable["image"]])
-    y = torch.tensor([labels.index(l) for l in usable["label"]], dtype=torch.int64)
+    x, y = torch.stack(pixels), torch.tensor([labels.index(l) for l in usable["label"]], dtype=torch.int64)
     held = torch.tensor([holdout_part(p, holdout) for p in usable["prediction_id"]])
     tensors = {"train": (x[~held], y[~held]), "test": (x[held], y[held])}
-    meta = dict(kind="feedback", source="feedback", fingerprint=fp, label_names=list(labels), created=datetime.now(UTC).isoformat(),
-                splits={k: len(v[1]) for k, v in tensors.items()}, since=str(since) if since else None,
-                holdout=holdout, labelled=len(rows), usable=len(usable), without_image=int(rows["image"].isna().sum()),
-                model_versions=sorted(usable["model_version"].unique()),
-                first=str(usable["time"].min()), last=str(usable["time"].max()))
-    return {**meta, "snapshot": write_snapshot(st, fp, tensors, meta)}
+    meta = dict(kind="feedback", source="feedback", label_names=list(labels), since=str(since) if since else None, holdout=holdout,
+                labelled=len(rows), usable=len(usable), without_image=int(rows["image"].isna().sum()), other_size=fits.count(False),
+                model_versions=sorted(usable["model_version"].unique()), first=str(usable["time"].min()), last=str(usable["time"].max()))
+    prefix = write_snapshot(st, fp, tensors, meta)      # it adds the fingerprint, the split sizes and the time
+    return {**meta, "fingerprint": fp, "splits": {k: len(v[1]) for k, v in tensors.items()}, "snapshot": prefix}
 
 # %% ../nbs/loop.ipynb #d55571e5
 RETRAIN_PARAMS = dict(epochs=1, lr=3e-4, warmup_steps=5)    # a fine-tune of production: minutes on a CPU
@@ -129,7 +120,7 @@ def retrain(store: Store | str | None = None, *, model: str = "production", alia
     out.update(labelled=len(rows), usable=usable, without_image=len(rows) - usable)
     if usable < min_feedback:
         return {**out, "skipped": f"not enough feedback: {usable} labelled predictions with kept images, {min_feedback} needed"}
-    snap = snapshot_feedback(st, since, holdout)
+    snap = snapshot_feedback(st, since, holdout, rows=rows)
     card = st.card(current)
     base = _base_dataset(st, card)
     run_params = {"dataset": base, "model": f"store:{current}", "extra_train": f"store:{snap['fingerprint']}",

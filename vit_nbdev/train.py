@@ -231,13 +231,11 @@ def _check_writable(st, run_id: str, cfg: TrainConfig):
         raise RuntimeError(f"cannot write to the store {st.uri!r} ({e}); fix `store` / $VIT_STORE or its permissions before training") from e
 
 def _snapshot(st, cfg: TrainConfig, data):
-    "Write the snapshots of the run's data that the store lacks, and name them in `data`'s lineage (the card's `dataset`, `extra_train`)."
-    if not data.snapshot:
-        data.snapshot = (snapshot_prefix(data.fingerprint) if has_snapshot(st, data.fingerprint)
-                         else snapshot_dataset(st, cfg.dataset, cfg.revision, progress=False)["snapshot"])
-    if data.extra_train and not data.extra_train["snapshot"]:
-        fp = data.extra_train["fingerprint"]
-        data.extra_train["snapshot"] = snapshot_prefix(fp) if has_snapshot(st, fp) else snapshot_dataset(st, cfg.extra_train, progress=False)["snapshot"]
+    "Write the snapshots of the run's data that the store lacks, and name them in `data`'s lineage (the card's `dataset`, with its `extra_train`)."
+    def prefix(fp: str, source: str, revision=None) -> str:   # asks the store first: a source it has is not decoded again
+        return snapshot_prefix(fp) if has_snapshot(st, fp) else snapshot_dataset(st, source, revision, progress=False)["snapshot"]
+    if not data.snapshot: data.snapshot = prefix(data.fingerprint, cfg.dataset, cfg.revision)
+    if data.extra_train and not data.extra_train["snapshot"]: data.extra_train["snapshot"] = prefix(data.extra_train["fingerprint"], cfg.extra_train)
 
 def _checkpoint(acc: Accelerator, ckpt_dir: Path, step: int, keep: int = 2):
     tmp = ckpt_dir/f".tmp_step_{step}"          # a run killed while saving leaves no half checkpoint behind
@@ -250,7 +248,7 @@ def _checkpoint(acc: Accelerator, ckpt_dir: Path, step: int, keep: int = 2):
 def _publish(acc, cfg: TrainConfig, st, res: TrainResult, model, pre, data):
     version = new_version()
     card = dict(version=version, created=datetime.now(UTC).isoformat(), code_commit=code_commit(), run_id=res.run_id,
-                params=asdict(cfg), dataset=data.info(), extra_train=data.extra_train, metrics=res.metrics, device=device_info(acc.device),
+                params=asdict(cfg), dataset=data.info(), metrics=res.metrics, device=device_info(acc.device),
                 parent=None if cfg.model in PRESETS else cfg.model)
     pkg = save_package(model, pre, Path(cfg.checkpoint_dir)/res.run_id/"package", card)
     res.version = st.register(pkg, version=version, aliases=tuple(cfg.aliases))

@@ -95,7 +95,9 @@ def resolve_resume(resume, ckpt_dir) -> Path | None:
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     "An `Accelerator` for `cfg`: precision, accumulation, tracker; CPU processes use gloo."
     if cfg.tracker not in ("wandb", "none"): raise ValueError(f"tracker must be 'wandb' or 'none', got {cfg.tracker!r}")
-    AcceleratorState._reset_state()   # a second run in the same process (notebook, benchmark) may use another precision
+    # A second run in the same process (this notebook, a benchmark) may want another precision, or another device: an
+    # `Accelerator(cpu=True)` made earlier leaves the process-wide state on the CPU, so a GPU run would quietly train there.
+    AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
     return Accelerator(mixed_precision=resolve_precision(cfg.mixed_precision), gradient_accumulation_steps=cfg.grad_accum,
                        log_with="wandb" if cfg.tracker == "wandb" else None, cpu=not torch.cuda.is_available())
 

@@ -96,7 +96,7 @@ def test_the_shipped_pretrained_checkpoint():
     ck = CHECKPOINTS/"vit-cifar-small-cifar10"
     card = json.loads((ck/"card.json").read_text())
     assert card["dataset"]["fingerprint"] and card["dataset"]["splits"]["train"] == 40000 and card["code_commit"]
-    assert card["metrics"]["test_acc"] > 0.6 and card["shipped"]["weights"] == "fp16" and card["code_commit"] != "unknown"
+    assert card["metrics"]["test_acc"] > 0.7 and card["shipped"]["weights"] == "fp16" and card["code_commit"] != "unknown"
     assert (ck/"train.ipynb").exists() and (ck/"model.safetensors").stat().st_size < 8e6
     chain = checkpoint_lineage(ck)                      # every stage's card and run record, back to the preset it started from
     assert chain[-1]["params"]["model"] == "vit-cifar-small" and all(c["params"]["model"] == "vit-cifar-small-cifar10" for c in chain[:-1])
@@ -106,4 +106,4 @@ def test_the_shipped_pretrained_checkpoint():
     m, p = build_model("vit-cifar-small-cifar10")
     test = load_cifar10(progress=False).test
     with torch.inference_mode(): acc = (m.eval()(preprocess(test.images, p)).logits.argmax(-1) == test.labels).float().mean().item()
-    assert acc > 0.5, acc          # the sample's test images come from CIFAR-10's test split, which pretraining never saw
+    assert acc > 0.7, acc          # the sample's test images come from CIFAR-10's test split, which pretraining never saw

@@ -1,12 +1,13 @@
 """Ship a registered model as a checkpoint inside the package (`vit_nbdev/checkpoints/<name>/`): the release step of the
-pretraining run (see configs/pretrain-small.yaml and the train chapter).
+pretraining run (see configs/pretrain-small-gpu.yaml and the train chapter).
 
-    vit-train -f configs/pretrain-small.yaml -p dataset /path/to/cifar10 -p store ./pretrain-store -p run_id pretrain-small
-    python tools/ship_checkpoint.py --store ./pretrain-store --model pretrain --record runs/pretrain-small.ipynb
+    python bench/gpu_pretrain.py --data /path/to/cifar10 --epochs 30 --out gpu-out     # on a GPU: the run that shipped
+    mkdir st && tar xzf gpu-out/store.tgz -C st
+    python tools/ship_checkpoint.py --store st --model pretrain --record gpu-out/<run_id>.ipynb
 
 The weights go in fp16 (they load back as fp32), with the config, the preprocessing, the card (data fingerprint, params,
 metrics, code commit, device) and the executed training notebook as the run record (a resumed run: every part, in order).
-A stage trained from the shipped checkpoint (configs/pretrain-small-2.yaml) keeps the one it replaces under `lineage/`.
+A stage trained from the shipped checkpoint (`-p model vit-cifar-small-cifar10`) keeps the one it replaces under `lineage/`.
 """
 import argparse, json, sys
 from pathlib import Path

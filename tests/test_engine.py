@@ -45,16 +45,18 @@ def test_onnx_runtime_is_installed_for_ci():
     "The `fast` extra is part of `dev`: CI checks the ONNX engines, not only the PyTorch ones."
     assert onnx_available() and {"onnx-fp32", "onnx-int8", "torch-int8"} <= set(candidate_names())
 
-def test_every_engine_agrees_with_fp32_on_the_trained_checkpoint(exported):
-    "On 1,000 held-out images: agreement ≥ 99 %, accuracy within 0.3 points (the eligibility rule), for every engine here."
+def test_every_engine_is_checked_on_the_trained_checkpoint(exported):
+    """On 1,000 held-out images each engine is eligible exactly when it keeps the rule (agreement ≥ 99 %, accuracy within
+    0.3 points); the exact engines always do. Whether an int8 engine passes depends on the model and the CPU: on the shipped
+    checkpoint torch-int8 agreed 98.4 % on an AMD EPYC and was refused, onnx-int8 99.0 %."""
     uri, version, out = exported
     st = open_store(uri)
     checks = {n: json.loads(st.get_bytes(f"{engines_prefix(version)}{engine_key(n)}/check.json")) for n in candidate_names()}
     for name, c in checks.items():
-        assert c["images"] == CHECK_N and c["reference_accuracy"] > 0.5, c
-        assert c["agreement"] >= MIN_AGREEMENT and c["drop"] <= 0.003 and c["eligible"], (name, c)
-        assert f"{name:11s} agreement" in out
-    assert checks["onnx-fp32"]["agreement"] == 1.0
+        assert c["images"] == CHECK_N and c["reference_accuracy"] > 0.7, c
+        assert c["eligible"] == (c["agreement"] >= MIN_AGREEMENT and c["drop"] <= 0.003), (name, c)
+        assert f"{name:11s} agreement" in out and ("NOT eligible" in out.split(f"{name:11s} agreement")[1].splitlines()[0]) != c["eligible"]
+    assert checks["onnx-fp32"]["agreement"] == 1.0 and checks["onnx-fp32"]["eligible"] and checks[REFERENCE_ENGINE]["eligible"]
     assert st.exists(f"{engines_prefix(version)}{engine_key('onnx-int8')}/model.onnx")
 
 def test_checks_are_real_predictions(shipped):
@@ -108,8 +110,11 @@ def test_serve_chooses_by_measurement_and_reports_it(serve_process, exported, te
     ready = p.wait_ready()
     e = ready["engine"]
     assert e["selected_by"] == "measurement" and e["name"] in ENGINES and e["threads"] >= 1 and e["images_per_s"] > 0
-    assert e["agreement"] >= MIN_AGREEMENT and e["check_images"] == CHECK_N and not e["skipped"]
-    assert {r["name"] for r in e["candidates"]} == set(candidate_names())   # all were checked by the export: all were timed
+    st = open_store(uri)
+    eligible = {n for n in candidate_names() if json.loads(st.get_bytes(f"{engines_prefix(version)}{engine_key(n)}/check.json"))["eligible"]}
+    assert e["agreement"] >= MIN_AGREEMENT and e["check_images"] == CHECK_N and e["name"] in eligible
+    assert {r["name"] for r in e["candidates"]} == eligible      # all were checked by the export: the eligible ones were timed
+    assert set(e["skipped"]) == set(candidate_names()) - eligible and all(v.startswith("not eligible") for v in e["skipped"].values())
     assert p.metric("vit_engine_images_per_second", engine=e["name"], threads=str(e["threads"])) == e["images_per_s"]
     assert p.metric("vit_engine_agreement") == e["agreement"]
     r = httpx.post(p.url + "/predict", files=[("file", ("x.png", png(test_images[0]), "image/png"))], timeout=30)

@@ -7,10 +7,12 @@ split was never trained on). Each engine runs the same `preprocess`d images; agr
 
 Writes bench/results/engine_accuracy.md.
 """
+
 import argparse, tempfile, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -21,11 +23,12 @@ def main():
     from vit_nbdev.data import load_cifar10
     from vit_nbdev.engine import REFERENCE_ENGINE, build_engine, candidate_names, cpu_budget, host_info, predictions
     from vit_nbdev.model import load_package
+
     host = host_info()
     pkg = load_package(shipped_checkpoint(a.model) or a.model)
     test = load_cifar10(a.data, progress=False).test
     order = {n: i for i, n in enumerate(pkg.labels)}
-    labels = test.labels   # CIFAR-10's order is the package's (checked below)
+    labels = test.labels  # CIFAR-10's order is the package's (checked below)
     assert list(order) == load_cifar10(a.data, progress=False).label_names
     folder, rows, ref = Path(tempfile.mkdtemp(prefix="engines-")), [], None
     for name in [REFERENCE_ENGINE] + [n for n in candidate_names() if n != REFERENCE_ENGINE]:
@@ -35,13 +38,23 @@ def main():
         s = time.perf_counter() - t0
         ref = pred if ref is None else ref
         rows.append((name, (pred == labels).float().mean().item(), (pred == ref).float().mean().item(), len(test) / s))
-        print(f"{name:11s} accuracy {100 * rows[-1][1]:.2f}%  agreement {100 * rows[-1][2]:.2f}%  {rows[-1][3]:.0f} img/s", flush=True)
-    lines = [f"# Engines on the full CIFAR-10 test split\n\nModel `{a.model}`; {len(test):,} test images; CPU {host['cpu']} "
-             f"({', '.join(host['flags'])}), {cpu_budget()} threads.\n", "| engine | accuracy | top-1 agreement with fp32 | flips | img/s (batch 250) |",
-             "|---|---:|---:|---:|---:|"]
-    lines += [f"| {n} | {100 * acc:.2f} % | {100 * ag:.2f} % | {round((1 - ag) * len(test))} | {r:.0f} |" for n, acc, ag, r in rows]
-    (ROOT/"bench"/"results"/"engine_accuracy.md").write_text("\n".join(lines) + "\n")
+        print(
+            f"{name:11s} accuracy {100 * rows[-1][1]:.2f}%  agreement {100 * rows[-1][2]:.2f}%  {rows[-1][3]:.0f} img/s",
+            flush=True,
+        )
+    lines = [
+        f"# Engines on the full CIFAR-10 test split\n\nModel `{a.model}`; {len(test):,} test images; CPU {host['cpu']} "
+        f"({', '.join(host['flags'])}), {cpu_budget()} threads.\n",
+        "| engine | accuracy | top-1 agreement with fp32 | flips | img/s (batch 250) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {n} | {100 * acc:.2f} % | {100 * ag:.2f} % | {round((1 - ag) * len(test))} | {r:.0f} |"
+        for n, acc, ag, r in rows
+    ]
+    (ROOT / "bench" / "results" / "engine_accuracy.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
 
 if __name__ == "__main__":
     main()

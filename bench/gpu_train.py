@@ -14,7 +14,9 @@ then python bench/gpu_train.py --data <that folder> (and bench/gpu_pretrain.py).
 
     python bench/gpu_train.py --smoke      # CPU dry run with tiny sizes
 """
+
 import argparse, json, os, sys
+
 sys.path.insert(0, os.path.dirname(__file__))
 import torch
 from train_recipes import ours, seed
@@ -22,28 +24,50 @@ from vit_nbdev.model import preset_config
 
 PEAK_BF16 = 798e12
 
+
 def train_flops_per_image(cfg) -> float:
     "Matmul FLOPs of one training step per image (forward + backward = 3x forward) of a ViT config."
-    t, d, m, L = (cfg.image_size // cfg.patch_size) ** 2 + 1, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    fwd = 2 * t * L * (4 * d * d + 2 * d * m) + L * 4 * t * t * d + 2 * (t - 1) * 3 * cfg.patch_size ** 2 * d + 2 * d * cfg.num_labels
+    t, d, m, L = (
+        (cfg.image_size // cfg.patch_size) ** 2 + 1,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_hidden_layers,
+    )
+    fwd = (
+        2 * t * L * (4 * d * d + 2 * d * m)
+        + L * 4 * t * t * d
+        + 2 * (t - 1) * 3 * cfg.patch_size**2 * d
+        + 2 * d * cfg.num_labels
+    )
     return 3 * fwd
+
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default="../shared/data/cifar10"); ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--steps", type=int, default=60); ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--data", default="../shared/data/cifar10")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch", type=int, default=256)
     a = ap.parse_args()
     model, data, steps, batch, out = "vit-b16", a.data, a.steps, a.batch, {}
-    if a.smoke: model, data, steps, batch = "vit-cifar-tiny", "sample", 4, 32
+    if a.smoke:
+        model, data, steps, batch = "vit-cifar-tiny", "sample", 4, 32
     mp = "bf16" if torch.cuda.is_available() else "no"
-    print(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}; {model}, batch {batch}, {steps} steps", flush=True)
+    print(
+        f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}; {model}, batch {batch}, {steps} steps",
+        flush=True,
+    )
     flops = train_flops_per_image(preset_config(model))
     out["ours_img_s"] = ours(model, data, steps, batch, mixed_precision=mp, augment=False)
     out["seed_img_s"] = seed(model, data, steps, batch, fp16=torch.cuda.is_available())
     out["ratio"] = out["ours_img_s"] / out["seed_img_s"]
     out["mfu"] = out["ours_img_s"] * flops / PEAK_BF16
     print(json.dumps(out), flush=True)
-    print(f"ours {out['ours_img_s']:.0f} img/s, seed {out['seed_img_s']:.0f} img/s, ratio {out['ratio']:.2f}x (target 5x), MFU {out['mfu']:.1%} (target 45%)", flush=True)
+    print(
+        f"ours {out['ours_img_s']:.0f} img/s, seed {out['seed_img_s']:.0f} img/s, ratio {out['ratio']:.2f}x (target 5x), MFU {out['mfu']:.1%} (target 45%)",
+        flush=True,
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -12,6 +12,7 @@ package, on 127.0.0.1 (free port), plain http, in-memory backend, no external ne
   running and STORAGE_EMULATOR_HOST points at it.
 - `store_uri` (function, parametrised "local" / "gcs"): a fresh store uri on each backend.
 """
+
 import contextlib, json, os, shutil, signal, subprocess, sys, tempfile, time, urllib.error, urllib.request, uuid
 from pathlib import Path
 
@@ -41,18 +42,39 @@ class GCSEmulator:
         return f"gs://{self.bucket}/{prefix}".rstrip("/")
 
     def _call(self, method: str, path: str, body: dict | None = None):
-        req = urllib.request.Request(self.host + path, method=method, data=json.dumps(body).encode() if body else None,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=5) as r: return r.status
+        req = urllib.request.Request(
+            self.host + path,
+            method=method,
+            data=json.dumps(body).encode() if body else None,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status
 
     def start(self, timeout: float = 15) -> "GCSEmulator":
         "Start (or resume) the server, wait until it answers, create the bucket."
-        if self.running: return self.resume()
+        if self.running:
+            return self.resume()
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [str(_get_binary_path()), "-backend", "memory", "-scheme", "http", "-host", "127.0.0.1",
-                 "-port", str(self.port), "-external-url", self.host, "-log-level", "warn"],
-                stdout=log, stderr=subprocess.STDOUT)
+                [
+                    str(_get_binary_path()),
+                    "-backend",
+                    "memory",
+                    "-scheme",
+                    "http",
+                    "-host",
+                    "127.0.0.1",
+                    "-port",
+                    str(self.port),
+                    "-external-url",
+                    self.host,
+                    "-log-level",
+                    "warn",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -68,10 +90,12 @@ class GCSEmulator:
 
     def stop(self) -> None:
         "Kill the server (its data is lost); the port stays reserved for `start`."
-        if self.proc is None: return
+        if self.proc is None:
+            return
         self.resume()
         self.proc.terminate()
-        try: self.proc.wait(timeout=5)
+        try:
+            self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
@@ -79,26 +103,32 @@ class GCSEmulator:
 
     def pause(self) -> None:
         "Freeze the server (SIGSTOP): connections are accepted but never answered."
-        if self.running: self.proc.send_signal(signal.SIGSTOP)
+        if self.running:
+            self.proc.send_signal(signal.SIGSTOP)
 
     def resume(self) -> "GCSEmulator":
         "Undo `pause`."
-        if self.running: self.proc.send_signal(signal.SIGCONT)
+        if self.running:
+            self.proc.send_signal(signal.SIGCONT)
         return self
 
     @contextlib.contextmanager
     def down(self):
         "Stopped inside the block, restarted (empty) after it."
         self.stop()
-        try: yield self
-        finally: self.start()
+        try:
+            yield self
+        finally:
+            self.start()
 
     @contextlib.contextmanager
     def paused(self):
         "Frozen inside the block, resumed (data kept) after it."
         self.pause()
-        try: yield self
-        finally: self.resume()
+        try:
+            yield self
+        finally:
+            self.resume()
 
 
 @pytest.fixture(scope="session")
@@ -122,7 +152,8 @@ def gcs_uri(gcs_emulator, monkeypatch) -> str:
 @pytest.fixture(params=["local", "gcs"])
 def store_uri(request, tmp_path) -> str:
     "A fresh, empty store uri: a temporary folder, or a prefix on the GCS emulator."
-    if request.param == "local": return str(tmp_path / "store")
+    if request.param == "local":
+        return str(tmp_path / "store")
     return request.getfixturevalue("gcs_uri")
 
 
@@ -142,6 +173,7 @@ def tiny_packages(tmp_path_factory) -> dict:
     "Two random-weight vit-cifar-tiny packages, `a` and `b`, and `broken` (unloadable weights)."
     import torch
     from vit_nbdev.model import build_model, save_package
+
     root = tmp_path_factory.mktemp("packages")
     out = {}
     for name, seed in (("a", 0), ("b", 1)):
@@ -162,13 +194,23 @@ class ServeProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_dir) / f"vit-serve-{self.port}.log"
         e = {k: v for k, v in os.environ.items() if not k.startswith("VIT_") or k == "VIT_CACHE"}
-        e.update({"PORT": str(self.port), "VIT_STORE": str(store), "PYTHONUNBUFFERED": "1",
-                  "VIT_CACHE": str(Path(log_dir) / "vit-cache"),
-                  "VIT_ENGINE": "torch-fp32"})   # pinned: quick starts; the choice itself is tested in test_engine.py
+        e.update(
+            {
+                "PORT": str(self.port),
+                "VIT_STORE": str(store),
+                "PYTHONUNBUFFERED": "1",
+                "VIT_CACHE": str(Path(log_dir) / "vit-cache"),
+                "VIT_ENGINE": "torch-fp32",
+            }
+        )  # pinned: quick starts; the choice itself is tested in test_engine.py
         e.update({k: str(v) for k, v in (env or {}).items() if v is not None})
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([str(Path(sys.executable).parent / "vit-serve"), "--host", "127.0.0.1", *args],
-                                         env=e, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [str(Path(sys.executable).parent / "vit-serve"), "--host", "127.0.0.1", *args],
+                env=e,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     def log(self, tail: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-tail:]
@@ -180,23 +222,31 @@ class ServeProcess:
             assert self.proc.poll() is None, f"vit-serve exited with {self.proc.returncode}:\n{self.log()}"
             try:
                 r = httpx.get(self.url + "/readyz", timeout=5)
-                if r.status_code == 200: return r.json()
-            except httpx.TransportError: pass
+                if r.status_code == 200:
+                    return r.json()
+            except httpx.TransportError:
+                pass
             assert time.monotonic() < deadline, f"vit-serve not ready after {timeout} s:\n{self.log()}"
             time.sleep(0.1)
 
     def metric(self, name: str, **labels) -> float:
         "The sum of the samples of `name` at `/metrics` whose labels include `labels`."
         from prometheus_client.parser import text_string_to_metric_families
+
         text = httpx.get(self.url + "/metrics", timeout=10).text
-        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+        return sum(
+            s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        )
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
         "Send `sig` and wait for the exit code (SIGKILL after `timeout`)."
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-            try: self.proc.wait(timeout)
+            try:
+                self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -207,8 +257,11 @@ class ServeProcess:
 def serve_process(tmp_path):
     "Factory: `serve_process(store, args=(), **env)` starts a `ServeProcess`; all are stopped at teardown."
     procs = []
+
     def start(store, args=(), **env) -> ServeProcess:
         procs.append(ServeProcess(store, tmp_path, env, args))
         return procs[-1]
+
     yield start
-    for p in procs: p.stop(signal.SIGTERM, timeout=30)   # graceful (telemetry flushed, coverage saved); SIGKILL after 30 s
+    for p in procs:
+        p.stop(signal.SIGTERM, timeout=30)  # graceful (telemetry flushed, coverage saved); SIGKILL after 30 s

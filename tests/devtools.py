@@ -1,5 +1,6 @@
 """The command-line tools the tests drive (from the dev extras: ruff, pre-commit, hadolint, shellcheck,
 check-jsonschema; and the package's own scripts), found once, the same way, by every test module."""
+
 import shutil, subprocess, sys
 from pathlib import Path
 
@@ -8,8 +9,9 @@ import pytest
 
 def dev_tool(name: str) -> str:
     "The console script `name`: next to this Python first (the project's venv), then on PATH; fail if missing."
-    for cand in (Path(sys.executable).parent/name, shutil.which(name)):
-        if cand and Path(cand).is_file(): return str(cand)
+    for cand in (Path(sys.executable).parent / name, shutil.which(name)):
+        if cand and Path(cand).is_file():
+            return str(cand)
     pytest.fail(f"{name} is not installed (pip install -c constraints.txt -e '.[dev]')")
 
 
@@ -17,17 +19,28 @@ def shellcheck(*paths, text: str | None = None, cwd=None) -> None:
     "Assert that the scripts at `paths` (or the script `text`) parse (`bash -n`) and pass shellcheck at style severity."
     runs = [(str(p), None) for p in paths] if text is None else [("-", text)]
     for arg, script in runs:
-        r = subprocess.run(["bash", "-n", *([arg] if script is None else [])], input=script, capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            ["bash", "-n", *([arg] if script is None else [])], input=script, capture_output=True, text=True, timeout=30
+        )
         assert r.returncode == 0, r.stderr
-        r = subprocess.run([dev_tool("shellcheck"), "--severity=style", arg], input=script, cwd=cwd, capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [dev_tool("shellcheck"), "--severity=style", arg],
+            input=script,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert r.returncode == 0, f"shellcheck findings:\n{r.stdout}{r.stderr}"
 
 
 def wait_for(cond, timeout: float = 30, what: str = "a condition", every: float = 0.2):
     "Poll `cond()` until it returns something true (a busy machine may be slow) and return that; fail after `timeout` seconds."
     import time
+
     deadline = time.monotonic() + timeout
     while not (res := cond()):
-        if time.monotonic() > deadline: pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(every)
     return res

@@ -1,5 +1,6 @@
 """`vit-cloud`: dry-run plans, the VM startup script (bash -n, shellcheck, and its life run against
 stand-ins for gcloud/docker: nothing here can reach Google), and bad options."""
+
 import json, os, stat, subprocess, sys, textwrap
 from pathlib import Path
 
@@ -33,184 +34,332 @@ FAKE = textwrap.dedent(f"""\
         sys.exit(int(os.environ.get("FAKE_DOCKER_RC", "0")))
     """)
 
+
 def fakebin(tmp_path, names=("gcloud", "docker", "nvidia-smi", "nvidia-ctk")):
-    d = tmp_path/"bin"; d.mkdir(exist_ok=True)
+    d = tmp_path / "bin"
+    d.mkdir(exist_ok=True)
     for n in names:
-        (d/n).write_text(FAKE); (d/n).chmod(stat.S_IRWXU)
+        (d / n).write_text(FAKE)
+        (d / n).chmod(stat.S_IRWXU)
     return d
 
-def calls(tmp_path): return [json.loads(l) for l in (tmp_path/"calls.jsonl").read_text().splitlines()] if (tmp_path/"calls.jsonl").exists() else []
+
+def calls(tmp_path):
+    return (
+        [json.loads(l) for l in (tmp_path / "calls.jsonl").read_text().splitlines()]
+        if (tmp_path / "calls.jsonl").exists()
+        else []
+    )
+
 
 def run_cli(*args, env=None):
     return subprocess.run([CLI, *args], capture_output=True, text=True, env=env, timeout=120)
 
-TRAIN = ["train", "--project", PROJECT, "--store", STORE, "-f", str(ROOT/"configs/cifar10-scratch.yaml"), "-p", "epochs", "30",
-         "--run-id", "20261126-120000-abc123", "--wandb-secret", "wandb-api-key"]
+
+TRAIN = [
+    "train",
+    "--project",
+    PROJECT,
+    "--store",
+    STORE,
+    "-f",
+    str(ROOT / "configs/cifar10-scratch.yaml"),
+    "-p",
+    "epochs",
+    "30",
+    "--run-id",
+    "20261126-120000-abc123",
+    "--wandb-secret",
+    "wandb-api-key",
+]
+
 
 def test_train_dry_run_is_the_plan_and_runs_as_printed(tmp_path):
-    r = run_cli(*TRAIN, "--dry-run"); assert r.returncode == 0, r.stderr
+    r = run_cli(*TRAIN, "--dry-run")
+    assert r.returncode == 0, r.stderr
     out = r.stdout
     shellcheck(text=out)
     create = next(l for l in out.splitlines() if l.startswith("gcloud compute instances create"))
-    for flag in ["vit-train-20261126-120000-abc123", f"--project {PROJECT}", "--zone us-central1-a", "--machine-type g2-standard-8",
-                 "--provisioning-model SPOT", "--instance-termination-action DELETE", "--max-run-duration 1440m",
-                 "--image-family common-cu128-ubuntu-2204-nvidia-570", "--boot-disk-size 200GB", "--maintenance-policy TERMINATE",
-                 f"--service-account vit-train@{PROJECT}.iam.gserviceaccount.com", 'startup-script="$D/startup.sh"']:
+    for flag in [
+        "vit-train-20261126-120000-abc123",
+        f"--project {PROJECT}",
+        "--zone us-central1-a",
+        "--machine-type g2-standard-8",
+        "--provisioning-model SPOT",
+        "--instance-termination-action DELETE",
+        "--max-run-duration 1440m",
+        "--image-family common-cu128-ubuntu-2204-nvidia-570",
+        "--boot-disk-size 200GB",
+        "--maintenance-policy TERMINATE",
+        f"--service-account vit-train@{PROJECT}.iam.gserviceaccount.com",
+        'startup-script="$D/startup.sh"',
+    ]:
         assert flag in create, flag
-    assert "--accelerator" not in create                       # g2 comes with its L4
+    assert "--accelerator" not in create  # g2 comes with its L4
     # the printed script, run with a stand-in gcloud, passes exactly the startup script the library makes
     env = {**os.environ, "PATH": f"{fakebin(tmp_path)}:{os.environ['PATH']}", "FAKE_DIR": str(tmp_path)}
     subprocess.run(["bash", "-c", out], env=env, check=True)
-    [c] = calls(tmp_path); assert c["args"][:4] == ["compute", "instances", "create", "vit-train-20261126-120000-abc123"]
+    [c] = calls(tmp_path)
+    assert c["args"][:4] == ["compute", "instances", "create", "vit-train-20261126-120000-abc123"]
     vm = TrainVM(project=PROJECT, store=STORE, wandb_secret="wandb-api-key")
-    params = train_params([ROOT/"configs/cifar10-scratch.yaml"], [("epochs", "30")], store=STORE, run_id="20261126-120000-abc123")
-    assert (tmp_path/"startup.sh").read_text() == startup_script(vm, "20261126-120000-abc123", params)
+    params = train_params(
+        [ROOT / "configs/cifar10-scratch.yaml"], [("epochs", "30")], store=STORE, run_id="20261126-120000-abc123"
+    )
+    assert (tmp_path / "startup.sh").read_text() == startup_script(vm, "20261126-120000-abc123", params)
+
 
 def test_n1_gets_an_accelerator_and_standard_vm_options():
-    r = run_cli("train", "--project", PROJECT, "--store", STORE, "--machine-type", "n1-standard-8", "--gpu", "nvidia-tesla-v100",
-                "--gpu-count", "2", "--no-spot", "--max-run-hours", "6", "--disk-size", "100", "--dry-run")
+    r = run_cli(
+        "train",
+        "--project",
+        PROJECT,
+        "--store",
+        STORE,
+        "--machine-type",
+        "n1-standard-8",
+        "--gpu",
+        "nvidia-tesla-v100",
+        "--gpu-count",
+        "2",
+        "--no-spot",
+        "--max-run-hours",
+        "6",
+        "--disk-size",
+        "100",
+        "--dry-run",
+    )
     assert r.returncode == 0, r.stderr
     assert "--accelerator type=nvidia-tesla-v100,count=2" in r.stdout and "--provisioning-model STANDARD" in r.stdout
     assert "--max-run-duration 360m" in r.stdout and "--boot-disk-size 100GB" in r.stdout
 
+
 def boot(tmp_path, script, *, bins=("gcloud", "docker", "nvidia-smi", "nvidia-ctk"), **env):
     "Run the startup script as a VM boot would, with stand-ins on PATH and the work folder in tmp_path."
     b = fakebin(tmp_path, bins)
-    path = f"{b}:/usr/bin:/bin"       # no real gcloud/docker/nvidia tools can be reached
-    e = {"PATH": path, "FAKE_DIR": str(tmp_path), "VIT_WORK_DIR": str(tmp_path/"work"), "HOME": str(tmp_path), **env}
+    path = f"{b}:/usr/bin:/bin"  # no real gcloud/docker/nvidia tools can be reached
+    e = {"PATH": path, "FAKE_DIR": str(tmp_path), "VIT_WORK_DIR": str(tmp_path / "work"), "HOME": str(tmp_path), **env}
     return subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=e, timeout=60)
+
 
 @pytest.fixture
 def script():
-    vm = TrainVM(project=PROJECT, store=STORE, wandb_secret="wandb-api-key", image="us-central1-docker.pkg.dev/p-1234/vit/vit-train:abc")
+    vm = TrainVM(
+        project=PROJECT,
+        store=STORE,
+        wandb_secret="wandb-api-key",
+        image="us-central1-docker.pkg.dev/p-1234/vit/vit-train:abc",
+    )
     params = train_params([], [("epochs", "2"), ("model", "vit-cifar-small")], store=STORE, run_id="run-1")
     return startup_script(vm, "run-1", params)
 
+
 def test_vm_trains_uploads_its_log_and_deletes_itself(tmp_path, script):
-    r = boot(tmp_path, script); assert r.returncode == 0, r.stdout + r.stderr
-    cs = calls(tmp_path); names = [(c["name"], c["args"][:2]) for c in cs]
-    assert names == [("nvidia-smi", []), ("gcloud", ["auth", "configure-docker"]), ("docker", ["pull", "us-central1-docker.pkg.dev/p-1234/vit/vit-train:abc"]),
-                     ("gcloud", ["secrets", "versions"]), ("docker", ["run", "--rm"]), ("gcloud", ["storage", "cp"]), ("gcloud", ["compute", "instances"])]
+    r = boot(tmp_path, script)
+    assert r.returncode == 0, r.stdout + r.stderr
+    cs = calls(tmp_path)
+    names = [(c["name"], c["args"][:2]) for c in cs]
+    assert names == [
+        ("nvidia-smi", []),
+        ("gcloud", ["auth", "configure-docker"]),
+        ("docker", ["pull", "us-central1-docker.pkg.dev/p-1234/vit/vit-train:abc"]),
+        ("gcloud", ["secrets", "versions"]),
+        ("docker", ["run", "--rm"]),
+        ("gcloud", ["storage", "cp"]),
+        ("gcloud", ["compute", "instances"]),
+    ]
     run = cs[4]
     assert run["args"][-3:] == ["us-central1-docker.pkg.dev/p-1234/vit/vit-train:abc", "-f", "/config/params.yaml"]
-    assert ["--gpus", "all"] == run["args"][run["args"].index("--gpus"):][:2] and f"VIT_STORE={STORE}" in run["args"]
+    assert ["--gpus", "all"] == run["args"][run["args"].index("--gpus") :][:2] and f"VIT_STORE={STORE}" in run["args"]
     assert yaml.safe_load(run["params"]) == dict(epochs=2, model="vit-cifar-small", store=STORE, run_id="run-1")
     # the W&B key reaches the container through the environment only: in no argument, not in the log
     assert run["wandb"] == "wandb-key-from-secret-manager" and "WANDB_API_KEY" in run["args"]
     assert not any("wandb-key-from" in a for c in cs for a in c["args"])
-    assert cs[5]["args"][2:] == [str(tmp_path/"work/train.log"), f"{STORE}/runs/run-1/vm.log"]
+    assert cs[5]["args"][2:] == [str(tmp_path / "work/train.log"), f"{STORE}/runs/run-1/vm.log"]
     assert cs[6]["args"] == ["compute", "instances", "delete", "vit-train-run-1", "--zone", "us-central1-a", "--quiet"]
-    log = (tmp_path/"work/train.log").read_text()
+    log = (tmp_path / "work/train.log").read_text()
     assert "training... (fake)" in log and "finished with status 0" in log and "wandb-key-from" not in log
     # booting again (a stopped VM started by hand) does nothing
-    (tmp_path/"calls.jsonl").unlink()
-    r = boot(tmp_path, script); assert r.returncode == 0 and "already ran" in r.stdout and calls(tmp_path) == []
+    (tmp_path / "calls.jsonl").unlink()
+    r = boot(tmp_path, script)
+    assert r.returncode == 0 and "already ran" in r.stdout and calls(tmp_path) == []
+
 
 def test_vm_is_deleted_when_training_fails(tmp_path, script):
     r = boot(tmp_path, script, FAKE_DOCKER_RC="3")
     assert r.returncode == 3
     cs = calls(tmp_path)
-    assert [c["args"][:3] for c in cs[-2:]] == [["storage", "cp", str(tmp_path/"work/train.log")], ["compute", "instances", "delete"]]
-    assert "finished with status 3" in (tmp_path/"work/train.log").read_text()
+    assert [c["args"][:3] for c in cs[-2:]] == [
+        ["storage", "cp", str(tmp_path / "work/train.log")],
+        ["compute", "instances", "delete"],
+    ]
+    assert "finished with status 3" in (tmp_path / "work/train.log").read_text()
+
 
 def test_vm_without_driver_fails_clearly_and_is_still_deleted(tmp_path, script):
     r = boot(tmp_path, script, bins=("gcloud", "docker"))
     assert r.returncode == 1 and "no NVIDIA driver" in r.stdout + r.stderr
-    assert [c["args"][:3] for c in calls(tmp_path)] == [["storage", "cp", str(tmp_path/"work/train.log")], ["compute", "instances", "delete"]]
+    assert [c["args"][:3] for c in calls(tmp_path)] == [
+        ["storage", "cp", str(tmp_path / "work/train.log")],
+        ["compute", "instances", "delete"],
+    ]
     assert not any(c["name"] == "docker" for c in calls(tmp_path))
+
 
 def test_on_finish_stop_stops_instead(tmp_path):
     vm = TrainVM(project=PROJECT, store=STORE, on_finish="stop")
     s = startup_script(vm, "r2", train_params([], [], store=STORE, run_id="r2"))
-    r = boot(tmp_path, s); assert r.returncode == 0, r.stderr
+    r = boot(tmp_path, s)
+    assert r.returncode == 0, r.stderr
     assert calls(tmp_path)[-1]["args"][:3] == ["compute", "instances", "stop"]
     assert "WANDB_MODE=offline" in next(c for c in calls(tmp_path) if c["args"][:1] == ["run"])["args"]
+
 
 def heredoc(script, name):
     "The text of file `name` in a printed plan."
     lines = script.splitlines()
     i = next(i for i, l in enumerate(lines) if l.startswith(f'cat > "$D/{name}"'))
     end = lines[i].split("<<")[1].strip("'")
-    return "\n".join(lines[i+1:lines.index(end, i+1)])
+    return "\n".join(lines[i + 1 : lines.index(end, i + 1)])
+
 
 def test_deploy_dry_run_builds_pushes_and_deploys_with_a_secret():
-    r = run_cli("deploy", "--project", PROJECT, "--store", STORE, "--model", "production", "--max-instances", "5", "--dry-run")
+    r = run_cli(
+        "deploy", "--project", PROJECT, "--store", STORE, "--model", "production", "--max-instances", "5", "--dry-run"
+    )
     assert r.returncode == 0, r.stderr
-    out = r.stdout; shellcheck(text=out)
-    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
+    out = r.stdout
+    shellcheck(text=out)
+    sha = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     cmds = [l for l in out.splitlines() if l and not l.startswith("#") and l.split()[0] in ("gcloud", "docker")]
-    assert [c.split()[:4] for c in cmds] == [["gcloud", "auth", "configure-docker", "us-central1-docker.pkg.dev"], ["docker", "build", "-f", "docker/serve.Dockerfile"],
-                                              ["docker", "push", cmds[2].split()[2]], ["gcloud", "run", "services", "replace"],
-                                              ["gcloud", "run", "services", "add-iam-policy-binding"]]
+    assert [c.split()[:4] for c in cmds] == [
+        ["gcloud", "auth", "configure-docker", "us-central1-docker.pkg.dev"],
+        ["docker", "build", "-f", "docker/serve.Dockerfile"],
+        ["docker", "push", cmds[2].split()[2]],
+        ["gcloud", "run", "services", "replace"],
+        ["gcloud", "run", "services", "add-iam-policy-binding"],
+    ]
     image = cmds[2].split()[2]
-    assert image.startswith(f"us-central1-docker.pkg.dev/{PROJECT}/vit/vit-serve:{sha}") and f"VIT_CODE_COMMIT={image.split(':')[-1]}" in cmds[1]
+    assert (
+        image.startswith(f"us-central1-docker.pkg.dev/{PROJECT}/vit/vit-serve:{sha}")
+        and f"VIT_CODE_COMMIT={image.split(':')[-1]}" in cmds[1]
+    )
     assert cmds[3].endswith(f'"$D/service.yaml" --project {PROJECT} --region us-central1')
     assert "--member allUsers --role roles/run.invoker" in cmds[4]
     svc = yaml.safe_load(heredoc(out, "service.yaml"))
     assert svc["kind"] == "Service" and svc["metadata"]["name"] == "vit-serve"
-    t = svc["spec"]["template"]; spec = t["spec"]; [c] = spec["containers"]
+    t = svc["spec"]["template"]
+    spec = t["spec"]
+    [c] = spec["containers"]
     assert c["image"] == image and spec["serviceAccountName"] == f"vit-serve@{PROJECT}.iam.gserviceaccount.com"
     assert spec["containerConcurrency"] == 32 and c["resources"]["limits"] == {"cpu": "2", "memory": "4Gi"}
-    assert t["metadata"]["annotations"]["autoscaling.knative.dev/maxScale"] == "5" and t["metadata"]["annotations"]["autoscaling.knative.dev/minScale"] == "0"
+    assert (
+        t["metadata"]["annotations"]["autoscaling.knative.dev/maxScale"] == "5"
+        and t["metadata"]["annotations"]["autoscaling.knative.dev/minScale"] == "0"
+    )
     env = {e["name"]: e for e in c["env"]}
     assert env["VIT_STORE"]["value"] == STORE and env["VIT_MODEL"]["value"] == "production"
-    assert env["VIT_ADMIN_TOKEN"] == {"name": "VIT_ADMIN_TOKEN", "valueFrom": {"secretKeyRef": {"name": "vit-admin-token", "key": "latest"}}}
-    assert c["startupProbe"]["httpGet"] == {"path": "/readyz", "port": 8080} and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert env["VIT_ADMIN_TOKEN"] == {
+        "name": "VIT_ADMIN_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "vit-admin-token", "key": "latest"}},
+    }
+    assert (
+        c["startupProbe"]["httpGet"] == {"path": "/readyz", "port": 8080}
+        and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    )
     assert c["ports"] == [{"name": "http1", "containerPort": 8080}]
+
 
 def test_deploy_runs_the_plan_with_the_tools_it_finds(tmp_path):
     "Without --dry-run the same commands run here, in order (stand-ins for gcloud and docker)."
     env = {**os.environ, "PATH": f"{fakebin(tmp_path, ('gcloud',))}:{os.environ['PATH']}", "FAKE_DIR": str(tmp_path)}
     image = "us-central1-docker.pkg.dev/vit-test-project/vit/vit-serve:v7"
-    r = run_cli("deploy", "--project", PROJECT, "--store", STORE, "--image", image, "--no-allow-unauthenticated", env=env)
+    r = run_cli(
+        "deploy", "--project", PROJECT, "--store", STORE, "--image", image, "--no-allow-unauthenticated", env=env
+    )
     assert r.returncode == 0, r.stderr
-    [c] = calls(tmp_path)                         # private: no allUsers binding
-    assert c["args"][:3] == ["run", "services", "replace"] and c["args"][4:] == ["--project", PROJECT, "--region", "us-central1"]
+    [c] = calls(tmp_path)  # private: no allUsers binding
+    assert c["args"][:3] == ["run", "services", "replace"] and c["args"][4:] == [
+        "--project",
+        PROJECT,
+        "--region",
+        "us-central1",
+    ]
     assert "+ gcloud run services replace" in r.stderr
     from vit_nbdev.cloud import service_yaml
+
     svc = CloudRunService(project=PROJECT, store=STORE, image=image, allow_unauthenticated=False)
-    assert (tmp_path/"service.yaml").read_text() == service_yaml(svc, image)
+    assert (tmp_path / "service.yaml").read_text() == service_yaml(svc, image)
+
 
 def test_setup_dry_run_grants_the_least(tmp_path):
-    r = run_cli("setup", "--project", PROJECT, "--bucket", "vit-test-bucket", "--wandb-secret", "wandb-api-key", "--dry-run")
+    r = run_cli(
+        "setup", "--project", PROJECT, "--bucket", "vit-test-bucket", "--wandb-secret", "wandb-api-key", "--dry-run"
+    )
     assert r.returncode == 0, r.stderr
     shellcheck(text=r.stdout)
     grants = [l for l in r.stdout.splitlines() if "--role" in l and not l.startswith("#")]
     serve = [l for l in grants if f"vit-serve@{PROJECT}" in l]
     assert len(serve) == 2
-    assert any(l.startswith("gcloud storage buckets add-iam-policy-binding gs://vit-test-bucket") and "roles/storage.objectUser" in l for l in serve)
-    assert any(l.startswith("gcloud secrets add-iam-policy-binding vit-admin-token") and "roles/secretmanager.secretAccessor" in l for l in serve)
+    assert any(
+        l.startswith("gcloud storage buckets add-iam-policy-binding gs://vit-test-bucket")
+        and "roles/storage.objectUser" in l
+        for l in serve
+    )
+    assert any(
+        l.startswith("gcloud secrets add-iam-policy-binding vit-admin-token")
+        and "roles/secretmanager.secretAccessor" in l
+        for l in serve
+    )
     admin = [l for l in grants if "instanceAdmin" in l]
     assert admin and all("vit-train@" in l and "--condition" in l and 'startsWith("vit-train-")' in l for l in admin)
     assert not any(r in r_ for r_ in grants for r in ("roles/owner", "roles/editor", "roles/storage.admin"))
 
-@pytest.mark.parametrize("args,msg", [
-    (["train", "--project", PROJECT, "--store", "./artifacts"], "gs://bucket"),
-    (["train", "--project", PROJECT, "--store", STORE, "-p", "epoch", "3"], "epoch"),
-    (["train", "--project", PROJECT, "--store", STORE, "-p", "precision", "fp8"], "bad training parameters"),
-    (["train", "--project", PROJECT, "--store", STORE, "-f", "/no/such.yaml"], "cannot read the parameters"),
-    (["train", "--project", PROJECT, "--store", STORE, "--machine-type", "e2-standard-8"], "takes no GPU"),
-    (["train", "--project", PROJECT, "--store", STORE, "--gpu", "nvidia-tesla-t4"], "comes with nvidia-l4"),
-    (["train", "--project", PROJECT, "--store", STORE, "--zone", "uscentral"], "zone"),
-    (["train", "--project", "Bad_Project", "--store", STORE], "project id"),
-    (["train", "--project", PROJECT, "--store", STORE, "--wandb-secret", "my key 123"], "not the secret itself"),
-    (["deploy", "--project", PROJECT, "--store", STORE, "--admin-token-secret", "hunter2 hunter2"], "not the secret itself"),
-    (["deploy", "--project", PROJECT, "--store", f"{STORE},VIT_MODEL=x"], "no commas"),
-    (["deploy", "--project", PROJECT, "--store", STORE, "--min-instances", "3", "--max-instances", "1"], "--min-instances"),
-    (["deploy", "--project", PROJECT, "--store", STORE, "--memory", "4GB"], "memory"),
-    (["deploy", "--project", PROJECT, "--store", STORE, "--image", "Not An Image"], "--image"),
-    (["deploy", "--project", PROJECT, "--store", STORE, "--service-account", "vit-serve@gmail.com"], "service account email"),
-])
+
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["train", "--project", PROJECT, "--store", "./artifacts"], "gs://bucket"),
+        (["train", "--project", PROJECT, "--store", STORE, "-p", "epoch", "3"], "epoch"),
+        (["train", "--project", PROJECT, "--store", STORE, "-p", "precision", "fp8"], "bad training parameters"),
+        (["train", "--project", PROJECT, "--store", STORE, "-f", "/no/such.yaml"], "cannot read the parameters"),
+        (["train", "--project", PROJECT, "--store", STORE, "--machine-type", "e2-standard-8"], "takes no GPU"),
+        (["train", "--project", PROJECT, "--store", STORE, "--gpu", "nvidia-tesla-t4"], "comes with nvidia-l4"),
+        (["train", "--project", PROJECT, "--store", STORE, "--zone", "uscentral"], "zone"),
+        (["train", "--project", "Bad_Project", "--store", STORE], "project id"),
+        (["train", "--project", PROJECT, "--store", STORE, "--wandb-secret", "my key 123"], "not the secret itself"),
+        (
+            ["deploy", "--project", PROJECT, "--store", STORE, "--admin-token-secret", "hunter2 hunter2"],
+            "not the secret itself",
+        ),
+        (["deploy", "--project", PROJECT, "--store", f"{STORE},VIT_MODEL=x"], "no commas"),
+        (
+            ["deploy", "--project", PROJECT, "--store", STORE, "--min-instances", "3", "--max-instances", "1"],
+            "--min-instances",
+        ),
+        (["deploy", "--project", PROJECT, "--store", STORE, "--memory", "4GB"], "memory"),
+        (["deploy", "--project", PROJECT, "--store", STORE, "--image", "Not An Image"], "--image"),
+        (
+            ["deploy", "--project", PROJECT, "--store", STORE, "--service-account", "vit-serve@gmail.com"],
+            "service account email",
+        ),
+    ],
+)
 def test_bad_options_exit_2_with_a_message(args, msg):
     r = run_cli(*args, "--dry-run")
     assert r.returncode == 2 and msg in r.stderr and r.stdout == "", (r.returncode, r.stderr)
 
+
 def test_missing_gcloud_fails_before_anything_runs(tmp_path):
-    (tmp_path/"empty").mkdir()
-    env = {**os.environ, "PATH": str(tmp_path/"empty")}       # (this machine has a gcloud in /usr/bin)
+    (tmp_path / "empty").mkdir()
+    env = {**os.environ, "PATH": str(tmp_path / "empty")}  # (this machine has a gcloud in /usr/bin)
     r = run_cli("setup", "--project", PROJECT, "--bucket", "vit-test-bucket", env=env)
     assert r.returncode == 2 and "gcloud not found on PATH" in r.stderr and "--dry-run" in r.stderr
 
+
 def test_deploy_outside_a_checkout_needs_an_image(tmp_path):
     from vit_nbdev.cloud import CloudError, deploy_plan
-    with pytest.raises(CloudError, match="pass --image"): deploy_plan(CloudRunService(project=PROJECT, store=STORE), root=tmp_path)
+
+    with pytest.raises(CloudError, match="pass --image"):
+        deploy_plan(CloudRunService(project=PROJECT, store=STORE), root=tmp_path)

@@ -2,6 +2,7 @@
 from nbdev's processed notebooks (the published site is built from the same by Quarto, which cannot
 run here), and Chromium (Playwright, as in test_serve_browser.py) opens each page and checks its
 title, its `show_doc` sections, its images, that no cell shows an error, and that no local link is broken."""
+
 import json, re, subprocess, sys
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -11,33 +12,52 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def sidebar_notebooks() -> list[str]:
     "The notebooks of nbs/sidebar.yml in order (read now: chapters are added and renamed), sections flattened."
+
     def walk(items):
         for it in items or []:
-            if isinstance(it, str): yield it
-            elif isinstance(it, dict) and "contents" in it: yield from walk(it["contents"])
-            elif isinstance(it, dict) and "href" in it: yield it["href"]
-    doc = yaml.safe_load((ROOT/"nbs"/"sidebar.yml").read_text())
+            if isinstance(it, str):
+                yield it
+            elif isinstance(it, dict) and "contents" in it:
+                yield from walk(it["contents"])
+            elif isinstance(it, dict) and "href" in it:
+                yield it["href"]
+
+    doc = yaml.safe_load((ROOT / "nbs" / "sidebar.yml").read_text())
     return [p for p in walk(doc["website"]["sidebar"]["contents"]) if p.endswith(".ipynb")]
 
 
 def expected(proc_nb: Path) -> dict:
     "What the page of processed notebook `proc_nb` must show: its title, its show_doc headings, how many images."
     text = lambda s: "".join(s) if isinstance(s, list) else s
-    cells = [{**c, "source": text(c["source"])} for c in json.loads(proc_nb.read_text())["cells"]]   # nbdev adds keys nbformat rejects
-    raw = next((c["source"] for c in cells if c["cell_type"] == "raw" and c["source"].lstrip().startswith("---")), "---\n---")
+    cells = [
+        {**c, "source": text(c["source"])} for c in json.loads(proc_nb.read_text())["cells"]
+    ]  # nbdev adds keys nbformat rejects
+    raw = next(
+        (c["source"] for c in cells if c["cell_type"] == "raw" and c["source"].lstrip().startswith("---")), "---\n---"
+    )
     title = str((yaml.safe_load(raw.strip().strip("-")) or {}).get("title") or proc_nb.stem)
     show_docs, images = [], 0
     for c in cells:
-        if c["cell_type"] == "markdown": images += len(re.findall(r"!\[[^\]]*\]\(|<img\s", c["source"]))
-        if c["cell_type"] != "code": continue
+        if c["cell_type"] == "markdown":
+            images += len(re.findall(r"!\[[^\]]*\]\(|<img\s", c["source"]))
+        if c["cell_type"] != "code":
+            continue
         hidden = re.search(r"(?m)^#\|\s*(include|output)\s*:\s*false", c["source"])
-        if not hidden: images += sum(any(k.startswith("image/") for k in o.get("data", {})) for o in c["outputs"])
-        if re.search(r"(?m)^show_doc\(", c["source"]):                  # nbdev's section: a heading with the name
+        if not hidden:
+            images += sum(any(k.startswith("image/") for k in o.get("data", {})) for o in c["outputs"])
+        if re.search(r"(?m)^show_doc\(", c["source"]):  # nbdev's section: a heading with the name
             md = "".join(text(o.get("data", {}).get("text/markdown", "")) for o in c["outputs"])
             show_docs += re.findall(r"(?m)^#{2,4} (.+?)\s*$", md)
     return {"title": title, "show_docs": show_docs, "images": images}
@@ -51,35 +71,54 @@ def check_page(page, url: str, exp: dict, out: Path) -> list[str]:
     bad = []
     if page.inner_text("h1.title").strip() != exp["title"] or page.title() != exp["title"]:
         bad.append(f"title {page.inner_text('h1.title')!r} / {page.title()!r}, expected {exp['title']!r}")
-    headings = page.eval_on_selector_all("main h2, main h3, main h4", "hs => hs.map(h => h.innerText.replace(/¶$/, '').trim())")
+    headings = page.eval_on_selector_all(
+        "main h2, main h3, main h4", "hs => hs.map(h => h.innerText.replace(/¶$/, '').trim())"
+    )
     bad += [f"no show_doc section {n!r}" for n in exp["show_docs"] if n not in headings]
-    imgs = page.eval_on_selector_all("img", "is => is.map(i => [i.getAttribute('src').slice(0, 80), i.complete && i.naturalWidth > 0])")
+    imgs = page.eval_on_selector_all(
+        "img", "is => is.map(i => [i.getAttribute('src').slice(0, 80), i.complete && i.naturalWidth > 0])"
+    )
     bad += [f"image does not load: {src}" for src, ok in imgs if not ok]
-    if len(imgs) < exp["images"]: bad.append(f"{len(imgs)} images, the notebook has {exp['images']}")
+    if len(imgs) < exp["images"]:
+        bad.append(f"{len(imgs)} images, the notebook has {exp['images']}")
     for sel, what in ((".preview-error", "processing error"), (".preview-error-output", "error output")):
         bad += [f"{what}: {t[:300]}" for t in page.locator(sel).all_inner_texts()]
     bad += [f"request leaves the preview: {u}" for u in requests if not u.startswith(("file://", "data:"))]
     links = page.eval_on_selector_all("a[href]", "as => as.map(a => [a.getAttribute('href'), a.href])")
     for href, absolute in links:
         u = urlsplit(absolute)
-        if u.scheme != "file": continue                                    # the web: not checked here
+        if u.scheme != "file":
+            continue  # the web: not checked here
         target = Path(unquote(u.path))
-        if not target.resolve().is_relative_to(out.resolve()): bad.append(f"link {href!r} leaves the preview folder"); continue
-        if not target.is_file(): bad.append(f"broken link {href!r}"); continue
+        if not target.resolve().is_relative_to(out.resolve()):
+            bad.append(f"link {href!r} leaves the preview folder")
+            continue
+        if not target.is_file():
+            bad.append(f"broken link {href!r}")
+            continue
         if u.fragment and target.suffix == ".html":
             ids = set(re.findall(r'\sid="([^"]+)"', target.read_text(encoding="utf-8")))
-            if unquote(u.fragment) not in ids: bad.append(f"link {href!r}: no #{u.fragment} in {target.name}")
+            if unquote(u.fragment) not in ids:
+                bad.append(f"link {href!r}: no #{u.fragment} in {target.name}")
     return bad
 
 
 def test_docs_preview_every_page(tmp_path):
-    if not CHROMIUM.exists(): pytest.fail(f"{CHROMIUM} is missing: run .ci/setup-extra (apt-get install chromium)")
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: run .ci/setup-extra (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
-    out = tmp_path/"preview"
-    r = subprocess.run([sys.executable, str(ROOT/"tools"/"docs_preview.py"), "--out", str(out)],
-                       capture_output=True, text=True, timeout=420)
-    assert (out/"contents.html").exists(), f"docs_preview.py failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    problems = [l for l in r.stdout.splitlines() if l.startswith("PROBLEM")]      # reported with the pages' own below
+
+    out = tmp_path / "preview"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "docs_preview.py"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    assert (out / "contents.html").exists(), (
+        f"docs_preview.py failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    )
+    problems = [l for l in r.stdout.splitlines() if l.startswith("PROBLEM")]  # reported with the pages' own below
     assert r.returncode == (1 if problems else 0), r.stdout[-3000:] + r.stderr[-3000:]
     chapters = sidebar_notebooks()
     assert chapters, "nbs/sidebar.yml lists no notebook"
@@ -88,22 +127,25 @@ def test_docs_preview_every_page(tmp_path):
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.goto((out/"contents.html").as_uri())
+            page.goto((out / "contents.html").as_uri())
             listed = page.eval_on_selector_all("main li > a", "as => as.map(a => a.getAttribute('href'))")
-            assert listed[:len(pages)] == pages, f"contents page order {listed}, sidebar order {pages}"
-            page.screenshot(path=str(tmp_path/"docs-preview-contents.png"))
+            assert listed[: len(pages)] == pages, f"contents page order {listed}, sidebar order {pages}"
+            page.screenshot(path=str(tmp_path / "docs-preview-contents.png"))
             failures, n_show_docs = {}, 0
             for chapter, name in zip(chapters, pages, strict=True):
-                exp = expected(out/"_proc"/chapter)
+                exp = expected(out / "_proc" / chapter)
                 n_show_docs += len(exp["show_docs"])
                 tab = browser.new_page(viewport={"width": 1200, "height": 900})
-                if bad := check_page(tab, (out/name).as_uri(), exp, out): failures[name] = bad
-                if exp["show_docs"] and not (tmp_path/"docs-preview-chapter.png").exists():
-                    tab.goto((out/name).as_uri() + "#" + tab.eval_on_selector("main h3[id]", "h => h.id"))
-                    tab.screenshot(path=str(tmp_path/"docs-preview-chapter.png"))
+                if bad := check_page(tab, (out / name).as_uri(), exp, out):
+                    failures[name] = bad
+                if exp["show_docs"] and not (tmp_path / "docs-preview-chapter.png").exists():
+                    tab.goto((out / name).as_uri() + "#" + tab.eval_on_selector("main h3[id]", "h => h.id"))
+                    tab.screenshot(path=str(tmp_path / "docs-preview-chapter.png"))
                 tab.close()
         finally:
             browser.close()
-    assert not failures and not problems, "\n".join(problems + [f"{name}: {b}" for name, bad in failures.items() for b in bad])
+    assert not failures and not problems, "\n".join(
+        problems + [f"{name}: {b}" for name, bad in failures.items() for b in bad]
+    )
     assert n_show_docs > 0, "no chapter has a show_doc section: is nbdev's processing running?"
     print(f"\n{len(pages)} pages, {n_show_docs} show_doc sections; screenshots in {tmp_path}")

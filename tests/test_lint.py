@@ -1,5 +1,6 @@
 """Lint: ruff is clean on the library, the notebooks, the tests and the benchmarks; the pre-commit config is
 valid, has nbdev's clean hook and a ruff hook over the library and the notebooks, and its hooks pass on this tree."""
+
 import os, re, shutil, subprocess, sys
 from pathlib import Path
 
@@ -14,8 +15,10 @@ LINTED = ["vit_nbdev", "nbs", "tests", "bench"]
 NBDEV, RUFF = "https://github.com/AnswerDotAI/nbdev", "https://github.com/astral-sh/ruff-pre-commit"
 # The upstream hook definitions (.pre-commit-hooks.yaml of the two repos at the pinned revs), as `language: system`
 # hooks that run the tools of this environment: pre-commit then needs no network (it would clone the repos otherwise).
-UPSTREAM = {"nbdev-clean": dict(entry="nbdev-clean", always_run=True, pass_filenames=False),
-            "ruff-check": dict(entry="ruff check --force-exclude", types_or=["python", "pyi", "jupyter"], require_serial=True)}
+UPSTREAM = {
+    "nbdev-clean": dict(entry="nbdev-clean", always_run=True, pass_filenames=False),
+    "ruff-check": dict(entry="ruff check --force-exclude", types_or=["python", "pyi", "jupyter"], require_serial=True),
+}
 
 
 def config() -> dict:
@@ -36,8 +39,12 @@ def pinned(package: str) -> str:
 def selects(hook: dict, path: str) -> bool:
     "Whether pre-commit would give `path` to `hook` (its `files` / `exclude` regexes and `types` / `types_or` filters)."
     tags = tags_from_path(str(ROOT / path))
-    return (bool(re.search(hook.get("files", ""), path)) and not (hook.get("exclude") and re.search(hook["exclude"], path))
-            and set(hook.get("types", ["file"])) <= tags and bool(set(hook.get("types_or", ["file"])) & tags))
+    return (
+        bool(re.search(hook.get("files", ""), path))
+        and not (hook.get("exclude") and re.search(hook["exclude"], path))
+        and set(hook.get("types", ["file"])) <= tags
+        and bool(set(hook.get("types_or", ["file"])) & tags)
+    )
 
 
 def test_ruff_is_clean():
@@ -47,7 +54,9 @@ def test_ruff_is_clean():
 
 def test_ruff_sees_the_notebooks():
     "The notebooks are linted (`extend-include`), not silently skipped: a lint error in one is reported."
-    r = subprocess.run([dev_tool("ruff"), "check", "--no-cache", "--show-files", "nbs"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [dev_tool("ruff"), "check", "--no-cache", "--show-files", "nbs"], cwd=ROOT, capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     assert {"data.ipynb", "train.ipynb"} <= {Path(l).name for l in r.stdout.split()}
 
@@ -59,36 +68,79 @@ def test_precommit_config_is_valid_and_has_the_hooks():
     assert "nbdev-clean" in hs and hs["nbdev-clean"][:2] == (NBDEV, pinned("nbdev")), hs.get("nbdev-clean")
     ruff = [h for i, (repo, rev, h) in hs.items() if repo == RUFF and i in ("ruff-check", "ruff")]
     assert len(ruff) == 1 and hs[ruff[0]["id"]][1] == f"v{pinned('ruff')}", ruff
-    for p in ["vit_nbdev/data.py", "vit_nbdev/serve.py", "nbs/data.ipynb", "nbs/train.ipynb", "tests/test_lint.py", "bench/bench_serve.py"]:
+    for p in [
+        "vit_nbdev/data.py",
+        "vit_nbdev/serve.py",
+        "nbs/data.ipynb",
+        "nbs/train.ipynb",
+        "tests/test_lint.py",
+        "bench/bench_serve.py",
+    ]:
         assert selects({**UPSTREAM["ruff-check"], **ruff[0]}, p), f"the ruff hook skips {p}"
     assert not selects({**UPSTREAM["ruff-check"], **ruff[0]}, "pyproject.toml")
 
 
 def test_precommit_hooks_pass_offline(tmp_path):
     "`pre-commit run --all-files` on a copy of this tree (tracked and new files), with the hooks as local ones."
-    if not shutil.which("git"): pytest.skip("no git")
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, check=True).stdout.decode().split("\0")
+    if not shutil.which("git"):
+        pytest.skip("no git")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     repo = tmp_path / "repo"
     for f in filter(None, files):
         if (ROOT / f).is_file():
             (repo / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, repo / f)
-    local = {"repos": [{"repo": "local", "hooks": [{**UPSTREAM[h["id"]], "name": h["id"], "language": "system",
-                                                   **{k: v for k, v in h.items() if k not in ("id", "rev")}, "id": h["id"]}
-                                                  for _, _, h in hooks(config()).values()]}]}
+    local = {
+        "repos": [
+            {
+                "repo": "local",
+                "hooks": [
+                    {
+                        **UPSTREAM[h["id"]],
+                        "name": h["id"],
+                        "language": "system",
+                        **{k: v for k, v in h.items() if k not in ("id", "rev")},
+                        "id": h["id"],
+                    }
+                    for _, _, h in hooks(config()).values()
+                ],
+            }
+        ]
+    }
     (tmp_path / "local.yaml").write_text(yaml.safe_dump(local))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PRE_COMMIT_HOME": str(tmp_path / "cache"),
-           "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PRE_COMMIT_HOME": str(tmp_path / "cache"),
+        "GIT_CONFIG_GLOBAL": os.devnull,
+        "GIT_CONFIG_NOSYSTEM": "1",
+    }
     git = lambda *a: subprocess.run(["git", *a], cwd=repo, env=env, capture_output=True, check=True)
-    git("init", "-q"); git("add", "-A")
-    r = subprocess.run([dev_tool("pre-commit"), "run", "--all-files", "--show-diff-on-failure", "-c", str(tmp_path / "local.yaml")],
-                       cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    git("init", "-q")
+    git("add", "-A")
+    r = subprocess.run(
+        [dev_tool("pre-commit"), "run", "--all-files", "--show-diff-on-failure", "-c", str(tmp_path / "local.yaml")],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert re.search(r"nbdev-clean\.+Passed", r.stdout) and re.search(r"ruff-check\.+Passed", r.stdout), r.stdout
 
 
-SCRIPTS = sorted([*ROOT.glob("docker/*.sh"), ROOT/".ci/run", ROOT/".ci/setup-extra"])
+SCRIPTS = sorted([*ROOT.glob("docker/*.sh"), ROOT / ".ci/run", ROOT / ".ci/setup-extra"])
+
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_shell_scripts_clean(script):

@@ -1,4 +1,5 @@
 """Monitoring: reference embeddings, telemetry windows, the drift detector and report, reports in the store (local and GCS), the CLI."""
+
 import io, json, subprocess, sys
 from pathlib import Path
 
@@ -13,9 +14,19 @@ from vit_nbdev.data import load_cifar10
 from vit_nbdev.model import build_model, save_package
 from vit_nbdev.cli import monitor_main as main
 from vit_nbdev.telemetry import read_telemetry
-from vit_nbdev.monitor import (as_package, drift_report, drift_tests, embed_images, embedding_matrix,
-                               ensure_reference, latest_report, list_reports, load_reference, reference_key,
-                               run_monitoring)
+from vit_nbdev.monitor import (
+    as_package,
+    drift_report,
+    drift_tests,
+    embed_images,
+    embedding_matrix,
+    ensure_reference,
+    latest_report,
+    list_reports,
+    load_reference,
+    reference_key,
+    run_monitoring,
+)
 from vit_nbdev.robustness import CORRUPTIONS, corrupt
 from vit_nbdev.store import open_store
 
@@ -27,7 +38,10 @@ def package_dir(tmp_path_factory):
     "A freshly initialised (seeded) tiny ViT as a model package: a fixed function of the image is all drift detection needs."
     torch.manual_seed(0)
     m, pre = build_model("vit-cifar-tiny")
-    card = {"params": {"val_fraction": 0.2, "seed": 0}, "dataset": {"source": "sample", "fingerprint": load_cifar10("sample", progress=False).fingerprint}}
+    card = {
+        "params": {"val_fraction": 0.2, "seed": 0},
+        "dataset": {"source": "sample", "fingerprint": load_cifar10("sample", progress=False).fingerprint},
+    }
     return save_package(m.eval(), pre, tmp_path_factory.mktemp("pkg"), card=card)
 
 
@@ -55,7 +69,9 @@ def reference(local_store):
 
 def telemetry(pkg, images, version, start="2026-11-26T10:00:00Z"):
     recs = embed_images(pkg, images, version=version)
-    return recs.assign(time=pd.date_range(start, periods=len(recs), freq="1s"), request_id=[f"r{i}" for i in range(len(recs))])
+    return recs.assign(
+        time=pd.date_range(start, periods=len(recs), freq="1s"), request_id=[f"r{i}" for i in range(len(recs))]
+    )
 
 
 def write_shards(st, df, version, instance="i", per_shard=100):
@@ -63,18 +79,22 @@ def write_shards(st, df, version, instance="i", per_shard=100):
     seq = 0
     for day, g in df.groupby(df.time.dt.strftime("%Y-%m-%d")):
         for i in range(0, len(g), per_shard):
-            buf = io.BytesIO(); pq.write_table(pa.Table.from_pandas(g.iloc[i:i + per_shard], preserve_index=False), buf)
-            st.put_bytes(f"telemetry/{version}/{day}/{instance}-{seq:06d}.parquet", buf.getvalue(), overwrite=False); seq += 1
+            buf = io.BytesIO()
+            pq.write_table(pa.Table.from_pandas(g.iloc[i : i + per_shard], preserve_index=False), buf)
+            st.put_bytes(f"telemetry/{version}/{day}/{instance}-{seq:06d}.parquet", buf.getvalue(), overwrite=False)
+            seq += 1
 
 
 def test_reference_is_stored_with_the_version_and_reused(local_store, reference, pkg):
     assert local_store.exists(reference_key("v1")) and reference_key("v1") == "models/v1/reference.parquet"
     assert len(reference) == 500 and set(reference.model_version) == {"v1"}
-    assert reference.attrs["reference"]["split"] == "validation" and reference.attrs["reference"]["n"] == 500   # the sample's held-out part
+    assert (
+        reference.attrs["reference"]["split"] == "validation" and reference.attrs["reference"]["n"] == 500
+    )  # the sample's held-out part
     assert reference.attrs["reference"]["held_out"]
-    again = ensure_reference(local_store, "latest")                        # an alias resolves; the stored one comes back
+    again = ensure_reference(local_store, "latest")  # an alias resolves; the stored one comes back
     np.testing.assert_array_equal(embedding_matrix(again), embedding_matrix(reference).astype(np.float32))
-    assert local_store.versions() == ["v1"]                                 # the extra file does not disturb the registry
+    assert local_store.versions() == ["v1"]  # the extra file does not disturb the registry
     assert set(local_store.list("models/v1/")) >= {"models/v1/_COMPLETE", "models/v1/reference.parquet"}
 
 
@@ -87,7 +107,7 @@ def test_shifted_window_is_flagged_clean_is_not(pkg, data, reference):
     rep = drift_report(reference, dark, html=False)
     assert rep.drift_detected and rep.summary["drifted"]["embedding"] and rep.summary["drift_score"] > 0.98
     E = embedding_matrix(clean)
-    moved = clean.assign(embedding=list(E + 0.5 * E.std(0)))                # half a standard deviation on every coordinate
+    moved = clean.assign(embedding=list(E + 0.5 * E.std(0)))  # half a standard deviation on every coordinate
     assert drift_tests(reference, moved)["drifted"]["embedding"]
 
 
@@ -95,14 +115,15 @@ def test_evidently_computes_the_same_p_values_as_the_fast_path(pkg, data, refere
     cur = embed_images(pkg, corrupt(data.test.images[200:400], "contrast", 3), version="v1")
     rep, fast = drift_report(reference, cur), drift_tests(reference, cur)
     assert rep.summary["p_values"].keys() == fast["p_values"].keys()
-    for c, p in fast["p_values"].items(): assert rep.summary["p_values"][c] == pytest.approx(p, abs=1e-12)
+    for c, p in fast["p_values"].items():
+        assert rep.summary["p_values"][c] == pytest.approx(p, abs=1e-12)
     assert rep.summary["drift_detected"] == fast["drift_detected"]
     assert "<!DOCTYPE html>" in rep.html[:200] and "Drift" in rep.html
     json.dumps(rep.summary)
 
 
 def test_not_enough_data_is_not_an_alarm(pkg, data, reference):
-    few = embed_images(pkg, data.test.images[:40] // 2, version="v1")      # drifted, but only 40 records
+    few = embed_images(pkg, data.test.images[:40] // 2, version="v1")  # drifted, but only 40 records
     rep = drift_report(reference, few)
     assert rep.summary["status"] == "not_enough_data" and not rep.drift_detected and rep.summary["drift_score"] is None
     assert "fewer than min_records=100" in rep.summary["message"] and "Not enough data" in rep.html
@@ -111,13 +132,17 @@ def test_not_enough_data_is_not_an_alarm(pkg, data, reference):
 
 def test_window_of_another_model_is_refused(pkg, data, reference):
     other = embed_images(pkg, data.test.images[:200], version="v2")
-    with pytest.raises(ValueError, match="cannot be compared"): drift_report(reference, other)
+    with pytest.raises(ValueError, match="cannot be compared"):
+        drift_report(reference, other)
 
 
 def test_read_telemetry_last_n_and_time_range(tmp_path, pkg, data):
-    st = open_store(tmp_path/"s")
-    df = telemetry(pkg, data.test.images[:300], "v1", start="2026-11-25T23:58:20Z")   # 100 records on the 25th, 200 on the 26th
-    write_shards(st, df[:150], "v1", "a"); write_shards(st, df[150:], "v1", "b")
+    st = open_store(tmp_path / "s")
+    df = telemetry(
+        pkg, data.test.images[:300], "v1", start="2026-11-25T23:58:20Z"
+    )  # 100 records on the 25th, 200 on the 26th
+    write_shards(st, df[:150], "v1", "a")
+    write_shards(st, df[150:], "v1", "b")
     w = read_telemetry(st, "v1")
     assert len(w) == 300 and w.time.is_monotonic_increasing and w.request_id.tolist() == df.request_id.tolist()
     assert read_telemetry(st, "v1", last_n=120).request_id.tolist() == df.request_id[-120:].tolist()
@@ -129,19 +154,19 @@ def test_read_telemetry_last_n_and_time_range(tmp_path, pkg, data):
 
 @pytest.mark.parametrize("backend", ["local", "gcs"])
 def test_report_saved_and_loaded_through_the_store(backend, tmp_path, request, package_dir, pkg, data):
-    uri = str(tmp_path/"store") if backend == "local" else request.getfixturevalue("gcs_uri")
+    uri = str(tmp_path / "store") if backend == "local" else request.getfixturevalue("gcs_uri")
     st = open_store(uri)
     st.register(package_dir, version="v1")
     assert latest_report(st) is None and load_reference(st, "v1") is None
     write_shards(st, telemetry(pkg, data.test.images[:300] // 2, "v1"), "v1")
-    res = run_monitoring(uri, "latest", last_n=250)                     # makes the reference on first need
+    res = run_monitoring(uri, "latest", last_n=250)  # makes the reference on first need
     assert st.exists("models/v1/reference.parquet")
     assert res.drift_detected and res.summary["n_current"] == 250 and res.summary["versions"]["model"] == "v1"
     assert res.keys == [f"reports/{list_reports(st)[0]}.html", f"reports/{list_reports(st)[0]}.json"]
     html, summary = latest_report(uri)
     assert html == res.html and summary == json.loads(json.dumps(res.summary, default=str))
     assert summary["report"]["json"] == res.keys[1] and summary["window"]["last_n"] == 250
-    small = run_monitoring(st, "v1", last_n=50)                          # newer, and not enough data
+    small = run_monitoring(st, "v1", last_n=50)  # newer, and not enough data
     html, summary = latest_report(st)
     assert summary["report"]["json"] == small.keys[1] and html == small.html
     assert summary["status"] == "not_enough_data" and not summary["drift_detected"] and len(list_reports(st)) == 2
@@ -157,51 +182,77 @@ def test_corruptions_are_uint8_seeded_and_graded(data):
         assert d[1] < d[5], (k, d)
     assert torch.equal(corrupt(x, "gaussian_noise", 2, seed=3), corrupt(x, "gaussian_noise", 2, seed=3))
     assert not torch.equal(corrupt(x, "gaussian_noise", 2, seed=3), corrupt(x, "gaussian_noise", 2, seed=4))
-    with pytest.raises(ValueError, match="unknown corruption"): corrupt(x, "fog", 1)
+    with pytest.raises(ValueError, match="unknown corruption"):
+        corrupt(x, "fog", 1)
 
 
 def test_cli(tmp_path, package_dir, pkg, data, capsys):
-    uri = str(tmp_path/"store")
+    uri = str(tmp_path / "store")
     st = open_store(uri)
     st.register(package_dir, version="v1")
     write_shards(st, telemetry(pkg, data.test.images[:200] // 2, "v1"), "v1")
     assert main(["reference", "--store", uri, "--model", "latest", "-n", "300"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["version"] == "v1" and out["records"] == 300 and out["key"] == "models/v1/reference.parquet"
-    assert main(["report", "--store", uri, "--html", str(tmp_path/"r.html"), "--fail-on-drift"]) == 1   # drift: exit status 1
+    assert (
+        main(["report", "--store", uri, "--html", str(tmp_path / "r.html"), "--fail-on-drift"]) == 1
+    )  # drift: exit status 1
     out = json.loads(capsys.readouterr().out)
-    assert out["drift_detected"] and out["window"]["n"] == 200 and (tmp_path/"r.html").read_text().lstrip().startswith("<!DOCTYPE")
-    assert main(["report", "--store", uri, "--model", "nope"]) == 2 and "no alias or complete version" in capsys.readouterr().err
+    assert (
+        out["drift_detected"]
+        and out["window"]["n"] == 200
+        and (tmp_path / "r.html").read_text().lstrip().startswith("<!DOCTYPE")
+    )
+    assert (
+        main(["report", "--store", uri, "--model", "nope"]) == 2
+        and "no alias or complete version" in capsys.readouterr().err
+    )
     # the console script, as installed
-    p = subprocess.run([str(BIN/"vit-monitor"), "report", "--store", uri, "--last-n", "50", "--no-save"], capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [str(BIN / "vit-monitor"), "report", "--store", uri, "--last-n", "50", "--no-save"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads(p.stdout.strip().splitlines()[-1])["status"] == "not_enough_data"
     assert len(list_reports(st)) == 1
 
+
 def test_robustness_study_end_to_end(data, tmp_path):
     "The quick study of the robustness chapter (its cells are `slow`), on the shipped checkpoint: accuracy and alarm rates per corruption and severity."
-    import matplotlib; matplotlib.use("Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
     from vit_nbdev.config import shipped_checkpoint
     from vit_nbdev.monitor import compute_reference
     from vit_nbdev.robustness import default_detector, plot_study, robustness_study, split_windows, study_table, windows
+
     qpkg = as_package(shipped_checkpoint("vit-cifar-small-cifar10"))
     reference = compute_reference(qpkg, "sample", n=500, split="validation")
-    assert reference.attrs["reference"]["split"] == "validation"            # never the test images the windows are cut from
+    assert reference.attrs["reference"]["split"] == "validation"  # never the test images the windows are cut from
     images, labels = data.test.images[:600], data.test.labels[:600]
-    kw = dict(window=200, corruptions=["contrast", "jpeg"], severities=(5,), detectors={"ours": default_detector}, cache_dir=tmp_path/"emb")
+    kw = dict(
+        window=200,
+        corruptions=["contrast", "jpeg"],
+        severities=(5,),
+        detectors={"ours": default_detector},
+        cache_dir=tmp_path / "emb",
+    )
     df = robustness_study(qpkg, images, labels, reference, **kw)
     assert list(zip(df.corruption, df.severity, strict=True)) == [("none", 0), ("contrast", 5), ("jpeg", 5)]
     assert (df.windows == 3).all() and df.ours.between(0, 1).all() and df.accuracy.between(0, 1).all()
-    assert df.accuracy.iloc[0] > 0.4                                          # a trained model, not chance
-    assert df.set_index("corruption").loc["contrast", "ours"] == 1.0          # severity-5 contrast is a different world
-    assert len(list((tmp_path/"emb").glob("*.parquet"))) == 3                  # embeddings cached for the next call
+    assert df.accuracy.iloc[0] > 0.4  # a trained model, not chance
+    assert df.set_index("corruption").loc["contrast", "ours"] == 1.0  # severity-5 contrast is a different world
+    assert len(list((tmp_path / "emb").glob("*.parquet"))) == 3  # embeddings cached for the next call
     again = robustness_study(qpkg, images, labels, reference, **kw)
     assert again.drop(columns="windows").equals(df.drop(columns="windows"))
-    val, test = split_windows(windows(600, 200))                               # validation: even windows, test: odd ones
+    val, test = split_windows(windows(600, 200))  # validation: even windows, test: odd ones
     assert (val, test) == ([slice(0, 200), slice(400, 600)], [slice(200, 400)])
     on_test = robustness_study(qpkg, images, labels, reference, subset="test", **kw)
     assert (on_test.windows == 1).all() and on_test.accuracy.equals(df.accuracy)
-    with pytest.raises(ValueError, match="subset"): robustness_study(qpkg, images, labels, reference, subset="train", **kw)
+    with pytest.raises(ValueError, match="subset"):
+        robustness_study(qpkg, images, labels, reference, subset="train", **kw)
     tab = study_table(df, "ours")
     assert list(tab.columns) == ["severity 0", "severity 5"] and list(tab.index) == ["contrast", "jpeg"]
     fig = plot_study(df, "ours", "test")

@@ -1,5 +1,6 @@
 """The upload page in a real browser: Playwright (sync API) driving Debian's Chromium against `vit-serve`, with and
 without JavaScript: classify an image, then correct the answer with one click (the label reaches the store)."""
+
 import signal
 from pathlib import Path
 
@@ -12,9 +13,12 @@ from vit_nbdev.telemetry import read_telemetry
 
 CHROMIUM = Path("/usr/bin/chromium")
 
+
 def test_upload_page_shows_top5_bars(serve_process, tiny_packages, tmp_path):
-    if not CHROMIUM.exists(): pytest.fail(f"{CHROMIUM} is missing: run .ci/setup-extra (apt-get install chromium)")
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: run .ci/setup-extra (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
+
     store = str(tmp_path / "store")
     open_store(store).register(tiny_packages["a"], "va")
     server = serve_process(store)
@@ -24,9 +28,18 @@ def test_upload_page_shows_top5_bars(serve_process, tiny_packages, tmp_path):
     Image.fromarray(test.images[0].permute(1, 2, 0).numpy()).save(img)
     shot = tmp_path / "serve-page.png"
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                                          "--disable-sync", "--no-first-run"])
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         try:
             page = browser.new_page(viewport={"width": 900, "height": 640})
             requests = []
@@ -43,10 +56,15 @@ def test_upload_page_shows_top5_bars(serve_process, tiny_packages, tmp_path):
             assert len(names) == 5 and all(n.lower() in CIFAR10_LABELS for n in names), names
             assert len(widths) == 5 and all(w > 0 for w in widths) and widths == sorted(widths, reverse=True), widths
             assert page.locator("#preview").evaluate("e => e.complete && e.naturalWidth") == 32
-            assert all(u.startswith(server.url) or u.startswith("blob:") for u in requests), requests   # nothing external
+            assert all(u.startswith(server.url) or u.startswith("blob:") for u in requests), (
+                requests
+            )  # nothing external
             buttons = page.locator("#fb button")
-            assert buttons.count() == 10 and page.locator("#fb button.yes").get_attribute("value") == label.split(" ")[0].lower()
-            wrong = page.locator("#fb button:not(.yes)").first                 # "Wrong? It is a …": one click
+            assert (
+                buttons.count() == 10
+                and page.locator("#fb button.yes").get_attribute("value") == label.split(" ")[0].lower()
+            )
+            wrong = page.locator("#fb button:not(.yes)").first  # "Wrong? It is a …": one click
             truth = wrong.get_attribute("value")
             wrong.click()
             page.wait_for_function("document.getElementById('thanks').textContent.startsWith('Thanks')", timeout=30_000)
@@ -54,7 +72,7 @@ def test_upload_page_shows_top5_bars(serve_process, tiny_packages, tmp_path):
             assert server.metric("vit_feedback_total", model_version="va", correct="false") == 1
             page.screenshot(path=str(shot), full_page=True)
 
-            docs = browser.new_page()                                   # /docs: Swagger UI with its assets from the app (works offline)
+            docs = browser.new_page()  # /docs: Swagger UI with its assets from the app (works offline)
             docs_requests = []
             docs.on("request", lambda r: docs_requests.append(r.url))
             docs.goto(server.url + "/docs")
@@ -63,14 +81,17 @@ def test_upload_page_shows_top5_bars(serve_process, tiny_packages, tmp_path):
         finally:
             browser.close()
     assert server.stop() in (0, -signal.SIGTERM), server.log()
-    [fb] = read_telemetry(store, kind="feedback").to_dict("records")           # flushed at shutdown
+    [fb] = read_telemetry(store, kind="feedback").to_dict("records")  # flushed at shutdown
     assert (fb["label"], fb["correct"], fb["source"], fb["image_kept"]) == (truth, False, "api", True), fb
     print(f"\nscreenshot: {shot}; page says {label!r}, bars {names}; corrected to {truth!r}")
 
+
 def test_upload_page_works_without_javascript(serve_process, tiny_packages, tmp_path):
     "The same page as a plain HTML form: choose a file, press Classify, the answer comes back as a page."
-    if not CHROMIUM.exists(): pytest.fail(f"{CHROMIUM} is missing: run .ci/setup-extra (apt-get install chromium)")
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: run .ci/setup-extra (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
+
     store = str(tmp_path / "store")
     open_store(store).register(tiny_packages["a"], "va")
     server = serve_process(store)
@@ -78,23 +99,34 @@ def test_upload_page_works_without_javascript(serve_process, tiny_packages, tmp_
     img = tmp_path / "cifar-test-1.png"
     Image.fromarray(load_cifar10(progress=False).test.images[1].permute(1, 2, 0).numpy()).save(img)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                                          "--disable-sync", "--no-first-run"])
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         try:
             page = browser.new_context(java_script_enabled=False).new_page()
             page.goto(server.url + "/")
             assert page.is_visible("#file") and page.is_visible("#submit")
             page.set_input_files("#file", str(img))
-            with page.expect_navigation(): page.click("#submit")
+            with page.expect_navigation():
+                page.click("#submit")
             label = page.inner_text("#label")
             assert any(label.lower().startswith(c) for c in CIFAR10_LABELS), label
             assert len(page.locator(".row .name").all_inner_texts()) == 5
-            assert page.locator("#preview").evaluate("e => e.complete && e.naturalWidth") == 32   # the upload shown back
+            assert page.locator("#preview").evaluate("e => e.complete && e.naturalWidth") == 32  # the upload shown back
             assert page.inner_text("#version") == "va"
             page.screenshot(path=str(tmp_path / "no-js.png"), full_page=True)
             truth = page.locator("#fb button:not(.yes)").first.get_attribute("value")
-            with page.expect_navigation(): page.locator("#fb button:not(.yes)").first.click()   # the correction, as a plain form
+            with page.expect_navigation():
+                page.locator("#fb button:not(.yes)").first.click()  # the correction, as a plain form
             assert page.inner_text("#thanks") == "Thanks! Your label is recorded." and page.inner_text("#error") == ""
         finally:
             browser.close()

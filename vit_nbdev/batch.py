@@ -21,11 +21,23 @@ __all__ = ['QueueFull', 'MicroBatcher']
 class QueueFull(Exception):
     "The batcher's queue has no room for the images of a request."
 
+
 class MicroBatcher:
     "Batches single images from concurrent requests (≤ `max_batch`, waiting ≤ `max_wait_ms`) and runs them in one worker thread."
-    def __init__(self, max_batch: int = 32, max_wait_ms: float = 5.0, queue_size: int = 256,
-                 on_batch: Callable[[int, float], None] | None = None):
-        self.max_batch, self.max_wait, self.queue_size, self.on_batch = max_batch, max_wait_ms / 1000, queue_size, on_batch
+
+    def __init__(
+        self,
+        max_batch: int = 32,
+        max_wait_ms: float = 5.0,
+        queue_size: int = 256,
+        on_batch: Callable[[int, float], None] | None = None,
+    ):
+        self.max_batch, self.max_wait, self.queue_size, self.on_batch = (
+            max_batch,
+            max_wait_ms / 1000,
+            queue_size,
+            on_batch,
+        )
         self._q: collections.deque = collections.deque()
         self._cv, self._closed, self._coming = threading.Condition(), False, 0
         self.batches = self.images = 0
@@ -41,7 +53,8 @@ class MicroBatcher:
         "Queue preprocessed images for `served` (anything with `forward(batch) -> (embeddings, probabilities)`); a future of `(embedding, probabilities)` for each. `QueueFull` if they do not fit."
         futs = [Future() for _ in pixels]
         with self._cv:
-            if self._closed: raise QueueFull("the service is shutting down")
+            if self._closed:
+                raise QueueFull("the service is shutting down")
             if len(self._q) + len(pixels) > self.queue_size:
                 raise QueueFull(f"the service is busy: {len(self._q)} images are waiting (at most {self.queue_size})")
             self._q.extend(zip([served] * len(pixels), pixels, futs, strict=True))
@@ -51,8 +64,10 @@ class MicroBatcher:
     @contextlib.contextmanager
     def incoming(self):
         "Mark a request on its way to `submit` (being read or decoded): a batch waits for such requests only, so a lone one starts at once."
-        with self._cv: self._coming += 1
-        try: yield
+        with self._cv:
+            self._coming += 1
+        try:
+            yield
         finally:
             with self._cv:
                 self._coming -= 1
@@ -61,14 +76,21 @@ class MicroBatcher:
     def _take(self) -> list:
         "The next batch: wait for an image, then up to `max_wait` for more while requests are `incoming`; [] once closed and drained."
         with self._cv:
-            while not self._q and not self._closed: self._cv.wait()
+            while not self._q and not self._closed:
+                self._cv.wait()
             deadline = time.monotonic() + self.max_wait
-            while 0 < len(self._q) < self.max_batch and self._coming and not self._closed and (left := deadline - time.monotonic()) > 0:
+            while (
+                0 < len(self._q) < self.max_batch
+                and self._coming
+                and not self._closed
+                and (left := deadline - time.monotonic()) > 0
+            ):
                 self._cv.wait(left)
             batch, first = [], self._q[0][0] if self._q else None
             while self._q and len(batch) < self.max_batch and self._q[0][0] is first:
                 item = self._q.popleft()
-                if item[2].set_running_or_notify_cancel(): batch.append(item)   # skip images whose request gave up
+                if item[2].set_running_or_notify_cancel():
+                    batch.append(item)  # skip images whose request gave up
             return batch if batch or not self._q else self._take()
 
     def _run(self):
@@ -76,17 +98,21 @@ class MicroBatcher:
             batch = self._take()
             if not batch:
                 with self._cv:
-                    if self._closed and not self._q: return
+                    if self._closed and not self._q:
+                        return
                 continue
             t0 = time.perf_counter()
             try:
                 emb, probs = batch[0][0].forward(torch.stack([b[1] for b in batch]))
-                for i, (_, _, fut) in enumerate(batch): fut.set_result((emb[i], probs[i]))
-            except BaseException as e:   # a failing model fails its requests, not the worker
+                for i, (_, _, fut) in enumerate(batch):
+                    fut.set_result((emb[i], probs[i]))
+            except BaseException as e:  # a failing model fails its requests, not the worker
                 _log.exception("forward pass failed")
-                for *_, fut in batch: fut.set_exception(e)
+                for *_, fut in batch:
+                    fut.set_exception(e)
             self.batches, self.images = self.batches + 1, self.images + len(batch)
-            if self.on_batch: self.on_batch(len(batch), time.perf_counter() - t0)
+            if self.on_batch:
+                self.on_batch(len(batch), time.perf_counter() - t0)
 
     def close(self, timeout: float | None = 30) -> None:
         "Refuse new images, finish the queued ones, stop the worker."

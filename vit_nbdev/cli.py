@@ -9,7 +9,16 @@ from __future__ import annotations
 import argparse, json, os, sys
 from datetime import datetime
 
-from .config import ALPHA, COMPONENTS, ENGINES, MIN_RECORDS, REFERENCE_N, ServeConfig, TrainConfig, parse_params
+from vit_nbdev.config import (
+    ALPHA,
+    COMPONENTS,
+    ENGINES,
+    MIN_RECORDS,
+    REFERENCE_N,
+    ServeConfig,
+    TrainConfig,
+    parse_params,
+)
 
 # %% auto #0
 __all__ = ['train_parser', 'train_main', 'serve_parser', 'serve_main', 'monitor_parser', 'monitor_main', 'store_option',
@@ -18,23 +27,41 @@ __all__ = ['train_parser', 'train_main', 'serve_parser', 'serve_main', 'monitor_
 # %% ../nbs/cli.ipynb #3c712507
 def train_parser() -> argparse.ArgumentParser:
     "`vit-train`'s arguments."
-    ap = argparse.ArgumentParser("vit-train", description="Train a ViT on CIFAR-10: run the training notebook with papermill "
-                                 "(the executed copy is the run record) or, with --direct, the loop in this process.")
+    ap = argparse.ArgumentParser(
+        "vit-train",
+        description="Train a ViT on CIFAR-10: run the training notebook with papermill "
+        "(the executed copy is the run record) or, with --direct, the loop in this process.",
+    )
     ap.add_argument("-f", "--parameters-file", action="append", default=[], help="YAML file of parameters (repeatable)")
-    ap.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"), help="one parameter (repeatable)")
-    ap.add_argument("--direct", action="store_true", help="run the loop in this process (under torchrun / accelerate launch)")
+    ap.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="one parameter (repeatable)",
+    )
+    ap.add_argument(
+        "--direct", action="store_true", help="run the loop in this process (under torchrun / accelerate launch)"
+    )
     ap.add_argument("--output", help="where to write the executed notebook (default runs/<run-id>.ipynb)")
     ap.add_argument("--notebook", help="the training notebook (default: the one shipped in the package)")
     return ap
+
 
 def train_main(argv=None) -> None:
     "`vit-train`: check the parameters, then train (see the train chapter)."
     ap = train_parser()
     a = ap.parse_args(argv)
-    try: params = parse_params(a.parameters_file, a.parameter); TrainConfig.from_dict(params)
-    except ValueError as e: ap.error(str(e))
-    from vit_nbdev.train import cli
-    cli(params, direct=a.direct, output=a.output, notebook=a.notebook)
+    try:
+        params = parse_params(a.parameters_file, a.parameter)
+        TrainConfig.from_dict(params)
+    except ValueError as e:
+        ap.error(str(e))
+    from vit_nbdev.train import train_command
+
+    train_command(params, direct=a.direct, output=a.output, notebook=a.notebook)
 
 # %% ../nbs/cli.ipynb #c3c59437
 def serve_parser() -> argparse.ArgumentParser:
@@ -44,91 +71,195 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="port (default $PORT, else 8000)")
     p.add_argument("--store", help="store root: a folder or gs://bucket/prefix (default $VIT_STORE, else ./artifacts)")
     p.add_argument("--model", help="alias or version to serve (default $VIT_MODEL, else latest)")
-    for name, typ, doc in [("max_batch", int, "images per forward pass at most"), ("max_wait_ms", float, "how long a batch waits to fill"),
-                           ("queue_size", int, "images waiting at most (503 beyond)"), ("top_k", int, "classes per answer"),
-                           ("max_upload_mb", float, "per-file limit in MB (413 beyond)"), ("max_files", int, "files per request (413 beyond)"),
-                           ("engine", str, "auto (timed on this host) or one engine name, pinned"), ("threads", int, "intra-op threads of the model, 0: measured"),
-                           ("model_poll_s", float, "seconds between checks that the --model alias has not moved, 0: never")]:
-        p.add_argument(f"--{name.replace('_', '-')}", type=typ, help=f"{doc} (default ${ServeConfig.env_name(name)}, "
-                                                                       f"else {getattr(ServeConfig, name)})")
+    for name, typ, doc in [
+        ("max_batch", int, "images per forward pass at most"),
+        ("max_wait_ms", float, "how long a batch waits to fill"),
+        ("queue_size", int, "images waiting at most (503 beyond)"),
+        ("top_k", int, "classes per answer"),
+        ("max_upload_mb", float, "per-file limit in MB (413 beyond)"),
+        ("max_files", int, "files per request (413 beyond)"),
+        ("engine", str, "auto (timed on this host) or one engine name, pinned"),
+        ("threads", int, "intra-op threads of the model, 0: measured"),
+        ("model_poll_s", float, "seconds between checks that the --model alias has not moved, 0: never"),
+    ]:
+        p.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=typ,
+            help=f"{doc} (default ${ServeConfig.env_name(name)}, else {getattr(ServeConfig, name)})",
+        )
     p.add_argument("--no-telemetry", action="store_true", help="do not write prediction records to the store")
-    p.add_argument("--graceful-timeout", type=float, default=8.0, help="seconds to let requests finish after SIGTERM (default 8)")
+    p.add_argument(
+        "--graceful-timeout", type=float, default=8.0, help="seconds to let requests finish after SIGTERM (default 8)"
+    )
     p.add_argument("--log-level", default="info")
     p.add_argument("--access-log", action="store_true", help="log every request")
     return p
+
 
 def serve_main(argv=None) -> None:
     "`vit-serve`: check the settings, then run the service with drift monitoring (see the serve chapter)."
     p = serve_parser()
     a = p.parse_args(argv)
-    settings = dict(store=a.store, model=a.model, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, queue_size=a.queue_size, top_k=a.top_k,
-                    max_upload_mb=a.max_upload_mb, max_files=a.max_files, engine=a.engine, threads=a.threads,
-                    model_poll_s=a.model_poll_s,
-                    telemetry=False if a.no_telemetry else None)
-    try: ServeConfig.from_env(**settings)
-    except ValueError as e: p.error(str(e))
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch loads: OpenMP threads sleep between regions instead of spinning (see the engine chapter)
+    settings = dict(
+        store=a.store,
+        model=a.model,
+        max_batch=a.max_batch,
+        max_wait_ms=a.max_wait_ms,
+        queue_size=a.queue_size,
+        top_k=a.top_k,
+        max_upload_mb=a.max_upload_mb,
+        max_files=a.max_files,
+        engine=a.engine,
+        threads=a.threads,
+        model_poll_s=a.model_poll_s,
+        telemetry=False if a.no_telemetry else None,
+    )
+    try:
+        ServeConfig.from_env(**settings)
+    except ValueError as e:
+        p.error(str(e))
+    os.environ.setdefault(
+        "OMP_WAIT_POLICY", "PASSIVE"
+    )  # before torch loads: OpenMP threads sleep between regions instead of spinning (see the engine chapter)
     from vit_nbdev.serve import run_server
     from vit_nbdev.monitor import DriftMonitoring
-    run_server(settings, DriftMonitoring(), host=a.host, port=a.port if a.port is not None else int(os.environ.get("PORT") or 8000),
-               log_level=a.log_level, access_log=a.access_log, graceful_timeout=a.graceful_timeout)
+
+    run_server(
+        settings,
+        DriftMonitoring(),
+        host=a.host,
+        port=a.port if a.port is not None else int(os.environ.get("PORT") or 8000),
+        log_level=a.log_level,
+        access_log=a.access_log,
+        graceful_timeout=a.graceful_timeout,
+    )
 
 # %% ../nbs/cli.ipynb #d2d56783
 def monitor_parser() -> argparse.ArgumentParser:
     "`vit-monitor`'s arguments: `reference`, `report` and `retrain`."
-    ap = argparse.ArgumentParser("vit-monitor", description="Drift monitoring of the served ViT (see the monitoring chapter).")
+    ap = argparse.ArgumentParser(
+        "vit-monitor", description="Drift monitoring of the served ViT (see the monitoring chapter)."
+    )
     sub = ap.add_subparsers(dest="command", required=True)
+
     def common(p):
         p.add_argument("--store", default=None, help="store uri (default $VIT_STORE, else ./artifacts)")
-        p.add_argument("--model", default=os.environ.get("VIT_MODEL") or "latest", help="alias or version (default $VIT_MODEL, else latest)")
-        p.add_argument("--data", default=None, help="images for the reference: 'sample', a parquet folder, a hub id (default: the model's own if local, else the sample)")
+        p.add_argument(
+            "--model",
+            default=os.environ.get("VIT_MODEL") or "latest",
+            help="alias or version (default $VIT_MODEL, else latest)",
+        )
+        p.add_argument(
+            "--data",
+            default=None,
+            help="images for the reference: 'sample', a parquet folder, a hub id (default: the model's own if local, else the sample)",
+        )
         p.add_argument("-n", type=int, default=REFERENCE_N, help="reference images (default %(default)s)")
         p.add_argument("--seed", type=int, default=0, help="which random images (default %(default)s)")
-        p.add_argument("--split", default=None, choices=["validation", "train", "test"],
-                       help="split they come from (default: validation if --data is the model's training data, else test)")
+        p.add_argument(
+            "--split",
+            default=None,
+            choices=["validation", "train", "test"],
+            help="split they come from (default: validation if --data is the model's training data, else test)",
+        )
+
     r = sub.add_parser("reference", help="compute and store the reference embeddings of a model version (if missing)")
     common(r)
     r.add_argument("--refresh", action="store_true", help="recompute even if one is stored")
     p = sub.add_parser("report", help="build a drift report from recent telemetry and store it under reports/")
     common(p)
-    p.add_argument("--last-n", type=int, default=1000, help="the last N records (default %(default)s; 0: all in the time range)")
+    p.add_argument(
+        "--last-n", type=int, default=1000, help="the last N records (default %(default)s; 0: all in the time range)"
+    )
     p.add_argument("--since", help="only records at or after this time (ISO 8601, UTC if no zone)")
     p.add_argument("--until", help="only records before this time")
-    p.add_argument("--min-records", type=int, default=MIN_RECORDS, help="fewer records is 'not enough data' (default %(default)s)")
-    p.add_argument("--components", type=int, default=COMPONENTS, help="principal components tested (default %(default)s)")
-    p.add_argument("--alpha", type=float, default=ALPHA, help="false-alarm level of the whole report (default %(default)s)")
+    p.add_argument(
+        "--min-records", type=int, default=MIN_RECORDS, help="fewer records is 'not enough data' (default %(default)s)"
+    )
+    p.add_argument(
+        "--components", type=int, default=COMPONENTS, help="principal components tested (default %(default)s)"
+    )
+    p.add_argument(
+        "--alpha", type=float, default=ALPHA, help="false-alarm level of the whole report (default %(default)s)"
+    )
     p.add_argument("--html", help="also write the HTML report to this file")
     p.add_argument("--no-save", action="store_true", help="do not store the report")
     p.add_argument("--fail-on-drift", action="store_true", help="exit with status 1 when drift is detected")
-    t = sub.add_parser("retrain", help="snapshot the feedback, fine-tune production on its data plus the feedback, promote it if the gate passes")
+    t = sub.add_parser(
+        "retrain",
+        help="snapshot the feedback, fine-tune production on its data plus the feedback, promote it if the gate passes",
+    )
     t.add_argument("--store", default=None, help="store uri (default $VIT_STORE, else ./artifacts)")
-    t.add_argument("--model", default="production", help="the model to start from and compare with (default %(default)s)")
-    t.add_argument("--alias", default="production", help="the alias to move if the candidate passes (default %(default)s)")
+    t.add_argument(
+        "--model", default="production", help="the model to start from and compare with (default %(default)s)"
+    )
+    t.add_argument(
+        "--alias", default="production", help="the alias to move if the candidate passes (default %(default)s)"
+    )
     t.add_argument("--if-drift", action="store_true", help="act only if the latest drift report found drift")
-    t.add_argument("--min-feedback", type=int, default=50, help="act only with at least N labelled predictions with kept images (default %(default)s)")
+    t.add_argument(
+        "--min-feedback",
+        type=int,
+        default=50,
+        help="act only with at least N labelled predictions with kept images (default %(default)s)",
+    )
     t.add_argument("--since", help="only feedback at or after this time (ISO 8601)")
-    t.add_argument("--holdout", type=float, default=0.3, help="share of the feedback held out for the gate (default %(default)s)")
-    t.add_argument("--tolerance", type=float, default=0.5, help="the candidate may be this many points worse on the clean test split (default %(default)s)")
-    t.add_argument("--gate-images", type=int, default=None, help="gate on the first N clean test images only (default: all)")
-    t.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"), help="a training parameter (repeatable)")
-    t.add_argument("--cloud", action="store_true", help="train on a GPU VM with vit-cloud train (give its arguments with --cloud-arg)")
-    t.add_argument("--cloud-arg", action="append", default=[], help="one argument for vit-cloud train, e.g. --cloud-arg=--project=my-project (repeatable)")
+    t.add_argument(
+        "--holdout", type=float, default=0.3, help="share of the feedback held out for the gate (default %(default)s)"
+    )
+    t.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.5,
+        help="the candidate may be this many points worse on the clean test split (default %(default)s)",
+    )
+    t.add_argument(
+        "--gate-images", type=int, default=None, help="gate on the first N clean test images only (default: all)"
+    )
+    t.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="a training parameter (repeatable)",
+    )
+    t.add_argument(
+        "--cloud",
+        action="store_true",
+        help="train on a GPU VM with vit-cloud train (give its arguments with --cloud-arg)",
+    )
+    t.add_argument(
+        "--cloud-arg",
+        action="append",
+        default=[],
+        help="one argument for vit-cloud train, e.g. --cloud-arg=--project=my-project (repeatable)",
+    )
     return ap
+
 
 def monitor_main(argv=None) -> int:
     "`vit-monitor`: parse, then build a reference or a report (see the monitoring chapter), or retrain (the loop chapter)."
     ap = monitor_parser()
     a = ap.parse_args(argv)
     if a.command == "retrain":
-        if a.min_feedback < 1: ap.error(f"--min-feedback must be at least 1, got {a.min_feedback}")
-        if not 0 < a.holdout < 1: ap.error(f"--holdout must be between 0 and 1, got {a.holdout}")
-        if not a.tolerance >= 0: ap.error(f"--tolerance must be ≥ 0 points, got {a.tolerance}")
-        try: TrainConfig.from_dict(parse_params([], a.parameter))
-        except ValueError as e: ap.error(str(e))
-        from vit_nbdev.loop import cli
-        return cli(a)
-    from vit_nbdev.monitor import cli
-    return cli(a)
+        if a.min_feedback < 1:
+            ap.error(f"--min-feedback must be at least 1, got {a.min_feedback}")
+        if not 0 < a.holdout < 1:
+            ap.error(f"--holdout must be between 0 and 1, got {a.holdout}")
+        if not a.tolerance >= 0:
+            ap.error(f"--tolerance must be ≥ 0 points, got {a.tolerance}")
+        try:
+            TrainConfig.from_dict(parse_params([], a.parameter))
+        except ValueError as e:
+            ap.error(str(e))
+        from vit_nbdev.retrain import retrain_command
+
+        return retrain_command(a)
+    from vit_nbdev.monitor import monitor_command
+
+    return monitor_command(a)
 
 # %% ../nbs/cli.ipynb #e614bdb7
 def store_option() -> argparse.ArgumentParser:
@@ -137,63 +268,137 @@ def store_option() -> argparse.ArgumentParser:
     p.add_argument("--store", default=None, help="store uri (default $VIT_STORE, else ./artifacts)")
     return p
 
+
 def models_parser() -> argparse.ArgumentParser:
     "`vit-models`' arguments: `list`, `show`, `promote`, `rollback` and `export`."
-    ap = argparse.ArgumentParser("vit-models", description="The model registry: list the versions, show a card, promote a version to an alias "
-                                 "through an accuracy gate, roll an alias back (see the models chapter).")
+    ap = argparse.ArgumentParser(
+        "vit-models",
+        description="The model registry: list the versions, show a card, promote a version to an alias "
+        "through an accuracy gate, roll an alias back (see the models chapter).",
+    )
     sub = ap.add_subparsers(dest="command", required=True)
     common = store_option()
-    sub.add_parser("list", parents=[common], help="versions, when they were registered, their accuracies and aliases, as a table")
-    s = sub.add_parser("show", parents=[common], help="the card of a version: data, params, metrics, code commit, files, alias moves")
+    sub.add_parser(
+        "list", parents=[common], help="versions, when they were registered, their accuracies and aliases, as a table"
+    )
+    s = sub.add_parser(
+        "show", parents=[common], help="the card of a version: data, params, metrics, code commit, files, alias moves"
+    )
     s.add_argument("version", help="a version, or an alias for the version it points at")
     s.add_argument("--json", action="store_true", help="print the card as JSON")
-    p = sub.add_parser("promote", parents=[common], help="move an alias (production) to a version, if the version is not worse on held-out images")
+    p = sub.add_parser(
+        "promote",
+        parents=[common],
+        help="move an alias (production) to a version, if the version is not worse on held-out images",
+    )
     p.add_argument("version", help="the candidate: a version, or an alias such as latest")
     p.add_argument("--alias", default="production", help="the alias to move (default %(default)s)")
-    p.add_argument("--data", default="sample", help="held-out images, their test split: 'sample' (bundled), a parquet folder or a hub id (default %(default)s)")
-    p.add_argument("--images", type=int, default=None, help="gate on the first N images of the (shuffled) split only (default: all)")
-    p.add_argument("--tolerance", type=float, default=0.5, help="refuse if the candidate's accuracy is lower by more than this many points (default %(default)s)")
-    p.add_argument("--force", action="store_true", help="promote even if the gate refuses (the alias's log records it: who, when, both accuracies)")
+    p.add_argument(
+        "--data",
+        default="sample",
+        help="held-out images, their test split: 'sample' (bundled), a parquet folder or a hub id (default %(default)s)",
+    )
+    p.add_argument(
+        "--images",
+        type=int,
+        default=None,
+        help="gate on the first N images of the (shuffled) split only (default: all)",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.5,
+        help="refuse if the candidate's accuracy is lower by more than this many points (default %(default)s)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="promote even if the gate refuses (the alias's log records it: who, when, both accuracies)",
+    )
     p.add_argument("--by", default=None, help="who promotes, for the log (default user@host)")
-    r = sub.add_parser("rollback", parents=[common], help="move an alias back to the version it pointed at before its last move")
+    r = sub.add_parser(
+        "rollback", parents=[common], help="move an alias back to the version it pointed at before its last move"
+    )
     r.add_argument("--alias", default="production", help="the alias to move back (default %(default)s)")
     r.add_argument("--by", default=None, help="who rolls back, for the log (default user@host)")
-    e = sub.add_parser("export", parents=[common], help="make and check the inference engines of a version once, and store them beside it")
+    e = sub.add_parser(
+        "export",
+        parents=[common],
+        help="make and check the inference engines of a version once, and store them beside it",
+    )
     e.add_argument("version", help="a version, or an alias for the version it points at")
-    e.add_argument("--engines", default=None, help="comma-separated engine names (default: every engine this host can run)")
-    e.add_argument("--images", type=int, default=1000, help="held-out images of the accuracy check (default %(default)s, at least 1000 to serve)")
+    e.add_argument(
+        "--engines", default=None, help="comma-separated engine names (default: every engine this host can run)"
+    )
+    e.add_argument(
+        "--images",
+        type=int,
+        default=1000,
+        help="held-out images of the accuracy check (default %(default)s, at least 1000 to serve)",
+    )
     return ap
+
 
 def models_main(argv=None) -> int:
     "`vit-models`: parse, then list, show, promote, roll back or export (see the models chapter). Exit status: 0 done, 1 refused by the gate, 2 error, 3 conflict."
     ap = models_parser()
     a = ap.parse_args(argv)
-    if a.command == "promote" and not a.tolerance >= 0: ap.error(f"--tolerance must be ≥ 0 points, got {a.tolerance}")
-    if a.command == "promote" and a.images is not None and a.images < 1: ap.error(f"--images must be at least 1, got {a.images}")
+    if a.command == "promote" and not a.tolerance >= 0:
+        ap.error(f"--tolerance must be ≥ 0 points, got {a.tolerance}")
+    if a.command == "promote" and a.images is not None and a.images < 1:
+        ap.error(f"--images must be at least 1, got {a.images}")
     if a.command == "export":
-        if a.images < 1: ap.error(f"--images must be at least 1, got {a.images}")
+        if a.images < 1:
+            ap.error(f"--images must be at least 1, got {a.images}")
         bad = [n for n in (a.engines or "").split(",") if n and n not in ENGINES]
-        if bad: ap.error(f"unknown engine(s) {', '.join(bad)}: choose from {', '.join(ENGINES)}")
-    from vit_nbdev.models import cli
-    return cli(a)
+        if bad:
+            ap.error(f"unknown engine(s) {', '.join(bad)}: choose from {', '.join(ENGINES)}")
+    from vit_nbdev.registry import registry_command
+
+    return registry_command(a)
 
 # %% ../nbs/cli.ipynb #878d8e26
 def data_parser() -> argparse.ArgumentParser:
     "`vit-data`'s arguments: `snapshot` and `snapshots`."
-    ap = argparse.ArgumentParser("vit-data", description="Dataset snapshots in the store: the decoded splits a model trains on, written once "
-                                 "under datasets/<fingerprint>/ (see the data chapter).")
+    ap = argparse.ArgumentParser(
+        "vit-data",
+        description="Dataset snapshots in the store: the decoded splits a model trains on, written once "
+        "under datasets/<fingerprint>/ (see the data chapter).",
+    )
     sub = ap.add_subparsers(dest="command", required=True)
     common = store_option()
-    s = sub.add_parser("snapshot", parents=[common], help="write the snapshot of a dataset (or, with --feedback, of the labelled predictions) "
-                       "unless it is there; print its meta as JSON")
-    s.add_argument("--dataset", default=None, help="'sample' (bundled), a parquet folder, a hub id or store:<fingerprint> (default sample)")
+    s = sub.add_parser(
+        "snapshot",
+        parents=[common],
+        help="write the snapshot of a dataset (or, with --feedback, of the labelled predictions) "
+        "unless it is there; print its meta as JSON",
+    )
+    s.add_argument(
+        "--dataset",
+        default=None,
+        help="'sample' (bundled), a parquet folder, a hub id or store:<fingerprint> (default sample)",
+    )
     s.add_argument("--revision", default=None, help="hub revision of --dataset")
-    s.add_argument("--feedback", action="store_true", help="snapshot the labelled predictions (feedback with kept images) instead, with a held-out part")
-    s.add_argument("--since", default=None, help="with --feedback: only feedback at or after this time (ISO 8601, UTC if no zone)")
-    s.add_argument("--holdout", type=float, default=None, help="with --feedback: the fraction held out as the test split (default 0.3)")
-    ls = sub.add_parser("snapshots", parents=[common], help="the complete snapshots in the store: fingerprint, kind, split sizes, when")
+    s.add_argument(
+        "--feedback",
+        action="store_true",
+        help="snapshot the labelled predictions (feedback with kept images) instead, with a held-out part",
+    )
+    s.add_argument(
+        "--since", default=None, help="with --feedback: only feedback at or after this time (ISO 8601, UTC if no zone)"
+    )
+    s.add_argument(
+        "--holdout",
+        type=float,
+        default=None,
+        help="with --feedback: the fraction held out as the test split (default 0.3)",
+    )
+    ls = sub.add_parser(
+        "snapshots", parents=[common], help="the complete snapshots in the store: fingerprint, kind, split sizes, when"
+    )
     ls.add_argument("--json", action="store_true", help="print them as JSON")
     return ap
+
 
 def _snapshots_table(rows: list[dict]) -> str:
     "The snapshots as a text table."
@@ -203,32 +408,60 @@ def _snapshots_table(rows: list[dict]) -> str:
         lines.append(f"{r['fingerprint']:<18}{r['kind']:<10}{str(r['created']):<27}{splits:<28}{r['source']}")
     return "\n".join(lines)
 
+
 def data_main(argv=None) -> int:
     "`vit-data`: parse and check, then write or list snapshots (see the data chapter). Exit status: 0 done, 2 error."
     ap = data_parser()
     a = ap.parse_args(argv)
     if a.command == "snapshot":
-        if a.feedback and (a.dataset or a.revision): ap.error("--feedback snapshots the labelled predictions: it takes no --dataset or --revision")
-        if not a.feedback and (a.since is not None or a.holdout is not None): ap.error("--since and --holdout go with --feedback")
-        if a.holdout is not None and not 0 < a.holdout < 1: ap.error(f"--holdout must be in (0, 1), got {a.holdout}")
+        if a.feedback and (a.dataset or a.revision):
+            ap.error("--feedback snapshots the labelled predictions: it takes no --dataset or --revision")
+        if not a.feedback and (a.since is not None or a.holdout is not None):
+            ap.error("--since and --holdout go with --feedback")
+        if a.holdout is not None and not 0 < a.holdout < 1:
+            ap.error(f"--holdout must be in (0, 1), got {a.holdout}")
         if a.since is not None:
-            try: datetime.fromisoformat(a.since)
-            except ValueError: ap.error(f"--since must be an ISO 8601 time such as 2026-11-26T12:00, got {a.since!r}")
+            try:
+                datetime.fromisoformat(a.since)
+            except ValueError:
+                ap.error(f"--since must be an ISO 8601 time such as 2026-11-26T12:00, got {a.since!r}")
     try:
         from vit_nbdev.store import open_store
+
         st = open_store(a.store)
         if a.command == "snapshots":
             from vit_nbdev.data import list_snapshots
+
             rows = list_snapshots(st)
-            print(json.dumps(rows, indent=1, default=str) if a.json else _snapshots_table(rows) if rows else f"no snapshots yet in {st.uri}")
+            print(
+                json.dumps(rows, indent=1, default=str)
+                if a.json
+                else _snapshots_table(rows)
+                if rows
+                else f"no snapshots yet in {st.uri}"
+            )
         elif a.feedback:
-            try: from vit_nbdev.loop import snapshot_feedback
-            except ImportError as e: raise RuntimeError(f"feedback snapshots need the loop chapter (vit_nbdev.loop): {e}") from e
-            print(json.dumps(snapshot_feedback(st, since=a.since, holdout=0.3 if a.holdout is None else a.holdout), indent=1, default=str))
+            try:
+                from vit_nbdev.retrain import snapshot_feedback
+            except ImportError as e:
+                raise RuntimeError(f"feedback snapshots need the loop chapter (vit_nbdev.retrain): {e}") from e
+            print(
+                json.dumps(
+                    snapshot_feedback(st, since=a.since, holdout=0.3 if a.holdout is None else a.holdout),
+                    indent=1,
+                    default=str,
+                )
+            )
         else:
             from vit_nbdev.data import snapshot_dataset
+
             print(json.dumps(snapshot_dataset(st, a.dataset or "sample", a.revision), indent=1, default=str))
-    except (RuntimeError, ValueError, LookupError, OSError) as e:   # StoreError is a RuntimeError, NotFound a LookupError
+    except (
+        RuntimeError,
+        ValueError,
+        LookupError,
+        OSError,
+    ) as e:  # StoreError is a RuntimeError, NotFound a LookupError
         print(f"vit-data {a.command}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         return 2
     return 0

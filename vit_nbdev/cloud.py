@@ -20,44 +20,61 @@ __all__ = ['ATTACHED_GPUS', 'STARTUP_SCRIPT', 'CloudError', 'PlanFailed', 'FileA
 class CloudError(ValueError):
     "A bad option for a cloud command, or a tool it needs is missing (the message says what to do)."
 
+
 class PlanFailed(RuntimeError):
     "A command of a plan failed while it ran."
+
 
 @dataclass(frozen=True)
 class FileArg:
     "An argument that is a path to one of the plan's files, with an optional prefix (`startup-script=`)."
+
     name: str
     prefix: str = ""
+
 
 @dataclass
 class Plan:
     "Commands to run in order, the files they read, and comments that explain them."
+
     title: str
-    commands: list = field(default_factory=list)   # each a list of str | FileArg, or a str comment
-    files: dict = field(default_factory=dict)      # name -> text
+    commands: list = field(default_factory=list)  # each a list of str | FileArg, or a str comment
+    files: dict = field(default_factory=dict)  # name -> text
 
     def add(self, *args, comment=None):
         "Append one command (and a comment line before it); return the plan."
-        if comment: self.commands.append(comment)
+        if comment:
+            self.commands.append(comment)
         self.commands.append([a if isinstance(a, FileArg) else str(a) for a in args])
         return self
 
 # %% ../nbs/cloud.ipynb #97ee97bf
 def _shell_arg(a) -> str:
-    if not isinstance(a, FileArg): return shlex.quote(a)
+    if not isinstance(a, FileArg):
+        return shlex.quote(a)
     return (shlex.quote(a.prefix) if a.prefix else "") + f'"$D/{a.name}"'
+
 
 def render(plan: Plan) -> str:
     "The plan as a bash script: exactly what running it would do."
-    out = ["#!/usr/bin/env bash", f"# {plan.title}", "# (printed by vit-cloud --dry-run; `bash` this file to run it)", "set -euo pipefail"]
-    if plan.files: out += ['D="$(mktemp -d)"', "trap 'rm -rf \"$D\"' EXIT"]
+    out = [
+        "#!/usr/bin/env bash",
+        f"# {plan.title}",
+        "# (printed by vit-cloud --dry-run; `bash` this file to run it)",
+        "set -euo pipefail",
+    ]
+    if plan.files:
+        out += ['D="$(mktemp -d)"', "trap 'rm -rf \"$D\"' EXIT"]
     for name, text in plan.files.items():
         delim = "VIT_EOF_" + re.sub(r"\W", "_", name).upper()
-        if delim in text.splitlines(): raise CloudError(f"file {name} contains its own here-document delimiter {delim}")
+        if delim in text.splitlines():
+            raise CloudError(f"file {name} contains its own here-document delimiter {delim}")
         out += [f"cat > \"$D/{name}\" <<'{delim}'", text.rstrip("\n"), delim]
     for c in plan.commands:
-        if isinstance(c, str): out += ["", *(f"# {l}" for l in c.splitlines())]
-        else: out.append(" ".join(_shell_arg(a) for a in c))
+        if isinstance(c, str):
+            out += ["", *(f"# {l}" for l in c.splitlines())]
+        else:
+            out.append(" ".join(_shell_arg(a) for a in c))
     return "\n".join(out) + "\n"
 
 # %% ../nbs/cloud.ipynb #0aeeef6b
@@ -65,27 +82,48 @@ def execute(plan: Plan, echo=print) -> None:
     "Run the plan's commands in order here; `CloudError` if a program is missing (before running any), `PlanFailed` if a command fails."
     cmds = [c for c in plan.commands if not isinstance(c, str)]
     missing = sorted({c[0] for c in cmds if shutil.which(c[0]) is None})
-    if missing: raise CloudError(f"{', '.join(missing)} not found on PATH: install the Google Cloud SDK / Docker, or use --dry-run to print the commands")
+    if missing:
+        raise CloudError(
+            f"{', '.join(missing)} not found on PATH: install the Google Cloud SDK / Docker, or use --dry-run to print the commands"
+        )
     with tempfile.TemporaryDirectory() as d:
-        for name, text in plan.files.items(): Path(d, name).write_text(text)
+        for name, text in plan.files.items():
+            Path(d, name).write_text(text)
         for c in cmds:
             args = [a.prefix + str(Path(d, a.name)) if isinstance(a, FileArg) else a for a in c]
             echo("+ " + shlex.join(args))
             rc = subprocess.run(args).returncode
-            if rc: raise PlanFailed(f"command failed with exit status {rc}: {shlex.join(args)}")
+            if rc:
+                raise PlanFailed(f"command failed with exit status {rc}: {shlex.join(args)}")
 
 # %% ../nbs/cloud.ipynb #d8005d8a
 _RULES = dict(
-    project=(r"[a-z][a-z0-9-]{4,28}[a-z0-9]", "a project id: 6-30 lowercase letters, digits or hyphens, starting with a letter"),
+    project=(
+        r"[a-z][a-z0-9-]{4,28}[a-z0-9]",
+        "a project id: 6-30 lowercase letters, digits or hyphens, starting with a letter",
+    ),
     zone=(r"[a-z]+-[a-z]+[0-9]+-[a-z]", "a zone such as us-central1-a"),
     region=(r"[a-z]+-[a-z]+[0-9]+", "a region such as us-central1"),
-    store=(r"gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/[^,\s]*)?", "a bucket uri gs://bucket[/prefix] (no commas or spaces): a VM or a Cloud Run instance has no local disk that outlives it"),
-    name=(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", "a resource name: lowercase letters, digits and hyphens, at most 63, starting with a letter"),
+    store=(
+        r"gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/[^,\s]*)?",
+        "a bucket uri gs://bucket[/prefix] (no commas or spaces): a VM or a Cloud Run instance has no local disk that outlives it",
+    ),
+    name=(
+        r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?",
+        "a resource name: lowercase letters, digits and hyphens, at most 63, starting with a letter",
+    ),
     secret=(r"[A-Za-z0-9_-]{1,255}", "a Secret Manager secret name (letters, digits, - and _), not the secret itself"),
-    image=(r"[a-z0-9.-]+(:[0-9]+)?(/[a-z0-9._-]+)+(:[A-Za-z0-9._-]{1,128})?(@sha256:[0-9a-f]{64})?", "an image reference such as us-central1-docker.pkg.dev/PROJECT/vit/vit-serve:TAG"),
+    image=(
+        r"[a-z0-9.-]+(:[0-9]+)?(/[a-z0-9._-]+)+(:[A-Za-z0-9._-]{1,128})?(@sha256:[0-9a-f]{64})?",
+        "an image reference such as us-central1-docker.pkg.dev/PROJECT/vit/vit-serve:TAG",
+    ),
     memory=(r"[0-9]+(Mi|Gi)", "a memory size such as 512Mi or 4Gi"),
-    account=(r"[a-z][a-z0-9-]{4,28}[a-z0-9]@[a-z0-9-]+\.iam\.gserviceaccount\.com", "a service account email NAME@PROJECT.iam.gserviceaccount.com"),
+    account=(
+        r"[a-z][a-z0-9-]{4,28}[a-z0-9]@[a-z0-9-]+\.iam\.gserviceaccount\.com",
+        "a service account email NAME@PROJECT.iam.gserviceaccount.com",
+    ),
 )
+
 
 def check(kind: str, value, what: str | None = None) -> str:
     "`value` if it is a valid `kind` (project, zone, region, store, name, secret, image, memory, account), else a `CloudError` that says what is expected."
@@ -94,72 +132,108 @@ def check(kind: str, value, what: str | None = None) -> str:
         raise CloudError(f"{what or kind} {value!r} is not valid: expected {hint}")
     return str(value)
 
+
 def region_of(zone: str) -> str:
     "The region of a zone: `us-central1-a` -> `us-central1`."
     return check("zone", zone).rsplit("-", 1)[0]
 
+
 def account_email(role: str, project: str) -> str:
     "The service account `setup_plan` makes for `role` (serve or train): `vit-<role>@<project>.iam.gserviceaccount.com`."
     return f"vit-{role}@{project}.iam.gserviceaccount.com"
+
 
 def registry_image(region: str, project: str, name: str, tag: str, repository: str = "vit") -> str:
     "An image in the project's Artifact Registry repository: `<region>-docker.pkg.dev/<project>/<repository>/<name>:<tag>`."
     return f"{region}-docker.pkg.dev/{project}/{repository}/{name}:{tag}"
 
 # %% ../nbs/cloud.ipynb #f43c0473
-ATTACHED_GPUS = {"g2-": "nvidia-l4", "a2-highgpu": "nvidia-tesla-a100", "a2-megagpu": "nvidia-tesla-a100",
-                 "a2-ultragpu": "nvidia-a100-80gb", "a3-highgpu": "nvidia-h100-80gb", "a3-megagpu": "nvidia-h100-mega-80gb",
-                 "a3-ultragpu": "nvidia-h200-141gb"}
+ATTACHED_GPUS = {
+    "g2-": "nvidia-l4",
+    "a2-highgpu": "nvidia-tesla-a100",
+    "a2-megagpu": "nvidia-tesla-a100",
+    "a2-ultragpu": "nvidia-a100-80gb",
+    "a3-highgpu": "nvidia-h100-80gb",
+    "a3-megagpu": "nvidia-h100-mega-80gb",
+    "a3-ultragpu": "nvidia-h200-141gb",
+}
+
 
 def gpu_flags(machine_type: str, gpu: str | None = None, gpu_count: int = 1) -> list[str]:
     "The `gcloud compute instances create` flags that give `machine_type` its GPU (none for types that come with one)."
     for prefix, attached in ATTACHED_GPUS.items():
         if machine_type.startswith(prefix):
-            if gpu not in (None, attached): raise CloudError(f"machine type {machine_type} comes with {attached}; drop --gpu or pick an n1-* machine type for {gpu}")
+            if gpu not in (None, attached):
+                raise CloudError(
+                    f"machine type {machine_type} comes with {attached}; drop --gpu or pick an n1-* machine type for {gpu}"
+                )
             return []
     if not machine_type.startswith("n1-"):
-        raise CloudError(f"machine type {machine_type!r} takes no GPU: use g2-*, a2-*, a3-* (GPU included) or n1-* with --gpu")
-    if not (isinstance(gpu_count, int) and gpu_count in (1, 2, 4, 8)): raise CloudError(f"--gpu-count must be 1, 2, 4 or 8, not {gpu_count!r}")
+        raise CloudError(
+            f"machine type {machine_type!r} takes no GPU: use g2-*, a2-*, a3-* (GPU included) or n1-* with --gpu"
+        )
+    if not (isinstance(gpu_count, int) and gpu_count in (1, 2, 4, 8)):
+        raise CloudError(f"--gpu-count must be 1, 2, 4 or 8, not {gpu_count!r}")
     return ["--accelerator", f"type={gpu or 'nvidia-tesla-t4'},count={gpu_count}"]
 
 # %% ../nbs/cloud.ipynb #d6f0d792
 @dataclass
 class TrainVM:
     "Options of `vit-cloud train`: where and on what the training VM runs, and what it runs."
+
     project: str
-    store: str                                   # gs://bucket/prefix: the model, the run record and the VM log land here
+    store: str  # gs://bucket/prefix: the model, the run record and the VM log land here
     zone: str = "us-central1-a"
-    image: str | None = None                     # training image; default: <region>-docker.pkg.dev/<project>/vit/vit-train:latest
+    image: str | None = None  # training image; default: <region>-docker.pkg.dev/<project>/vit/vit-train:latest
     machine_type: str = "g2-standard-8"
-    gpu: str | None = None                       # only for n1-* machine types (default nvidia-tesla-t4)
+    gpu: str | None = None  # only for n1-* machine types (default nvidia-tesla-t4)
     gpu_count: int = 1
     spot: bool = True
     disk_size_gb: int = 200
-    image_family: str = "common-cu128-ubuntu-2204-nvidia-570"   # Deep Learning VM: NVIDIA driver, Docker, container toolkit
+    image_family: str = (
+        "common-cu128-ubuntu-2204-nvidia-570"  # Deep Learning VM: NVIDIA driver, Docker, container toolkit
+    )
     image_project: str = "deeplearning-platform-release"
-    service_account: str | None = None           # default vit-train@<project>.iam.gserviceaccount.com (see `setup_plan`)
-    wandb_secret: str | None = None              # Secret Manager secret holding the W&B API key; None: W&B offline
-    on_finish: str = "delete"                    # or "stop" (keeps the disk, bills only for it)
-    max_run_hours: float = 24.0                  # the VM is deleted after this long whatever happens
-    name: str | None = None                      # default vit-train-<run id>
+    service_account: str | None = None  # default vit-train@<project>.iam.gserviceaccount.com (see `setup_plan`)
+    wandb_secret: str | None = None  # Secret Manager secret holding the W&B API key; None: W&B offline
+    on_finish: str = "delete"  # or "stop" (keeps the disk, bills only for it)
+    max_run_hours: float = 24.0  # the VM is deleted after this long whatever happens
+    name: str | None = None  # default vit-train-<run id>
 
     def validated(self) -> TrainVM:
         "Self, after checking every option (raises `CloudError`)."
-        check("project", self.project); check("store", self.store); check("zone", self.zone)
-        if self.image: check("image", self.image, "--image")
-        if self.service_account: check("account", self.service_account, "--service-account")
-        if self.wandb_secret: check("secret", self.wandb_secret, "--wandb-secret")
-        if self.on_finish not in ("delete", "stop"): raise CloudError(f"--on-finish must be delete or stop, not {self.on_finish!r}")
-        if not 10 <= self.disk_size_gb <= 65536: raise CloudError(f"--disk-size must be 10-65536 GB, not {self.disk_size_gb}")
-        if not 0 < self.max_run_hours <= 24*28: raise CloudError(f"--max-run-hours must be in (0, 672], not {self.max_run_hours}")
+        check("project", self.project)
+        check("store", self.store)
+        check("zone", self.zone)
+        if self.image:
+            check("image", self.image, "--image")
+        if self.service_account:
+            check("account", self.service_account, "--service-account")
+        if self.wandb_secret:
+            check("secret", self.wandb_secret, "--wandb-secret")
+        if self.on_finish not in ("delete", "stop"):
+            raise CloudError(f"--on-finish must be delete or stop, not {self.on_finish!r}")
+        if not 10 <= self.disk_size_gb <= 65536:
+            raise CloudError(f"--disk-size must be 10-65536 GB, not {self.disk_size_gb}")
+        if not 0 < self.max_run_hours <= 24 * 28:
+            raise CloudError(f"--max-run-hours must be in (0, 672], not {self.max_run_hours}")
         gpu_flags(self.machine_type, self.gpu, self.gpu_count)
         return self
 
     @property
-    def region(self): return region_of(self.zone)
-    def image_ref(self): return self.image or registry_image(self.region, self.project, "vit-train", "latest")
-    def account(self): return self.service_account or account_email("train", self.project)
-    def vm_name(self, run_id): return check("name", self.name or re.sub(r"[^a-z0-9-]", "-", f"vit-train-{run_id}".lower())[:63].rstrip("-"), "VM name")
+    def region(self):
+        return region_of(self.zone)
+
+    def image_ref(self):
+        return self.image or registry_image(self.region, self.project, "vit-train", "latest")
+
+    def account(self):
+        return self.service_account or account_email("train", self.project)
+
+    def vm_name(self, run_id):
+        return check(
+            "name", self.name or re.sub(r"[^a-z0-9-]", "-", f"vit-train-{run_id}".lower())[:63].rstrip("-"), "VM name"
+        )
 
 # %% ../nbs/cloud.ipynb #a9583379
 STARTUP_SCRIPT = r"""#!/usr/bin/env bash
@@ -251,26 +325,42 @@ VIT_PARAMS
 main 2>&1 | tee -a "$LOG"
 """
 
+
 def startup_script(vm: TrainVM, run_id: str, params: dict) -> str:
     "The startup script of the VM that runs `run_id` with `params` (see above)."
     import yaml
+
     text = yaml.safe_dump(params, sort_keys=False).rstrip("\n")
-    if "VIT_PARAMS" in text.splitlines(): raise CloudError("a parameter value is the line VIT_PARAMS, which ends the here-document")
-    vals = dict(RUN_ID=run_id, IMAGE=vm.image_ref(), STORE=vm.store.rstrip("/"), VM_NAME=vm.vm_name(run_id), ZONE=vm.zone,
-                ON_FINISH=vm.on_finish, WANDB_SECRET=vm.wandb_secret or "")
+    if "VIT_PARAMS" in text.splitlines():
+        raise CloudError("a parameter value is the line VIT_PARAMS, which ends the here-document")
+    vals = dict(
+        RUN_ID=run_id,
+        IMAGE=vm.image_ref(),
+        STORE=vm.store.rstrip("/"),
+        VM_NAME=vm.vm_name(run_id),
+        ZONE=vm.zone,
+        ON_FINISH=vm.on_finish,
+        WANDB_SECRET=vm.wandb_secret or "",
+    )
     s = STARTUP_SCRIPT
-    for k, v in vals.items(): s = s.replace(f"@{k}@", shlex.quote(v))
+    for k, v in vals.items():
+        s = s.replace(f"@{k}@", shlex.quote(v))
     return s.replace("@PARAMS@", text)
 
 # %% ../nbs/cloud.ipynb #380fb73c
 def train_params(files=(), pairs=(), *, store: str, run_id: str) -> dict:
     "The run's parameters (YAML files, then pairs), with `store` and `run_id` set; checked against the training notebook's parameters."
     from vit_nbdev.config import TrainConfig, parse_params
-    try: params = parse_params(files, pairs)
-    except (OSError, ValueError) as e: raise CloudError(f"cannot read the parameters: {e}") from e
+
+    try:
+        params = parse_params(files, pairs)
+    except (OSError, ValueError) as e:
+        raise CloudError(f"cannot read the parameters: {e}") from e
     params.update(store=store, run_id=run_id)
-    try: TrainConfig.from_dict(params)
-    except (TypeError, ValueError) as e: raise CloudError(f"bad training parameters: {e}") from e
+    try:
+        TrainConfig.from_dict(params)
+    except (TypeError, ValueError) as e:
+        raise CloudError(f"bad training parameters: {e}") from e
     return params
 
 # %% ../nbs/cloud.ipynb #8f49912d
@@ -278,186 +368,466 @@ def train_plan(vm: TrainVM, params: dict, run_id: str) -> Plan:
     "The plan that starts a training VM for `run_id`: its startup script and the `gcloud compute instances create` call."
     vm.validated()
     name = vm.vm_name(run_id)
-    plan = Plan(f"vit-cloud train: run {run_id} on VM {name} ({vm.machine_type}, {vm.zone}); results in {vm.store}/runs/{run_id}/")
+    plan = Plan(
+        f"vit-cloud train: run {run_id} on VM {name} ({vm.machine_type}, {vm.zone}); results in {vm.store}/runs/{run_id}/"
+    )
     plan.files["startup.sh"] = startup_script(vm, run_id, params)
     hours = vm.max_run_hours
-    plan.add("gcloud", "compute", "instances", "create", name, "--project", vm.project, "--zone", vm.zone,
-             "--machine-type", vm.machine_type, *gpu_flags(vm.machine_type, vm.gpu, vm.gpu_count),
-             "--maintenance-policy", "TERMINATE", "--provisioning-model", "SPOT" if vm.spot else "STANDARD",
-             "--instance-termination-action", "DELETE", "--max-run-duration", f"{int(hours*60)}m",
-             "--image-family", vm.image_family, "--image-project", vm.image_project,
-             "--boot-disk-size", f"{vm.disk_size_gb}GB", "--boot-disk-type", "pd-balanced",
-             "--service-account", vm.account(), "--scopes", "cloud-platform",
-             "--metadata", "install-nvidia-driver=True", "--metadata-from-file", FileArg("startup.sh", "startup-script="),
-             "--labels", f"app=vit-nbdev,vit-run={name.removeprefix('vit-train-')}",
-             comment=f"follow it: gcloud compute instances tail-serial-port-output {name} --zone {vm.zone} --project {vm.project}\n"
-                     f"its log lands in {vm.store}/runs/{run_id}/vm.log, the executed notebook in {vm.store}/runs/{run_id}/train.ipynb")
+    plan.add(
+        "gcloud",
+        "compute",
+        "instances",
+        "create",
+        name,
+        "--project",
+        vm.project,
+        "--zone",
+        vm.zone,
+        "--machine-type",
+        vm.machine_type,
+        *gpu_flags(vm.machine_type, vm.gpu, vm.gpu_count),
+        "--maintenance-policy",
+        "TERMINATE",
+        "--provisioning-model",
+        "SPOT" if vm.spot else "STANDARD",
+        "--instance-termination-action",
+        "DELETE",
+        "--max-run-duration",
+        f"{int(hours * 60)}m",
+        "--image-family",
+        vm.image_family,
+        "--image-project",
+        vm.image_project,
+        "--boot-disk-size",
+        f"{vm.disk_size_gb}GB",
+        "--boot-disk-type",
+        "pd-balanced",
+        "--service-account",
+        vm.account(),
+        "--scopes",
+        "cloud-platform",
+        "--metadata",
+        "install-nvidia-driver=True",
+        "--metadata-from-file",
+        FileArg("startup.sh", "startup-script="),
+        "--labels",
+        f"app=vit-nbdev,vit-run={name.removeprefix('vit-train-')}",
+        comment=f"follow it: gcloud compute instances tail-serial-port-output {name} --zone {vm.zone} --project {vm.project}\n"
+        f"its log lands in {vm.store}/runs/{run_id}/vm.log, the executed notebook in {vm.store}/runs/{run_id}/train.ipynb",
+    )
     return plan
 
 # %% ../nbs/cloud.ipynb #fdb1120a
 @dataclass
 class CloudRunService:
     "Options of `vit-cloud deploy`: the image, the service's size and scaling, and what it serves."
+
     project: str
-    store: str                                   # gs://bucket/prefix the service reads models from and writes telemetry to
+    store: str  # gs://bucket/prefix the service reads models from and writes telemetry to
     region: str = "us-central1"
     service: str = "vit-serve"
-    image: str | None = None                     # deploy this image; None: build docker/serve.Dockerfile and push it
-    repository: str = "vit"                      # Artifact Registry repository for built images
-    tag: str | None = None                       # tag of a built image; default: the git commit
-    model: str = "production"                    # alias or version to serve
+    image: str | None = None  # deploy this image; None: build docker/serve.Dockerfile and push it
+    repository: str = "vit"  # Artifact Registry repository for built images
+    tag: str | None = None  # tag of a built image; default: the git commit
+    model: str = "production"  # alias or version to serve
     memory: str = "4Gi"
     cpu: int = 2
     concurrency: int = 32
     min_instances: int = 0
     max_instances: int = 3
     admin_token_secret: str = "vit-admin-token"  # Secret Manager secret with the admin bearer token
-    service_account: str | None = None           # default vit-serve@<project>.iam.gserviceaccount.com
-    allow_unauthenticated: bool = True           # the upload page and /predict are public; /admin/* needs the token
+    service_account: str | None = None  # default vit-serve@<project>.iam.gserviceaccount.com
+    allow_unauthenticated: bool = True  # the upload page and /predict are public; /admin/* needs the token
 
     def validated(self) -> CloudRunService:
         "Self, after checking every option (raises `CloudError`)."
-        check("project", self.project); check("store", self.store); check("region", self.region)
-        check("name", self.service, "--service"); check("name", self.repository, "--repository")
-        check("secret", self.admin_token_secret, "--admin-token-secret"); check("memory", self.memory, "--memory")
-        if self.image: check("image", self.image, "--image")
-        if self.tag and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}", self.tag): raise CloudError(f"--tag {self.tag!r} is not a valid image tag")
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.model): raise CloudError(f"--model {self.model!r} is not an alias or version")
-        if self.cpu not in (1, 2, 4, 6, 8): raise CloudError(f"--cpu must be 1, 2, 4, 6 or 8, not {self.cpu}")
-        if not 1 <= self.concurrency <= 1000: raise CloudError(f"--concurrency must be 1-1000, not {self.concurrency}")
-        if not 0 <= self.min_instances <= self.max_instances: raise CloudError(f"need 0 <= --min-instances ({self.min_instances}) <= --max-instances ({self.max_instances})")
-        if self.service_account: check("account", self.service_account, "--service-account")
+        check("project", self.project)
+        check("store", self.store)
+        check("region", self.region)
+        check("name", self.service, "--service")
+        check("name", self.repository, "--repository")
+        check("secret", self.admin_token_secret, "--admin-token-secret")
+        check("memory", self.memory, "--memory")
+        if self.image:
+            check("image", self.image, "--image")
+        if self.tag and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}", self.tag):
+            raise CloudError(f"--tag {self.tag!r} is not a valid image tag")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.model):
+            raise CloudError(f"--model {self.model!r} is not an alias or version")
+        if self.cpu not in (1, 2, 4, 6, 8):
+            raise CloudError(f"--cpu must be 1, 2, 4, 6 or 8, not {self.cpu}")
+        if not 1 <= self.concurrency <= 1000:
+            raise CloudError(f"--concurrency must be 1-1000, not {self.concurrency}")
+        if not 0 <= self.min_instances <= self.max_instances:
+            raise CloudError(
+                f"need 0 <= --min-instances ({self.min_instances}) <= --max-instances ({self.max_instances})"
+            )
+        if self.service_account:
+            check("account", self.service_account, "--service-account")
         return self
 
-    def account(self): return self.service_account or account_email("serve", self.project)
+    def account(self):
+        return self.service_account or account_email("serve", self.project)
+
 
 def git_tag(root=".") -> str:
     "A tag for a built image: the short git commit of `root`, with `-dirty` if it has uncommitted changes."
     try:
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError) as e: raise CloudError(f"no git commit to tag the image with ({e}); pass --tag or --image") from e
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise CloudError(f"no git commit to tag the image with ({e}); pass --tag or --image") from e
     return sha + ("-dirty" if dirty else "")
 
 # %% ../nbs/cloud.ipynb #f45c3609
 def service_yaml(svc: CloudRunService, image: str) -> str:
     "The Cloud Run service (Knative YAML): image, size, scaling, environment, the token as a secret reference, probes."
     import yaml
+
     probe = lambda path, **k: dict(httpGet=dict(path=path, port=8080), timeoutSeconds=3, **k)
-    container = dict(image=image, ports=[dict(name="http1", containerPort=8080)],
-                     env=[dict(name="VIT_STORE", value=svc.store), dict(name="VIT_MODEL", value=svc.model),
-                          dict(name="VIT_ADMIN_TOKEN", valueFrom=dict(secretKeyRef=dict(name=svc.admin_token_secret, key="latest")))],
-                     resources=dict(limits=dict(cpu=str(svc.cpu), memory=svc.memory)),
-                     startupProbe=probe("/readyz", periodSeconds=5, failureThreshold=36),    # up to 3 min to load and warm up
-                     livenessProbe=probe("/healthz", periodSeconds=30, failureThreshold=3))
-    template = dict(metadata=dict(annotations={"autoscaling.knative.dev/minScale": str(svc.min_instances),
-                                               "autoscaling.knative.dev/maxScale": str(svc.max_instances),
-                                               "run.googleapis.com/startup-cpu-boost": "true"}),
-                    spec=dict(serviceAccountName=svc.account(), containerConcurrency=svc.concurrency, timeoutSeconds=60,
-                              containers=[container]))
-    doc = dict(apiVersion="serving.knative.dev/v1", kind="Service",
-               metadata=dict(name=svc.service, labels={"cloud.googleapis.com/location": svc.region}), spec=dict(template=template))
+    container = dict(
+        image=image,
+        ports=[dict(name="http1", containerPort=8080)],
+        env=[
+            dict(name="VIT_STORE", value=svc.store),
+            dict(name="VIT_MODEL", value=svc.model),
+            dict(name="VIT_ADMIN_TOKEN", valueFrom=dict(secretKeyRef=dict(name=svc.admin_token_secret, key="latest"))),
+        ],
+        resources=dict(limits=dict(cpu=str(svc.cpu), memory=svc.memory)),
+        startupProbe=probe("/readyz", periodSeconds=5, failureThreshold=36),  # up to 3 min to load and warm up
+        livenessProbe=probe("/healthz", periodSeconds=30, failureThreshold=3),
+    )
+    template = dict(
+        metadata=dict(
+            annotations={
+                "autoscaling.knative.dev/minScale": str(svc.min_instances),
+                "autoscaling.knative.dev/maxScale": str(svc.max_instances),
+                "run.googleapis.com/startup-cpu-boost": "true",
+            }
+        ),
+        spec=dict(
+            serviceAccountName=svc.account(),
+            containerConcurrency=svc.concurrency,
+            timeoutSeconds=60,
+            containers=[container],
+        ),
+    )
+    doc = dict(
+        apiVersion="serving.knative.dev/v1",
+        kind="Service",
+        metadata=dict(name=svc.service, labels={"cloud.googleapis.com/location": svc.region}),
+        spec=dict(template=template),
+    )
     return yaml.safe_dump(doc, sort_keys=False)
 
 # %% ../nbs/cloud.ipynb #096da127
 def deploy_plan(svc: CloudRunService, root=".") -> Plan:
     "The plan that (builds and pushes the serving image, then) deploys it to Cloud Run."
     svc.validated()
-    plan = Plan(f"vit-cloud deploy: {svc.service} in {svc.project}/{svc.region}, serving {svc.model!r} from {svc.store}")
+    plan = Plan(
+        f"vit-cloud deploy: {svc.service} in {svc.project}/{svc.region}, serving {svc.model!r} from {svc.store}"
+    )
     image = svc.image
     if image is None:
-        if not Path(root, "docker", "serve.Dockerfile").exists(): raise CloudError(f"no docker/serve.Dockerfile under {Path(root).resolve()}: run from a checkout or pass --image")
+        if not Path(root, "docker", "serve.Dockerfile").exists():
+            raise CloudError(
+                f"no docker/serve.Dockerfile under {Path(root).resolve()}: run from a checkout or pass --image"
+            )
         image = registry_image(svc.region, svc.project, svc.service, svc.tag or git_tag(root), svc.repository)
-        plan.add("gcloud", "auth", "configure-docker", image.split("/")[0], "--quiet", comment="build the serving image (context: the repository root) and push it to Artifact Registry")
-        plan.add("docker", "build", "-f", str(Path(root, "docker", "serve.Dockerfile")), "--build-arg", f"VIT_CODE_COMMIT={image.rsplit(':', 1)[1]}",
-                 "-t", image, str(root))
+        plan.add(
+            "gcloud",
+            "auth",
+            "configure-docker",
+            image.split("/")[0],
+            "--quiet",
+            comment="build the serving image (context: the repository root) and push it to Artifact Registry",
+        )
+        plan.add(
+            "docker",
+            "build",
+            "-f",
+            str(Path(root, "docker", "serve.Dockerfile")),
+            "--build-arg",
+            f"VIT_CODE_COMMIT={image.rsplit(':', 1)[1]}",
+            "-t",
+            image,
+            str(root),
+        )
         plan.add("docker", "push", image)
     plan.files["service.yaml"] = service_yaml(svc, image)
     where = ["--project", svc.project, "--region", svc.region]
-    plan.add("gcloud", "run", "services", "replace", FileArg("service.yaml"), *where,
-             comment=f"deploy; the admin token comes from the secret {svc.admin_token_secret}, never from a literal")
+    plan.add(
+        "gcloud",
+        "run",
+        "services",
+        "replace",
+        FileArg("service.yaml"),
+        *where,
+        comment=f"deploy; the admin token comes from the secret {svc.admin_token_secret}, never from a literal",
+    )
     if svc.allow_unauthenticated:
-        plan.add("gcloud", "run", "services", "add-iam-policy-binding", svc.service, *where, "--member", "allUsers", "--role", "roles/run.invoker",
-                 comment="the upload page and /predict are public (/admin/* still needs the token)")
+        plan.add(
+            "gcloud",
+            "run",
+            "services",
+            "add-iam-policy-binding",
+            svc.service,
+            *where,
+            "--member",
+            "allUsers",
+            "--role",
+            "roles/run.invoker",
+            comment="the upload page and /predict are public (/admin/* still needs the token)",
+        )
     return plan
 
 # %% ../nbs/cloud.ipynb #802c09a4
-def setup_plan(project: str, bucket: str, region: str = "us-central1", repository: str = "vit",
-               admin_token_secret: str = "vit-admin-token", wandb_secret: str | None = None) -> Plan:
+def setup_plan(
+    project: str,
+    bucket: str,
+    region: str = "us-central1",
+    repository: str = "vit",
+    admin_token_secret: str = "vit-admin-token",
+    wandb_secret: str | None = None,
+) -> Plan:
     "The one-time setup: APIs, Artifact Registry repository, bucket, the two service accounts and their IAM bindings."
-    check("project", project); check("region", region); check("name", repository, "--repository"); check("secret", admin_token_secret, "--admin-token-secret")
-    if wandb_secret: check("secret", wandb_secret, "--wandb-secret")
+    check("project", project)
+    check("region", region)
+    check("name", repository, "--repository")
+    check("secret", admin_token_secret, "--admin-token-secret")
+    if wandb_secret:
+        check("secret", wandb_secret, "--wandb-secret")
     bucket = check("store", bucket if bucket.startswith("gs://") else f"gs://{bucket}").split("/")[2]
     sa = {k: f"serviceAccount:{account_email(k, project)}" for k in ("serve", "train")}
     P = ["--project", project]
     plan = Plan(f"vit-cloud setup: project {project}, bucket gs://{bucket}, region {region}")
-    plan.add("gcloud", "services", "enable", "compute.googleapis.com", "run.googleapis.com", "artifactregistry.googleapis.com",
-             "secretmanager.googleapis.com", "storage.googleapis.com", *P, comment="APIs, image repository, bucket")
-    plan.add("gcloud", "artifacts", "repositories", "create", repository, "--repository-format", "docker", "--location", region, *P)
-    plan.add("gcloud", "storage", "buckets", "create", f"gs://{bucket}", "--location", region, "--uniform-bucket-level-access", *P)
-    for k in sa: plan.add("gcloud", "iam", "service-accounts", "create", f"vit-{k}", "--display-name", f"vit-nbdev {k}", *P,
-                          comment=f"the service account of {'the Cloud Run service' if k == 'serve' else 'training VMs'}")
-    for k in sa: plan.add("gcloud", "storage", "buckets", "add-iam-policy-binding", f"gs://{bucket}", "--member", sa[k], "--role", "roles/storage.objectUser",
-                          comment=f"vit-{k}: objects in the bucket, nothing else")
-    plan.add("gcloud", "secrets", "create", admin_token_secret, "--replication-policy", "automatic", *P,
-             comment=f"the admin token: add its value yourself, e.g.\n  python -c 'import secrets; print(secrets.token_urlsafe(32), end=\"\")' | gcloud secrets versions add {admin_token_secret} --data-file=- --project {project}")
-    plan.add("gcloud", "secrets", "add-iam-policy-binding", admin_token_secret, "--member", sa["serve"], "--role", "roles/secretmanager.secretAccessor", *P)
+    plan.add(
+        "gcloud",
+        "services",
+        "enable",
+        "compute.googleapis.com",
+        "run.googleapis.com",
+        "artifactregistry.googleapis.com",
+        "secretmanager.googleapis.com",
+        "storage.googleapis.com",
+        *P,
+        comment="APIs, image repository, bucket",
+    )
+    plan.add(
+        "gcloud",
+        "artifacts",
+        "repositories",
+        "create",
+        repository,
+        "--repository-format",
+        "docker",
+        "--location",
+        region,
+        *P,
+    )
+    plan.add(
+        "gcloud",
+        "storage",
+        "buckets",
+        "create",
+        f"gs://{bucket}",
+        "--location",
+        region,
+        "--uniform-bucket-level-access",
+        *P,
+    )
+    for k in sa:
+        plan.add(
+            "gcloud",
+            "iam",
+            "service-accounts",
+            "create",
+            f"vit-{k}",
+            "--display-name",
+            f"vit-nbdev {k}",
+            *P,
+            comment=f"the service account of {'the Cloud Run service' if k == 'serve' else 'training VMs'}",
+        )
+    for k in sa:
+        plan.add(
+            "gcloud",
+            "storage",
+            "buckets",
+            "add-iam-policy-binding",
+            f"gs://{bucket}",
+            "--member",
+            sa[k],
+            "--role",
+            "roles/storage.objectUser",
+            comment=f"vit-{k}: objects in the bucket, nothing else",
+        )
+    plan.add(
+        "gcloud",
+        "secrets",
+        "create",
+        admin_token_secret,
+        "--replication-policy",
+        "automatic",
+        *P,
+        comment=f"the admin token: add its value yourself, e.g.\n  python -c 'import secrets; print(secrets.token_urlsafe(32), end=\"\")' | gcloud secrets versions add {admin_token_secret} --data-file=- --project {project}",
+    )
+    plan.add(
+        "gcloud",
+        "secrets",
+        "add-iam-policy-binding",
+        admin_token_secret,
+        "--member",
+        sa["serve"],
+        "--role",
+        "roles/secretmanager.secretAccessor",
+        *P,
+    )
     if wandb_secret:
-        plan.add("gcloud", "secrets", "add-iam-policy-binding", wandb_secret, "--member", sa["train"], "--role", "roles/secretmanager.secretAccessor", *P,
-                 comment=f"the W&B key for training (create the secret {wandb_secret} with your key first)")
-    plan.add("gcloud", "artifacts", "repositories", "add-iam-policy-binding", repository, "--location", region, "--member", sa["train"],
-             "--role", "roles/artifactregistry.reader", *P, comment="vit-train: pull the image, write logs, delete its own VM")
-    plan.add("gcloud", "projects", "add-iam-policy-binding", project, "--member", sa["train"], "--role", "roles/logging.logWriter")
-    plan.add("gcloud", "projects", "add-iam-policy-binding", project, "--member", sa["train"], "--role", "roles/compute.instanceAdmin.v1",
-             "--condition", 'expression=resource.name.extract("/instances/{name}").startsWith("vit-train-"),title=vit-train-vms-only')
+        plan.add(
+            "gcloud",
+            "secrets",
+            "add-iam-policy-binding",
+            wandb_secret,
+            "--member",
+            sa["train"],
+            "--role",
+            "roles/secretmanager.secretAccessor",
+            *P,
+            comment=f"the W&B key for training (create the secret {wandb_secret} with your key first)",
+        )
+    plan.add(
+        "gcloud",
+        "artifacts",
+        "repositories",
+        "add-iam-policy-binding",
+        repository,
+        "--location",
+        region,
+        "--member",
+        sa["train"],
+        "--role",
+        "roles/artifactregistry.reader",
+        *P,
+        comment="vit-train: pull the image, write logs, delete its own VM",
+    )
+    plan.add(
+        "gcloud",
+        "projects",
+        "add-iam-policy-binding",
+        project,
+        "--member",
+        sa["train"],
+        "--role",
+        "roles/logging.logWriter",
+    )
+    plan.add(
+        "gcloud",
+        "projects",
+        "add-iam-policy-binding",
+        project,
+        "--member",
+        sa["train"],
+        "--role",
+        "roles/compute.instanceAdmin.v1",
+        "--condition",
+        'expression=resource.name.extract("/instances/{name}").startsWith("vit-train-"),title=vit-train-vms-only',
+    )
     return plan
 
 # %% ../nbs/cloud.ipynb #c5429b40
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser("vit-cloud", description="Train on a GCE GPU VM, deploy to Cloud Run, set up IAM (see nbs/cloud.ipynb).")
+    ap = argparse.ArgumentParser(
+        "vit-cloud", description="Train on a GCE GPU VM, deploy to Cloud Run, set up IAM (see nbs/cloud.ipynb)."
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="start a GPU VM that trains, uploads its results and deletes itself")
-    t.add_argument("-f", "--parameters-file", action="append", default=[], help="YAML file of training parameters (repeatable)")
-    t.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"), help="one training parameter (repeatable)")
-    t.add_argument("--project", required=True); t.add_argument("--store", required=True, help="gs://bucket/prefix")
-    t.add_argument("--zone", default=TrainVM.zone); t.add_argument("--image", help="training image (default <region>-docker.pkg.dev/<project>/vit/vit-train:latest)")
-    t.add_argument("--machine-type", default=TrainVM.machine_type); t.add_argument("--gpu", help="GPU type, for n1-* machine types")
-    t.add_argument("--gpu-count", type=int, default=1); t.add_argument("--spot", action=argparse.BooleanOptionalAction, default=True)
+    t.add_argument(
+        "-f", "--parameters-file", action="append", default=[], help="YAML file of training parameters (repeatable)"
+    )
+    t.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="one training parameter (repeatable)",
+    )
+    t.add_argument("--project", required=True)
+    t.add_argument("--store", required=True, help="gs://bucket/prefix")
+    t.add_argument("--zone", default=TrainVM.zone)
+    t.add_argument("--image", help="training image (default <region>-docker.pkg.dev/<project>/vit/vit-train:latest)")
+    t.add_argument("--machine-type", default=TrainVM.machine_type)
+    t.add_argument("--gpu", help="GPU type, for n1-* machine types")
+    t.add_argument("--gpu-count", type=int, default=1)
+    t.add_argument("--spot", action=argparse.BooleanOptionalAction, default=True)
     t.add_argument("--disk-size", type=int, default=TrainVM.disk_size_gb, dest="disk_size_gb", help="boot disk, GB")
-    t.add_argument("--image-family", default=TrainVM.image_family); t.add_argument("--image-project", default=TrainVM.image_project)
-    t.add_argument("--service-account"); t.add_argument("--wandb-secret", help="Secret Manager secret with the W&B API key")
-    t.add_argument("--on-finish", choices=["delete", "stop"], default="delete"); t.add_argument("--max-run-hours", type=float, default=TrainVM.max_run_hours)
-    t.add_argument("--name", help="VM name (default vit-train-<run id>)"); t.add_argument("--run-id", help="run id (default: a new one)")
+    t.add_argument("--image-family", default=TrainVM.image_family)
+    t.add_argument("--image-project", default=TrainVM.image_project)
+    t.add_argument("--service-account")
+    t.add_argument("--wandb-secret", help="Secret Manager secret with the W&B API key")
+    t.add_argument("--on-finish", choices=["delete", "stop"], default="delete")
+    t.add_argument("--max-run-hours", type=float, default=TrainVM.max_run_hours)
+    t.add_argument("--name", help="VM name (default vit-train-<run id>)")
+    t.add_argument("--run-id", help="run id (default: a new one)")
     d = sub.add_parser("deploy", help="build and push the serving image, deploy it to Cloud Run")
-    d.add_argument("--project", required=True); d.add_argument("--store", required=True, help="gs://bucket/prefix")
+    d.add_argument("--project", required=True)
+    d.add_argument("--store", required=True, help="gs://bucket/prefix")
     for n in ("region", "service", "repository", "model", "memory", "admin_token_secret"):
         d.add_argument(f"--{n.replace('_', '-')}", default=getattr(CloudRunService, n))
-    d.add_argument("--image", help="deploy this image instead of building one"); d.add_argument("--tag", help="tag for the built image (default: git commit)")
-    for n in ("cpu", "concurrency", "min_instances", "max_instances"): d.add_argument(f"--{n.replace('_', '-')}", type=int, default=getattr(CloudRunService, n))
-    d.add_argument("--service-account"); d.add_argument("--allow-unauthenticated", action=argparse.BooleanOptionalAction, default=True)
+    d.add_argument("--image", help="deploy this image instead of building one")
+    d.add_argument("--tag", help="tag for the built image (default: git commit)")
+    for n in ("cpu", "concurrency", "min_instances", "max_instances"):
+        d.add_argument(f"--{n.replace('_', '-')}", type=int, default=getattr(CloudRunService, n))
+    d.add_argument("--service-account")
+    d.add_argument("--allow-unauthenticated", action=argparse.BooleanOptionalAction, default=True)
     s = sub.add_parser("setup", help="one-time: APIs, image repository, bucket, service accounts and their IAM")
-    s.add_argument("--project", required=True); s.add_argument("--bucket", required=True); s.add_argument("--region", default="us-central1")
-    s.add_argument("--repository", default="vit"); s.add_argument("--admin-token-secret", default="vit-admin-token"); s.add_argument("--wandb-secret")
-    for p in (t, d, s): p.add_argument("--dry-run", action="store_true", help="print the commands (a bash script) instead of running them")
+    s.add_argument("--project", required=True)
+    s.add_argument("--bucket", required=True)
+    s.add_argument("--region", default="us-central1")
+    s.add_argument("--repository", default="vit")
+    s.add_argument("--admin-token-secret", default="vit-admin-token")
+    s.add_argument("--wandb-secret")
+    for p in (t, d, s):
+        p.add_argument(
+            "--dry-run", action="store_true", help="print the commands (a bash script) instead of running them"
+        )
     return ap
+
 
 def plan_from_args(a: argparse.Namespace) -> Plan:
     "The plan a parsed `vit-cloud` command line asks for."
     opts = {k: v for k, v in vars(a).items() if k not in ("cmd", "dry_run", "parameters_file", "parameter", "run_id")}
     if a.cmd == "train":
         from vit_nbdev.config import new_run_id
+
         vm = TrainVM(**opts).validated()
         run_id = a.run_id or new_run_id()
         return train_plan(vm, train_params(a.parameters_file, a.parameter, store=vm.store, run_id=run_id), run_id)
-    if a.cmd == "deploy": return deploy_plan(CloudRunService(**opts))
+    if a.cmd == "deploy":
+        return deploy_plan(CloudRunService(**opts))
     return setup_plan(**opts)
+
 
 def main(argv=None):
     "`vit-cloud`: train on a GCE GPU VM, deploy to Cloud Run, or set up the project; `--dry-run` prints the commands."
     a = _parser().parse_args(argv)
     try:
         plan = plan_from_args(a)
-        if a.dry_run: sys.stdout.write(render(plan))
-        else: execute(plan, echo=lambda s: print(s, file=sys.stderr, flush=True))
-    except CloudError as e: print(f"vit-cloud {a.cmd}: error: {e}", file=sys.stderr); sys.exit(2)
-    except PlanFailed as e: print(f"vit-cloud {a.cmd}: {e}", file=sys.stderr); sys.exit(1)
+        if a.dry_run:
+            sys.stdout.write(render(plan))
+        else:
+            execute(plan, echo=lambda s: print(s, file=sys.stderr, flush=True))
+    except CloudError as e:
+        print(f"vit-cloud {a.cmd}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except PlanFailed as e:
+        print(f"vit-cloud {a.cmd}: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -19,45 +19,72 @@ __all__ = ['PRESETS', 'DEFAULT_PRESET', 'CHECKPOINTS', 'PRECISIONS', 'ENGINES', 
 # %% ../nbs/config.ipynb #ee80d5a0
 def cache_root() -> Path:
     "The local cache folder: `$VIT_CACHE`, else `~/.cache/vit_nbdev` (models under `models/`, decoded datasets under `datasets/`, snapshots fetched from a store under `datasets/snapshots/`)."
-    return Path(os.environ.get("VIT_CACHE") or Path.home()/".cache"/"vit_nbdev").expanduser()
+    return Path(os.environ.get("VIT_CACHE") or Path.home() / ".cache" / "vit_nbdev").expanduser()
 
 # %% ../nbs/config.ipynb #38ec8d89
 PRESETS: dict[str, dict] = {
-    "vit-cifar-tiny":  dict(image_size=32, patch_size=4, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256),
-    "vit-cifar-small": dict(image_size=32, patch_size=4, hidden_size=256, num_hidden_layers=6, num_attention_heads=8, intermediate_size=512),
-    "vit-b16":         dict(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "vit-cifar-tiny": dict(
+        image_size=32, patch_size=4, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256
+    ),
+    "vit-cifar-small": dict(
+        image_size=32, patch_size=4, hidden_size=256, num_hidden_layers=6, num_attention_heads=8, intermediate_size=512
+    ),
+    "vit-b16": dict(
+        image_size=224,
+        patch_size=16,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+    ),
 }
 DEFAULT_PRESET = "vit-cifar-small"
-CHECKPOINTS = Path(__file__).parent/"checkpoints" if "__file__" in globals() else Path("../vit_nbdev/checkpoints").resolve()
+CHECKPOINTS = (
+    Path(__file__).parent / "checkpoints" if "__file__" in globals() else Path("../vit_nbdev/checkpoints").resolve()
+)
+
 
 def shipped_checkpoint(name: str) -> Path | None:
     "The folder of a checkpoint shipped in the package (`vit_nbdev/checkpoints/<name>/`), if `name` is one."
-    p = CHECKPOINTS/name if isinstance(name, str) and name and "/" not in name and not name.startswith(".") else None
-    return p if p is not None and (p/"config.json").exists() else None
+    p = CHECKPOINTS / name if isinstance(name, str) and name and "/" not in name and not name.startswith(".") else None
+    return p if p is not None and (p / "config.json").exists() else None
+
 
 def check_model_name(name: str) -> str:
     "`name` if it can name a model (a preset, a shipped checkpoint, a version in the run's store `store:<version>`, an existing folder, or a hub id `owner/name`), else a `ValueError` saying what can."
-    if not isinstance(name, str) or not name: raise ValueError(f"model must be a non-empty string, got {name!r}")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"model must be a non-empty string, got {name!r}")
     if name.startswith("store:"):
-        if len(name) > 6 and "/" not in name: return name
+        if len(name) > 6 and "/" not in name:
+            return name
         raise ValueError(f"{name!r}: write store:<version or alias> (a model registered in the run's store)")
-    if name in PRESETS or shipped_checkpoint(name) or Path(name).expanduser().is_dir(): return name
+    if name in PRESETS or shipped_checkpoint(name) or Path(name).expanduser().is_dir():
+        return name
     if "/" not in name or name.startswith((".", "/", "~")):
-        shipped = ", ".join(sorted(p.name for p in CHECKPOINTS.glob("*") if (p/"config.json").exists())) or "none"
-        raise ValueError(f"{name!r} is neither a preset ({', '.join(PRESETS)}), nor a shipped checkpoint ({shipped}), "
-                         f"nor a local checkpoint directory, nor a hub id (owner/name)")
+        shipped = ", ".join(sorted(p.name for p in CHECKPOINTS.glob("*") if (p / "config.json").exists())) or "none"
+        raise ValueError(
+            f"{name!r} is neither a preset ({', '.join(PRESETS)}), nor a shipped checkpoint ({shipped}), "
+            f"nor a local checkpoint directory, nor a hub id (owner/name)"
+        )
     return name
 
 # %% ../nbs/config.ipynb #59481845
 PRECISIONS = ("auto", "bf16", "fp16", "no")
-ENGINES = {"torch-fp32": ("torch", "fp32"), "torch-bf16": ("torch", "bf16"), "torch-int8": ("torch", "int8"),   # name: (runtime, precision)
-           "onnx-fp32": ("onnx", "fp32"), "onnx-int8": ("onnx", "int8")}                               # (the engine chapter runs them)
+ENGINES = {
+    "torch-fp32": ("torch", "fp32"),
+    "torch-bf16": ("torch", "bf16"),
+    "torch-int8": ("torch", "int8"),  # name: (runtime, precision)
+    "onnx-fp32": ("onnx", "fp32"),
+    "onnx-int8": ("onnx", "int8"),
+}  # (the engine chapter runs them)
 TRACKERS = ("wandb", "none")
-PROTECTED_ALIASES = ("production",)   # moved only by `vit-models promote` (gated) / `rollback`, never by a training run
+PROTECTED_ALIASES = ("production",)  # moved only by `vit-models promote` (gated) / `rollback`, never by a training run
+
 
 @dataclass
 class TrainConfig:
     "Every parameter of a training run (the names of the notebook's parameters cell)."
+
     dataset: str = "sample"
     revision: str | None = None
     extra_train: str | None = None
@@ -92,60 +119,94 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> TrainConfig:
         "Build from a dict (e.g. papermill parameters), refusing unknown names and values of the wrong type or range."
         names = {f.name for f in fields(cls)}
-        if unknown := set(d) - names: raise ValueError(f"unknown training parameter(s) {sorted(unknown)}; known: {sorted(names)}")
+        if unknown := set(d) - names:
+            raise ValueError(f"unknown training parameter(s) {sorted(unknown)}; known: {sorted(names)}")
         hints = typing.get_type_hints(cls)
-        d = {k: float(v) if hints[k] is float and type(v) is int else v for k, v in d.items()}   # `-p lr 1` is a float
+        d = {k: float(v) if hints[k] is float and type(v) is int else v for k, v in d.items()}  # `-p lr 1` is a float
         for k, v in d.items():
-            if not _is_a(v, hints[k]): raise ValueError(f"{k}: expected {_type_name(hints[k])}, got {v!r} ({type(v).__name__})")
+            if not _is_a(v, hints[k]):
+                raise ValueError(f"{k}: expected {_type_name(hints[k])}, got {v!r} ({type(v).__name__})")
         cfg = cls(**d)
         cfg.check()
         return cfg
 
     def check(self) -> None:
         "Raise `ValueError` for a value out of range."
+
         def need(ok, name, what):
-            if not ok: raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
-        for n in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every"): need(getattr(self, n) >= 1, n, "at least 1")
-        for n in ("max_steps", "image_size"): need(getattr(self, n) is None or getattr(self, n) >= 1, n, "None or at least 1")
-        for n in ("warmup_steps", "eval_every", "checkpoint_every", "weight_decay"): need(getattr(self, n) >= 0, n, "≥ 0")
-        need(self.lr > 0, "lr", "> 0"); need(self.max_grad_norm > 0, "max_grad_norm", "> 0")
-        need(0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)"); need(0 < self.val_fraction < 1, "val_fraction", "in (0, 1)")
-        need(self.revision is None or not self.dataset.startswith("store:"), "revision", "None for a snapshot (store:<fingerprint> is immutable)")
-        need(self.extra_train is None or bool(self.extra_train.strip()), "extra_train", "None or a dataset source such as store:<fingerprint>")
+            if not ok:
+                raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
+
+        for n in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every"):
+            need(getattr(self, n) >= 1, n, "at least 1")
+        for n in ("max_steps", "image_size"):
+            need(getattr(self, n) is None or getattr(self, n) >= 1, n, "None or at least 1")
+        for n in ("warmup_steps", "eval_every", "checkpoint_every", "weight_decay"):
+            need(getattr(self, n) >= 0, n, "≥ 0")
+        need(self.lr > 0, "lr", "> 0")
+        need(self.max_grad_norm > 0, "max_grad_norm", "> 0")
+        need(0 <= self.label_smoothing < 1, "label_smoothing", "in [0, 1)")
+        need(0 < self.val_fraction < 1, "val_fraction", "in (0, 1)")
+        need(
+            self.revision is None or not self.dataset.startswith("store:"),
+            "revision",
+            "None for a snapshot (store:<fingerprint> is immutable)",
+        )
+        need(
+            self.extra_train is None or bool(self.extra_train.strip()),
+            "extra_train",
+            "None or a dataset source such as store:<fingerprint>",
+        )
         need(self.mixed_precision in PRECISIONS, "mixed_precision", " or ".join(map(repr, PRECISIONS)))
         need(self.tracker in TRACKERS, "tracker", " or ".join(map(repr, TRACKERS)))
         need(all(isinstance(a, str) and a for a in self.aliases), "aliases", "a list of alias names")
-        need(not set(self.aliases) & set(PROTECTED_ALIASES), "aliases",
-             f"free of {', '.join(PROTECTED_ALIASES)}: a run moves latest; production moves only by `vit-models promote` (gated) or `rollback`")
+        need(
+            not set(self.aliases) & set(PROTECTED_ALIASES),
+            "aliases",
+            f"free of {', '.join(PROTECTED_ALIASES)}: a run moves latest; production moves only by `vit-models promote` (gated) or `rollback`",
+        )
         check_model_name(self.model)
 
     def micro_batch(self, world: int = 1) -> int:
         "Images per forward pass on each process; refuses batch sizes that do not divide."
         if self.batch_size % (world * self.grad_accum):
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by processes × grad_accum = {world} × {self.grad_accum}; "
-                             f"use a multiple of {world * self.grad_accum}, e.g. {max(1, self.batch_size // (world * self.grad_accum)) * world * self.grad_accum}")
+            raise ValueError(
+                f"batch_size {self.batch_size} is not divisible by processes × grad_accum = {world} × {self.grad_accum}; "
+                f"use a multiple of {world * self.grad_accum}, e.g. {max(1, self.batch_size // (world * self.grad_accum)) * world * self.grad_accum}"
+            )
         return self.batch_size // (world * self.grad_accum)
 
+
 def _is_a(v, hint) -> bool:
-    if isinstance(hint, types.UnionType): return any(_is_a(v, h) for h in typing.get_args(hint))
-    if hint is type(None): return v is None
-    if hint in (int, float) and isinstance(v, bool): return False
+    if isinstance(hint, types.UnionType):
+        return any(_is_a(v, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return v is None
+    if hint in (int, float) and isinstance(v, bool):
+        return False
     return isinstance(v, hint)
 
+
 def _type_name(hint) -> str:
-    if isinstance(hint, types.UnionType): return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    if isinstance(hint, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
     return "None" if hint is type(None) else hint.__name__
 
 # %% ../nbs/config.ipynb #d36f908e
 def parse_params(files=(), pairs=()) -> dict:
     "Parameters from YAML files, then `(name, value)` pairs (values parsed as YAML: `3` is an int, `null` is None)."
     import yaml
+
     out = {}
     for f in files or ():
-        try: out.update(yaml.safe_load(Path(f).read_text()) or {})
-        except (OSError, yaml.YAMLError) as e: raise ValueError(f"cannot read parameters file {f}: {e}") from None
-    for k, v in pairs or (): out[k] = yaml.safe_load(v)
+        try:
+            out.update(yaml.safe_load(Path(f).read_text()) or {})
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"cannot read parameters file {f}: {e}") from None
+    for k, v in pairs or ():
+        out[k] = yaml.safe_load(v)
     return out
+
 
 def new_run_id() -> str:
     "A sortable, unique run id, e.g. `20261126-114502-3fa2c1`."
@@ -153,37 +214,47 @@ def new_run_id() -> str:
 
 # %% ../nbs/config.ipynb #70ab0973
 def _env_bool(s: str) -> bool:
-    if s.strip().lower() in ("1", "true", "yes", "on"): return True
-    if s.strip().lower() in ("0", "false", "no", "off", ""): return False
+    if s.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.strip().lower() in ("0", "false", "no", "off", ""):
+        return False
     raise ValueError(f"expected a boolean (1/0, true/false), got {s!r}")
+
 
 @dataclass
 class ServeConfig:
     "Settings of the service. Each field `x` can come from the environment as `VIT_X` (see `ENV`)."
-    store: str | None = None             # VIT_STORE: a folder or gs://bucket/prefix (None: ./artifacts)
-    model: str = "latest"                # VIT_MODEL: an alias (followed as it moves) or a version (pinned)
-    max_batch: int = 32                  # images per forward pass at most
-    max_wait_ms: float = 5.0             # how long the first image of a batch waits for company
-    queue_size: int = 256                # images waiting at most; beyond: 503 + Retry-After
-    top_k: int = 5                       # classes in each answer
-    max_upload_mb: float = 10.0          # per file, enforced while reading the body (413)
-    max_files: int = 16                  # files per request (413 beyond)
-    max_pixels: int = 40_000_000         # decoded width × height at most (413: decompression bomb)
-    engine: str = "auto"                 # "auto": the fastest engine that agrees with fp32, timed on this host; or one of ENGINES, pinned
-    threads: int = 0                     # intra-op threads of the model; 0: measured with the engine
-    decode_workers: int = 0              # threads decoding uploads; 0: the CPUs the model's threads leave (at least 1)
-    engine_budget_s: float = 30.0        # seconds a cold start may spend checking engines that `vit-models export` did not
-    telemetry: bool = True               # write prediction records to <store>/telemetry/
-    telemetry_flush_records: int = 512   # records per shard; a full buffer is flushed at once
-    telemetry_flush_s: float = 10.0      # a non-empty buffer is flushed at least this often
-    telemetry_max_buffer: int = 50_000   # records held while the store is unreachable; oldest dropped beyond
-    telemetry_timeout_s: float = 5.0     # per store request of the telemetry writer
-    admin_token: str | None = None       # VIT_ADMIN_TOKEN: bearer token for /admin/*; unset: admin answers 503
-    model_poll_s: float = 30.0           # when VIT_MODEL is an alias: check it this often (jittered) and follow it; 0: never
-    keep_images: bool = True             # keep each prediction's image (at the model's size, PNG) in telemetry for retraining: a privacy choice
+
+    store: str | None = None  # VIT_STORE: a folder or gs://bucket/prefix (None: ./artifacts)
+    model: str = "latest"  # VIT_MODEL: an alias (followed as it moves) or a version (pinned)
+    max_batch: int = 32  # images per forward pass at most
+    max_wait_ms: float = 5.0  # how long the first image of a batch waits for company
+    queue_size: int = 256  # images waiting at most; beyond: 503 + Retry-After
+    top_k: int = 5  # classes in each answer
+    max_upload_mb: float = 10.0  # per file, enforced while reading the body (413)
+    max_files: int = 16  # files per request (413 beyond)
+    max_pixels: int = 40_000_000  # decoded width × height at most (413: decompression bomb)
+    engine: str = (
+        "auto"  # "auto": the fastest engine that agrees with fp32, timed on this host; or one of ENGINES, pinned
+    )
+    threads: int = 0  # intra-op threads of the model; 0: measured with the engine
+    decode_workers: int = 0  # threads decoding uploads; 0: the CPUs the model's threads leave (at least 1)
+    engine_budget_s: float = 30.0  # seconds a cold start may spend checking engines that `vit-models export` did not
+    telemetry: bool = True  # write prediction records to <store>/telemetry/
+    telemetry_flush_records: int = 512  # records per shard; a full buffer is flushed at once
+    telemetry_flush_s: float = 10.0  # a non-empty buffer is flushed at least this often
+    telemetry_max_buffer: int = 50_000  # records held while the store is unreachable; oldest dropped beyond
+    telemetry_timeout_s: float = 5.0  # per store request of the telemetry writer
+    admin_token: str | None = None  # VIT_ADMIN_TOKEN: bearer token for /admin/*; unset: admin answers 503
+    model_poll_s: float = 30.0  # when VIT_MODEL is an alias: check it this often (jittered) and follow it; 0: never
+    keep_images: bool = (
+        True  # keep each prediction's image (at the model's size, PNG) in telemetry for retraining: a privacy choice
+    )
     feedback_ttl_s: float = 7 * 86400.0  # POST /feedback accepts a prediction id this long (404 after)
-    feedback_key: str | None = field(default=None, repr=False)   # VIT_FEEDBACK_KEY: secret signing prediction ids (a fleet shares it);
-                                                                 # unset: derived from VIT_ADMIN_TOKEN, else random per process
+    feedback_key: str | None = field(
+        default=None, repr=False
+    )  # VIT_FEEDBACK_KEY: secret signing prediction ids (a fleet shares it);
+    # unset: derived from VIT_ADMIN_TOKEN, else random per process
 
     ENV = {"store": "VIT_STORE", "model": "VIT_MODEL", "admin_token": "VIT_ADMIN_TOKEN"}  # the rest: VIT_<NAME>
 
@@ -198,10 +269,13 @@ class ServeConfig:
         env, kw = os.environ if env is None else env, {}
         for f in fields(cls):
             raw = env.get(cls.env_name(f.name))
-            if raw is None or (raw == "" and f.name in ("store", "admin_token", "model", "feedback_key")): continue
+            if raw is None or (raw == "" and f.name in ("store", "admin_token", "model", "feedback_key")):
+                continue
             typ = type(f.default) if f.default is not None else str
-            try: kw[f.name] = _env_bool(raw) if typ is bool else typ(raw)
-            except ValueError as e: raise ValueError(f"{cls.env_name(f.name)}={raw!r}: {e}") from None
+            try:
+                kw[f.name] = _env_bool(raw) if typ is bool else typ(raw)
+            except ValueError as e:
+                raise ValueError(f"{cls.env_name(f.name)}={raw!r}: {e}") from None
         kw.update({k: v for k, v in overrides.items() if v is not None})
         cfg = cls(**kw)
         cfg.check()
@@ -209,15 +283,36 @@ class ServeConfig:
 
     def check(self) -> None:
         "Raise `ValueError` for settings that cannot work."
-        for name in ("max_batch", "queue_size", "top_k", "max_files", "max_pixels", "telemetry_flush_records", "telemetry_max_buffer"):
-            if getattr(self, name) < 1: raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in (
+            "max_batch",
+            "queue_size",
+            "top_k",
+            "max_files",
+            "max_pixels",
+            "telemetry_flush_records",
+            "telemetry_max_buffer",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("threads", "decode_workers"):
-            if getattr(self, name) < 0: raise ValueError(f"{name} must be ≥ 0 (0: automatic), got {getattr(self, name)}")
-        for name in ("max_wait_ms", "max_upload_mb", "telemetry_flush_s", "telemetry_timeout_s", "model_poll_s", "engine_budget_s"):
-            if not getattr(self, name) >= 0: raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
-        if not self.feedback_ttl_s > 0: raise ValueError(f"feedback_ttl_s must be > 0, got {self.feedback_ttl_s}")
-        if self.engine != "auto" and self.engine not in ENGINES: raise ValueError(f"engine must be 'auto' or one of {', '.join(ENGINES)}, got {self.engine!r}")
-        if self.queue_size < self.max_batch: raise ValueError(f"queue_size ({self.queue_size}) must be at least max_batch ({self.max_batch})")
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be ≥ 0 (0: automatic), got {getattr(self, name)}")
+        for name in (
+            "max_wait_ms",
+            "max_upload_mb",
+            "telemetry_flush_s",
+            "telemetry_timeout_s",
+            "model_poll_s",
+            "engine_budget_s",
+        ):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+        if not self.feedback_ttl_s > 0:
+            raise ValueError(f"feedback_ttl_s must be > 0, got {self.feedback_ttl_s}")
+        if self.engine != "auto" and self.engine not in ENGINES:
+            raise ValueError(f"engine must be 'auto' or one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.queue_size < self.max_batch:
+            raise ValueError(f"queue_size ({self.queue_size}) must be at least max_batch ({self.max_batch})")
 
     @property
     def max_upload_bytes(self) -> int:
@@ -225,7 +320,7 @@ class ServeConfig:
         return int(self.max_upload_mb * 1024 * 1024)
 
 # %% ../nbs/config.ipynb #aa3c2fad
-REFERENCE_N = 500      # reference images embedded per model version
-COMPONENTS = 10        # principal components of the embeddings tested for drift
-ALPHA = 0.02           # false-alarm level of a whole report
-MIN_RECORDS = 100      # fewer telemetry records in a window: "not enough data"
+REFERENCE_N = 500  # reference images embedded per model version
+COMPONENTS = 10  # principal components of the embeddings tested for drift
+ALPHA = 0.02  # false-alarm level of a whole report
+MIN_RECORDS = 100  # fewer telemetry records in a window: "not enough data"

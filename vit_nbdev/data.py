@@ -32,19 +32,24 @@ __all__ = ['CIFAR10_LABELS', 'NATIVE_SIZE', 'SAMPLE_DIR', 'HUB_ID', 'SNAPSHOTS',
 # %% ../nbs/data.ipynb #02f00240
 CIFAR10_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 NATIVE_SIZE = 32  # CIFAR-10 images are 32×32
-SAMPLE_DIR = Path(__file__).parent/"sample" if "__file__" in globals() else Path("../vit_nbdev/sample").resolve()
+SAMPLE_DIR = Path(__file__).parent / "sample" if "__file__" in globals() else Path("../vit_nbdev/sample").resolve()
 HUB_ID = "uoft-cs/cifar10"
 
 # %% ../nbs/data.ipynb #4a6bd541
 def resolve_source(source: str = "sample") -> tuple[str, str]:
     "Classify `source` as `('sample'|'store'|'local'|'hub', location)`; a `store:<fingerprint>` source's location is the fingerprint."
-    if source in (None, "", "sample"): return "sample", str(SAMPLE_DIR)
-    if source.startswith("store:"): return "store", source[len("store:"):]
+    if source in (None, "", "sample"):
+        return "sample", str(SAMPLE_DIR)
+    if source.startswith("store:"):
+        return "store", source[len("store:") :]
     p = Path(source).expanduser()
-    if p.is_dir(): return "local", str(p.resolve())
+    if p.is_dir():
+        return "local", str(p.resolve())
     if p.suffix or source.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"dataset folder {source!r} does not exist (pass 'sample', a parquet folder, a hub id like {HUB_ID!r}, "
-                                f"or a snapshot 'store:<fingerprint>')")
+        raise FileNotFoundError(
+            f"dataset folder {source!r} does not exist (pass 'sample', a parquet folder, a hub id like {HUB_ID!r}, "
+            f"or a snapshot 'store:<fingerprint>')"
+        )
     return "hub", source
 
 # %% ../nbs/data.ipynb #0e75d35d
@@ -54,60 +59,94 @@ def fingerprint_files(paths, chunk: int = 1 << 22) -> str:
     for p in sorted(map(Path, paths)):
         h.update(p.name.encode())
         with open(p, "rb") as f:
-            while b := f.read(chunk): h.update(b)
+            while b := f.read(chunk):
+                h.update(b)
     return h.hexdigest()[:16]
+
 
 def _data_files(folder) -> list[Path]:
     fs = [p for p in Path(folder).rglob("*") if p.is_file() and p.suffix in (".parquet", ".arrow")]
-    if not fs: raise FileNotFoundError(f"no .parquet files in {folder} (expected the hub layout: train-*.parquet, test-*.parquet)")
+    if not fs:
+        raise FileNotFoundError(
+            f"no .parquet files in {folder} (expected the hub layout: train-*.parquet, test-*.parquet)"
+        )
     return fs
 
 # %% ../nbs/data.ipynb #70610786
 def _decode_one(b: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(b)) as im: return np.asarray(im.convert("RGB"))
+    with Image.open(io.BytesIO(b)) as im:
+        return np.asarray(im.convert("RGB"))
 
-def decode_split(ds, split: str, num_labels: int = 10, workers: int = 2, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+
+def decode_split(
+    ds, split: str, num_labels: int = 10, workers: int = 2, progress: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     "Decode a `datasets.Dataset` with `img`/`label` columns into `uint8 (N,3,32,32)` images and `int64` labels."
     from datasets import Image as HFImage
+
     if "img" not in ds.column_names or "label" not in ds.column_names:
         raise ValueError(f"split {split!r}: expected columns 'img' and 'label', found {ds.column_names}")
     ds = ds.cast_column("img", HFImage(decode=False))
     labels = np.asarray(ds.data.column("label").to_numpy(zero_copy_only=False))
     bad = np.flatnonzero((labels < 0) | (labels >= num_labels))
-    if len(bad): raise ValueError(f"split {split!r} row {bad[0]}: label {labels[bad[0]]} is outside 0..{num_labels-1}")
+    if len(bad):
+        raise ValueError(f"split {split!r} row {bad[0]}: label {labels[bad[0]]} is outside 0..{num_labels - 1}")
     blobs = ds.data.column("img").combine_chunks().field("bytes").to_pylist()
     out = np.empty((len(blobs), NATIVE_SIZE, NATIVE_SIZE, 3), np.uint8)
+
     def work(i):
-        try: a = _decode_one(blobs[i])
-        except Exception as e: raise ValueError(f"split {split!r} row {i}: cannot decode image ({type(e).__name__}: {e})") from None
+        try:
+            a = _decode_one(blobs[i])
+        except Exception as e:
+            raise ValueError(f"split {split!r} row {i}: cannot decode image ({type(e).__name__}: {e})") from None
         if a.shape[:2] != (NATIVE_SIZE, NATIVE_SIZE):
-            raise ValueError(f"split {split!r} row {i}: image is {a.shape[1]}×{a.shape[0]}, expected {NATIVE_SIZE}×{NATIVE_SIZE}")
+            raise ValueError(
+                f"split {split!r} row {i}: image is {a.shape[1]}×{a.shape[0]}, expected {NATIVE_SIZE}×{NATIVE_SIZE}"
+            )
         out[i] = a
+
     with ThreadPoolExecutor(workers) as ex:
-        for _ in tqdm(ex.map(work, range(len(blobs)), chunksize=256), total=len(blobs), desc=f"decode {split}", disable=not progress): pass
+        for _ in tqdm(
+            ex.map(work, range(len(blobs)), chunksize=256),
+            total=len(blobs),
+            desc=f"decode {split}",
+            disable=not progress,
+        ):
+            pass
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels.astype(np.int64))
 
 # %% ../nbs/data.ipynb #29a41a3e
 def _load_hf(location: str, revision: str | None = None):
     from datasets import load_dataset
-    try: return load_dataset(location, revision=revision)
+
+    try:
+        return load_dataset(location, revision=revision)
     except Exception as e:
-        raise RuntimeError(f"could not load dataset {location!r}"
-                           f"{f' at revision {revision!r}' if revision else ''}: {type(e).__name__}: {e}. "
-                           f"Offline? Pass dataset='sample' (bundled) or a local folder of parquet files in the hub layout.") from e
+        raise RuntimeError(
+            f"could not load dataset {location!r}"
+            f"{f' at revision {revision!r}' if revision else ''}: {type(e).__name__}: {e}. "
+            f"Offline? Pass dataset='sample' (bundled) or a local folder of parquet files in the hub layout."
+        ) from e
 
 # %% ../nbs/data.ipynb #027baf05
 @dataclass
 class Split:
     "Images `uint8 (N,3,32,32)` and labels `int64 (N,)` of one split."
+
     images: torch.Tensor
     labels: torch.Tensor
-    def __len__(self): return len(self.labels)
-    def __getitem__(self, i): return self.images[i], self.labels[i]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
 
 @dataclass
 class CifarData:
     "The train / validation / test splits with the lineage of their source."
+
     train: Split
     validation: Split
     test: Split
@@ -115,35 +154,48 @@ class CifarData:
     source: str
     revision: str | None
     fingerprint: str
-    snapshot: str | None = None       # the store prefix of its snapshot, `datasets/<fingerprint>`, once known
-    extra_train: dict | None = None   # what `add_train` appended to the training split
+    snapshot: str | None = None  # the store prefix of its snapshot, `datasets/<fingerprint>`, once known
+    extra_train: dict | None = None  # what `add_train` appended to the training split
+
     def info(self) -> dict:
         "Lineage for the model card: source, revision, fingerprint, snapshot, split sizes (and `extra_train` if any)."
-        d = dict(source=self.source, revision=self.revision, fingerprint=self.fingerprint, snapshot=self.snapshot,
-                 splits={k: len(getattr(self, k)) for k in ("train", "validation", "test")})
+        d = dict(
+            source=self.source,
+            revision=self.revision,
+            fingerprint=self.fingerprint,
+            snapshot=self.snapshot,
+            splits={k: len(getattr(self, k)) for k in ("train", "validation", "test")},
+        )
         return {**d, "extra_train": self.extra_train} if self.extra_train else d
 
 # %% ../nbs/data.ipynb #88505d17
 def _save_cache(d: Path, tensors: dict, meta: dict):
     d.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=d.parent, prefix=".tmp-"))
-    for split, (x, y) in tensors.items(): save_file({"images": x, "labels": y}, tmp/f"{split}.safetensors")
-    (tmp/"meta.json").write_text(json.dumps(meta, indent=1, default=str))
-    try: tmp.rename(d)   # atomic: a reader sees the whole cache or none
-    except OSError:      # another process won the race; theirs is as good as ours
-        import shutil; shutil.rmtree(tmp, ignore_errors=True)
+    for split, (x, y) in tensors.items():
+        save_file({"images": x, "labels": y}, tmp / f"{split}.safetensors")
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    try:
+        tmp.rename(d)  # atomic: a reader sees the whole cache or none
+    except OSError:  # another process won the race; theirs is as good as ours
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
 
 def _load_cache(d: Path):
-    meta = json.loads((d/"meta.json").read_text())
+    meta = json.loads((d / "meta.json").read_text())
     tensors = {}
     for s in meta["splits"]:
-        t = load_file(d/f"{s}.safetensors"); tensors[s] = (t["images"], t["labels"])
+        t = load_file(d / f"{s}.safetensors")
+        tensors[s] = (t["images"], t["labels"])
     return tensors, meta
 
 # %% ../nbs/data.ipynb #04f42af3
 def carve_validation(x: torch.Tensor, y: torch.Tensor, val_fraction: float = 0.2, seed: int = 0) -> tuple[Split, Split]:
     "Split `(x, y)` into train and validation with a seeded permutation."
-    if not 0 < val_fraction < 1: raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     nv = int(round(len(y) * val_fraction))
     v, t = perm[:nv], perm[nv:]
@@ -157,86 +209,138 @@ def _identify(kind: str, loc: str, revision: str | None = None) -> tuple[str, ob
         return fingerprint_files([f["filename"] for s in ds.values() for f in s.cache_files]), ds
     return fingerprint_files(_data_files(loc)), None
 
+
 def _decoded(source: str, loc: str, fp: str, ds=None, cache_dir=None, progress: bool = True) -> tuple[dict, dict]:
     "The raw splits of a file source and their meta, decoded once into `<cache_dir>/<fingerprint>/`."
-    d = Path(cache_dir or cache_root()/"datasets")/fp
-    if not (d/"meta.json").exists():
+    d = Path(cache_dir or cache_root() / "datasets") / fp
+    if not (d / "meta.json").exists():
         ds = ds or _load_hf(loc)
-        if "train" not in ds or "test" not in ds: raise ValueError(f"dataset {source!r} needs 'train' and 'test' splits, found {list(ds)}")
+        if "train" not in ds or "test" not in ds:
+            raise ValueError(f"dataset {source!r} needs 'train' and 'test' splits, found {list(ds)}")
         feat = ds["train"].features.get("label")
         names = list(getattr(feat, "names", None) or CIFAR10_LABELS)
         tensors = {s: decode_split(ds[s], s, len(names), progress=progress) for s in ("train", "test")}
         _save_cache(d, tensors, dict(splits=list(tensors), label_names=names, fingerprint=fp))
     return _load_cache(d)
 
-def load_splits(source: str = "sample", revision: str | None = None, cache_dir=None, progress: bool = True,
-                store=None) -> tuple[dict, dict]:
+
+def load_splits(
+    source: str = "sample", revision: str | None = None, cache_dir=None, progress: bool = True, store=None
+) -> tuple[dict, dict]:
     "The raw splits of `source` as `{split: (images, labels)}` (`train` and `test`, before the validation carve) and their lineage: `source`, `revision`, `fingerprint`, `label_names`, `snapshot` (for `store:<fingerprint>`, read from `store`)."
     kind, loc = resolve_source(source)
     if kind == "store":
-        if revision is not None: raise ValueError(f"a snapshot is immutable: {source!r} takes no revision (got {revision!r})")
+        if revision is not None:
+            raise ValueError(f"a snapshot is immutable: {source!r} takes no revision (got {revision!r})")
         tensors, meta = read_snapshot(store, loc, cache_dir=cache_dir)
-        return tensors, dict(source=meta["source"], revision=meta.get("revision"), fingerprint=meta["fingerprint"],
-                             label_names=meta["label_names"], snapshot=snapshot_prefix(loc))
+        return tensors, dict(
+            source=meta["source"],
+            revision=meta.get("revision"),
+            fingerprint=meta["fingerprint"],
+            label_names=meta["label_names"],
+            snapshot=snapshot_prefix(loc),
+        )
     fp, ds = _identify(kind, loc, revision)
     tensors, meta = _decoded(source, loc, fp, ds, cache_dir, progress)
-    return tensors, dict(source=kind if kind == "sample" else loc, revision=revision, fingerprint=fp,
-                         label_names=meta["label_names"], snapshot=None)
+    return tensors, dict(
+        source=kind if kind == "sample" else loc,
+        revision=revision,
+        fingerprint=fp,
+        label_names=meta["label_names"],
+        snapshot=None,
+    )
 
-def load_cifar10(source: str = "sample", revision: str | None = None, val_fraction: float = 0.2, seed: int = 0,
-                 cache_dir=None, progress: bool = True, store=None) -> CifarData:
+
+def load_cifar10(
+    source: str = "sample",
+    revision: str | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    cache_dir=None,
+    progress: bool = True,
+    store=None,
+) -> CifarData:
     "Load CIFAR-10 from `'sample'`, a local parquet folder or a hub id (decoded once, cached by content fingerprint), or a snapshot `'store:<fingerprint>'` in `store` (default `$VIT_STORE`, else `./artifacts`); validation carved from train."
     tensors, meta = load_splits(source, revision, cache_dir, progress, store)
     if "train" not in tensors or "test" not in tensors:
         raise ValueError(f"dataset {source!r} needs 'train' and 'test' splits, found {list(tensors)}")
     tr, va = carve_validation(*tensors["train"], val_fraction, seed)
-    return CifarData(tr, va, Split(*tensors["test"]), meta["label_names"], source=meta["source"], revision=meta["revision"],
-                     fingerprint=meta["fingerprint"], snapshot=meta["snapshot"])
+    return CifarData(
+        tr,
+        va,
+        Split(*tensors["test"]),
+        meta["label_names"],
+        source=meta["source"],
+        revision=meta["revision"],
+        fingerprint=meta["fingerprint"],
+        snapshot=meta["snapshot"],
+    )
 
 # %% ../nbs/data.ipynb #796ff95c
-SNAPSHOTS = "datasets"   # the folder of the snapshots in a store: datasets/<fingerprint>/
+SNAPSHOTS = "datasets"  # the folder of the snapshots in a store: datasets/<fingerprint>/
 _FINGERPRINT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
 
 def snapshot_prefix(fingerprint: str) -> str:
     "The store prefix of the snapshot `fingerprint`, `datasets/<fingerprint>`; `ValueError` for a name that cannot be one."
     if not (isinstance(fingerprint, str) and _FINGERPRINT.fullmatch(fingerprint)):
-        raise ValueError(f"bad snapshot fingerprint {fingerprint!r}: use letters, digits, '.', '_' and '-' (e.g. store:{'0' * 16})")
+        raise ValueError(
+            f"bad snapshot fingerprint {fingerprint!r}: use letters, digits, '.', '_' and '-' (e.g. store:{'0' * 16})"
+        )
     return f"{SNAPSHOTS}/{fingerprint}"
+
 
 def has_snapshot(store, fingerprint: str) -> bool:
     "Is the snapshot `fingerprint` in `store` complete (its marker, written last, is there)?"
     return open_store(store).exists(f"{snapshot_prefix(fingerprint)}/{MARKER}")
 
+
 def _check_splits(tensors: dict, label_names: list) -> None:
     "Raise `ValueError` unless every split is `(uint8 (N,3,H,W) images, int64 (N,) labels in range)`."
-    if not tensors: raise ValueError("a snapshot needs at least one split")
+    if not tensors:
+        raise ValueError("a snapshot needs at least one split")
     for s, (x, y) in tensors.items():
         if not (isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1] == 3):
-            raise ValueError(f"split {s!r}: images must be uint8 (N,3,H,W), got {getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+            raise ValueError(
+                f"split {s!r}: images must be uint8 (N,3,H,W), got {getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}"
+            )
         if not (isinstance(y, torch.Tensor) and y.dtype == torch.int64 and tuple(y.shape) == (len(x),)):
-            raise ValueError(f"split {s!r}: labels must be int64 of shape ({len(x)},), got {getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
+            raise ValueError(
+                f"split {s!r}: labels must be int64 of shape ({len(x)},), got {getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}"
+            )
         if len(y) and not (0 <= int(y.min()) and int(y.max()) < len(label_names)):
-            raise ValueError(f"split {s!r}: labels must be in 0..{len(label_names) - 1} (the label names), got {int(y.min())}..{int(y.max())}")
+            raise ValueError(
+                f"split {s!r}: labels must be in 0..{len(label_names) - 1} (the label names), got {int(y.min())}..{int(y.max())}"
+            )
+
 
 def write_snapshot(store, fingerprint: str, tensors: dict, meta: dict) -> str:
     "Write `tensors` (`{split: (images, labels)}`) and `meta` to `store` as the immutable snapshot `datasets/<fingerprint>/`, marker last; a no-op if it is complete already. `meta` needs `label_names` and `source`; `fingerprint`, `splits` (sizes) and `created` are filled in. Returns the prefix."
     st, prefix = open_store(store), snapshot_prefix(fingerprint)
-    if st.exists(f"{prefix}/{MARKER}"): return prefix   # complete: never written twice
-    if missing := [k for k in ("label_names", "source") if k not in meta]: raise ValueError(f"snapshot meta needs {missing}")
+    if st.exists(f"{prefix}/{MARKER}"):
+        return prefix  # complete: never written twice
+    if missing := [k for k in ("label_names", "source") if k not in meta]:
+        raise ValueError(f"snapshot meta needs {missing}")
     if meta.get("fingerprint", fingerprint) != fingerprint:
         raise ValueError(f"meta names the fingerprint {meta['fingerprint']!r}, the snapshot is {fingerprint!r}")
     _check_splits(tensors, meta["label_names"])
-    meta = {**meta, "fingerprint": fingerprint, "splits": {s: len(y) for s, (_, y) in tensors.items()},
-            "created": meta.get("created") or datetime.now(UTC).isoformat(timespec="seconds")}
+    meta = {
+        **meta,
+        "fingerprint": fingerprint,
+        "splits": {s: len(y) for s, (_, y) in tensors.items()},
+        "created": meta.get("created") or datetime.now(UTC).isoformat(timespec="seconds"),
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        d = Path(tmp)/fingerprint
+        d = Path(tmp) / fingerprint
         _save_cache(d, tensors, meta)
         files = {p.name: p.stat().st_size for p in sorted(d.iterdir())}
-        st.put_dir(d, prefix)   # replaces what an interrupted write left: without the marker nobody has read it
+        st.put_dir(d, prefix)  # replaces what an interrupted write left: without the marker nobody has read it
         marker = json.dumps(dict(fingerprint=fingerprint, created=meta["created"], files=files), indent=1).encode()
-        try: st.put_bytes(f"{prefix}/{MARKER}", marker, overwrite=False)
+        try:
+            st.put_bytes(f"{prefix}/{MARKER}", marker, overwrite=False)
         except StoreError:
-            if not st.exists(f"{prefix}/{MARKER}"): raise   # else another writer completed it meanwhile: the same data
+            if not st.exists(f"{prefix}/{MARKER}"):
+                raise  # else another writer completed it meanwhile: the same data
     return prefix
 
 # %% ../nbs/data.ipynb #8354cc1f
@@ -245,42 +349,66 @@ def _missing_snapshot(st, fingerprint: str) -> FileNotFoundError:
     keys = [k.split("/") for k in st.list(f"{SNAPSHOTS}/")]
     complete = sorted({k[1] for k in keys if len(k) == 3 and k[2] == MARKER})
     if any(len(k) >= 3 and k[1] == fingerprint for k in keys):
-        return FileNotFoundError(f"snapshot {fingerprint!r} in {st.uri} is incomplete (no {MARKER}: an interrupted write), so nothing may read it; "
-                                 f"write it again (`vit-data snapshot`, or the writer that made it)")
-    return FileNotFoundError(f"no dataset snapshot {fingerprint!r} in {st.uri}; snapshots there: {', '.join(complete) or 'none'} "
-                             f"(make one with `vit-data snapshot --dataset SOURCE`)")
+        return FileNotFoundError(
+            f"snapshot {fingerprint!r} in {st.uri} is incomplete (no {MARKER}: an interrupted write), so nothing may read it; "
+            f"write it again (`vit-data snapshot`, or the writer that made it)"
+        )
+    return FileNotFoundError(
+        f"no dataset snapshot {fingerprint!r} in {st.uri}; snapshots there: {', '.join(complete) or 'none'} "
+        f"(make one with `vit-data snapshot --dataset SOURCE`)"
+    )
+
 
 def read_snapshot(store, fingerprint: str, cache_dir=None) -> tuple[dict, dict]:
     "The splits (`{split: (images, labels)}`) and meta of the complete snapshot `fingerprint` in `store`, fetched once into `<cache_dir>/snapshots/<store>/<fingerprint>/` (default cache: `<cache>/datasets`); `FileNotFoundError` for a missing or incomplete one."
     st, prefix = open_store(store), snapshot_prefix(fingerprint)
-    root = Path(cache_dir or cache_root()/"datasets")/"snapshots"/hashlib.sha256(st.uri.encode()).hexdigest()[:16]
-    d = root/fingerprint
-    if not (d/MARKER).exists():
-        if not st.exists(f"{prefix}/{MARKER}"): raise _missing_snapshot(st, fingerprint)
+    root = Path(cache_dir or cache_root() / "datasets") / "snapshots" / hashlib.sha256(st.uri.encode()).hexdigest()[:16]
+    d = root / fingerprint
+    if not (d / MARKER).exists():
+        if not st.exists(f"{prefix}/{MARKER}"):
+            raise _missing_snapshot(st, fingerprint)
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{fingerprint}.", suffix="~"))
         try:
             st.get_dir(f"{prefix}/", tmp)
-            files = json.loads((tmp/MARKER).read_text())["files"]
-            if bad := sorted(f for f, n in files.items() if not (tmp/f).is_file() or (tmp/f).stat().st_size != n):
-                raise StoreError(f"the download of snapshot {fingerprint!r} from {st.uri} is incomplete: {', '.join(bad)}")
-            with contextlib.suppress(OSError): tmp.rename(d)   # fails only if another process was quicker
-        finally: shutil.rmtree(tmp, ignore_errors=True)
+            files = json.loads((tmp / MARKER).read_text())["files"]
+            if bad := sorted(f for f, n in files.items() if not (tmp / f).is_file() or (tmp / f).stat().st_size != n):
+                raise StoreError(
+                    f"the download of snapshot {fingerprint!r} from {st.uri} is incomplete: {', '.join(bad)}"
+                )
+            with contextlib.suppress(OSError):
+                tmp.rename(d)  # fails only if another process was quicker
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return _load_cache(d)
 
-def snapshot_dataset(store, source: str = "sample", revision: str | None = None, cache_dir=None, progress: bool = True) -> dict:
+
+def snapshot_dataset(
+    store, source: str = "sample", revision: str | None = None, cache_dir=None, progress: bool = True
+) -> dict:
     "Write the snapshot of `source` (its raw `train` and `test` splits as decoded) to `store` unless it is there; return its meta with `snapshot` (the prefix) and `written` (False: it was there)."
     st = open_store(store)
     kind, loc = resolve_source(source)
     fp, ds = (loc, None) if kind == "store" else _identify(kind, loc, revision)
     prefix, written = snapshot_prefix(fp), False
     if not st.exists(f"{prefix}/{MARKER}"):
-        if kind == "store": raise _missing_snapshot(st, fp)
+        if kind == "store":
+            raise _missing_snapshot(st, fp)
         tensors, meta = _decoded(source, loc, fp, ds, cache_dir, progress)
-        write_snapshot(st, fp, tensors, dict(kind="source", source=kind if kind == "sample" else loc, revision=revision,
-                                             label_names=meta["label_names"]))
+        write_snapshot(
+            st,
+            fp,
+            tensors,
+            dict(
+                kind="source",
+                source=kind if kind == "sample" else loc,
+                revision=revision,
+                label_names=meta["label_names"],
+            ),
+        )
         written = True
     return {**json.loads(st.get_bytes(f"{prefix}/meta.json")), "snapshot": prefix, "written": written}
+
 
 def list_snapshots(store) -> list[dict]:
     "The complete snapshots in `store`, oldest first: `fingerprint`, `kind` (`source`, `feedback`, …), `splits` (sizes), `created`, `source`, `snapshot` (the prefix)."
@@ -289,41 +417,63 @@ def list_snapshots(store) -> list[dict]:
     rows = []
     for fp in fps:
         m = json.loads(st.get_bytes(f"{SNAPSHOTS}/{fp}/meta.json"))
-        rows.append(dict(fingerprint=fp, kind=m.get("kind", "source"), splits=m.get("splits"), created=m.get("created"),
-                         source=m.get("source"), snapshot=f"{SNAPSHOTS}/{fp}"))
+        rows.append(
+            dict(
+                fingerprint=fp,
+                kind=m.get("kind", "source"),
+                splits=m.get("splits"),
+                created=m.get("created"),
+                source=m.get("source"),
+                snapshot=f"{SNAPSHOTS}/{fp}",
+            )
+        )
     return sorted(rows, key=lambda r: str(r["created"]))
 
 # %% ../nbs/data.ipynb #1380015e
 def add_train(data: CifarData, source: str, store=None, cache_dir=None, progress: bool = True) -> CifarData:
     "`data` with the `train` split of `source` (e.g. a feedback snapshot `store:<fingerprint>` in `store`) appended to its training split, recorded in `extra_train`; validation and test unchanged."
-    if data.extra_train: raise ValueError(f"extra training data was added already ({data.extra_train['source']!r})")
+    if data.extra_train:
+        raise ValueError(f"extra training data was added already ({data.extra_train['source']!r})")
     tensors, meta = load_splits(source, cache_dir=cache_dir, progress=progress, store=store)
-    if "train" not in tensors: raise ValueError(f"extra training data {source!r} has no 'train' split (it has {', '.join(tensors)})")
+    if "train" not in tensors:
+        raise ValueError(f"extra training data {source!r} has no 'train' split (it has {', '.join(tensors)})")
     if list(meta["label_names"]) != list(data.label_names):
-        raise ValueError(f"extra training data {source!r} has the labels {meta['label_names']}, the dataset {data.label_names}: "
-                         f"they must be the same, in the same order")
+        raise ValueError(
+            f"extra training data {source!r} has the labels {meta['label_names']}, the dataset {data.label_names}: "
+            f"they must be the same, in the same order"
+        )
     x, y = tensors["train"]
     if x.shape[1:] != data.train.images.shape[1:]:
-        raise ValueError(f"extra training data {source!r} has images of shape {tuple(x.shape[1:])}, the dataset {tuple(data.train.images.shape[1:])}")
+        raise ValueError(
+            f"extra training data {source!r} has images of shape {tuple(x.shape[1:])}, the dataset {tuple(data.train.images.shape[1:])}"
+        )
     extra = dict(source=source, fingerprint=meta["fingerprint"], snapshot=meta["snapshot"], images=len(y))
-    return dataclasses.replace(data, train=Split(torch.cat([data.train.images, x]), torch.cat([data.train.labels, y])), extra_train=extra)
+    return dataclasses.replace(
+        data, train=Split(torch.cat([data.train.images, x]), torch.cat([data.train.labels, y])), extra_train=extra
+    )
 
 # %% ../nbs/data.ipynb #df7c1908
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
+
 @dataclass
 class PreprocessConfig:
     "Parameters of `preprocess`, stored in a model package as `preprocess.json`."
+
     native_size: int = NATIVE_SIZE
     image_size: int = NATIVE_SIZE
     mean: tuple = CIFAR10_MEAN
     std: tuple = CIFAR10_STD
     interpolation: str = "bilinear"
-    def to_dict(self) -> dict: return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
     def save(self, path):
         "Write as JSON to `path`."
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
     @classmethod
     def load(cls, path) -> PreprocessConfig:
         "Read from a JSON file written by `save`."
@@ -332,10 +482,17 @@ class PreprocessConfig:
 
 # %% ../nbs/data.ipynb #feeea41e
 def _resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
-    if x.shape[-2:] == (size, size): return x
+    if x.shape[-2:] == (size, size):
+        return x
     down = x.shape[-1] > size or x.shape[-2] > size
-    return F.interpolate(x, size=(size, size), mode=mode, align_corners=False if mode != "nearest" else None,
-                         antialias=down and mode in ("bilinear", "bicubic"))
+    return F.interpolate(
+        x,
+        size=(size, size),
+        mode=mode,
+        align_corners=False if mode != "nearest" else None,
+        antialias=down and mode in ("bilinear", "bicubic"),
+    )
+
 
 def augment(x: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
     "Random crop with `pad` pixels of zero padding and random horizontal flip, per image, batched on `x.device`."
@@ -345,69 +502,112 @@ def augment(x: torch.Tensor, pad: int = 4, generator: torch.Generator | None = N
     xp = F.pad(x, (pad, pad, pad, pad))
     rows = (dy[:, None] + torch.arange(H, device=x.device))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(W, device=x.device))[:, None, None, :]
-    out = xp[torch.arange(B, device=x.device)[:, None, None, None], torch.arange(C, device=x.device)[None, :, None, None], rows, cols]
+    out = xp[
+        torch.arange(B, device=x.device)[:, None, None, None],
+        torch.arange(C, device=x.device)[None, :, None, None],
+        rows,
+        cols,
+    ]
     return torch.where(flip[:, None, None, None], out.flip(-1), out)
 
-def preprocess(images: torch.Tensor, cfg: PreprocessConfig | None = None, train: bool = False,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+
+def preprocess(
+    images: torch.Tensor,
+    cfg: PreprocessConfig | None = None,
+    train: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     "`uint8 (B,3,H,W)` → normalised `float32 (B,3,S,S)`: native size, optional augmentation, `image_size`, mean/std (`cfg`: default `PreprocessConfig()`)."
-    if cfg is None: cfg = PreprocessConfig()
+    if cfg is None:
+        cfg = PreprocessConfig()
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"preprocess expects uint8 images of shape (B,3,H,W), got {images.dtype} {tuple(images.shape)}")
+        raise ValueError(
+            f"preprocess expects uint8 images of shape (B,3,H,W), got {images.dtype} {tuple(images.shape)}"
+        )
     x = _resize(images.float(), cfg.native_size, cfg.interpolation)
-    if train: x = augment(x, generator=generator)
+    if train:
+        x = augment(x, generator=generator)
     mean = torch.tensor(cfg.mean, device=x.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(cfg.std, device=x.device).view(1, 3, 1, 1) * 255
-    return _resize((x - mean) / std, cfg.image_size, cfg.interpolation)   # normalise at 32×32: resizing is linear, so it commutes
+    return _resize(
+        (x - mean) / std, cfg.image_size, cfg.interpolation
+    )  # normalise at 32×32: resizing is linear, so it commutes
 
 # %% ../nbs/data.ipynb #a17a6129
 class ImageError(ValueError):
     "Bytes that are not a usable image; `kind` is `'empty'`, `'unsupported'`, `'broken'` or `'too_large'`."
-    def __init__(self, kind: str, message: str): super().__init__(message); self.kind, self.message = kind, message
 
-Image.init()   # register every plugin, so that `formats=FORMATS` can name them (MPO is a separate plugin in older Pillow)
-FORMATS = tuple(f for f in ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF") if f in Image.OPEN)   # what uploads may be; no EPS (Ghostscript), no exotic plugins
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind, self.message = kind, message
+
+
+Image.init()  # register every plugin, so that `formats=FORMATS` can name them (MPO is a separate plugin in older Pillow)
+FORMATS = tuple(
+    f for f in ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF") if f in Image.OPEN
+)  # what uploads may be; no EPS (Ghostscript), no exotic plugins
+
 
 def to_rgb(im: Image.Image) -> Image.Image:
     "An RGB copy of `im` in any mode: 16-bit/float scaled to 8 bits, transparency composited on white, palette/gray/CMYK converted."
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         a = np.asarray(im).astype(np.float64)
-        if im.mode.startswith("I;16") or (im.mode == "I" and a.max(initial=0) > 255): a = a / 257   # 16-bit: 65535 → 255
-        elif im.mode == "F" and a.max(initial=0) <= 1.0: a = a * 255                                # float in [0, 1]
-        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))   # mode L
-    if im.mode == "P" and "transparency" in im.info or im.mode in ("LA", "La", "PA", "RGBA", "RGBa") or (
-            im.mode in ("L", "RGB") and "transparency" in im.info):
+        if im.mode.startswith("I;16") or (im.mode == "I" and a.max(initial=0) > 255):
+            a = a / 257  # 16-bit: 65535 → 255
+        elif im.mode == "F" and a.max(initial=0) <= 1.0:
+            a = a * 255  # float in [0, 1]
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))  # mode L
+    if (
+        im.mode == "P"
+        and "transparency" in im.info
+        or im.mode in ("LA", "La", "PA", "RGBA", "RGBa")
+        or (im.mode in ("L", "RGB") and "transparency" in im.info)
+    ):
         rgba = im.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return im if im.mode == "RGB" else im.convert("RGB")
+
 
 def decode_image(data: bytes, max_pixels: int = 40_000_000, draft_size: int | None = None) -> Image.Image:
     "Uploaded bytes → an upright RGB image (first frame); `ImageError` for what cannot or must not be decoded."
     return _decode(data, max_pixels, draft_size)[0]
 
+
 def _decode(data: bytes, max_pixels: int, draft_size: int | None) -> tuple[Image.Image, tuple[int, int]]:
     "`decode_image` and the upright size of the image as uploaded (before any `draft` reduction)."
-    if not data: raise ImageError("empty", "the file is empty")
+    if not data:
+        raise ImageError("empty", "the file is empty")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # our own limit below is stricter
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below is stricter
             im = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
-        raise ImageError("unsupported", f"not an image that can be read (accepted: {', '.join(f for f in FORMATS if f != 'MPO')})") from None
-    except Image.DecompressionBombError as e: raise ImageError("too_large", f"the image is too large to decode safely: {e}") from None
-    except Exception as e: raise ImageError("broken", f"the image cannot be read ({type(e).__name__}: {e})") from None
+        raise ImageError(
+            "unsupported", f"not an image that can be read (accepted: {', '.join(f for f in FORMATS if f != 'MPO')})"
+        ) from None
+    except Image.DecompressionBombError as e:
+        raise ImageError("too_large", f"the image is too large to decode safely: {e}") from None
+    except Exception as e:
+        raise ImageError("broken", f"the image cannot be read ({type(e).__name__}: {e})") from None
     w, h = im.size
     if w * h > max_pixels:
-        raise ImageError("too_large", f"the image is {w}×{h} pixels ({w * h / 1e6:.0f} megapixels); the limit is {max_pixels / 1e6:g} megapixels")
+        raise ImageError(
+            "too_large",
+            f"the image is {w}×{h} pixels ({w * h / 1e6:.0f} megapixels); the limit is {max_pixels / 1e6:g} megapixels",
+        )
     try:
         im.seek(0)
         with contextlib.suppress(Exception):
-            if im.getexif().get(0x0112) in (5, 6, 7, 8): w, h = h, w   # rotated by 90°: the upright size
-        if draft_size and im.format in ("JPEG", "MPO"): im.draft(None, (draft_size, draft_size))
+            if im.getexif().get(0x0112) in (5, 6, 7, 8):
+                w, h = h, w  # rotated by 90°: the upright size
+        if draft_size and im.format in ("JPEG", "MPO"):
+            im.draft(None, (draft_size, draft_size))
         im.load()
-        with contextlib.suppress(Exception): im = ImageOps.exif_transpose(im)   # a broken EXIF block should not lose the image
+        with contextlib.suppress(Exception):
+            im = ImageOps.exif_transpose(im)  # a broken EXIF block should not lose the image
         return to_rgb(im), (w, h)
-    except ImageError: raise
+    except ImageError:
+        raise
     except Exception as e:
         why = "it is truncated" if "truncated" in str(e) else f"{type(e).__name__}: {e}"
         raise ImageError("broken", f"the image cannot be decoded ({why})") from None
@@ -416,19 +616,23 @@ def _decode(data: bytes, max_pixels: int, draft_size: int | None) -> tuple[Image
 @dataclass
 class Prepared:
     "An upload ready for the model: normalised pixels `(3,S,S)` and the size of the decoded image."
+
     pixels: torch.Tensor
     width: int
     height: int
 
+
 def image_tensor(im: Image.Image) -> torch.Tensor:
     "An RGB PIL image as a `uint8 (3,H,W)` tensor."
     return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
 
 def prepare_image(data: bytes, cfg: PreprocessConfig, max_pixels: int = 40_000_000) -> Prepared:
     "Decode `data` and apply the data chapter's `preprocess` with `cfg`, up to the native size: `(3,native,native)` normalised pixels."
     im, (w, h) = _decode(data, max_pixels, draft_size=2 * cfg.native_size)
     native = dataclasses.replace(cfg, image_size=cfg.native_size)
     return Prepared(preprocess(image_tensor(im)[None], native)[0], w, h)
+
 
 def to_model_size(pixels: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
     "The last step of `preprocess` for a batch of `prepare_image` outputs: resize to `cfg.image_size` (a no-op at native size)."
@@ -437,8 +641,10 @@ def to_model_size(pixels: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
 # %% ../nbs/data.ipynb #1041d14d
 def make_sample(src_dir, out_dir=SAMPLE_DIR, per_class: dict | None = None, seed: int = 0) -> list[Path]:
     "Write a class-balanced random subset (`per_class` images per class of each split; default 500 train, 100 test) of a hub-layout parquet folder to `out_dir`."
-    if per_class is None: per_class = {"train": 500, "test": 100}
+    if per_class is None:
+        per_class = {"train": 500, "test": 100}
     import pyarrow.parquet as pq
+
     out, rng, written = Path(out_dir), np.random.default_rng(seed), []
     out.mkdir(parents=True, exist_ok=True)
     for split, n in per_class.items():
@@ -446,6 +652,6 @@ def make_sample(src_dir, out_dir=SAMPLE_DIR, per_class: dict | None = None, seed
         t = pq.read_table(f)
         lab = t.column("label").to_numpy()
         idx = np.sort(np.concatenate([rng.choice(np.flatnonzero(lab == c), n, replace=False) for c in np.unique(lab)]))
-        pq.write_table(t.take(idx), dst := out/f"{split}-00000-of-00001.parquet")
+        pq.write_table(t.take(idx), dst := out / f"{split}-00000-of-00001.parquet")
         written.append(dst)
     return written

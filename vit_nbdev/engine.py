@@ -31,84 +31,129 @@ def cpu_budget(cgroup: str | Path = "/sys/fs/cgroup") -> int:
     "CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (v2 `cpu.max` or v1 `cfs_quota_us`)."
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     cg = Path(cgroup)
-    for read in (lambda: (cg/"cpu.max").read_text().split()[:2],
-                 lambda: [(cg/"cpu"/f).read_text().strip() for f in ("cpu.cfs_quota_us", "cpu.cfs_period_us")]):
-        try: quota, period = read()
-        except (OSError, ValueError): continue
-        if quota not in ("max", "-1"): n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    for read in (
+        lambda: (cg / "cpu.max").read_text().split()[:2],
+        lambda: [(cg / "cpu" / f).read_text().strip() for f in ("cpu.cfs_quota_us", "cpu.cfs_period_us")],
+    ):
+        try:
+            quota, period = read()
+        except (OSError, ValueError):
+            continue
+        if quota not in ("max", "-1"):
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
         break
     return n
 
+
 def cpu_has_bf16() -> bool:
     "Does this CPU run bf16 natively (oneDNN with AVX-512 BF16 or AMX)?"
-    try: return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception: return False
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
+
 
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+
 
 def host_info() -> dict:
     "The CPU model, the vector flags that matter here, the CPU budget and the thread count PyTorch would use."
     cpu, flags = platform.processor() or platform.machine(), set()
     with contextlib.suppress(OSError):
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"): cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"): flags = set(line.split(":", 1)[1].split()); break
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
     return dict(cpu=cpu, flags=[f for f in FLAGS if f in flags], cpus=cpu_budget(), bf16=cpu_has_bf16())
 
 # %% ../nbs/engine.ipynb #2e6aa339
 REFERENCE_ENGINE = "torch-fp32"
-RECIPE = 2   # how this chapter makes artifacts (export, quantization): raise it when that changes
+RECIPE = 2  # how this chapter makes artifacts (export, quantization): raise it when that changes
+
 
 def onnx_available() -> bool:
     "Is ONNX Runtime installed (the `fast` extra)?"
     return importlib.util.find_spec("onnxruntime") is not None
 
+
 def engine_spec(name: str) -> tuple[str, str]:
     "`(runtime, precision)` of engine `name`; `ValueError` naming the engines otherwise."
-    if name not in ENGINES: raise ValueError(f"unknown engine {name!r}: choose one of {', '.join(ENGINES)} (or 'auto')")
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine {name!r}: choose one of {', '.join(ENGINES)} (or 'auto')")
     return ENGINES[name]
+
 
 def engine_key(name: str) -> str:
     "Artifacts and checks are kept per engine, recipe *and* library versions: a new torch or onnxruntime is checked again."
     key = f"{name}-r{RECIPE}-torch{torch.__version__}"
     if engine_spec(name)[0] == "onnx":
         import onnxruntime
+
         key += f"-ort{onnxruntime.__version__}"
     return key.replace("+", "_")
 
 # %% ../nbs/engine.ipynb #569e457f
 class Engine:
     "One way to run a package's forward pass: call it on a float batch at the model's input size, get `(embeddings, logits)` in float32."
+
     runtime, precision = "", ""
-    def __init__(self, name: str, threads: int = 1): self.name, self.threads = name, max(1, int(threads))
-    def run(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: raise NotImplementedError
+
+    def __init__(self, name: str, threads: int = 1):
+        self.name, self.threads = name, max(1, int(threads))
+
+    def run(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
     def __call__(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if torch.get_num_threads() != self.threads: torch.set_num_threads(self.threads)   # per calling thread: set where it runs
-        with torch.inference_mode(): emb, logits = self.run(pixels)
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)  # per calling thread: set where it runs
+        with torch.inference_mode():
+            emb, logits = self.run(pixels)
         return emb.float(), logits.float()
-    def describe(self) -> dict: return dict(name=self.name, runtime=self.runtime, precision=self.precision, threads=self.threads)
-    def __repr__(self) -> str: return f"{type(self).__name__}({self.name}, threads={self.threads})"
+
+    def describe(self) -> dict:
+        return dict(name=self.name, runtime=self.runtime, precision=self.precision, threads=self.threads)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name}, threads={self.threads})"
+
 
 class TorchEngine(Engine):
     "PyTorch eager: fp32 (the reference), bf16 autocast, or dynamic int8 (linear layers' weights int8, activations per batch)."
+
     runtime = "torch"
+
     def __init__(self, package: ModelPackage, precision: str = "fp32", threads: int = 1):
         super().__init__(f"torch-{precision}", threads)
         self.precision, self.model = engine_spec(self.name)[1], package.model
         self.device = next(package.model.parameters()).device.type
         if precision == "int8":
-            with warnings.catch_warnings():   # torch.ao's dynamic quantization is deprecated in favour of torchao, and still works
+            with (
+                warnings.catch_warnings()
+            ):  # torch.ao's dynamic quantization is deprecated in favour of torchao, and still works
                 warnings.simplefilter("ignore")
-                per_channel = torch.ao.quantization.per_channel_dynamic_qconfig   # per-tensor scales flipped 1.4 % of top-1 on the shipped model
-                self.model = torch.ao.quantization.quantize_dynamic(copy.deepcopy(package.model), {torch.nn.Linear: per_channel})
+                per_channel = (
+                    torch.ao.quantization.per_channel_dynamic_qconfig
+                )  # per-tensor scales flipped 1.4 % of top-1 on the shipped model
+                self.model = torch.ao.quantization.quantize_dynamic(
+                    copy.deepcopy(package.model), {torch.nn.Linear: per_channel}
+                )
+
     def run(self, pixels):
         with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             return forward_features(self.model, pixels)
 
 # %% ../nbs/engine.ipynb #990ff463
 class _Features(torch.nn.Module):
-    def __init__(self, model): super().__init__(); self.model = model
-    def forward(self, pixel_values): return forward_features(self.model, pixel_values)
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return forward_features(self.model, pixel_values)
+
 
 def export_onnx(package: ModelPackage, path: str | Path) -> Path:
     "Write the fp32 ONNX graph of `forward_features` (inputs `pixel_values`, outputs `embeddings`, `logits`; any batch size)."
@@ -118,43 +163,65 @@ def export_onnx(package: ModelPackage, path: str | Path) -> Path:
     batch = {0: "batch"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(_Features(package.model.float().cpu()).eval(), (torch.zeros(2, 3, s, s),), str(tmp), dynamo=False, opset_version=17,
-                          input_names=["pixel_values"], output_names=["embeddings", "logits"],
-                          dynamic_axes={"pixel_values": batch, "embeddings": batch, "logits": batch})
+        torch.onnx.export(
+            _Features(package.model.float().cpu()).eval(),
+            (torch.zeros(2, 3, s, s),),
+            str(tmp),
+            dynamo=False,
+            opset_version=17,
+            input_names=["pixel_values"],
+            output_names=["embeddings", "logits"],
+            dynamic_axes={"pixel_values": batch, "embeddings": batch, "logits": batch},
+        )
     return tmp.replace(path)
+
 
 def quantize_onnx(src: str | Path, dst: str | Path) -> Path:
     "Dynamic int8 quantization of an ONNX graph: weights int8 per channel (7-bit range) now, activations per batch at run time."
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    dst = Path(dst); dst.parent.mkdir(parents=True, exist_ok=True)
+
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp")
     root = logging.getLogger()
-    level, root.level = root.level, logging.ERROR   # it advises "pre-processing" on the root logger for every call
-    try: quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
-                              reduce_range=True)   # no int16 saturation on CPUs without VNNI: the graph is made once, served anywhere
-    finally: root.setLevel(level)
+    level, root.level = root.level, logging.ERROR  # it advises "pre-processing" on the root logger for every call
+    try:
+        quantize_dynamic(
+            str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True
+        )  # no int16 saturation on CPUs without VNNI: the graph is made once, served anywhere
+    finally:
+        root.setLevel(level)
     return tmp.replace(dst)
+
 
 def make_artifacts(package: ModelPackage, name: str, folder: str | Path) -> Path | None:
     "The file engine `name` runs from (made once under `folder/<engine_key>/`), or `None` for engines that need none."
-    if engine_spec(name)[0] != "onnx": return None
-    path = Path(folder)/engine_key(name)/"model.onnx"
+    if engine_spec(name)[0] != "onnx":
+        return None
+    path = Path(folder) / engine_key(name) / "model.onnx"
     if not path.exists():
-        if name == "onnx-int8": quantize_onnx(make_artifacts(package, "onnx-fp32", folder), path)
-        else: export_onnx(package, path)
+        if name == "onnx-int8":
+            quantize_onnx(make_artifacts(package, "onnx-fp32", folder), path)
+        else:
+            export_onnx(package, path)
     return path
+
 
 class OnnxEngine(Engine):
     "ONNX Runtime on the CPU, from a graph made by `make_artifacts`."
+
     runtime = "onnx"
+
     def __init__(self, path: str | Path, precision: str = "fp32", threads: int = 1):
         super().__init__(f"onnx-{precision}", threads)
         import onnxruntime as ort
+
         self.precision, self.path = precision, Path(path)
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = self.threads, 1, 3
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
     def __call__(self, pixels):
         emb, logits = self.session.run(None, {"pixel_values": pixels.detach().float().contiguous().cpu().numpy()})
         return torch.from_numpy(emb), torch.from_numpy(logits)
@@ -163,57 +230,91 @@ class OnnxEngine(Engine):
 def build_engine(name: str, package: ModelPackage, threads: int = 1, folder: str | Path | None = None) -> Engine:
     "Engine `name` for `package` on `threads` intra-op threads; ONNX graphs are made in (or read from) `folder`."
     runtime, precision = engine_spec(name)
-    if runtime == "torch": return TorchEngine(package, precision, threads)
-    if not onnx_available(): raise RuntimeError(f"engine {name!r} needs ONNX Runtime: pip install 'vit-nbdev[fast]'")
-    if folder is None: raise ValueError(f"engine {name!r} needs a folder for its graph")
+    if runtime == "torch":
+        return TorchEngine(package, precision, threads)
+    if not onnx_available():
+        raise RuntimeError(f"engine {name!r} needs ONNX Runtime: pip install 'vit-nbdev[fast]'")
+    if folder is None:
+        raise ValueError(f"engine {name!r} needs a folder for its graph")
     return OnnxEngine(make_artifacts(package, name, folder), precision, threads)
 
 # %% ../nbs/engine.ipynb #8d83e393
 CHECK_N, MIN_AGREEMENT, MAX_DROP = 1000, 0.99, 0.003
 
+
 def check_set(package: ModelPackage, n: int = CHECK_N) -> tuple[torch.Tensor, torch.Tensor]:
     "`n` held-out labelled `uint8` images and their labels in the package's label order: the sample's test split, then its validation carve."
     d = load_cifar10(progress=False)
     order = {name: i for i, name in enumerate(package.labels)}
-    if set(order) != set(d.label_names): raise ValueError(f"the package's labels {package.labels} are not CIFAR-10's: no check set")
+    if set(order) != set(d.label_names):
+        raise ValueError(f"the package's labels {package.labels} are not CIFAR-10's: no check set")
     x, y = torch.cat([d.test.images, d.validation.images]), torch.cat([d.test.labels, d.validation.labels])
-    if n > len(x): raise ValueError(f"n={n}: the sample has {len(x)} held-out images")
+    if n > len(x):
+        raise ValueError(f"n={n}: the sample has {len(x)} held-out images")
     return x[:n], torch.tensor([order[d.label_names[i]] for i in y[:n].tolist()])
+
 
 def predictions(engine: Engine, package: ModelPackage, images: torch.Tensor, batch_size: int = 50) -> torch.Tensor:
     "Top-1 class indices of `engine` on `uint8` `images`."
     return torch.cat([engine(preprocess(b, package.preprocess))[1].argmax(-1) for b in images.split(batch_size)])
 
-def check_engine(engine: Engine, package: ModelPackage, images: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor,
-                 pred: torch.Tensor | None = None) -> dict:
+
+def check_engine(
+    engine: Engine,
+    package: ModelPackage,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    reference: torch.Tensor,
+    pred: torch.Tensor | None = None,
+) -> dict:
     "How `engine` (or its predictions `pred`, if already made) compares with the fp32 `reference` predictions on `images`: agreement, accuracies, drop, eligible."
     t0 = time.perf_counter()
     pred = predictions(engine, package, images) if pred is None else pred
     acc, ref = (pred == labels).float().mean().item(), (reference == labels).float().mean().item()
     agree = (pred == reference).float().mean().item()
-    return dict(engine=engine.name, key=engine_key(engine.name), images=len(images), agreement=round(agree, 5), accuracy=round(acc, 5),
-                reference_accuracy=round(ref, 5), drop=round(ref - acc, 5), seconds=round(time.perf_counter() - t0, 2),
-                eligible=bool(agree >= MIN_AGREEMENT and ref - acc <= MAX_DROP))
+    return dict(
+        engine=engine.name,
+        key=engine_key(engine.name),
+        images=len(images),
+        agreement=round(agree, 5),
+        accuracy=round(acc, 5),
+        reference_accuracy=round(ref, 5),
+        drop=round(ref - acc, 5),
+        seconds=round(time.perf_counter() - t0, 2),
+        eligible=bool(agree >= MIN_AGREEMENT and ref - acc <= MAX_DROP),
+    )
 
 # %% ../nbs/engine.ipynb #0b2bea5a
 def read_check(folder: str | Path | None, name: str) -> dict | None:
     "The stored check of engine `name` for these library versions, if there is one."
-    p = Path(folder)/engine_key(name)/"check.json" if folder else None
-    with contextlib.suppress(OSError, ValueError): return json.loads(p.read_text()) if p else None
+    p = Path(folder) / engine_key(name) / "check.json" if folder else None
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(p.read_text()) if p else None
     return None
+
 
 def write_check(folder: str | Path, check: dict) -> Path:
     "Store `check` (from `check_engine`) as `folder/<engine_key>/check.json`."
-    p = Path(folder)/check["key"]/"check.json"
+    p = Path(folder) / check["key"] / "check.json"
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(check, indent=1))
     return p
 
+
 def candidate_names() -> list[str]:
     "Engines worth trying on this host: bf16 only with bf16 instructions, ONNX only with ONNX Runtime installed."
-    return [n for n, (rt, p) in ENGINES.items() if (p != "bf16" or cpu_has_bf16()) and (rt != "onnx" or onnx_available())]
+    return [
+        n for n, (rt, p) in ENGINES.items() if (p != "bf16" or cpu_has_bf16()) and (rt != "onnx" or onnx_available())
+    ]
 
-def check_engines(package: ModelPackage, folder: str | Path, names: list[str] | None = None, n: int = CHECK_N, threads: int | None = None) -> dict[str, dict]:
+
+def check_engines(
+    package: ModelPackage,
+    folder: str | Path,
+    names: list[str] | None = None,
+    n: int = CHECK_N,
+    threads: int | None = None,
+) -> dict[str, dict]:
     "Make the artifacts and run the check of every engine in `names` (default: `candidate_names()`), stored in `folder`."
     threads = threads or cpu_budget()
     images, labels = check_set(package, n)
@@ -224,9 +325,17 @@ def check_engines(package: ModelPackage, folder: str | Path, names: list[str] | 
         e = ref if name == REFERENCE_ENGINE else build_engine(name, package, threads, folder)
         out[name] = check_engine(e, package, images, labels, reference, reference if e is ref else None)
         write_check(folder, out[name])
-        _log.info("check %s: agreement %.2f%%, accuracy %.2f%% (fp32 %.2f%%) on %d images: %s", name, 100 * out[name]["agreement"],
-                  100 * out[name]["accuracy"], 100 * out[name]["reference_accuracy"], len(images), "eligible" if out[name]["eligible"] else "NOT eligible")
-        del e; gc.collect()
+        _log.info(
+            "check %s: agreement %.2f%%, accuracy %.2f%% (fp32 %.2f%%) on %d images: %s",
+            name,
+            100 * out[name]["agreement"],
+            100 * out[name]["accuracy"],
+            100 * out[name]["reference_accuracy"],
+            len(images),
+            "eligible" if out[name]["eligible"] else "NOT eligible",
+        )
+        del e
+        gc.collect()
     return out
 
 # %% ../nbs/engine.ipynb #dc5ecac5
@@ -234,64 +343,115 @@ def images_per_s(engine: Engine, batch: torch.Tensor, min_s: float = 0.2) -> flo
     "Images per second of `engine` on `batch`: one warm-up call, then calls until `min_s` has passed (none if the warm-up took that long)."
     t0 = time.perf_counter()
     engine(batch)
-    if (first := time.perf_counter() - t0) >= min_s: return len(batch) / first   # slow already: no need to know how slow exactly
+    if (first := time.perf_counter() - t0) >= min_s:
+        return len(batch) / first  # slow already: no need to know how slow exactly
     t0, n = time.perf_counter(), 0
-    while n == 0 or time.perf_counter() - t0 < min_s: engine(batch); n += len(batch)
+    while n == 0 or time.perf_counter() - t0 < min_s:
+        engine(batch)
+        n += len(batch)
     return n / (time.perf_counter() - t0)
+
 
 @dataclass
 class Choice:
     "The engine chosen for a model package, and the report of how: `/readyz`'s `engine` object."
+
     engine: Engine
     report: dict = field(default_factory=dict)
+
 
 def thread_options(cpus: int) -> list[int]:
     "Intra-op thread counts worth timing for a budget of `cpus`: one, half, all."
     return sorted({1, max(1, cpus // 2), cpus})
 
-def choose_engine(package: ModelPackage, *, pin: str = "auto", threads: int = 0, folder: str | Path | None = None,
-                  budget_s: float = 30.0, max_batch: int = 32, min_s: float = 0.2) -> Choice:
+
+def choose_engine(
+    package: ModelPackage,
+    *,
+    pin: str = "auto",
+    threads: int = 0,
+    folder: str | Path | None = None,
+    budget_s: float = 30.0,
+    max_batch: int = 32,
+    min_s: float = 0.2,
+) -> Choice:
     "Time the eligible engines × thread counts on this host and return the fastest (or the `pin`ned one)."
     t_start, cpus = time.perf_counter(), cpu_budget()
-    if folder is None:   # a package that is not in a store: its artifacts go to the local cache
+    if folder is None:  # a package that is not in a store: its artifacts go to the local cache
         where = str(package.path.resolve()) if package.path else f"unsaved-{os.getpid()}-{id(package)}"
-        folder = cache_root()/"engines"/"packages"/hashlib.sha256(where.encode()).hexdigest()[:16]
+        folder = cache_root() / "engines" / "packages" / hashlib.sha256(where.encode()).hexdigest()[:16]
     options = [threads] if threads else thread_options(cpus)
     s = package.model.config.image_size
     names = candidate_names() if pin == "auto" else [pin]
-    if pin != "auto": engine_spec(pin)   # an unknown name fails here, with the list of engines
+    if pin != "auto":
+        engine_spec(pin)  # an unknown name fails here, with the list of engines
     ref = TorchEngine(package, "fp32", min(options))
-    batch = torch.zeros(max(1, min(max_batch, int(images_per_s(ref, torch.zeros(1, 3, s, s), min_s=0.05) / 4))), 3, s, s)
-    ref_rate = images_per_s(ref, batch, min_s)   # also fp32's own timing at this thread count
+    batch = torch.zeros(
+        max(1, min(max_batch, int(images_per_s(ref, torch.zeros(1, 3, s, s), min_s=0.05) / 4))), 3, s, s
+    )
+    ref_rate = images_per_s(ref, batch, min_s)  # also fp32's own timing at this thread count
     checks = {n: read_check(folder, n) for n in names}
     missing = [n for n in names if checks[n] is None and n != REFERENCE_ENGINE]
-    checks[REFERENCE_ENGINE] = checks.get(REFERENCE_ENGINE) or dict(engine=REFERENCE_ENGINE, agreement=1.0, drop=0.0, eligible=True)
+    checks[REFERENCE_ENGINE] = checks.get(REFERENCE_ENGINE) or dict(
+        engine=REFERENCE_ENGINE, agreement=1.0, drop=0.0, eligible=True
+    )
     skipped = {}
     if missing and pin == "auto":
-        cost = CHECK_N / ref_rate * (1 + len(missing))   # a rough bound: each check costs about one fp32 pass over the images
+        cost = (
+            CHECK_N / ref_rate * (1 + len(missing))
+        )  # a rough bound: each check costs about one fp32 pass over the images
         if cost <= budget_s:
             checks.update(check_engines(package, folder, missing, threads=max(options)))
-        else: skipped = {n: f"not checked (about {cost:.0f} s > budget {budget_s:.0f} s): run `vit-models export`" for n in missing}
+        else:
+            skipped = {
+                n: f"not checked (about {cost:.0f} s > budget {budget_s:.0f} s): run `vit-models export`"
+                for n in missing
+            }
     eligible = [n for n in names if pin != "auto" or (checks.get(n) or {}).get("eligible")]
-    skipped |= {n: "not eligible: " + json.dumps({k: checks[n][k] for k in ("agreement", "drop")}) for n in names
-                if n not in eligible and n not in skipped}
+    skipped |= {
+        n: "not eligible: " + json.dumps({k: checks[n][k] for k in ("agreement", "drop")})
+        for n in names
+        if n not in eligible and n not in skipped
+    }
     rates, best = [], None
     for name in eligible:
         for t in options:
-            try: e = ref if (name, t) == (REFERENCE_ENGINE, ref.threads) else build_engine(name, package, t, folder)
-            except Exception as ex: skipped[name] = f"failed to load: {ex}"; break
+            try:
+                e = ref if (name, t) == (REFERENCE_ENGINE, ref.threads) else build_engine(name, package, t, folder)
+            except Exception as ex:
+                skipped[name] = f"failed to load: {ex}"
+                break
             r = ref_rate if e is ref else images_per_s(e, batch, min_s)
             rates.append(dict(name=name, threads=t, images_per_s=round(r, 2)))
-            if best is None or r > best[1]: best = (e, r)
-            else: del e
+            if best is None or r > best[1]:
+                best = (e, r)
+            else:
+                del e
     engine, rate = best
     gc.collect()
     c = checks.get(engine.name) or {}
-    report = dict(engine.describe(), images_per_s=round(rate, 2), agreement=c.get("agreement"), accuracy_drop=c.get("drop"),
-                  check_images=c.get("images"), selected_by="VIT_ENGINE" if pin != "auto" else "measurement", batch=len(batch),
-                  cpus=cpus, candidates=rates, skipped=skipped, seconds=round(time.perf_counter() - t_start, 2))
-    _log.info("engine %s on %d thread(s): %.1f img/s (batch %d); candidates %s; skipped %s", engine.name, engine.threads, rate,
-              len(batch), ", ".join(f"{r['name']}×{r['threads']} {r['images_per_s']:.1f}" for r in rates), skipped or "none")
+    report = dict(
+        engine.describe(),
+        images_per_s=round(rate, 2),
+        agreement=c.get("agreement"),
+        accuracy_drop=c.get("drop"),
+        check_images=c.get("images"),
+        selected_by="VIT_ENGINE" if pin != "auto" else "measurement",
+        batch=len(batch),
+        cpus=cpus,
+        candidates=rates,
+        skipped=skipped,
+        seconds=round(time.perf_counter() - t_start, 2),
+    )
+    _log.info(
+        "engine %s on %d thread(s): %.1f img/s (batch %d); candidates %s; skipped %s",
+        engine.name,
+        engine.threads,
+        rate,
+        len(batch),
+        ", ".join(f"{r['name']}×{r['threads']} {r['images_per_s']:.1f}" for r in rates),
+        skipped or "none",
+    )
     return Choice(engine, report)
 
 # %% ../nbs/engine.ipynb #99acd724
@@ -299,25 +459,34 @@ def engines_prefix(version: str) -> str:
     "Where the engines of `version` are kept in the store."
     return f"models/{version}/engines/"
 
-def export_engines(store: Store | str | None, name: str = "latest", names: list[str] | None = None, n: int = CHECK_N) -> dict[str, dict]:
+
+def export_engines(
+    store: Store | str | None, name: str = "latest", names: list[str] | None = None, n: int = CHECK_N
+) -> dict[str, dict]:
     "Make and check every candidate engine of model `name` (alias or version) and store the artifacts and checks beside it."
     st = open_store(store)
     version = st.resolve(name)
     folder = sync_engines(st, version)
     checks = check_engines(load_package(st.fetch_model(version)), folder, names, n)
     for c in checks.values():
-        for p in sorted((folder/c["key"]).glob("*")):
-            if p.is_file() and not p.name.startswith("."): st.put_file(p, f"{engines_prefix(version)}{c['key']}/{p.name}")
+        for p in sorted((folder / c["key"]).glob("*")):
+            if p.is_file() and not p.name.startswith("."):
+                st.put_file(p, f"{engines_prefix(version)}{c['key']}/{p.name}")
     return checks
+
 
 def sync_engines(store: Store | str | None, version: str, folder: str | Path | None = None) -> Path:
     "A local folder holding the stored engine artifacts of `version` for this host's library versions (downloading what is missing)."
     st = open_store(store)
-    folder = Path(folder) if folder else cache_root()/"engines"/hashlib.sha256(st.uri.encode()).hexdigest()[:16]/version
+    folder = (
+        Path(folder)
+        if folder
+        else cache_root() / "engines" / hashlib.sha256(st.uri.encode()).hexdigest()[:16] / version
+    )
     folder.mkdir(parents=True, exist_ok=True)
     keys = {engine_key(n) for n in candidate_names()}
     for key in st.list(engines_prefix(version)):
-        rel = key[len(engines_prefix(version)):]
-        if rel.split("/")[0] in keys and not (folder/rel).exists():
-            st.get_file(key, folder/rel)
+        rel = key[len(engines_prefix(version)) :]
+        if rel.split("/")[0] in keys and not (folder / rel).exists():
+            st.get_file(key, folder / rel)
     return folder

@@ -13,8 +13,13 @@ from pathlib import Path
 import torch
 from transformers import ViTConfig, ViTForImageClassification
 from transformers.utils import logging as hf_logging
-try: from transformers import ViTImageProcessorPil as ViTImageProcessor   # no torchvision here: the PIL processor, without a warning
-except ImportError: from transformers import ViTImageProcessor
+
+try:
+    from transformers import (
+        ViTImageProcessorPil as ViTImageProcessor,
+    )  # no torchvision here: the PIL processor, without a warning
+except ImportError:
+    from transformers import ViTImageProcessor
 
 from .config import PRESETS, DEFAULT_PRESET, check_model_name, shipped_checkpoint
 from .data import CIFAR10_LABELS, PreprocessConfig
@@ -30,75 +35,121 @@ def label_maps(labels=CIFAR10_LABELS) -> dict:
     "`id2label` / `label2id` / `num_labels` keyword arguments for a config."
     return dict(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
 
+
 def preset_config(name: str = DEFAULT_PRESET, labels=CIFAR10_LABELS, **overrides) -> ViTConfig:
     "The `ViTConfig` of a named preset, with a head for `labels`."
-    if name not in PRESETS: raise ValueError(f"unknown preset {name!r}; presets are {', '.join(PRESETS)}")
-    return ViTConfig(**{**PRESETS[name], "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, **label_maps(labels), **overrides})
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets are {', '.join(PRESETS)}")
+    return ViTConfig(
+        **{
+            **PRESETS[name],
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+            **label_maps(labels),
+            **overrides,
+        }
+    )
 
 # %% ../nbs/model.ipynb #33051b1c
 def _checkpoint_preprocess(src: str, image_size: int) -> PreprocessConfig:
     p = Path(src)
-    if (p/"preprocess.json").exists(): return PreprocessConfig.load(p/"preprocess.json")
-    try: ip = ViTImageProcessor.from_pretrained(src)
-    except (OSError, ValueError): return PreprocessConfig(image_size=image_size, mean=(0.5,) * 3, std=(0.5,) * 3)
+    if (p / "preprocess.json").exists():
+        return PreprocessConfig.load(p / "preprocess.json")
+    try:
+        ip = ViTImageProcessor.from_pretrained(src)
+    except (OSError, ValueError):
+        return PreprocessConfig(image_size=image_size, mean=(0.5,) * 3, std=(0.5,) * 3)
     return PreprocessConfig(image_size=image_size, mean=tuple(ip.image_mean), std=tuple(ip.image_std))
 
-def build_model(name: str = DEFAULT_PRESET, labels=CIFAR10_LABELS, **overrides) -> tuple[ViTForImageClassification, PreprocessConfig]:
+
+def build_model(
+    name: str = DEFAULT_PRESET, labels=CIFAR10_LABELS, **overrides
+) -> tuple[ViTForImageClassification, PreprocessConfig]:
     "A `ViTForImageClassification` (SDPA attention) and its `PreprocessConfig`, from a preset, a local directory or a hub id."
     if name in PRESETS:
         cfg = preset_config(name, labels, **overrides)
         model = ViTForImageClassification._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
         return model, PreprocessConfig(image_size=cfg.image_size)
     check_model_name(name)
-    name = str(shipped_checkpoint(name) or name)   # a shipped checkpoint is a local folder inside the package
-    verbosity = hf_logging.get_verbosity(); hf_logging.set_verbosity_error()   # the "newly initialized head" notice is expected
+    name = str(shipped_checkpoint(name) or name)  # a shipped checkpoint is a local folder inside the package
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "newly initialized head" notice is expected
     try:
-        model = ViTForImageClassification.from_pretrained(name, **label_maps(labels), ignore_mismatched_sizes=True,
-                                                          attn_implementation="sdpa", dtype=torch.float32, **overrides)
+        model = ViTForImageClassification.from_pretrained(
+            name,
+            **label_maps(labels),
+            ignore_mismatched_sizes=True,
+            attn_implementation="sdpa",
+            dtype=torch.float32,
+            **overrides,
+        )
     except OSError as e:
-        raise ValueError(f"could not load model {name!r}: {e}\nOffline or a typo? Pass a preset ({', '.join(PRESETS)}) "
-                         f"or a local checkpoint directory (one saved with save_pretrained, or a model package).") from e
-    finally: hf_logging.set_verbosity(verbosity)
+        raise ValueError(
+            f"could not load model {name!r}: {e}\nOffline or a typo? Pass a preset ({', '.join(PRESETS)}) "
+            f"or a local checkpoint directory (one saved with save_pretrained, or a model package)."
+        ) from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
     return model, _checkpoint_preprocess(name, model.config.image_size)
 
 # %% ../nbs/model.ipynb #ba5e04a4
 @dataclass
 class ModelPackage:
     "A loaded model package: the model (eval mode), its preprocessing, its card and where it came from."
+
     model: ViTForImageClassification
     preprocess: PreprocessConfig
     card: dict = field(default_factory=dict)
     path: Path | None = None
+
     @property
     def labels(self) -> list[str]:
         "Class names in logit order."
         return [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+
     @property
     def version(self) -> str | None:
         "The registered version, if the card has one."
         return self.card.get("version")
 
+
 def _hf_processor(pre: PreprocessConfig) -> ViTImageProcessor:
-    return ViTImageProcessor(do_resize=True, size={"height": pre.image_size, "width": pre.image_size}, resample=2,
-                             do_rescale=True, do_normalize=True, image_mean=list(pre.mean), image_std=list(pre.std))
+    return ViTImageProcessor(
+        do_resize=True,
+        size={"height": pre.image_size, "width": pre.image_size},
+        resample=2,
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=list(pre.mean),
+        image_std=list(pre.std),
+    )
+
 
 def save_package(model: ViTForImageClassification, pre: PreprocessConfig, out_dir, card: dict | None = None) -> Path:
     "Write a model package: HF config + safetensors weights, `preprocess.json`, `card.json`, `preprocessor_config.json`."
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
-    pre.save(out/"preprocess.json")
+    pre.save(out / "preprocess.json")
     _hf_processor(pre).save_pretrained(out)
-    (out/"card.json").write_text(json.dumps(card or {}, indent=2, default=str))
+    (out / "card.json").write_text(json.dumps(card or {}, indent=2, default=str))
     return out
+
 
 def load_package(path, device: str | torch.device = "cpu") -> ModelPackage:
     "Load a model package directory written by `save_package` (model in eval mode on `device`)."
     p = Path(path)
-    if not (p/"config.json").exists() or not (p/"model.safetensors").exists():
+    if not (p / "config.json").exists() or not (p / "model.safetensors").exists():
         raise FileNotFoundError(f"{p} is not a model package (config.json and model.safetensors expected)")
-    model = ViTForImageClassification.from_pretrained(p, attn_implementation="sdpa", dtype=torch.float32).to(device).eval()
-    pre = PreprocessConfig.load(p/"preprocess.json") if (p/"preprocess.json").exists() else _checkpoint_preprocess(str(p), model.config.image_size)
-    card = json.loads((p/"card.json").read_text()) if (p/"card.json").exists() else {}
+    model = (
+        ViTForImageClassification.from_pretrained(p, attn_implementation="sdpa", dtype=torch.float32).to(device).eval()
+    )
+    pre = (
+        PreprocessConfig.load(p / "preprocess.json")
+        if (p / "preprocess.json").exists()
+        else _checkpoint_preprocess(str(p), model.config.image_size)
+    )
+    card = json.loads((p / "card.json").read_text()) if (p / "card.json").exists() else {}
     return ModelPackage(model, pre, card, p)
 
 # %% ../nbs/model.ipynb #275d53e2
@@ -110,28 +161,43 @@ def ship_checkpoint(package_dir, dest, run_records=(), note: str | None = None, 
     pkg, out = load_package(package_dir), Path(dest)
     records = [Path(run_records)] if isinstance(run_records, (str, Path)) else [Path(r) for r in run_records]
     card = {**pkg.card, "shipped": {"from_version": pkg.version, "weights": "fp16", "note": note}}
-    if code_commit: card["code_commit"] = code_commit
-    new = out.with_name(out.name + ".new"); shutil.rmtree(new, ignore_errors=True)
+    if code_commit:
+        card["code_commit"] = code_commit
+    new = out.with_name(out.name + ".new")
+    shutil.rmtree(new, ignore_errors=True)
     pkg.model.half().save_pretrained(new, safe_serialization=True)
-    pkg.preprocess.save(new/"preprocess.json")
+    pkg.preprocess.save(new / "preprocess.json")
     _hf_processor(pkg.preprocess).save_pretrained(new)
-    for i, r in enumerate(records): shutil.copy(r, new/("train.ipynb" if i == len(records) - 1 else f"train-part{i + 1}.ipynb"))
-    if (out/"card.json").exists() and card.get("parent") == out.name:    # continued from the checkpoint it replaces
-        prev = json.loads((out/"card.json").read_text())
-        if (out/"lineage").exists(): shutil.copytree(out/"lineage", new/"lineage")
-        stage = new/"lineage"/prev["run_id"]; stage.mkdir(parents=True)
-        for f in [out/"card.json", *out.glob("*.ipynb")]: shutil.copy(f, stage/f.name)
-        card["parent"] = dict(name=out.name, run_id=prev["run_id"], version=prev.get("version"),
-                              test_acc=prev.get("metrics", {}).get("test_acc"), card=f"lineage/{prev['run_id']}/card.json")
-    (new/"card.json").write_text(json.dumps(card, indent=2, default=str))
-    for f in new.rglob("*"): f.chmod(0o755 if f.is_dir() else 0o644)     # readable by a non-root service user
-    shutil.rmtree(out, ignore_errors=True); new.rename(out)
+    for i, r in enumerate(records):
+        shutil.copy(r, new / ("train.ipynb" if i == len(records) - 1 else f"train-part{i + 1}.ipynb"))
+    if (out / "card.json").exists() and card.get("parent") == out.name:  # continued from the checkpoint it replaces
+        prev = json.loads((out / "card.json").read_text())
+        if (out / "lineage").exists():
+            shutil.copytree(out / "lineage", new / "lineage")
+        stage = new / "lineage" / prev["run_id"]
+        stage.mkdir(parents=True)
+        for f in [out / "card.json", *out.glob("*.ipynb")]:
+            shutil.copy(f, stage / f.name)
+        card["parent"] = dict(
+            name=out.name,
+            run_id=prev["run_id"],
+            version=prev.get("version"),
+            test_acc=prev.get("metrics", {}).get("test_acc"),
+            card=f"lineage/{prev['run_id']}/card.json",
+        )
+    (new / "card.json").write_text(json.dumps(card, indent=2, default=str))
+    for f in new.rglob("*"):
+        f.chmod(0o755 if f.is_dir() else 0o644)  # readable by a non-root service user
+    shutil.rmtree(out, ignore_errors=True)
+    new.rename(out)
     return out
+
 
 def checkpoint_lineage(dest) -> list[dict]:
     "The cards of a shipped checkpoint and of every checkpoint it was trained from, newest first, back to a preset."
-    cards, d = [json.loads((Path(dest)/"card.json").read_text())], Path(dest)
-    while isinstance(p := cards[-1].get("parent"), dict): cards.append(json.loads((d/p["card"]).read_text()))
+    cards, d = [json.loads((Path(dest) / "card.json").read_text())], Path(dest)
+    while isinstance(p := cards[-1].get("parent"), dict):
+        cards.append(json.loads((d / p["card"]).read_text()))
     return cards
 
 # %% ../nbs/model.ipynb #74262c78

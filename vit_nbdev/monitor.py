@@ -31,16 +31,22 @@ __all__ = ['REFERENCE_FILE', 'CHI2_TEST', 'as_package', 'embed_images', 'embeddi
            'reference_to_parquet', 'reference_from_parquet', 'save_reference', 'load_reference', 'ensure_reference',
            'Projection', 'fit_projection', 'drift_columns', 'chi2_homogeneity', 'ks_pvalue', 'decide', 'drift_tests',
            'load_evidently', 'DriftResult', 'drift_report', 'report_stamp', 'save_report', 'list_reports',
-           'latest_report', 'run_monitoring', 'DriftMonitoring', 'cli']
+           'latest_report', 'run_monitoring', 'DriftMonitoring', 'monitor_command']
 
 # %% ../nbs/monitor.ipynb #10a62c33
 def as_package(package_or_dir, device: str = "cpu") -> ModelPackage:
     "A loaded `ModelPackage`: `package_or_dir` itself, or the package directory it names, loaded on `device`."
     return package_or_dir if isinstance(package_or_dir, ModelPackage) else load_package(package_or_dir, device=device)
 
+
 @torch.inference_mode()
-def embed_images(package: ModelPackage, images: torch.Tensor, batch_size: int = 500, version: str | None = None,
-                 engine: Engine | None = None) -> pd.DataFrame:
+def embed_images(
+    package: ModelPackage,
+    images: torch.Tensor,
+    batch_size: int = 500,
+    version: str | None = None,
+    engine: Engine | None = None,
+) -> pd.DataFrame:
     "Telemetry-like records of `uint8 (N,3,H,W)` images: `embedding` (final `[CLS]` token), predicted `label`, its `score`, `model_version`, `engine` (default: fp32 PyTorch)."
     model = package.model
     dev = next(model.parameters()).device
@@ -48,68 +54,111 @@ def embed_images(package: ModelPackage, images: torch.Tensor, batch_size: int = 
     embs, probs = [], []
     for b in images.split(batch_size):
         e, logits = run(preprocess(b.to(dev), package.preprocess))
-        embs.append(e.float().cpu()); probs.append(logits.float().softmax(-1).cpu())
+        embs.append(e.float().cpu())
+        probs.append(logits.float().softmax(-1).cpu())
     d = model.config.hidden_size
     E = torch.cat(embs).numpy() if embs else np.zeros((0, d), np.float32)
     P = torch.cat(probs) if probs else torch.zeros(0, model.config.num_labels)
     score, idx = P.max(-1) if len(P) else (torch.zeros(0), torch.zeros(0, dtype=torch.long))
     labels = package.labels
-    return pd.DataFrame({"embedding": list(E), "label": [labels[i] for i in idx.tolist()], "score": score.numpy().astype(np.float32),
-                         "model_version": version or package.version or "unversioned",
-                         "engine": engine.name if engine else REFERENCE_ENGINE})
+    return pd.DataFrame(
+        {
+            "embedding": list(E),
+            "label": [labels[i] for i in idx.tolist()],
+            "score": score.numpy().astype(np.float32),
+            "model_version": version or package.version or "unversioned",
+            "engine": engine.name if engine else REFERENCE_ENGINE,
+        }
+    )
+
 
 def embedding_matrix(df: pd.DataFrame) -> np.ndarray:
     "The `embedding` column of `df` (lists or arrays of floats) as one `float64 (N, D)` array."
-    if len(df) == 0: return np.zeros((0, 0))
+    if len(df) == 0:
+        return np.zeros((0, 0))
     lens = {len(e) for e in df["embedding"]}
-    if len(lens) != 1: raise ValueError(f"embeddings of different lengths {sorted(lens)} in one frame: were several models mixed?")
+    if len(lens) != 1:
+        raise ValueError(f"embeddings of different lengths {sorted(lens)} in one frame: were several models mixed?")
     return np.stack([np.asarray(e, dtype=np.float64) for e in df["embedding"]])
 
 # %% ../nbs/monitor.ipynb #da439ed2
 REFERENCE_FILE = "reference.parquet"
 
+
 def reference_key(version: str, engine: str = REFERENCE_ENGINE) -> str:
     "The store key of `version`'s reference embeddings by `engine`: `models/<version>/reference.parquet` for fp32, `reference-<engine>.parquet` for the others."
-    return f"models/{version}/{REFERENCE_FILE}" if engine == REFERENCE_ENGINE else f"models/{version}/reference-{engine}.parquet"
+    return (
+        f"models/{version}/{REFERENCE_FILE}"
+        if engine == REFERENCE_ENGINE
+        else f"models/{version}/reference-{engine}.parquet"
+    )
+
 
 def _default_source(card: dict) -> str:
     "The model's training data if it can be read here without a download, else the bundled sample."
     src = (card.get("dataset") or {}).get("source") or "sample"
-    try: kind, _ = resolve_source(src)
-    except FileNotFoundError: return "sample"
+    try:
+        kind, _ = resolve_source(src)
+    except FileNotFoundError:
+        return "sample"
     return src if kind in ("sample", "local") else "sample"
 
-def compute_reference(package_or_dir, data_source: str | None = None, n: int = REFERENCE_N, seed: int = 0,
-                      split: str | None = None, batch_size: int = 500, engine: Engine | None = None) -> pd.DataFrame:
+
+def compute_reference(
+    package_or_dir,
+    data_source: str | None = None,
+    n: int = REFERENCE_N,
+    seed: int = 0,
+    split: str | None = None,
+    batch_size: int = 500,
+    engine: Engine | None = None,
+) -> pd.DataFrame:
     "Embed `n` random (seeded) held-out images with `engine` (default fp32): of `data_source` (default: the training data if local, else the sample), `split` (default: validation if that is the training data, else test)."
     pkg = as_package(package_or_dir)
     params = pkg.card.get("params") or {}
     src = data_source or _default_source(pkg.card)
     data = load_cifar10(src, val_fraction=params.get("val_fraction", 0.2), seed=params.get("seed", 0), progress=False)
     trained_on = (pkg.card.get("dataset") or {}).get("fingerprint")
-    same = trained_on is not None and trained_on == data.fingerprint      # is this the model's own training data?
+    same = trained_on is not None and trained_on == data.fingerprint  # is this the model's own training data?
     split = split or ("validation" if same else "test")
-    if split not in ("train", "validation", "test"): raise ValueError(f"split must be 'train', 'validation' or 'test', got {split!r}")
+    if split not in ("train", "validation", "test"):
+        raise ValueError(f"split must be 'train', 'validation' or 'test', got {split!r}")
     s = getattr(data, split)
-    if not 0 < n <= len(s): raise ValueError(f"n={n} reference images requested, the {split} split of {src!r} has {len(s)}")
+    if not 0 < n <= len(s):
+        raise ValueError(f"n={n} reference images requested, the {split} split of {src!r} has {len(s)}")
     idx = torch.randperm(len(s), generator=torch.Generator().manual_seed(seed))[:n].sort().values
     df = embed_images(pkg, s.images[idx], batch_size, version=pkg.version, engine=engine)
     df["target"] = [data.label_names[i] for i in s.labels[idx].tolist()]
     df["index"] = idx.numpy()
-    df.attrs["reference"] = dict(model_version=pkg.version, data_source=data.source, fingerprint=data.fingerprint, split=split,
-                                 n=n, seed=seed, engine=df['engine'].iloc[0], held_out=split == "test" or (split == "validation" and same),
-                                 created=datetime.now(UTC).isoformat(timespec="seconds"))
+    df.attrs["reference"] = dict(
+        model_version=pkg.version,
+        data_source=data.source,
+        fingerprint=data.fingerprint,
+        split=split,
+        n=n,
+        seed=seed,
+        engine=df['engine'].iloc[0],
+        held_out=split == "test" or (split == "validation" and same),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
     return df
 
 # %% ../nbs/monitor.ipynb #bc50498e
 _META = b"vit_nbdev.reference"
 
+
 def reference_to_parquet(df: pd.DataFrame) -> bytes:
     "The bytes of a parquet file holding the reference `df`, its `attrs['reference']` in the file metadata."
-    t = pa.Table.from_pandas(df.assign(embedding=[np.asarray(e, np.float32) for e in df["embedding"]]), preserve_index=False)
-    t = t.replace_schema_metadata({**(t.schema.metadata or {}), _META: json.dumps(df.attrs.get("reference", {})).encode()})
-    buf = io.BytesIO(); pq.write_table(t, buf, compression="zstd")
+    t = pa.Table.from_pandas(
+        df.assign(embedding=[np.asarray(e, np.float32) for e in df["embedding"]]), preserve_index=False
+    )
+    t = t.replace_schema_metadata(
+        {**(t.schema.metadata or {}), _META: json.dumps(df.attrs.get("reference", {})).encode()}
+    )
+    buf = io.BytesIO()
+    pq.write_table(t, buf, compression="zstd")
     return buf.getvalue()
+
 
 def reference_from_parquet(data: bytes) -> pd.DataFrame:
     "The reference DataFrame stored by `reference_to_parquet`."
@@ -125,90 +174,132 @@ def save_reference(store, version: str, df: pd.DataFrame, overwrite: bool = True
     open_store(store).put_bytes(key, reference_to_parquet(df), overwrite=overwrite)
     return key
 
+
 def load_reference(store, version: str, engine: str = REFERENCE_ENGINE) -> pd.DataFrame | None:
     "`version`'s stored reference by `engine`, or `None` if it has none yet."
-    try: return reference_from_parquet(open_store(store).get_bytes(reference_key(version, engine)))
-    except NotFound: return None
+    try:
+        return reference_from_parquet(open_store(store).get_bytes(reference_key(version, engine)))
+    except NotFound:
+        return None
 
-def ensure_reference(store, version: str = "latest", *, package=None, data_source: str | None = None, n: int = REFERENCE_N,
-                     seed: int = 0, split: str | None = None, refresh: bool = False, engine: Engine | None = None) -> pd.DataFrame:
+
+def ensure_reference(
+    store,
+    version: str = "latest",
+    *,
+    package=None,
+    data_source: str | None = None,
+    n: int = REFERENCE_N,
+    seed: int = 0,
+    split: str | None = None,
+    refresh: bool = False,
+    engine: Engine | None = None,
+) -> pd.DataFrame:
     "The reference of `version` (an alias or a version) by `engine` (default fp32): the stored one, else (or if `refresh`) computed now and stored."
     st, name = open_store(store), engine.name if engine else REFERENCE_ENGINE
     version = st.resolve(version)
-    if not refresh and (df := load_reference(st, version, name)) is not None: return df
+    if not refresh and (df := load_reference(st, version, name)) is not None:
+        return df
     pkg = as_package(package if package is not None else st.fetch_model(version))
     df = compute_reference(pkg, data_source, n, seed, split, engine=engine).assign(model_version=version)
     df.attrs["reference"]["model_version"] = version
-    try: save_reference(st, version, df, overwrite=refresh)
-    except StoreError:   # another process stored it first: use theirs, so that every instance compares with the same
-        if (theirs := load_reference(st, version, name)) is not None: return theirs
+    try:
+        save_reference(st, version, df, overwrite=refresh)
+    except StoreError:  # another process stored it first: use theirs, so that every instance compares with the same
+        if (theirs := load_reference(st, version, name)) is not None:
+            return theirs
         raise
     return df
 
 # %% ../nbs/monitor.ipynb #1912bad8
 def _times(s: pd.Series) -> pd.Series:
     "A time column as UTC timestamps (datetimes, ISO strings, or epoch seconds)."
-    if pd.api.types.is_numeric_dtype(s): return pd.to_datetime(s, unit="s", utc=True)
+    if pd.api.types.is_numeric_dtype(s):
+        return pd.to_datetime(s, unit="s", utc=True)
     return pd.to_datetime(s, utc=True, format="ISO8601") if s.dtype == object else pd.to_datetime(s, utc=True)
 
 # %% ../nbs/monitor.ipynb #ce013282
 CHI2_TEST = "chi2_homogeneity"
 
+
 @dataclass
 class Projection:
     "The top `k` principal axes of reference embeddings: `transform(X)` gives the components `pc1…pck`."
+
     mean: np.ndarray
-    axes: np.ndarray        # (k, D)
-    explained: np.ndarray   # share of the reference's variance along each axis
+    axes: np.ndarray  # (k, D)
+    explained: np.ndarray  # share of the reference's variance along each axis
+
     def transform(self, X: np.ndarray) -> np.ndarray:
         "Project `(N, D)` embeddings on the axes: `(N, k)`."
         return (np.asarray(X, np.float64) - self.mean) @ self.axes.T
+
     @property
     def columns(self) -> list[str]:
         "Column names of the components."
         return [f"pc{i + 1}" for i in range(len(self.axes))]
 
-def fit_projection(embeddings: np.ndarray, components: int = COMPONENTS, max_rows: int = 4000, seed: int = 0) -> Projection:
+
+def fit_projection(
+    embeddings: np.ndarray, components: int = COMPONENTS, max_rows: int = 4000, seed: int = 0
+) -> Projection:
     "PCA of `(N, D)` embeddings (a seeded random `max_rows` of them if more), keeping `components` axes (fewer if N or D is smaller)."
     X = np.asarray(embeddings, np.float64)
-    if len(X) > max_rows: X = X[np.random.default_rng(seed).choice(len(X), max_rows, replace=False)]
+    if len(X) > max_rows:
+        X = X[np.random.default_rng(seed).choice(len(X), max_rows, replace=False)]
     mean = X.mean(0)
     Xc = X - mean
-    var, vecs = np.linalg.eigh(Xc.T @ Xc)       # D × D: cheaper than an SVD of N × D, and kinder to shared cores
+    var, vecs = np.linalg.eigh(Xc.T @ Xc)  # D × D: cheaper than an SVD of N × D, and kinder to shared cores
     var, vecs = np.clip(var[::-1], 0, None), vecs[:, ::-1]
     k = max(1, min(components, len(X) - 1, X.shape[1]))
     return Projection(mean, vecs[:, :k].T.copy(), var[:k] / var.sum() if var.sum() > 0 else np.zeros(k))
 
-def drift_columns(reference_df: pd.DataFrame, current_df: pd.DataFrame, components: int = COMPONENTS,
-                  fit: str = "pooled") -> tuple[pd.DataFrame, pd.DataFrame, Projection]:
+
+def drift_columns(
+    reference_df: pd.DataFrame, current_df: pd.DataFrame, components: int = COMPONENTS, fit: str = "pooled"
+) -> tuple[pd.DataFrame, pd.DataFrame, Projection]:
     "The tables the tests compare: `pc1…pck`, `score`, `label`; and the projection, fitted on both samples pooled (or `fit='reference'`)."
-    if fit not in ("pooled", "reference"): raise ValueError(f"fit must be 'pooled' or 'reference', got {fit!r}")
+    if fit not in ("pooled", "reference"):
+        raise ValueError(f"fit must be 'pooled' or 'reference', got {fit!r}")
     R, C = embedding_matrix(reference_df), embedding_matrix(current_df)
     if len(C) and R.shape[1] != C.shape[1]:
-        raise ValueError(f"reference embeddings have {R.shape[1]} dimensions, the window's {C.shape[1]}: not the same model")
+        raise ValueError(
+            f"reference embeddings have {R.shape[1]} dimensions, the window's {C.shape[1]}: not the same model"
+        )
     proj = fit_projection(np.vstack([R, C]) if fit == "pooled" and len(C) else R, components)
+
     def table(df, X):
         t = pd.DataFrame(proj.transform(X) if len(df) else np.zeros((0, len(proj.axes))), columns=proj.columns)
         return t.assign(score=np.asarray(df["score"], np.float64), label=np.asarray(df["label"]).astype(str))
+
     return table(reference_df, R), table(current_df, C), proj
 
 # %% ../nbs/monitor.ipynb #20df9fd2
 def chi2_homogeneity(reference: pd.Series, current: pd.Series) -> float:
     "p-value of the chi-square test that two samples of a categorical variable come from one distribution."
     from scipy.stats import chi2_contingency
+
     ref, cur = pd.Series(reference).astype(str).value_counts(), pd.Series(current).astype(str).value_counts()
     table = pd.concat([ref, cur], axis=1).fillna(0).to_numpy().T
-    if table.shape[1] < 2 or (table.sum(1) == 0).any(): return 1.0
+    if table.shape[1] < 2 or (table.sum(1) == 0).any():
+        return 1.0
     return float(chi2_contingency(table, correction=False)[1])
+
 
 def ks_pvalue(reference, current) -> float:
     "p-value of the two-sample Kolmogorov–Smirnov test (as Evidently's `ks`)."
     from scipy.stats import ks_2samp
+
     return float(ks_2samp(np.asarray(reference), np.asarray(current))[1])
 
+
 def _groups(columns) -> dict[str, list[str]]:
-    return {"embedding": [c for c in columns if c.startswith("pc")], "prediction": [c for c in columns if c == "label"],
-            "confidence": [c for c in columns if c == "score"]}
+    return {
+        "embedding": [c for c in columns if c.startswith("pc")],
+        "prediction": [c for c in columns if c == "label"],
+        "confidence": [c for c in columns if c == "score"],
+    }
+
 
 def decide(p_values: dict[str, float], alpha: float = ALPHA) -> dict:
     "Bonferroni decision over the tests' p-values: per-group scores (1 − smallest adjusted p), drifted flags, overall verdict."
@@ -217,12 +308,25 @@ def decide(p_values: dict[str, float], alpha: float = ALPHA) -> dict:
     groups = {g: cs for g, cs in _groups(p_values).items() if cs}
     scores = {g: 1.0 - min(adj[c] for c in cs) for g, cs in groups.items()}
     drifted = {g: min(adj[c] for c in cs) < alpha for g, cs in groups.items()}
-    return dict(drift_detected=any(drifted.values()), drift_score=max(scores.values()), scores=scores, drifted=drifted,
-                p_values=p_values, drifted_columns=[c for c in p_values if adj[c] < alpha],
-                drift_share=sum(adj[c] < alpha for c in p_values) / m, per_test_threshold=alpha / m)
+    return dict(
+        drift_detected=any(drifted.values()),
+        drift_score=max(scores.values()),
+        scores=scores,
+        drifted=drifted,
+        p_values=p_values,
+        drifted_columns=[c for c in p_values if adj[c] < alpha],
+        drift_share=sum(adj[c] < alpha for c in p_values) / m,
+        per_test_threshold=alpha / m,
+    )
 
-def drift_tests(reference_df: pd.DataFrame, current_df: pd.DataFrame, components: int = COMPONENTS, alpha: float = ALPHA,
-                fit: str = "pooled") -> dict:
+
+def drift_tests(
+    reference_df: pd.DataFrame,
+    current_df: pd.DataFrame,
+    components: int = COMPONENTS,
+    alpha: float = ALPHA,
+    fit: str = "pooled",
+) -> dict:
     "The detector without Evidently: the same tests and decision as `drift_report`, in milliseconds."
     ref, cur, _ = drift_columns(reference_df, current_df, components, fit)
     p = {c: ks_pvalue(ref[c], cur[c]) for c in ref.columns if c != "label"}
@@ -233,108 +337,188 @@ def drift_tests(reference_df: pd.DataFrame, current_df: pd.DataFrame, components
 def load_evidently():
     "Import Evidently (slow: on first use only) and register the two-sample chi-square test with it."
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")       # deprecation notices from Evidently's dependencies
+        warnings.simplefilter("ignore")  # deprecation notices from Evidently's dependencies
         import evidently
     from evidently.legacy.calculations.stattests.registry import StatTest, register_stattest, _registered_stat_tests
     from evidently.legacy.core import ColumnType
+
     if CHI2_TEST not in _registered_stat_tests:
+
         def impl(reference, current, feature_type, threshold):
             p = chi2_homogeneity(reference, current)
             return p, p < threshold
-        register_stattest(StatTest(name=CHI2_TEST, display_name="chi-square homogeneity p_value",
-                                   allowed_feature_types=[ColumnType.Categorical]), default_impl=impl)
+
+        register_stattest(
+            StatTest(
+                name=CHI2_TEST,
+                display_name="chi-square homogeneity p_value",
+                allowed_feature_types=[ColumnType.Categorical],
+            ),
+            default_impl=impl,
+        )
     return evidently
+
 
 @dataclass
 class DriftResult:
     "A drift report: `summary` (JSON-able dict: status, drift_detected, scores, window, versions, method…), `html`, Evidently's `snapshot`."
+
     summary: dict
     html: str
     snapshot: Any = None
     keys: list = field(default_factory=list)
+
     @property
     def drift_detected(self) -> bool:
         "Did any test fire? (`False` for a window with not enough data.)"
         return bool(self.summary.get("drift_detected"))
 
+
 def _iso(t) -> str | None:
     return None if t is None or pd.isna(t) else pd.Timestamp(t).isoformat()
+
 
 def _window_info(current_df: pd.DataFrame, window: dict | None) -> dict:
     t = _times(current_df["time"]) if "time" in current_df and len(current_df) else None
     inst = current_df["instance"].dropna().value_counts() if "instance" in current_df else pd.Series(dtype=int)
-    return {**(window or {}), "n": len(current_df), "instances": len(inst), "by_instance": {str(k): int(v) for k, v in inst.items()},
-            "start": _iso(t.min()) if t is not None else None, "end": _iso(t.max()) if t is not None else None}
+    return {
+        **(window or {}),
+        "n": len(current_df),
+        "instances": len(inst),
+        "by_instance": {str(k): int(v) for k, v in inst.items()},
+        "start": _iso(t.min()) if t is not None else None,
+        "end": _iso(t.max()) if t is not None else None,
+    }
+
 
 def _versions(reference_df: pd.DataFrame, current_df: pd.DataFrame) -> dict:
     ref_v = sorted(set(map(str, reference_df.get("model_version", pd.Series(dtype=str)))))
     cur_v = sorted(set(map(str, current_df.get("model_version", pd.Series(dtype=str)))))
-    if len(ref_v) > 1: raise ValueError(f"the reference mixes model versions {ref_v}")
+    if len(ref_v) > 1:
+        raise ValueError(f"the reference mixes model versions {ref_v}")
     if ref_v and cur_v and cur_v != ref_v:
-        raise ValueError(f"the window holds records of model version(s) {cur_v} but the reference is of {ref_v[0]}: "
-                         f"embeddings of different models cannot be compared; load the window of one version (read_telemetry(store, version))")
+        raise ValueError(
+            f"the window holds records of model version(s) {cur_v} but the reference is of {ref_v[0]}: "
+            f"embeddings of different models cannot be compared; load the window of one version (read_telemetry(store, version))"
+        )
     return {"model": (ref_v or cur_v or [None])[0], "reference": ref_v[0] if ref_v else None, "current": cur_v}
+
 
 def _document(title: str, body: str) -> str:
     "A minimal HTML document around `body` (the report when Evidently has nothing to show)."
-    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{_html.escape(title)} · vit-nbdev</title></head>'
-            f'<body style="margin:2rem auto;max-width:900px">{body}</body></html>')
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{_html.escape(title)} · vit-nbdev</title></head>'
+        f'<body style="margin:2rem auto;max-width:900px">{body}</body></html>'
+    )
+
 
 def _banner(s: dict) -> str:
     esc = lambda x: _html.escape(str(x))
-    if s["status"] != "ok": head, color = "Not enough data: " + esc(s["message"]), "#8a6d00"
-    elif s["drift_detected"]: head, color = "Drift detected in " + ", ".join(g for g, d in s["drifted"].items() if d), "#b42318"
-    else: head, color = "No drift detected", "#067647"
+    if s["status"] != "ok":
+        head, color = "Not enough data: " + esc(s["message"]), "#8a6d00"
+    elif s["drift_detected"]:
+        head, color = "Drift detected in " + ", ".join(g for g, d in s["drifted"].items() if d), "#b42318"
+    else:
+        head, color = "No drift detected", "#067647"
     w, alpha = s["window"], s["method"]["alpha"]
     span = f" from {esc(w['start'])} to {esc(w['end'])}" if w.get("start") else ""
     scores = " · ".join(f"{g} {v:.3f}" for g, v in (s.get("scores") or {}).items())
     scores = f"<br>scores (an alarm is a score above {1 - alpha:.2f}): {scores}" if scores else ""
     who = f" from {w['instances']} instance{'s' * (w['instances'] != 1)}" if w.get("instances") else ""
     if (f := w.get("telemetry_flush_s")) and (s["status"] != "ok" or w["n"] < (w.get("last_n") or 0)):
-        scores += (f"<br>A short window: each instance writes its records to the store every {f:g} s (VIT_TELEMETRY_FLUSH_S); "
-                   f"this one wrote its own before the report, the others' last {f:g} s are not in it yet.")
-    return (f'<div style="font:15px/1.5 system-ui,sans-serif;padding:12px 16px;margin:0 0 8px;border-left:6px solid {color};background:#f8f9fb">'
-            f'<b style="color:{color};font-size:18px">{head}</b><br>'
-            f"model <code>{esc(s['versions']['model'])}</code> · window of {w['n']} records{who}{span}"
-            f" · reference of {s['n_reference']} records · {esc(s['method']['name'])}, alpha {alpha}{scores}"
-            f'<br><span style="color:#667085">created {esc(s["created"])}</span></div>')
+        scores += (
+            f"<br>A short window: each instance writes its records to the store every {f:g} s (VIT_TELEMETRY_FLUSH_S); "
+            f"this one wrote its own before the report, the others' last {f:g} s are not in it yet."
+        )
+    return (
+        f'<div style="font:15px/1.5 system-ui,sans-serif;padding:12px 16px;margin:0 0 8px;border-left:6px solid {color};background:#f8f9fb">'
+        f'<b style="color:{color};font-size:18px">{head}</b><br>'
+        f"model <code>{esc(s['versions']['model'])}</code> · window of {w['n']} records{who}{span}"
+        f" · reference of {s['n_reference']} records · {esc(s['method']['name'])}, alpha {alpha}{scores}"
+        f'<br><span style="color:#667085">created {esc(s["created"])}</span></div>'
+    )
 
 
-def drift_report(reference_df: pd.DataFrame, current_df: pd.DataFrame, *, components: int = COMPONENTS, alpha: float = ALPHA,
-                 min_records: int = MIN_RECORDS, window: dict | None = None, html: bool = True, fit: str = "pooled") -> DriftResult:
+def drift_report(
+    reference_df: pd.DataFrame,
+    current_df: pd.DataFrame,
+    *,
+    components: int = COMPONENTS,
+    alpha: float = ALPHA,
+    min_records: int = MIN_RECORDS,
+    window: dict | None = None,
+    html: bool = True,
+    fit: str = "pooled",
+) -> DriftResult:
     "Evidently drift report of a window of telemetry (`embedding`, `label`, `score`, …) against a reference."
     versions = _versions(reference_df, current_df)
-    method = dict(name=f"PCA-{components} KS + prediction chi-square + confidence KS, Bonferroni", components=components, alpha=alpha,
-                  projection=fit, tests={"embedding": "ks", "prediction": CHI2_TEST, "confidence": "ks"})
-    base = dict(created=datetime.now(UTC).isoformat(timespec="seconds"), window=_window_info(current_df, window),
-                n_reference=len(reference_df), n_current=len(current_df), min_records=min_records, versions=versions,
-                reference=reference_df.attrs.get("reference", {}), method=method)
-    short = [f"the window has {len(current_df)} records, fewer than min_records={min_records}"] if len(current_df) < min_records else []
-    if len(reference_df) < min_records: short.append(f"the reference has {len(reference_df)} records, fewer than min_records={min_records}")
+    method = dict(
+        name=f"PCA-{components} KS + prediction chi-square + confidence KS, Bonferroni",
+        components=components,
+        alpha=alpha,
+        projection=fit,
+        tests={"embedding": "ks", "prediction": CHI2_TEST, "confidence": "ks"},
+    )
+    base = dict(
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        window=_window_info(current_df, window),
+        n_reference=len(reference_df),
+        n_current=len(current_df),
+        min_records=min_records,
+        versions=versions,
+        reference=reference_df.attrs.get("reference", {}),
+        method=method,
+    )
+    short = (
+        [f"the window has {len(current_df)} records, fewer than min_records={min_records}"]
+        if len(current_df) < min_records
+        else []
+    )
+    if len(reference_df) < min_records:
+        short.append(f"the reference has {len(reference_df)} records, fewer than min_records={min_records}")
     if short:
-        s = dict(status="not_enough_data", message="; ".join(short), drift_detected=False, drift_score=None, scores={}, drifted={}, **base)
+        s = dict(
+            status="not_enough_data",
+            message="; ".join(short),
+            drift_detected=False,
+            drift_score=None,
+            scores={},
+            drifted={},
+            **base,
+        )
         return DriftResult(s, _document("Drift report: not enough data", _banner(s)) if html else "")
     ev = load_evidently()
     from evidently import Report, Dataset, DataDefinition
     from evidently.metrics import ValueDrift
+
     ref, cur, proj = drift_columns(reference_df, current_df, components, fit)
     m = len(ref.columns)
-    method.update(components=len(proj.axes), explained_variance=round(float(proj.explained.sum()), 4), per_test_threshold=alpha / m,
-                  evidently=ev.__version__)
+    method.update(
+        components=len(proj.axes),
+        explained_variance=round(float(proj.explained.sum()), 4),
+        per_test_threshold=alpha / m,
+        evidently=ev.__version__,
+    )
     dd = DataDefinition(numerical_columns=[c for c in ref.columns if c != "label"], categorical_columns=["label"])
     metrics = [ValueDrift(column=c, method="ks", threshold=alpha / m) for c in proj.columns + ["score"]]
     metrics.append(ValueDrift(column="label", method=CHI2_TEST, threshold=alpha / m))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        snap = Report(metrics).run(Dataset.from_pandas(cur, data_definition=dd), Dataset.from_pandas(ref, data_definition=dd))
+        snap = Report(metrics).run(
+            Dataset.from_pandas(cur, data_definition=dd), Dataset.from_pandas(ref, data_definition=dd)
+        )
     p = {r["config"]["column"]: float(r["value"]) for r in snap.dict()["metrics"]}
     s = dict(status="ok", message="", **decide({c: p[c] for c in ref.columns}, alpha), **base)
-    s["message"] = ("drift detected in " + ", ".join(g for g, d in s["drifted"].items() if d)) if s["drift_detected"] else "no drift detected"
+    s["message"] = (
+        ("drift detected in " + ", ".join(g for g, d in s["drifted"].items() if d))
+        if s["drift_detected"]
+        else "no drift detected"
+    )
     page = ""
     if html:
         page = snap.get_html_str(as_iframe=False)
         i = page.find("<body>")
-        page = page[:i + 6] + _banner(s) + page[i + 6:] if i >= 0 else _banner(s) + page
+        page = page[: i + 6] + _banner(s) + page[i + 6 :] if i >= 0 else _banner(s) + page
     return DriftResult(s, page, snap)
 
 # %% ../nbs/monitor.ipynb #9d1cac93
@@ -342,6 +526,7 @@ def report_stamp(now: datetime | None = None) -> str:
     "A report's name: the UTC time in ISO basic format with microseconds, e.g. `20261126T114502.123456Z` (sorts by time)."
     now = (now or datetime.now(UTC)).astimezone(UTC)
     return now.strftime("%Y%m%dT%H%M%S.%fZ")
+
 
 def save_report(store, result: DriftResult, stamp: str | None = None) -> list[str]:
     "Store `result` as `reports/<stamp>.html` and `reports/<stamp>.json` (summary; written last); return the two keys."
@@ -354,15 +539,18 @@ def save_report(store, result: DriftResult, stamp: str | None = None) -> list[st
             st.put_bytes(keys[0], result.html.encode(), overwrite=False)
             st.put_bytes(keys[1], json.dumps(summary, indent=1, default=str).encode(), overwrite=False)
         except StoreError as e:
-            if "already exists" not in str(e) or stamp: raise
-            continue       # two reports in one microsecond: take the next
+            if "already exists" not in str(e) or stamp:
+                raise
+            continue  # two reports in one microsecond: take the next
         result.summary, result.keys = summary, keys
         return keys
     raise StoreError(f"could not find a free report name in {st.uri}")
 
+
 def list_reports(store) -> list[str]:
     "The stamps of all complete reports (those with a JSON summary), oldest first."
-    return sorted(k[len("reports/"):-len(".json")] for k in open_store(store).list("reports/") if k.endswith(".json"))
+    return sorted(k[len("reports/") : -len(".json")] for k in open_store(store).list("reports/") if k.endswith(".json"))
+
 
 def latest_report(store) -> tuple[str, dict] | None:
     "`(html, summary)` of the newest report in the store, or `None` if there is none yet."
@@ -370,44 +558,84 @@ def latest_report(store) -> tuple[str, dict] | None:
     now = datetime.now(UTC)
     for prefix in (f"reports/{now:%Y%m%d}", f"reports/{now:%Y%m}", f"reports/{now:%Y}", "reports/"):
         js = [k for k in st.list(prefix) if k.endswith(".json")]
-        if js: break
-    if not js: return None
+        if js:
+            break
+    if not js:
+        return None
     key = max(js)
     summary = json.loads(st.get_bytes(key))
-    try: page = st.get_bytes(key[:-len(".json")] + ".html").decode()
-    except NotFound: page = _document("Drift report", _banner(summary) if "window" in summary else "<p>the HTML of this report is missing</p>")
+    try:
+        page = st.get_bytes(key[: -len(".json")] + ".html").decode()
+    except NotFound:
+        page = _document(
+            "Drift report", _banner(summary) if "window" in summary else "<p>the HTML of this report is missing</p>"
+        )
     return page, summary
 
 # %% ../nbs/monitor.ipynb #34554a34
 def _window_engine(cur: pd.DataFrame, engine: Engine | None) -> tuple[str, int]:
     "The engine most records of the window came from (records from before engines count as fp32), and how many came from others."
-    if "engine" not in cur or cur.empty: return (engine.name if engine else REFERENCE_ENGINE), 0
+    if "engine" not in cur or cur.empty:
+        return (engine.name if engine else REFERENCE_ENGINE), 0
     counts = cur["engine"].value_counts()
     return counts.index[0], int(len(cur) - counts.iloc[0])
 
-def run_monitoring(store, model: str = "latest", *, last_n: int | None = 1000, since=None, until=None, min_records: int = MIN_RECORDS,
-                   components: int = COMPONENTS, alpha: float = ALPHA, save: bool = True, package=None, telemetry_flush_s: float | None = None,
-                   engine: Engine | None = None, **reference_kw) -> DriftResult:
+
+def run_monitoring(
+    store,
+    model: str = "latest",
+    *,
+    last_n: int | None = 1000,
+    since=None,
+    until=None,
+    min_records: int = MIN_RECORDS,
+    components: int = COMPONENTS,
+    alpha: float = ALPHA,
+    save: bool = True,
+    package=None,
+    telemetry_flush_s: float | None = None,
+    engine: Engine | None = None,
+    **reference_kw,
+) -> DriftResult:
     "Drift report of `model`'s recent telemetry (last `last_n` records in `[since, until)`) against its reference (made if missing); stored if `save`. `telemetry_flush_s` (the fleet's) is shown when the window is short."
     st = open_store(store)
     version = st.resolve(model)
     cur = read_telemetry(st, version, last_n=last_n, since=since, until=until)
-    if "engine" in cur: cur["engine"] = cur["engine"].fillna(REFERENCE_ENGINE).replace("", REFERENCE_ENGINE)   # records from before engines: fp32
+    if "engine" in cur:
+        cur["engine"] = (
+            cur["engine"].fillna(REFERENCE_ENGINE).replace("", REFERENCE_ENGINE)
+        )  # records from before engines: fp32
     name, others = _window_engine(cur, engine)
     cur = cur[cur["engine"] == name] if others else cur
-    if name != (engine.name if engine else REFERENCE_ENGINE):   # the telemetry came from another engine: embed the reference with that one
+    if name != (
+        engine.name if engine else REFERENCE_ENGINE
+    ):  # the telemetry came from another engine: embed the reference with that one
         package = as_package(package if package is not None else st.fetch_model(version))
         engine = build_engine(name, package, cpu_budget(), sync_engines(st, version))
-    ref = ensure_reference(st, version, package=package, engine=engine if name != REFERENCE_ENGINE else None, **reference_kw)
-    window = {k: v for k, v in dict(last_n=last_n, since=_iso(as_utc(since)), until=_iso(as_utc(until)), telemetry_flush_s=telemetry_flush_s,
-                                    engine=name, other_engines=others or None).items() if v is not None}
+    ref = ensure_reference(
+        st, version, package=package, engine=engine if name != REFERENCE_ENGINE else None, **reference_kw
+    )
+    window = {
+        k: v
+        for k, v in dict(
+            last_n=last_n,
+            since=_iso(as_utc(since)),
+            until=_iso(as_utc(until)),
+            telemetry_flush_s=telemetry_flush_s,
+            engine=name,
+            other_engines=others or None,
+        ).items()
+        if v is not None
+    }
     res = drift_report(ref, cur, components=components, alpha=alpha, min_records=min_records, window=window)
-    if save: save_report(st, res)
+    if save:
+        save_report(st, res)
     return res
 
 # %% ../nbs/monitor.ipynb #ed28adb0
 class DriftMonitoring:
     "The service's monitoring: latest report at `/monitoring`, reference and report builds behind `/admin/*`, drift gauges in `/metrics`."
+
     def __init__(self, last_n: int = 1000, min_records: int = MIN_RECORDS):
         self.last_n, self.min_records, self.building, self.last, self.service = last_n, min_records, None, None, None
 
@@ -415,19 +643,29 @@ class DriftMonitoring:
         "Keep the service (its `get_store()`, `served`, `metrics.registry`) and register the drift gauges."
         self.service = service
         reg = service.metrics.registry
-        self.score = Gauge("vit_drift_score", "drift score of the latest report (0-1; drift above 1 - alpha)", registry=reg)
-        self.detected = Gauge("vit_drift_detected", "1 if the latest report found drift, 0 if not, -1 if none yet or not enough data", registry=reg)
+        self.score = Gauge(
+            "vit_drift_score", "drift score of the latest report (0-1; drift above 1 - alpha)", registry=reg
+        )
+        self.detected = Gauge(
+            "vit_drift_detected",
+            "1 if the latest report found drift, 0 if not, -1 if none yet or not enough data",
+            registry=reg,
+        )
         self.detected.set(-1)
 
     def _served(self):
         s = self.service.served
-        if s is None: raise RuntimeError("no model is loaded yet")
+        if s is None:
+            raise RuntimeError("no model is loaded yet")
         return s
 
     def _publish(self, summary: dict):
         self.last = summary
-        if summary.get("drift_score") is None: self.detected.set(-1); return
-        self.score.set(summary["drift_score"]); self.detected.set(int(bool(summary["drift_detected"])))
+        if summary.get("drift_score") is None:
+            self.detected.set(-1)
+            return
+        self.score.set(summary["drift_score"])
+        self.detected.set(int(bool(summary["drift_detected"])))
 
     def latest_report(self) -> str | None:
         "The newest drift report in the store (HTML), if there is one."
@@ -438,38 +676,61 @@ class DriftMonitoring:
         "Recompute and store the reference embeddings of the serving model."
         s = self._served()
         ref = ensure_reference(self.service.get_store(), s.version, package=s.package, refresh=True, engine=s.engine)
-        return dict(version=s.version, records=len(ref), key=reference_key(s.version, s.engine.name), engine=s.engine.name)
+        return dict(
+            version=s.version, records=len(ref), key=reference_key(s.version, s.engine.name), engine=s.engine.name
+        )
 
     def _build(self, version: str, package, engine):
         svc = self.service
         flush_s = svc.cfg.telemetry_flush_s if getattr(svc, "telemetry", None) else None
-        try: self._publish(run_monitoring(svc.get_store(), version, last_n=self.last_n, min_records=self.min_records, package=package,
-                                          telemetry_flush_s=flush_s, engine=engine).summary)
-        except Exception as e: self.last = dict(status="error", message=f"{type(e).__name__}: {e}")
-        finally: self.building = None
+        try:
+            self._publish(
+                run_monitoring(
+                    svc.get_store(),
+                    version,
+                    last_n=self.last_n,
+                    min_records=self.min_records,
+                    package=package,
+                    telemetry_flush_s=flush_s,
+                    engine=engine,
+                ).summary
+            )
+        except Exception as e:
+            self.last = dict(status="error", message=f"{type(e).__name__}: {e}")
+        finally:
+            self.building = None
 
     def flush_telemetry(self) -> dict:
         "Write the service's buffered telemetry and feedback now, in this thread: `written` (records), `buffered` (left: the store failed)."
         out = dict(written=0, buffered=0)
-        for w in (getattr(self.service, "telemetry", None), getattr(getattr(self.service, "feedback", None), "writer", None)):
-            if w is None: continue
+        for w in (
+            getattr(self.service, "telemetry", None),
+            getattr(getattr(self.service, "feedback", None), "writer", None),
+        ):
+            if w is None:
+                continue
             before = w.written
             w.flush()
-            out["written"] += w.written - before; out["buffered"] += w.buffered
+            out["written"] += w.written - before
+            out["buffered"] += w.buffered
         return out
 
     def update_monitoring(self, wait: float = 0) -> dict:
         "Write this instance's buffered telemetry, then build a drift report of the serving model's recent telemetry in the background; wait up to `wait` s for it."
         s, flushed = self._served(), self.flush_telemetry()
         if (t := self.building) is None:
-            t = self.building = threading.Thread(target=self._build, args=(s.version, s.package, s.engine), daemon=True, name="drift-report")
+            t = self.building = threading.Thread(
+                target=self._build, args=(s.version, s.package, s.engine), daemon=True, name="drift-report"
+            )
             t.start()
-        if wait: t.join(wait)
-        if wait and not t.is_alive(): return dict(status="done", version=s.version, flushed=flushed, report=self.last)
+        if wait:
+            t.join(wait)
+        if wait and not t.is_alive():
+            return dict(status="done", version=s.version, flushed=flushed, report=self.last)
         return dict(status="building", version=s.version, last_n=self.last_n, flushed=flushed, previous=self.last)
 
 # %% ../nbs/monitor.ipynb #1f661642
-def cli(a) -> int:
+def monitor_command(a) -> int:
     "What `vit-monitor` does once the config chapter has parsed its arguments `a`: a reference or a report; the exit status."
     ref_kw = dict(data_source=a.data, n=a.n, seed=a.seed, split=a.split)
     try:
@@ -477,13 +738,46 @@ def cli(a) -> int:
         if a.command == "reference":
             version = st.resolve(a.model)
             df = ensure_reference(st, version, refresh=a.refresh, **ref_kw)
-            print(json.dumps(dict(version=version, key=reference_key(version), records=len(df), **df.attrs.get("reference", {})), default=str))
+            print(
+                json.dumps(
+                    dict(version=version, key=reference_key(version), records=len(df), **df.attrs.get("reference", {})),
+                    default=str,
+                )
+            )
             return 0
-        res = run_monitoring(st, a.model, last_n=a.last_n or None, since=a.since, until=a.until, min_records=a.min_records,
-                             components=a.components, alpha=a.alpha, save=not a.no_save, **ref_kw)
+        res = run_monitoring(
+            st,
+            a.model,
+            last_n=a.last_n or None,
+            since=a.since,
+            until=a.until,
+            min_records=a.min_records,
+            components=a.components,
+            alpha=a.alpha,
+            save=not a.no_save,
+            **ref_kw,
+        )
     except (StoreError, ValueError, FileNotFoundError) as e:
         print(f"vit-monitor: error: {e}", file=sys.stderr)
         return 2
-    if a.html: Path(a.html).write_text(res.html)
-    print(json.dumps({k: res.summary.get(k) for k in ("status", "message", "drift_detected", "drift_score", "scores", "window", "versions", "report")}, default=str))
+    if a.html:
+        Path(a.html).write_text(res.html)
+    print(
+        json.dumps(
+            {
+                k: res.summary.get(k)
+                for k in (
+                    "status",
+                    "message",
+                    "drift_detected",
+                    "drift_score",
+                    "scores",
+                    "window",
+                    "versions",
+                    "report",
+                )
+            },
+            default=str,
+        )
+    )
     return 1 if a.fail_on_drift and res.drift_detected else 0

@@ -23,55 +23,80 @@ __all__ = ['SEVERITIES', 'CORRUPTIONS', 'corrupt', 'windows', 'split_windows', '
            'study_table', 'plot_study']
 
 # %% ../nbs/robustness.ipynb #6422e301
-SEVERITIES = {   # CIFAR-10-C's parameters, severity 1 … 5
-    "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),    # noise std, images in [0, 1]
-    "blur": (0.4, 0.6, 0.7, 0.8, 1.0),                   # Gaussian blur sigma, pixels
-    "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),           # added to HSV value
-    "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),             # factor on the distance to the channel mean
-    "jpeg": (80, 65, 58, 50, 40),                        # JPEG quality
-    "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),           # downscale factor (box filter), then back up (nearest)
+SEVERITIES = {  # CIFAR-10-C's parameters, severity 1 … 5
+    "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),  # noise std, images in [0, 1]
+    "blur": (0.4, 0.6, 0.7, 0.8, 1.0),  # Gaussian blur sigma, pixels
+    "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),  # added to HSV value
+    "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),  # factor on the distance to the channel mean
+    "jpeg": (80, 65, 58, 50, 40),  # JPEG quality
+    "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),  # downscale factor (box filter), then back up (nearest)
 }
 
-def _gaussian_noise(x, c, g): return x + c * torch.randn(x.shape, generator=g)
+
+def _gaussian_noise(x, c, g):
+    return x + c * torch.randn(x.shape, generator=g)
+
 
 def _blur(x, sigma, g):
     r = int(4 * sigma + 0.5)
-    k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * sigma ** 2)); k = k / k.sum()
+    k = torch.exp(-(torch.arange(-r, r + 1, dtype=torch.float32) ** 2) / (2 * sigma**2))
+    k = k / k.sum()
     x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).repeat(3, 1, 1, 1), groups=3)
     return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1).repeat(3, 1, 1, 1), groups=3)
 
+
 def _brightness(x, c, g):
-    v = x.amax(1, keepdim=True)                  # HSV value; hue and saturation are kept, so RGB scales with it
+    v = x.amax(1, keepdim=True)  # HSV value; hue and saturation are kept, so RGB scales with it
     nv = (v + c).clamp(max=1.0)
     return torch.where(v > 0, x * nv / v.clamp_min(1e-12), nv.expand_as(x))
+
 
 def _contrast(x, c, g):
     m = x.mean((2, 3), keepdim=True)
     return (x - m) * c + m
 
+
 def _jpeg(x, q, g):
     out = []
     for a in (x * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy():
-        buf = io.BytesIO(); Image.fromarray(a).save(buf, "JPEG", quality=int(q)); buf.seek(0)
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "JPEG", quality=int(q))
+        buf.seek(0)
         out.append(np.asarray(Image.open(buf).convert("RGB")))
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255 if out else x
+
 
 def _pixelate(x, c, g):
     h, w = x.shape[-2:]
     small = F.adaptive_avg_pool2d(x, (int(h * c), int(w * c)))
     return F.interpolate(small, size=(h, w), mode="nearest")
 
-CORRUPTIONS: dict[str, Callable] = dict(gaussian_noise=_gaussian_noise, blur=_blur, brightness=_brightness, contrast=_contrast,
-                                        jpeg=_jpeg, pixelate=_pixelate)
+
+CORRUPTIONS: dict[str, Callable] = dict(
+    gaussian_noise=_gaussian_noise,
+    blur=_blur,
+    brightness=_brightness,
+    contrast=_contrast,
+    jpeg=_jpeg,
+    pixelate=_pixelate,
+)
+
 
 def corrupt(images: torch.Tensor, kind: str, severity: int, seed: int = 0, chunk: int = 2000) -> torch.Tensor:
     "`uint8 (N,3,H,W)` images with corruption `kind` (a key of `CORRUPTIONS`) at `severity` 1–5 (0: unchanged); seeded."
-    if kind not in CORRUPTIONS: raise ValueError(f"unknown corruption {kind!r}; known: {', '.join(CORRUPTIONS)}")
-    if not 0 <= severity <= 5: raise ValueError(f"severity must be 0 … 5, got {severity}")
-    if images.dtype != torch.uint8 or images.ndim != 4: raise ValueError(f"expected uint8 (N,3,H,W) images, got {images.dtype} {tuple(images.shape)}")
-    if severity == 0: return images.clone()
+    if kind not in CORRUPTIONS:
+        raise ValueError(f"unknown corruption {kind!r}; known: {', '.join(CORRUPTIONS)}")
+    if not 0 <= severity <= 5:
+        raise ValueError(f"severity must be 0 … 5, got {severity}")
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(f"expected uint8 (N,3,H,W) images, got {images.dtype} {tuple(images.shape)}")
+    if severity == 0:
+        return images.clone()
     c, g = SEVERITIES[kind][severity - 1], torch.Generator().manual_seed(seed)
-    out = [(CORRUPTIONS[kind](b.float() / 255, c, g) * 255).round().clamp(0, 255).to(torch.uint8) for b in images.split(chunk)]
+    out = [
+        (CORRUPTIONS[kind](b.float() / 255, c, g) * 255).round().clamp(0, 255).to(torch.uint8)
+        for b in images.split(chunk)
+    ]
     return torch.cat(out) if out else images.clone()
 
 # %% ../nbs/robustness.ipynb #3167a8ab
@@ -80,58 +105,97 @@ def windows(n: int, size: int, limit: int | None = None) -> list[slice]:
     w = [slice(i, i + size) for i in range(0, n - size + 1, size)]
     return w[:limit] if limit else w
 
+
 def split_windows(ws: list) -> tuple[list, list]:
     "The *validation* windows (even indices) and the *test* windows (odd indices) of `ws`: choose a detector's settings on the first, report on the second."
     return ws[0::2], ws[1::2]
+
 
 def default_detector(reference_df: pd.DataFrame, window_df: pd.DataFrame) -> bool:
     "This module's detector with its defaults: `drift_tests(...)['drift_detected']`."
     return drift_tests(reference_df, window_df)["drift_detected"]
 
-def robustness_study(package, images: torch.Tensor, labels: torch.Tensor, reference_df: pd.DataFrame, *, window: int = 200,
-                     detectors: dict[str, Callable] | None = None, corruptions=None, severities=(1, 2, 3, 4, 5), clean: bool = True,
-                     max_windows: int | None = None, subset: str | None = None, seed: int = 0, batch_size: int = 500, cache_dir=None,
-                     progress: bool = False) -> pd.DataFrame:
+
+def robustness_study(
+    package,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    reference_df: pd.DataFrame,
+    *,
+    window: int = 200,
+    detectors: dict[str, Callable] | None = None,
+    corruptions=None,
+    severities=(1, 2, 3, 4, 5),
+    clean: bool = True,
+    max_windows: int | None = None,
+    subset: str | None = None,
+    seed: int = 0,
+    batch_size: int = 500,
+    cache_dir=None,
+    progress: bool = False,
+) -> pd.DataFrame:
     "Accuracy and alarm rate per detector (default: `default_detector`) for clean `images` (severity 0) and each corruption × severity; alarm rates over all windows, or only the `subset` 'validation' or 'test' ones (`split_windows`)."
-    if subset not in (None, "validation", "test"): raise ValueError(f"subset must be None, 'validation' or 'test', got {subset!r}")
+    if subset not in (None, "validation", "test"):
+        raise ValueError(f"subset must be None, 'validation' or 'test', got {subset!r}")
     pkg = as_package(package)
     detectors = {"detector": default_detector} if detectors is None else detectors
     name_to_id = {l: i for i, l in enumerate(pkg.labels)}
-    cases = ([("none", 0)] if clean else []) + [(k, s) for k in (CORRUPTIONS if corruptions is None else corruptions) for s in severities]
+    cases = ([("none", 0)] if clean else []) + [
+        (k, s) for k in (CORRUPTIONS if corruptions is None else corruptions) for s in severities
+    ]
     rows, seconds = [], {name: [] for name in detectors}
     for k, s in cases:
-        f = Path(cache_dir)/f"{k}-{s}.parquet" if cache_dir else None   # embeddings, reused by later calls (one cache per model and images)
-        if f is not None and f.exists(): recs = pd.read_parquet(f)
+        f = (
+            Path(cache_dir) / f"{k}-{s}.parquet" if cache_dir else None
+        )  # embeddings, reused by later calls (one cache per model and images)
+        if f is not None and f.exists():
+            recs = pd.read_parquet(f)
         else:
-            recs = embed_images(pkg, images if s == 0 else corrupt(images, k, s, seed=seed), batch_size, version=pkg.version)
-            if f is not None: f.parent.mkdir(parents=True, exist_ok=True); recs.to_parquet(f)
+            recs = embed_images(
+                pkg, images if s == 0 else corrupt(images, k, s, seed=seed), batch_size, version=pkg.version
+            )
+            if f is not None:
+                f.parent.mkdir(parents=True, exist_ok=True)
+                recs.to_parquet(f)
         pred = torch.tensor([name_to_id[l] for l in recs["label"]])
         row = dict(corruption=k, severity=s, accuracy=(pred == labels).float().mean().item())
         ws = windows(len(recs), window, max_windows)
-        if subset is not None: ws = split_windows(ws)[subset == "test"]
+        if subset is not None:
+            ws = split_windows(ws)[subset == "test"]
         for name, det in detectors.items():
             t0 = time.perf_counter()
-            row[name] = float(np.mean([bool(det(reference_df, recs.iloc[w].reset_index(drop=True))) for w in ws])) if ws else float("nan")
+            row[name] = (
+                float(np.mean([bool(det(reference_df, recs.iloc[w].reset_index(drop=True))) for w in ws]))
+                if ws
+                else float("nan")
+            )
             seconds[name].append((time.perf_counter() - t0) / max(1, len(ws)))
         row["windows"] = len(ws)
         rows.append(row)
-        if progress: print(k, s, {c: round(v, 3) if isinstance(v, float) else v for c, v in row.items()}, flush=True)
+        if progress:
+            print(k, s, {c: round(v, 3) if isinstance(v, float) else v for c, v in row.items()}, flush=True)
     df = pd.DataFrame(rows)
     df.attrs["seconds_per_window"] = {name: float(np.mean(v)) if v else float("nan") for name, v in seconds.items()}
     return df
 
+
 def study_table(df: pd.DataFrame, detector: str) -> pd.DataFrame:
     "One detector's results as a corruption × severity table of `accuracy / alarm rate` (severity 0: clean, its alarms are false alarms)."
     clean = df[df.severity == 0].iloc[0]
-    t = {(r["corruption"], int(r["severity"])): f"{r['accuracy']:.3f} / {r[detector]:.2f}" for _, r in df[df.severity > 0].iterrows()}
+    t = {
+        (r["corruption"], int(r["severity"])): f"{r['accuracy']:.3f} / {r[detector]:.2f}"
+        for _, r in df[df.severity > 0].iterrows()
+    }
     tab = pd.Series(t).unstack().reindex(pd.unique(df[df.severity > 0].corruption))
     tab.insert(0, 0, f"{clean.accuracy:.3f} / {clean[detector]:.2f}")
     tab.columns = [f"severity {c}" for c in tab.columns]
     return tab
 
+
 def plot_study(df: pd.DataFrame, detector: str, title: str = ""):
     "Accuracy and alarm rate of `detector` against severity, one line per corruption; the clean false-alarm rate at severity 0."
     import matplotlib.pyplot as plt
+
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
     clean = df[df.severity == 0].iloc[0]
     for k, g in df[df.severity > 0].groupby("corruption", sort=False):
@@ -139,10 +203,15 @@ def plot_study(df: pd.DataFrame, detector: str, title: str = ""):
         a1.plot([0, *g.severity], [clean.accuracy, *g.accuracy], marker="o", label=k)
         a2.plot([0, *g.severity], [clean[detector], *g[detector]], marker="o", label=k)
     a1.set(xlabel="severity (0 = clean)", ylabel="accuracy", title="model accuracy")
-    a2.axhline(0.05, ls=":", c="gray"); a2.axhline(0.9, ls="--", c="gray")
+    a2.axhline(0.05, ls=":", c="gray")
+    a2.axhline(0.9, ls="--", c="gray")
     a2.set(xlabel="severity (0 = clean: false alarms)", ylabel="alarm rate", ylim=(-0.03, 1.03))
-    a2.set_title(f"alarm rate{f' ({int(df.windows.max())} windows per point)' if 'windows' in df else ''}\n{detector}", fontsize=8)
+    a2.set_title(
+        f"alarm rate{f' ({int(df.windows.max())} windows per point)' if 'windows' in df else ''}\n{detector}",
+        fontsize=8,
+    )
     a2.legend(fontsize=7, loc="lower right")
-    if title: fig.suptitle(title)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig

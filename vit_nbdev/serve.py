@@ -30,8 +30,17 @@ from .data import ImageError, prepare_image, to_model_size
 from .engine import Engine, choose_engine, cpu_budget, sync_engines
 from .model import ModelPackage, load_package
 from .store import NotFound, Store, StoreError, open_store
-from .telemetry import (FEEDBACK_BODY_SCHEMA, FEEDBACK_ITEM_SCHEMA, FeedbackDesk, FeedbackError, PredictionIds, RequestMiddleware,
-                                 ServiceMetrics, TelemetryWriter, encode_kept_image)
+from vit_nbdev.telemetry import (
+    FEEDBACK_BODY_SCHEMA,
+    FEEDBACK_ITEM_SCHEMA,
+    FeedbackDesk,
+    FeedbackError,
+    PredictionIds,
+    RequestMiddleware,
+    ServiceMetrics,
+    TelemetryWriter,
+    encode_kept_image,
+)
 
 _log = logging.getLogger("vit_nbdev.serve")
 
@@ -44,100 +53,159 @@ __all__ = ['IMAGE_STATUS', 'TEMPLATES', 'FEEDBACK_MAX_BYTES', 'FEEDBACK_STATUS',
 # %% ../nbs/serve.ipynb #7f078429
 class InputError(Exception):
     "A problem with what the client sent: an HTTP status (4xx) and a message a person understands."
+
     def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers
 
+
 @dataclass
 class Upload:
     "One uploaded file: its bytes and what the client said about it."
+
     data: bytes
     filename: str | None = None
     content_type: str | None = None
+
     def describe(self, i: int) -> str:
         "`file 2 ('cat.png')`: how messages name this upload (1-based)."
         return f"file {i + 1}" + (f" ({self.filename!r})" if self.filename else "")
 
-IMAGE_STATUS = {"empty": 400, "unsupported": 415, "broken": 422, "too_large": 413}   # ImageError.kind → HTTP status
 
-_DRAIN_LIMIT = 64 * 1024 * 1024   # after a refusal, read at most this much more of the body before answering
+IMAGE_STATUS = {"empty": 400, "unsupported": 415, "broken": 422, "too_large": 413}  # ImageError.kind → HTTP status
 
-async def read_uploads(request: Request, field: str = "file", max_bytes: int = 10 * 2**20, max_files: int = 16) -> list[Upload]:
+_DRAIN_LIMIT = 64 * 1024 * 1024  # after a refusal, read at most this much more of the body before answering
+
+
+async def read_uploads(
+    request: Request, field: str = "file", max_bytes: int = 10 * 2**20, max_files: int = 16
+) -> list[Upload]:
     "The parts named `field` of a multipart request, refusing (413) a file over `max_bytes` as it streams in, or more than `max_files` files."
     ctype = request.headers.get("content-type", "")
     mtype, params = parse_options_header(ctype)
     if mtype != b"multipart/form-data":
-        raise InputError(415, f"send the image(s) as multipart/form-data with one or more parts named {field!r} "
-                              f"(got Content-Type {ctype or 'none'!r}); e.g. curl -F {field}=@cat.jpg …/predict")
-    if not params.get(b"boundary"): raise InputError(400, "the multipart Content-Type has no boundary")
+        raise InputError(
+            415,
+            f"send the image(s) as multipart/form-data with one or more parts named {field!r} "
+            f"(got Content-Type {ctype or 'none'!r}); e.g. curl -F {field}=@cat.jpg …/predict",
+        )
+    if not params.get(b"boundary"):
+        raise InputError(400, "the multipart Content-Type has no boundary")
     mb = f"{max_bytes / 2**20:g} MB"
     with contextlib.suppress(ValueError):
         if int(request.headers.get("content-length", "0")) > max_files * (max_bytes + 16384) + 65536:
             raise InputError(413, f"the request is larger than {max_files} files of {mb} each")
     uploads, part = [], {}
-    def on_part_begin(): part.clear(); part.update(hname=b"", hvalue=b"", headers={}, buf=None, size=0)
-    def on_header_field(d, s, e): part["hname"] += d[s:e]
-    def on_header_value(d, s, e): part["hvalue"] += d[s:e]
+
+    def on_part_begin():
+        part.clear()
+        part.update(hname=b"", hvalue=b"", headers={}, buf=None, size=0)
+
+    def on_header_field(d, s, e):
+        part["hname"] += d[s:e]
+
+    def on_header_value(d, s, e):
+        part["hvalue"] += d[s:e]
+
     def on_header_end():
-        part["headers"][part["hname"].lower()] = part["hvalue"]; part["hname"] = part["hvalue"] = b""
+        part["headers"][part["hname"].lower()] = part["hvalue"]
+        part["hname"] = part["hvalue"] = b""
+
     def on_headers_finished():
         _, opts = parse_options_header(part["headers"].get(b"content-disposition", b""))
-        if opts.get(b"name", b"").decode("utf-8", "replace") != field: return   # other fields are read and ignored
+        if opts.get(b"name", b"").decode("utf-8", "replace") != field:
+            return  # other fields are read and ignored
         if len(uploads) + 1 > max_files:
             raise InputError(413, f"too many files: at most {max_files} per request (send the rest in another request)")
         fn = opts.get(b"filename")
-        part.update(buf=bytearray(), filename=fn.decode("utf-8", "replace") if fn is not None else None,
-                    ctype=part["headers"].get(b"content-type", b"").decode("latin-1") or None)
+        part.update(
+            buf=bytearray(),
+            filename=fn.decode("utf-8", "replace") if fn is not None else None,
+            ctype=part["headers"].get(b"content-type", b"").decode("latin-1") or None,
+        )
+
     def on_part_data(d, s, e):
         part["size"] += e - s
-        if part["buf"] is None: return
+        if part["buf"] is None:
+            return
         if part["size"] > max_bytes:
-            raise InputError(413, f"file {len(uploads) + 1}{' (' + repr(part['filename']) + ')' if part.get('filename') else ''} "
-                                  f"is larger than the limit of {mb}")
+            raise InputError(
+                413,
+                f"file {len(uploads) + 1}{' (' + repr(part['filename']) + ')' if part.get('filename') else ''} "
+                f"is larger than the limit of {mb}",
+            )
         part["buf"] += d[s:e]
+
     def on_part_end():
-        if part.get("buf") is not None: uploads.append(Upload(bytes(part["buf"]), part["filename"], part["ctype"]))
-    parser = MultipartParser(params[b"boundary"], dict(
-        on_part_begin=on_part_begin, on_header_field=on_header_field, on_header_value=on_header_value,
-        on_header_end=on_header_end, on_headers_finished=on_headers_finished, on_part_data=on_part_data, on_part_end=on_part_end))
+        if part.get("buf") is not None:
+            uploads.append(Upload(bytes(part["buf"]), part["filename"], part["ctype"]))
+
+    parser = MultipartParser(
+        params[b"boundary"],
+        dict(
+            on_part_begin=on_part_begin,
+            on_header_field=on_header_field,
+            on_header_value=on_header_value,
+            on_header_end=on_header_end,
+            on_headers_finished=on_headers_finished,
+            on_part_data=on_part_data,
+            on_part_end=on_part_end,
+        ),
+    )
     error, drained = None, 0
     try:
         async for chunk in request.stream():
             if error is None:
-                try: parser.write(chunk)
-                except InputError as e: error = e
-                except MultipartParseError as e: error = InputError(400, f"the multipart body is malformed ({e})")
-            elif (drained := drained + len(chunk)) > _DRAIN_LIMIT: break
-    except ClientDisconnect: raise InputError(400, "the client disconnected before the upload was complete") from None
-    if error: raise error
-    try: parser.finalize()
-    except MultipartParseError as e: raise InputError(400, f"the multipart body is malformed ({e})") from None
-    if not uploads: raise InputError(422, f"no file in the request: add one or more multipart parts named {field!r}")
+                try:
+                    parser.write(chunk)
+                except InputError as e:
+                    error = e
+                except MultipartParseError as e:
+                    error = InputError(400, f"the multipart body is malformed ({e})")
+            elif (drained := drained + len(chunk)) > _DRAIN_LIMIT:
+                break
+    except ClientDisconnect:
+        raise InputError(400, "the client disconnected before the upload was complete") from None
+    if error:
+        raise error
+    try:
+        parser.finalize()
+    except MultipartParseError as e:
+        raise InputError(400, f"the multipart body is malformed ({e})") from None
+    if not uploads:
+        raise InputError(422, f"no file in the request: add one or more multipart parts named {field!r}")
     return uploads
+
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
     "The whole body of a small request (JSON, a form), refusing (413) one over `max_bytes` as it streams in."
     body, size = bytearray(), 0
     try:
         async for chunk in request.stream():
-            if (size := size + len(chunk)) <= max_bytes: body += chunk
-            elif size > _DRAIN_LIMIT: break   # read the rest (up to a bound) so that the client gets its 413
-    except ClientDisconnect: raise InputError(400, "the client disconnected before the body was complete") from None
-    if size > max_bytes: raise InputError(413, f"the body is larger than the limit of {max_bytes / 2**20:g} MiB")
+            if (size := size + len(chunk)) <= max_bytes:
+                body += chunk
+            elif size > _DRAIN_LIMIT:
+                break  # read the rest (up to a bound) so that the client gets its 413
+    except ClientDisconnect:
+        raise InputError(400, "the client disconnected before the body was complete") from None
+    if size > max_bytes:
+        raise InputError(413, f"the body is larger than the limit of {max_bytes / 2**20:g} MiB")
     return bytes(body)
 
 # %% ../nbs/serve.ipynb #6350d228
 @dataclass
 class Served:
     "A model package being served: its version, the engine that runs it (and how it was chosen), one forward pass for a batch."
+
     package: ModelPackage
     version: str
     engine: Engine
     engine_report: dict = field(default_factory=dict)
     loaded_at: float = field(default_factory=time.time)
-    labels: list[str] = field(init=False)   # class names in logit order (read once: the config's are slow to read)
+    labels: list[str] = field(init=False)  # class names in logit order (read once: the config's are slow to read)
 
-    def __post_init__(self): self.labels = self.package.labels
+    def __post_init__(self):
+        self.labels = self.package.labels
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "`(embeddings, probabilities)` of a batch from `prepare_image` (or `preprocess`), both float32."
@@ -147,93 +215,158 @@ class Served:
     def warm_up(self, sizes=(1, 2)) -> None:
         "Run the model once per batch size in `sizes`, so that the first request does not pay for the set-up."
         s = self.package.preprocess.native_size
-        for n in sizes: self.forward(torch.zeros(n, 3, s, s))
+        for n in sizes:
+            self.forward(torch.zeros(n, 3, s, s))
 
 # %% ../nbs/serve.ipynb #36b4594d
 class Monitoring(Protocol):
     "What the service asks of a monitoring implementation (the monitoring chapter's `DriftMonitoring` is one)."
+
     def bind(self, service: Service) -> None: ...
     def latest_report(self) -> str | None: ...
     def update_reference_data(self) -> dict: ...
     def update_monitoring(self, wait: float = 0) -> dict: ...
 
+
 class NoMonitoring:
     "No drift monitoring: no report, and the admin actions answer 501 Not Implemented."
-    def bind(self, service) -> None: pass
-    def latest_report(self) -> str | None: return None
+
+    def bind(self, service) -> None:
+        pass
+
+    def latest_report(self) -> str | None:
+        return None
+
     def update_reference_data(self) -> dict:
-        raise NotImplementedError("this service runs without drift monitoring (vit-serve runs the monitoring chapter's DriftMonitoring)")
-    def update_monitoring(self, wait: float = 0) -> dict: return self.update_reference_data()
+        raise NotImplementedError(
+            "this service runs without drift monitoring (vit-serve runs the monitoring chapter's DriftMonitoring)"
+        )
+
+    def update_monitoring(self, wait: float = 0) -> dict:
+        return self.update_reference_data()
 
 # %% ../nbs/serve.ipynb #5c8b337b
 TEMPLATES = Environment(loader=PackageLoader("vit_nbdev"), autoescape=select_autoescape(), trim_blocks=True)
 
-def upload_page(labels: list[str] | None = None, result: dict | None = None, error: str | None = None,
-                preview: str | None = None, version: str | None = None, notice: str | None = None) -> str:
+
+def upload_page(
+    labels: list[str] | None = None,
+    result: dict | None = None,
+    error: str | None = None,
+    preview: str | None = None,
+    version: str | None = None,
+    notice: str | None = None,
+) -> str:
     "The HTML of `/`: the form, and (after a plain-form `POST /` or `POST /feedback/form`) the answer for one image, a `notice` or the error."
     classes = ", ".join(labels) if labels else "the classes of the served model"
-    return TEMPLATES.get_template("upload.html").render(title="Classify an image", classes=classes, labels=labels or [], result=result,
-                                                         error=error, preview=preview, version=version, notice=notice)
+    return TEMPLATES.get_template("upload.html").render(
+        title="Classify an image",
+        classes=classes,
+        labels=labels or [],
+        result=result,
+        error=error,
+        preview=preview,
+        version=version,
+        notice=notice,
+    )
+
 
 def preview_url(data: bytes, content_type: str | None, max_bytes: int = 2**20) -> str | None:
     "A `data:` URL showing an uploaded image back on the page (none for large files or non-images)."
-    if not content_type or not content_type.startswith("image/") or len(data) > max_bytes: return None
+    if not content_type or not content_type.startswith("image/") or len(data) > max_bytes:
+        return None
     return f"data:{content_type};base64,{base64.b64encode(data).decode()}"
 
 # %% ../nbs/serve.ipynb #cf0cd48c
 class ServiceUnavailable(Exception):
     "The service cannot answer now (model not loaded yet, queue full, store unreachable): 503 with `Retry-After`."
-    def __init__(self, message: str, retry_after: int = 1): super().__init__(message); self.message, self.retry_after = message, retry_after
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.message, self.retry_after = message, retry_after
+
 
 class ModelUpdateError(Exception):
     "An admin model update that did not happen: an HTTP status and the reason; the previous model keeps serving."
-    def __init__(self, status: int, message: str): super().__init__(message); self.status, self.message = status, message
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
 
 def _prepare(data: bytes, pre, max_pixels: int, keep: bool):
     "In a decode thread: the upload ready for the model, and the image telemetry keeps (PNG at the native size) if `keep`."
     p = prepare_image(data, pre, max_pixels)
     return p, encode_kept_image(p.pixels, pre) if keep else None
 
+
 class Service:
     "The serving state behind the app: store, current model, batcher, telemetry and feedback writers, prediction ids, metrics, monitoring hook."
-    def __init__(self, cfg: ServeConfig, store: Store | None = None, model: ModelPackage | None = None,
-                 telemetry: TelemetryWriter | None = None, monitoring: Monitoring | None = None):
+
+    def __init__(
+        self,
+        cfg: ServeConfig,
+        store: Store | None = None,
+        model: ModelPackage | None = None,
+        telemetry: TelemetryWriter | None = None,
+        monitoring: Monitoring | None = None,
+    ):
         self.cfg, self.store, self.initial_package = cfg, store, model
-        self.store_uri = store.uri if store is not None else str(cfg.store or os.environ.get("VIT_STORE") or "./artifacts")
+        self.store_uri = (
+            store.uri if store is not None else str(cfg.store or os.environ.get("VIT_STORE") or "./artifacts")
+        )
         self.metrics = ServiceMetrics()
         self.served: Served | None = None
         self.load_error: str | None = None
         self.telemetry, self._own_telemetry = telemetry, telemetry is None
-        self.feedback = FeedbackDesk(PredictionIds.from_settings(cfg.feedback_key, cfg.admin_token, cfg.feedback_ttl_s), self.metrics.registry)
+        self.feedback = FeedbackDesk(
+            PredictionIds.from_settings(cfg.feedback_key, cfg.admin_token, cfg.feedback_ttl_s), self.metrics.registry
+        )
         self.monitoring = monitoring or NoMonitoring()
         self.batcher: MicroBatcher | None = None
         self.pool: ThreadPoolExecutor | None = None
         self._stopping = threading.Event()
         self._update_lock = asyncio.Lock()
-        self._loop, self._follower, self._stamp = None, None, None   # the follower polls the alias VIT_MODEL (see _follow)
+        self._loop, self._follower, self._stamp = (
+            None,
+            None,
+            None,
+        )  # the follower polls the alias VIT_MODEL (see _follow)
         self.monitoring.bind(self)
 
     # -- lifecycle --
     def start(self) -> None:
         "Start the batcher, the decode threads, the telemetry and feedback writers, and the loading of the model (in the background)."
-        self.batcher = MicroBatcher(self.cfg.max_batch, self.cfg.max_wait_ms, self.cfg.queue_size, on_batch=self._on_batch)
+        self.batcher = MicroBatcher(
+            self.cfg.max_batch, self.cfg.max_wait_ms, self.cfg.queue_size, on_batch=self._on_batch
+        )
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth if self.batcher else 0)
-        self._pool_size = self.cfg.decode_workers or max(1, cpu_budget() - 1)   # resized once the engine has its threads
+        self._pool_size = self.cfg.decode_workers or max(1, cpu_budget() - 1)  # resized once the engine has its threads
         self.pool = ThreadPoolExecutor(self._pool_size, thread_name_prefix="vit-decode")
         c = self.cfg
-        writer = lambda kind: TelemetryWriter(self.store or self.store_uri, flush_records=c.telemetry_flush_records, flush_s=c.telemetry_flush_s,
-                                              max_buffer=c.telemetry_max_buffer, timeout_s=c.telemetry_timeout_s,
-                                              max_backoff_s=min(30.0, max(1.0, 4 * c.telemetry_flush_s)), kind=kind)
-        if self.telemetry is None and c.telemetry: self.telemetry = writer("telemetry")
-        self.feedback.writer = writer("feedback")   # labels are recorded even without telemetry (then no image is kept)
+        writer = lambda kind: TelemetryWriter(
+            self.store or self.store_uri,
+            flush_records=c.telemetry_flush_records,
+            flush_s=c.telemetry_flush_s,
+            max_buffer=c.telemetry_max_buffer,
+            timeout_s=c.telemetry_timeout_s,
+            max_backoff_s=min(30.0, max(1.0, 4 * c.telemetry_flush_s)),
+            kind=kind,
+        )
+        if self.telemetry is None and c.telemetry:
+            self.telemetry = writer("telemetry")
+        self.feedback.writer = writer("feedback")  # labels are recorded even without telemetry (then no image is kept)
         self.metrics.telemetry_writer = self.telemetry
-        _log.info("prediction ids: key %s; images kept: %s", self.feedback.ids.source, bool(c.keep_images and self.telemetry))
+        _log.info(
+            "prediction ids: key %s; images kept: %s", self.feedback.ids.source, bool(c.keep_images and self.telemetry)
+        )
         if self.initial_package is not None:
             p = self.initial_package
             self._install(self._prepare(p, p.version or "unregistered"))
             return
         threading.Thread(target=self._initial_load, name="vit-loader", daemon=True).start()
-        with contextlib.suppress(RuntimeError): self._loop = asyncio.get_running_loop()   # swaps run on the app's event loop
+        with contextlib.suppress(RuntimeError):
+            self._loop = asyncio.get_running_loop()  # swaps run on the app's event loop
         if self.cfg.model_poll_s > 0 and self._loop is not None:
             self._follower = threading.Thread(target=self._follow, name="vit-follow", daemon=True)
             self._follower.start()
@@ -241,25 +374,40 @@ class Service:
     def stop(self, telemetry_timeout: float = 20.0) -> None:
         "Finish queued images, then write the remaining telemetry (bounded by `telemetry_timeout`)."
         self._stopping.set()
-        if self._follower: self._follower.join(timeout=2)
-        if self.batcher: self.batcher.close()
-        if self.pool: self.pool.shutdown(wait=False, cancel_futures=True)
-        if self.feedback.writer: self.feedback.writer.close(telemetry_timeout)   # the labels first: people gave them
-        if self.telemetry and self._own_telemetry: self.telemetry.close(telemetry_timeout)
-        _log.info("stopped; telemetry %s; feedback %s", self.telemetry.stats() if self.telemetry else "off", self.feedback.writer and self.feedback.writer.stats())
+        if self._follower:
+            self._follower.join(timeout=2)
+        if self.batcher:
+            self.batcher.close()
+        if self.pool:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.feedback.writer:
+            self.feedback.writer.close(telemetry_timeout)  # the labels first: people gave them
+        if self.telemetry and self._own_telemetry:
+            self.telemetry.close(telemetry_timeout)
+        _log.info(
+            "stopped; telemetry %s; feedback %s",
+            self.telemetry.stats() if self.telemetry else "off",
+            self.feedback.writer and self.feedback.writer.stats(),
+        )
 
     def _on_batch(self, n: int, seconds: float) -> None:
-        self.metrics.batch_size.observe(n); self.metrics.batch_seconds.observe(seconds)
+        self.metrics.batch_size.observe(n)
+        self.metrics.batch_seconds.observe(seconds)
 
     # -- models --
     def get_store(self) -> Store:
         "The store (opened on first use)."
-        if self.store is None: self.store = open_store(self.cfg.store)
+        if self.store is None:
+            self.store = open_store(self.cfg.store)
         return self.store
 
     def _prepare(self, package: ModelPackage, version: str, engines=None) -> Served:
-        c = self.cfg   # the engine: measured on this host (engine chapter), from the artifacts and checks stored beside the version
-        choice = choose_engine(package, pin=c.engine, threads=c.threads, folder=engines, budget_s=c.engine_budget_s, max_batch=c.max_batch)
+        c = (
+            self.cfg
+        )  # the engine: measured on this host (engine chapter), from the artifacts and checks stored beside the version
+        choice = choose_engine(
+            package, pin=c.engine, threads=c.threads, folder=engines, budget_s=c.engine_budget_s, max_batch=c.max_batch
+        )
         s = Served(package, version, choice.engine, choice.report)
         s.warm_up()
         return s
@@ -271,24 +419,39 @@ class Service:
 
     def _install(self, served: Served) -> None:
         self.served, self.load_error, self.feedback.current = served, None, served.version
-        self.feedback.labels[served.version] = served.labels   # feedback for this version is checked against its labels
+        self.feedback.labels[served.version] = served.labels  # feedback for this version is checked against its labels
         self.metrics.set_model(served.version, served.engine_report)
-        if self.pool is not None and not self.cfg.decode_workers and (n := max(1, cpu_budget() - served.engine.threads)) != self._pool_size:
+        if (
+            self.pool is not None
+            and not self.cfg.decode_workers
+            and (n := max(1, cpu_budget() - served.engine.threads)) != self._pool_size
+        ):
             old, self._pool_size, self.pool = self.pool, n, ThreadPoolExecutor(n, thread_name_prefix="vit-decode")
-            old.shutdown(wait=False)   # its queued decodes still finish
-        _log.info("serving %s with engine %s on %d thread(s), %d decoding", served.version, served.engine.name, served.engine.threads, self._pool_size)
+            old.shutdown(wait=False)  # its queued decodes still finish
+        _log.info(
+            "serving %s with engine %s on %d thread(s), %d decoding",
+            served.version,
+            served.engine.name,
+            served.engine.threads,
+            self._pool_size,
+        )
 
     def _initial_load(self) -> None:
         delay = 1.0
         while not self._stopping.is_set() and self.served is None:
             try:
                 self.load_error = f"loading {self.cfg.model!r} from {self.store_uri}"
-                self._stamp = self.get_store().alias_stamp(self.cfg.model)   # before resolving: a later move shows in the next poll
+                self._stamp = self.get_store().alias_stamp(
+                    self.cfg.model
+                )  # before resolving: a later move shows in the next poll
                 served = self._load(self.get_store().resolve(self.cfg.model))
-                if self.served is None: self._install(served)   # an admin update may have been quicker
+                if self.served is None:
+                    self._install(served)  # an admin update may have been quicker
                 return
             except Exception as e:
-                self.load_error = f"cannot load model {self.cfg.model!r} from {self.store_uri}: {e} (retrying in {delay:.0f} s)"
+                self.load_error = (
+                    f"cannot load model {self.cfg.model!r} from {self.store_uri}: {e} (retrying in {delay:.0f} s)"
+                )
                 _log.error(self.load_error)
                 self._stopping.wait(delay)
                 delay = min(30.0, self.cfg.model_poll_s or 30.0, delay * 2)
@@ -296,45 +459,84 @@ class Service:
     def _follow(self) -> None:
         "While `VIT_MODEL` is an alias: read its stamp every `model_poll_s` × 0.5–1 (a fleet spreads out) and swap when it moved."
         while not self._stopping.wait(self.cfg.model_poll_s * random.uniform(0.5, 1.0)):
-            if (served := self.served) is None: continue   # the loader's job
-            try: stamp = self.get_store().alias_stamp(self.cfg.model)
+            if (served := self.served) is None:
+                continue  # the loader's job
+            try:
+                stamp = self.get_store().alias_stamp(self.cfg.model)
             except StoreError as e:
                 self.metrics.polls.labels("store_error").inc()
-                _log.warning("checking alias %r failed (%s); still serving %s", self.cfg.model, e, served.version); continue
-            if stamp is None and served.version == self.cfg.model: return _log.info("%s is a version: pinned, not polling", served.version)
+                _log.warning("checking alias %r failed (%s); still serving %s", self.cfg.model, e, served.version)
+                continue
+            if stamp is None and served.version == self.cfg.model:
+                return _log.info("%s is a version: pinned, not polling", served.version)
             self.metrics.polls.labels("unchanged" if stamp == self._stamp else "moved").inc()
-            if stamp == self._stamp: continue
-            try: asyncio.run_coroutine_threadsafe(self.update_model(source="poll"), self._loop).result(); self._stamp = stamp
+            if stamp == self._stamp:
+                continue
+            try:
+                asyncio.run_coroutine_threadsafe(self.update_model(source="poll"), self._loop).result()
+                self._stamp = stamp
             except ModelUpdateError as e:
-                if e.status != 503: self._stamp = stamp   # a broken version is tried again when the alias moves, an outage at once
+                if e.status != 503:
+                    self._stamp = stamp  # a broken version is tried again when the alias moves, an outage at once
                 _log.warning("following alias %r: %s", self.cfg.model, e.message)
-            except Exception as e: return _log.info("stopped following %r (%s)", self.cfg.model, type(e).__name__)  # the loop is gone
+            except Exception as e:
+                return _log.info("stopped following %r (%s)", self.cfg.model, type(e).__name__)  # the loop is gone
 
     async def update_model(self, name: str | None = None, source: str = "admin") -> dict:
         "Resolve `name` (default: `VIT_MODEL`), load it beside the current model and swap; given a `name` while `VIT_MODEL` is an alias, also move the alias to it (the fleet follows). `ModelUpdateError` if not."
         async with self._update_lock:
             old, t0, alias, new = self.served, time.perf_counter(), None, None
-            count, still = lambda r: self.metrics.swaps.labels(source, r).inc(), f"still serving {old.version if old else 'nothing'}"
+            count, still = (
+                lambda r: self.metrics.swaps.labels(source, r).inc(),
+                f"still serving {old.version if old else 'nothing'}",
+            )
             try:
                 st = self.get_store()
                 version = await asyncio.to_thread(st.resolve, name or self.cfg.model)
-                m = self.cfg.model   # an alias, existing or not yet created, unless it names a complete version
-                if name and await asyncio.to_thread(lambda: st.alias_doc(m) is not None or not st.is_complete(m)): alias = m
-            except NotFound as e: count("not_found"); raise ModelUpdateError(404, str(e)) from None
-            except StoreError as e: count("store_error"); raise ModelUpdateError(503, f"the store is unavailable: {e}") from None
+                m = self.cfg.model  # an alias, existing or not yet created, unless it names a complete version
+                if name and await asyncio.to_thread(lambda: st.alias_doc(m) is not None or not st.is_complete(m)):
+                    alias = m
+            except NotFound as e:
+                count("not_found")
+                raise ModelUpdateError(404, str(e)) from None
+            except StoreError as e:
+                count("store_error")
+                raise ModelUpdateError(503, f"the store is unavailable: {e}") from None
             if old is None or old.version != version:
-                try: new = await asyncio.to_thread(self._load, version)
-                except StoreError as e: count("store_error"); raise ModelUpdateError(503, f"could not fetch {version!r}: {e}; {still}") from None
+                try:
+                    new = await asyncio.to_thread(self._load, version)
+                except StoreError as e:
+                    count("store_error")
+                    raise ModelUpdateError(503, f"could not fetch {version!r}: {e}; {still}") from None
                 except Exception as e:
                     count("load_error")
                     _log.warning("loading %s failed (%s: %s); %s", version, type(e).__name__, e, still)
-                    raise ModelUpdateError(422, f"version {version!r} is not a loadable model package ({type(e).__name__}: {e}); {still}") from None
+                    raise ModelUpdateError(
+                        422, f"version {version!r} is not a loadable model package ({type(e).__name__}: {e}); {still}"
+                    ) from None
             if alias:
-                try: await asyncio.to_thread(st.set_alias, alias, version, note={"how": "admin", "by": f"POST /admin/update-model on {socket.gethostname()}"})
-                except StoreError as e: count("store_error"); raise ModelUpdateError(503, f"could not move {alias!r} to {version!r}: {e}; {still}") from None
-            if new is None: count("unchanged"); return dict(version=version, previous=version, changed=False, load_seconds=0.0, alias=alias)
-            self._install(new); count("swapped")
-            return dict(version=version, previous=old.version if old else None, changed=True, load_seconds=round(time.perf_counter() - t0, 3), alias=alias)
+                try:
+                    await asyncio.to_thread(
+                        st.set_alias,
+                        alias,
+                        version,
+                        note={"how": "admin", "by": f"POST /admin/update-model on {socket.gethostname()}"},
+                    )
+                except StoreError as e:
+                    count("store_error")
+                    raise ModelUpdateError(503, f"could not move {alias!r} to {version!r}: {e}; {still}") from None
+            if new is None:
+                count("unchanged")
+                return dict(version=version, previous=version, changed=False, load_seconds=0.0, alias=alias)
+            self._install(new)
+            count("swapped")
+            return dict(
+                version=version,
+                previous=old.version if old else None,
+                changed=True,
+                load_seconds=round(time.perf_counter() - t0, 3),
+                alias=alias,
+            )
 
     # -- predictions --
     async def predict(self, request: Request) -> list[dict]:
@@ -344,17 +546,30 @@ class Service:
     async def classify(self, request: Request) -> tuple[list[Upload], list[dict]]:
         "`predict`, also returning the uploads (the plain-form page shows the image back)."
         served = self.served
-        if served is None: raise ServiceUnavailable(f"the model is not loaded yet ({self.load_error or 'starting'})", retry_after=5)
-        with self.batcher.incoming():   # batches wait for requests on their way, and only while there are some (a lone one starts at once)
+        if served is None:
+            raise ServiceUnavailable(f"the model is not loaded yet ({self.load_error or 'starting'})", retry_after=5)
+        with (
+            self.batcher.incoming()
+        ):  # batches wait for requests on their way, and only while there are some (a lone one starts at once)
             uploads = await read_uploads(request, "file", self.cfg.max_upload_bytes, self.cfg.max_files)
             loop = asyncio.get_running_loop()
             keep = self.cfg.keep_images and self.telemetry is not None
-            prepared = await asyncio.gather(*(loop.run_in_executor(self.pool, _prepare, u.data, served.package.preprocess,
-                                                                   self.cfg.max_pixels, keep) for u in uploads), return_exceptions=True)
+            prepared = await asyncio.gather(
+                *(
+                    loop.run_in_executor(
+                        self.pool, _prepare, u.data, served.package.preprocess, self.cfg.max_pixels, keep
+                    )
+                    for u in uploads
+                ),
+                return_exceptions=True,
+            )
             for i, p in enumerate(prepared):
-                if isinstance(p, ImageError): raise InputError(IMAGE_STATUS[p.kind], f"{uploads[i].describe(i)}: {p.message}")
-                if isinstance(p, BaseException): raise p
-            try: futs = self.batcher.submit(served, [p.pixels for p, _ in prepared])
+                if isinstance(p, ImageError):
+                    raise InputError(IMAGE_STATUS[p.kind], f"{uploads[i].describe(i)}: {p.message}")
+                if isinstance(p, BaseException):
+                    raise p
+            try:
+                futs = self.batcher.submit(served, [p.pixels for p, _ in prepared])
             except QueueFull as e:
                 self.metrics.rejected.inc()
                 raise ServiceUnavailable(f"{e}; retry in a second", retry_after=1) from None
@@ -365,93 +580,190 @@ class Service:
             scores, idx = probs.topk(k)
             top = [{"label": served.labels[j], "score": s} for s, j in zip(scores.tolist(), idx.tolist(), strict=True)]
             pid = self.feedback.ids.new(served.version, int(idx[0]), png is not None, now)
-            results.append({"label": top[0]["label"], "score": top[0]["score"], "top_k": top, "model_version": served.version, "prediction_id": pid})
+            results.append(
+                {
+                    "label": top[0]["label"],
+                    "score": top[0]["score"],
+                    "top_k": top,
+                    "model_version": served.version,
+                    "prediction_id": pid,
+                }
+            )
             self.metrics.predictions.labels(served.version, top[0]["label"]).inc()
             if self.telemetry:
-                self.telemetry.add(dict(time=now, request_id=rid, item=i, instance=self.telemetry.instance, model_version=served.version,
-                                        label=top[0]["label"], score=top[0]["score"], top_k=top, embedding=emb.tolist(),
-                                        width=p.width, height=p.height, engine=served.engine.name, prediction_id=pid, image=png))
+                self.telemetry.add(
+                    dict(
+                        time=now,
+                        request_id=rid,
+                        item=i,
+                        instance=self.telemetry.instance,
+                        model_version=served.version,
+                        label=top[0]["label"],
+                        score=top[0]["score"],
+                        top_k=top,
+                        embedding=emb.tolist(),
+                        width=p.width,
+                        height=p.height,
+                        engine=served.engine.name,
+                        prediction_id=pid,
+                        image=png,
+                    )
+                )
         return uploads, results
 
 # %% ../nbs/serve.ipynb #525b57f8
 class TopK(BaseModel):
     "One class and its probability."
+
     label: str
     score: float
 
+
 class Prediction(BaseModel):
     "The answer for one image: the top class and its probability, the `top_k` classes, the model version that answered, and the id to label it with."
+
     label: str
     score: float
     top_k: list[TopK]
     model_version: str
-    prediction_id: str = Field(description="send it to POST /feedback with the true label (accepted for VIT_FEEDBACK_TTL_S, default 7 days)")
+    prediction_id: str = Field(
+        description="send it to POST /feedback with the true label (accepted for VIT_FEEDBACK_TTL_S, default 7 days)"
+    )
+
 
 class FeedbackAnswer(BaseModel):
     "What `POST /feedback` recorded: labels accepted, and how many of them cannot become training data (their image was not kept)."
+
     accepted: int
     excluded_from_training: int
 
+
 class ErrorBody(BaseModel):
     "Every error: a sentence for a person."
+
     detail: str
+
 
 class Health(BaseModel):
     "Liveness: the process answers."
+
     status: str = "ok"
+
 
 class Readiness(BaseModel):
     "Readiness: whether a model is loaded, which one, or what the service is waiting for."
+
     ready: bool
     model_version: str | None = None
     detail: str | None = None
-    engine: dict | None = Field(None, description="the engine serving the model and how it was chosen: name, precision, threads, "
-                                "images_per_s (measured at load), agreement and accuracy_drop (vs fp32), candidates timed, skipped")
+    engine: dict | None = Field(
+        None,
+        description="the engine serving the model and how it was chosen: name, precision, threads, "
+        "images_per_s (measured at load), agreement and accuracy_drop (vs fp32), candidates timed, skipped",
+    )
+
 
 class UpdateModelRequest(BaseModel):
     "Body of `POST /admin/update-model`: the alias or version to serve (default: the configured `VIT_MODEL`)."
+
     model_config = ConfigDict(extra="forbid")
     version: str | None = Field(None, max_length=200, examples=["production", "v20261126-114502-123-3fa2c1"])
 
+
 class UpdateModelResponse(BaseModel):
     "What an update did: the version now served, the one before, whether it changed, how long loading took, the alias it moved."
+
     version: str
     previous: str | None
     changed: bool
     load_seconds: float
-    alias: str | None = Field(None, description="the alias (VIT_MODEL) moved to `version` in the registry: the other instances follow it")
+    alias: str | None = Field(
+        None, description="the alias (VIT_MODEL) moved to `version` in the registry: the other instances follow it"
+    )
+
 
 def _errors(*codes: int) -> dict:
     return {c: {"model": ErrorBody} for c in codes}
 
-FEEDBACK_MAX_BYTES, FEEDBACK_STATUS = 2**20, {"unknown_id": 404, "unknown_label": 422, "invalid": 422, "not_ready": 503}   # FeedbackError.reason → status
 
-_UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["file"],
-    "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"},
-                            "description": "one or more images (JPEG, PNG, GIF, WebP, BMP, TIFF); repeat the field for several"}}}}}}
+FEEDBACK_MAX_BYTES, FEEDBACK_STATUS = (
+    2**20,
+    {"unknown_id": 404, "unknown_label": 422, "invalid": 422, "not_ready": 503},
+)  # FeedbackError.reason → status
 
-def create_app(store: Store | str | None = None, model: str | ModelPackage | None = None, *, max_batch: int | None = None,
-               max_wait_ms: float | None = None, queue_size: int | None = None, top_k: int | None = None,
-               max_upload_mb: float | None = None, max_files: int | None = None, telemetry: bool | TelemetryWriter | None = None,
-               engine: str | None = None, admin_token: str | None = None, monitoring: Monitoring | None = None,
-               **settings) -> FastAPI:
+_UPLOAD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file"],
+                "properties": {
+                    "file": {
+                        "type": "array",
+                        "items": {"type": "string", "format": "binary"},
+                        "description": "one or more images (JPEG, PNG, GIF, WebP, BMP, TIFF); repeat the field for several",
+                    }
+                },
+            }
+        }
+    },
+}
+
+
+def create_app(
+    store: Store | str | None = None,
+    model: str | ModelPackage | None = None,
+    *,
+    max_batch: int | None = None,
+    max_wait_ms: float | None = None,
+    queue_size: int | None = None,
+    top_k: int | None = None,
+    max_upload_mb: float | None = None,
+    max_files: int | None = None,
+    telemetry: bool | TelemetryWriter | None = None,
+    engine: str | None = None,
+    admin_token: str | None = None,
+    monitoring: Monitoring | None = None,
+    **settings,
+) -> FastAPI:
     "The FastAPI app serving `model` (alias, version or a loaded package; default `$VIT_MODEL`, else `latest`) from `store` (default `$VIT_STORE`)."
-    cfg = ServeConfig.from_env(store=None if store is None or isinstance(store, Store) else str(store), model=model if isinstance(model, str) else None,
-                               max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size, top_k=top_k,
-                               max_upload_mb=max_upload_mb, max_files=max_files, engine=engine, admin_token=admin_token,
-                               telemetry=telemetry if isinstance(telemetry, bool) else None, **settings)
-    svc = Service(cfg, store if isinstance(store, Store) else None, model if isinstance(model, ModelPackage) else None,
-                  telemetry if isinstance(telemetry, TelemetryWriter) else None, monitoring)
+    cfg = ServeConfig.from_env(
+        store=None if store is None or isinstance(store, Store) else str(store),
+        model=model if isinstance(model, str) else None,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        queue_size=queue_size,
+        top_k=top_k,
+        max_upload_mb=max_upload_mb,
+        max_files=max_files,
+        engine=engine,
+        admin_token=admin_token,
+        telemetry=telemetry if isinstance(telemetry, bool) else None,
+        **settings,
+    )
+    svc = Service(
+        cfg,
+        store if isinstance(store, Store) else None,
+        model if isinstance(model, ModelPackage) else None,
+        telemetry if isinstance(telemetry, TelemetryWriter) else None,
+        monitoring,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         svc.start()
-        try: yield
-        finally: await asyncio.to_thread(svc.stop)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(svc.stop)
 
-    app = FastAPIOffline(title="vit-nbdev", version=_version(), lifespan=lifespan,   # /docs and /redoc with their assets served here
-                  description="Classify images with a Vision Transformer trained on CIFAR-10. Upload page at `/`.")
+    app = FastAPIOffline(
+        title="vit-nbdev",
+        version=_version(),
+        lifespan=lifespan,  # /docs and /redoc with their assets served here
+        description="Classify images with a Vision Transformer trained on CIFAR-10. Upload page at `/`.",
+    )
     app.state.service = svc
     app.add_middleware(RequestMiddleware, metrics=svc.metrics)
 
@@ -461,7 +773,11 @@ def create_app(store: Store | str | None = None, model: str | ModelPackage | Non
 
     @app.exception_handler(FeedbackError)
     async def _feedback_error(request, e: FeedbackError):
-        return JSONResponse({"detail": e.message}, FEEDBACK_STATUS[e.reason], headers={"Retry-After": "5"} if e.reason == "not_ready" else None)
+        return JSONResponse(
+            {"detail": e.message},
+            FEEDBACK_STATUS[e.reason],
+            headers={"Retry-After": "5"} if e.reason == "not_ready" else None,
+        )
 
     @app.exception_handler(ServiceUnavailable)
     async def _unavailable(request, e: ServiceUnavailable):
@@ -473,7 +789,9 @@ def create_app(store: Store | str | None = None, model: str | ModelPackage | Non
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):
-        return JSONResponse({"detail": "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())}, 422)
+        return JSONResponse(
+            {"detail": "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())}, 422
+        )
 
     def require_admin(request: Request) -> None:
         "Admin routes: `Authorization: Bearer $VIT_ADMIN_TOKEN`, compared in constant time; 503 if no token is configured."
@@ -481,48 +799,91 @@ def create_app(store: Store | str | None = None, model: str | ModelPackage | Non
             raise HTTPException(503, "admin endpoints are disabled: the service has no VIT_ADMIN_TOKEN")
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), cfg.admin_token.encode()):
-            raise HTTPException(401, "missing or wrong admin token: send Authorization: Bearer <VIT_ADMIN_TOKEN>",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                401,
+                "missing or wrong admin token: send Authorization: Bearer <VIT_ADMIN_TOKEN>",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     async def feedback_body(request: Request, form: bool = False) -> bytes:
-        try: return await read_body(request, 64 * 1024 if form else FEEDBACK_MAX_BYTES)
-        except InputError as e: svc.feedback.rejected.labels("too_large" if e.status == 413 else "invalid").inc(); raise
+        try:
+            return await read_body(request, 64 * 1024 if form else FEEDBACK_MAX_BYTES)
+        except InputError as e:
+            svc.feedback.rejected.labels("too_large" if e.status == 413 else "invalid").inc()
+            raise
 
-    def page(status: int = 200, **kw) -> HTMLResponse:   # the upload page, for the model being served
-        return HTMLResponse(upload_page(svc.served and svc.served.labels, **{"version": svc.served and svc.served.version, **kw}), status)
+    def page(status: int = 200, **kw) -> HTMLResponse:  # the upload page, for the model being served
+        return HTMLResponse(
+            upload_page(svc.served and svc.served.labels, **{"version": svc.served and svc.served.version, **kw}),
+            status,
+        )
 
     @app.get("/", response_class=HTMLResponse, summary="Upload page")
     def index():
         "A page to pick an image and see its top-5 classes."
         return page()
 
-    @app.post("/", response_class=HTMLResponse, summary="Upload page: classify (plain HTML form)", openapi_extra={"requestBody": _UPLOAD_BODY},
-              responses={c: {"content": {"text/html": {}}} for c in (400, 413, 415, 422, 503)})
+    @app.post(
+        "/",
+        response_class=HTMLResponse,
+        summary="Upload page: classify (plain HTML form)",
+        openapi_extra={"requestBody": _UPLOAD_BODY},
+        responses={c: {"content": {"text/html": {}}} for c in (400, 413, 415, 422, 503)},
+    )
     async def index_form(request: Request):
         "The upload page's form without JavaScript: classify the first image and answer with the page, the result filled in."
-        try: uploads, results = await svc.classify(request)
-        except (InputError, ServiceUnavailable) as e: return page(getattr(e, "status", 503), error=e.message)
-        return page(result=results[0], preview=preview_url(uploads[0].data, uploads[0].content_type), version=results[0]["model_version"])
+        try:
+            uploads, results = await svc.classify(request)
+        except (InputError, ServiceUnavailable) as e:
+            return page(getattr(e, "status", 503), error=e.message)
+        return page(
+            result=results[0],
+            preview=preview_url(uploads[0].data, uploads[0].content_type),
+            version=results[0]["model_version"],
+        )
 
-    @app.post("/predict", response_model=list[Prediction], summary="Classify images", openapi_extra={"requestBody": _UPLOAD_BODY},
-              responses=_errors(400, 413, 415, 422, 503))
+    @app.post(
+        "/predict",
+        response_model=list[Prediction],
+        summary="Classify images",
+        openapi_extra={"requestBody": _UPLOAD_BODY},
+        responses=_errors(400, 413, 415, 422, 503),
+    )
     async def predict(request: Request):
         "Classify one or more images sent as multipart parts named `file`: one answer per image, in order."
-        return JSONResponse(await svc.predict(request))   # built to the schema already: skip re-validating it
+        return JSONResponse(await svc.predict(request))  # built to the schema already: skip re-validating it
 
-    @app.post("/feedback", response_model=FeedbackAnswer, summary="Give the true label of predictions", openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": FEEDBACK_BODY_SCHEMA}}}},
-              responses=_errors(404, 413, 422, 503))
+    @app.post(
+        "/feedback",
+        response_model=FeedbackAnswer,
+        summary="Give the true label of predictions",
+        openapi_extra={
+            "requestBody": {"required": True, "content": {"application/json": {"schema": FEEDBACK_BODY_SCHEMA}}}
+        },
+        responses=_errors(404, 413, 422, 503),
+    )
     async def feedback(request: Request):
         "Record the true `label` of a prediction (`{\"prediction_id\": …, \"label\": …}`, the id from `/predict`) or of a list of them: all or nothing, the first bad item decides the answer."
         return svc.feedback.record(await feedback_body(request))
 
-    @app.post("/feedback/form", response_class=HTMLResponse, summary="Upload page: give the true label (plain HTML form)",
-              openapi_extra={"requestBody": {"required": True, "content": {"application/x-www-form-urlencoded": {"schema": FEEDBACK_ITEM_SCHEMA}}}},
-              responses={c: {"content": {"text/html": {}}} for c in (404, 413, 422, 503)})
+    @app.post(
+        "/feedback/form",
+        response_class=HTMLResponse,
+        summary="Upload page: give the true label (plain HTML form)",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/x-www-form-urlencoded": {"schema": FEEDBACK_ITEM_SCHEMA}},
+            }
+        },
+        responses={c: {"content": {"text/html": {}}} for c in (404, 413, 422, 503)},
+    )
     async def feedback_form(request: Request):
         "The upload page's label buttons without JavaScript: form fields `prediction_id` and `label`; answers with the page and a thank-you."
-        try: svc.feedback.record(await feedback_body(request, form=True), source="page", form=True)
-        except (InputError, FeedbackError) as e: return page(getattr(e, "status", None) or FEEDBACK_STATUS[e.reason], error=e.message)
+        try:
+            svc.feedback.record(await feedback_body(request, form=True), source="page", form=True)
+        except (InputError, FeedbackError) as e:
+            return page(getattr(e, "status", None) or FEEDBACK_STATUS[e.reason], error=e.message)
         return page(notice="Thanks! Your label is recorded.")
 
     @app.get("/healthz", response_model=Health, summary="Liveness")
@@ -534,11 +895,16 @@ def create_app(store: Store | str | None = None, model: str | ModelPackage | Non
     def readyz():
         "200 once a model is loaded and warmed up; 503 (with the reason) before."
         s = svc.served
-        if s is None: return JSONResponse(Readiness(ready=False, detail=svc.load_error or "starting").model_dump(), 503)
+        if s is None:
+            return JSONResponse(Readiness(ready=False, detail=svc.load_error or "starting").model_dump(), 503)
         return Readiness(ready=True, model_version=s.version, engine=s.engine_report)
 
-    @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
-             responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}})
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}},
+    )
     def metrics():
         "Prometheus text exposition: requests, latency, batch sizes, queue depth, model version, telemetry."
         return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -546,52 +912,93 @@ def create_app(store: Store | str | None = None, model: str | ModelPackage | Non
     @app.get("/monitoring", response_class=HTMLResponse, summary="Live accuracy and drift report")
     def monitoring_page():
         "The live accuracy of labelled predictions (the fleet's, per model version) above the latest drift report (HTML)."
-        acc = svc.feedback.accuracy(svc.store or svc.store_uri)   # a store that cannot be opened: said on the page
-        live = TEMPLATES.get_template("accuracy.html").render(error=acc if isinstance(acc, str) else None, rows=[] if isinstance(acc, str) else acc.to_dict("records"))
+        acc = svc.feedback.accuracy(svc.store or svc.store_uri)  # a store that cannot be opened: said on the page
+        live = TEMPLATES.get_template("accuracy.html").render(
+            error=acc if isinstance(acc, str) else None, rows=[] if isinstance(acc, str) else acc.to_dict("records")
+        )
         page = svc.monitoring.latest_report() or TEMPLATES.get_template("monitoring.html").render(
-            title="Monitoring", enabled=not isinstance(svc.monitoring, NoMonitoring))
-        return page[:(i := page.find("<body>") + 6)] + live + page[i:] if "<body>" in page else live + page
+            title="Monitoring", enabled=not isinstance(svc.monitoring, NoMonitoring)
+        )
+        return page[: (i := page.find("<body>") + 6)] + live + page[i:] if "<body>" in page else live + page
 
     admin = dict(dependencies=[Depends(require_admin)], tags=["admin"])
 
-    @app.post("/admin/update-model", response_model=UpdateModelResponse, summary="Load and swap in a model version",
-              openapi_extra={"requestBody": {"required": False, "content": {"application/json": {"schema": UpdateModelRequest.model_json_schema()}}}},
-              responses=_errors(401, 404, 422, 503), **admin)
+    @app.post(
+        "/admin/update-model",
+        response_model=UpdateModelResponse,
+        summary="Load and swap in a model version",
+        openapi_extra={
+            "requestBody": {
+                "required": False,
+                "content": {"application/json": {"schema": UpdateModelRequest.model_json_schema()}},
+            }
+        },
+        responses=_errors(401, 404, 422, 503),
+        **admin,
+    )
     async def update_model(request: Request):
         "Resolve `version` (default: `VIT_MODEL`), load it beside the current model and swap atomically; requests in flight finish on the old one. If `VIT_MODEL` is an alias, it is moved to `version` too, and the other instances follow."
         raw = await request.body()
-        try: body = UpdateModelRequest.model_validate_json(raw) if raw.strip() else UpdateModelRequest()
+        try:
+            body = UpdateModelRequest.model_validate_json(raw) if raw.strip() else UpdateModelRequest()
         except ValidationError as e:
             msg = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'body'}: {x['msg']}" for x in e.errors())
             raise InputError(422, f'expected a JSON body like {{"version": "production"}} or none ({msg})') from None
         return await svc.update_model(body.version)
 
     async def _hook(fn):
-        try: return await asyncio.to_thread(fn)
-        except NotImplementedError as e: return JSONResponse({"detail": str(e)}, 501)
+        try:
+            return await asyncio.to_thread(fn)
+        except NotImplementedError as e:
+            return JSONResponse({"detail": str(e)}, 501)
 
-    @app.post("/admin/update-reference-data", summary="Recompute reference embeddings", responses=_errors(401, 501, 503), **admin)
+    @app.post(
+        "/admin/update-reference-data",
+        summary="Recompute reference embeddings",
+        responses=_errors(401, 501, 503),
+        **admin,
+    )
     async def update_reference_data():
         "Recompute the reference embeddings of the serving model (the monitoring chapter implements it)."
         return await _hook(svc.monitoring.update_reference_data)
 
     @app.post("/admin/update-monitoring", summary="Build a drift report", responses=_errors(401, 501, 503), **admin)
-    async def update_monitoring(wait: float = Query(0, ge=0, le=120, description="seconds to wait for the report (0: answer at once)")):
+    async def update_monitoring(
+        wait: float = Query(0, ge=0, le=120, description="seconds to wait for the report (0: answer at once)"),
+    ):
         "Write this instance's buffered telemetry, then build a drift report of recent telemetry (the monitoring chapter implements it)."
         return await _hook(lambda: svc.monitoring.update_monitoring(wait=wait))
 
     return app
 
+
 def _version() -> str:
     from vit_nbdev import __version__
+
     return __version__
 
 # %% ../nbs/serve.ipynb #eed09c44
-def run_server(settings: dict, monitoring: Monitoring | None = None, *, host: str = "127.0.0.1", port: int = 8000,
-               log_level: str = "info", access_log: bool = False, graceful_timeout: float = 8.0) -> None:
+def run_server(
+    settings: dict,
+    monitoring: Monitoring | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    access_log: bool = False,
+    graceful_timeout: float = 8.0,
+) -> None:
     "Run the app with uvicorn until SIGTERM (what `vit-serve` does once the config chapter has checked its arguments)."
     import uvicorn
+
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(monitoring=monitoring, **settings)
-    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), access_log=access_log,
-                timeout_graceful_shutdown=graceful_timeout, server_header=False)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level.lower(),
+        access_log=access_log,
+        timeout_graceful_shutdown=graceful_timeout,
+        server_header=False,
+    )

@@ -28,21 +28,28 @@ __all__ = ['MARKER', 'HISTORY_LIMIT', 'StoreError', 'NotFound', 'Conflict', 'new
 class StoreError(RuntimeError):
     "A store failure: unreachable or missing bucket, missing key, bad uri or key, immutability violation."
 
+
 class NotFound(StoreError, KeyError):
     "A key, version or alias that is not in the store."
+
     __str__ = RuntimeError.__str__  # not KeyError's, which would quote the message
+
 
 class Conflict(StoreError):
     "A conditional alias move that lost: the alias no longer points where the caller expected (someone else moved it)."
-    def __init__(self, alias: str, current: str|None, expected: str|None):
+
+    def __init__(self, alias: str, current: str | None, expected: str | None):
         self.alias, self.current, self.expected = alias, current, expected
-        super().__init__(f"alias {alias!r} now points at {current or 'nothing'}, not {expected or 'nothing'} as expected: "
-                         f"someone else moved it in the meantime")
+        super().__init__(
+            f"alias {alias!r} now points at {current or 'nothing'}, not {expected or 'nothing'} as expected: "
+            f"someone else moved it in the meantime"
+        )
 
 # %% ../nbs/store.ipynb #5103fd17
 def _internal(name: str) -> bool:
     "Is `name` one of a local store's own temporary or lock files?"
     return name.startswith(".") and name.endswith("~")
+
 
 def _key(key: str) -> str:
     "Return `key` if it is a valid store key (a relative '/'-separated path), else raise `StoreError`."
@@ -51,24 +58,29 @@ def _key(key: str) -> str:
         raise StoreError(f"bad key {key!r}: keys are relative paths like 'models/v1/config.json'")
     return key
 
+
 def _prefix(prefix: str) -> str:
     "Return `prefix` if it is empty or a valid key with an optional trailing '/', else raise `StoreError`."
-    if prefix: _key(prefix[:-1] if prefix.endswith("/") else prefix)
+    if prefix:
+        _key(prefix[:-1] if prefix.endswith("/") else prefix)
     return prefix
 
 # %% ../nbs/store.ipynb #ff5c56fc
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
-def _name(name: str, what: str="name") -> str:
+
+def _name(name: str, what: str = "name") -> str:
     "Return `name` if it can name a version or an alias (letters, digits, `._-`), else raise `StoreError`."
     if not (isinstance(name, str) and _NAME.fullmatch(name)) or name.endswith("~"):
         raise StoreError(f"bad {what} {name!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit")
     return name
 
-def new_version(now: datetime|None=None) -> str:
+
+def new_version(now: datetime | None = None) -> str:
     "A fresh version name that sorts by time: `v<UTC yyyymmdd-hhmmss-milliseconds>-<6 random hex digits>`."
     now = now or datetime.now(UTC)
     return f"v{now:%Y%m%d-%H%M%S}-{now.microsecond // 1000:03d}-{secrets.token_hex(3)}"
+
 
 def _natural(s: str) -> list:
     "Sort key that orders the digit runs in `s` by value: 'v2' < 'v10'."
@@ -76,59 +88,75 @@ def _natural(s: str) -> list:
 
 # %% ../nbs/store.ipynb #516746c7
 MARKER = "_COMPLETE"  # written last into models/<version>/: the version is complete
-HISTORY_LIMIT = 100   # an alias remembers at most this many earlier versions (and log entries)
+HISTORY_LIMIT = 100  # an alias remembers at most this many earlier versions (and log entries)
+
 
 def _now() -> str:
     "The current UTC time, ISO formatted."
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
+
 def _dumps(obj) -> bytes:
     "`obj` as indented JSON bytes."
     return json.dumps(obj, indent=1).encode()
 
-def _moved(doc: dict|None, version: str, history: list, limit: int, note: dict) -> dict:
+
+def _moved(doc: dict | None, version: str, history: list, limit: int, note: dict) -> dict:
     "The alias document `doc` after a move to `version`: the given `history`, and one more log entry (`version`, `previous`, `at`, and `note`)."
     at = _now()
-    log = (doc or {}).get("log", []) + [{"version": version, "previous": doc["version"] if doc else None, "at": at, **note}]
+    log = (doc or {}).get("log", []) + [
+        {"version": version, "previous": doc["version"] if doc else None, "at": at, **note}
+    ]
     return {"version": version, "history": history[-limit:], "updated": at, "log": log[-limit:]}
+
 
 @contextlib.contextmanager
 def _tmp_next_to(dst: Path):
     "Yield a fresh temporary path in `dst`'s folder; it is removed afterwards unless it was moved away."
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix="~")
     os.close(fd)
-    try: yield Path(tmp)
-    finally: Path(tmp).unlink(missing_ok=True)
+    try:
+        yield Path(tmp)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 # %% ../nbs/store.ipynb #6030ee21
 class Store:
     "Files under a root (a folder or `gs://bucket/prefix`) and a model registry with aliases on top."
+
     uri: str
     history_limit: int = HISTORY_LIMIT
 
     # -- primitives, implemented by each backend --
-    def _write(self, key: str, src: bytes|Path, overwrite: bool) -> None:
+    def _write(self, key: str, src: bytes | Path, overwrite: bool) -> None:
         "Store bytes or a file's content at `key`, atomically; if not `overwrite`, `StoreError` if `key` exists."
         raise NotImplementedError
+
     def _read(self, key: str) -> bytes:
         "The bytes at `key`, or `NotFound`."
         raise NotImplementedError
+
     def _download(self, key: str, dst: Path) -> None:
         "Copy the object at `key` into the local file `dst`, or `NotFound`."
         raise NotImplementedError
+
     def _exists(self, key: str) -> bool:
         "Is there an object at `key`?"
         raise NotImplementedError
+
     def _keys(self, prefix: str) -> Iterable[str]:
         "Every key starting with `prefix`, in any order."
         raise NotImplementedError
+
     def _remove(self, key: str) -> None:
         "Delete the object at `key`, or `NotFound`."
         raise NotImplementedError
-    def _update_json(self, key: str, fn: Callable[[dict|None], dict|None]) -> dict|None:
+
+    def _update_json(self, key: str, fn: Callable[[dict | None], dict | None]) -> dict | None:
         "Atomically replace the JSON document at `key` (None: absent) by `fn(document)` unless that is None; return the result."
         raise NotImplementedError
-    def _stamp(self, key: str) -> str|None:
+
+    def _stamp(self, key: str) -> str | None:
         "A token that changes whenever the object at `key` is replaced (one metadata read), or None if there is none."
         raise NotImplementedError
 
@@ -137,7 +165,7 @@ class Store:
         return f"{type(self).__name__}({self.uri!r})"
 
     # -- objects --
-    def put_bytes(self, key: str, data: bytes, *, overwrite: bool=True) -> None:
+    def put_bytes(self, key: str, data: bytes, *, overwrite: bool = True) -> None:
         "Store `data` at `key`; with `overwrite=False` raise `StoreError` if `key` exists (checked atomically)."
         self._write(_key(key), bytes(data), overwrite)
 
@@ -149,7 +177,7 @@ class Store:
         "Is there an object at `key`?"
         return self._exists(_key(key))
 
-    def list(self, prefix: str="") -> list[str]:
+    def list(self, prefix: str = "") -> list[str]:
         "All keys that start with `prefix` (a plain string prefix, as on GCS: end it with '/' for a folder), sorted."
         return sorted(self._keys(_prefix(prefix)))
 
@@ -157,12 +185,13 @@ class Store:
         "Delete the object at `key`; `NotFound` if there is none."
         self._remove(_key(key))
 
-    def put_file(self, local_path: str|Path, key: str, *, overwrite: bool=True) -> None:
+    def put_file(self, local_path: str | Path, key: str, *, overwrite: bool = True) -> None:
         "Upload the file `local_path` to `key` (see `put_bytes` for `overwrite`)."
-        if not Path(local_path).is_file(): raise StoreError(f"{local_path} is not a file")
+        if not Path(local_path).is_file():
+            raise StoreError(f"{local_path} is not a file")
         self._write(_key(key), Path(local_path), overwrite)
 
-    def get_file(self, key: str, local_path: str|Path) -> Path:
+    def get_file(self, key: str, local_path: str | Path) -> Path:
         "Download `key` to `local_path` (all or nothing: a failed download leaves no partial file) and return its path."
         dst = Path(local_path)
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -171,22 +200,25 @@ class Store:
             os.replace(tmp, dst)
         return dst
 
-    def put_dir(self, local_dir: str|Path, prefix: str, *, overwrite: bool=True) -> list[str]:
+    def put_dir(self, local_dir: str | Path, prefix: str, *, overwrite: bool = True) -> list[str]:
         "Upload every file below `local_dir` to `prefix/<relative path>`; return the keys written."
         src, pre = Path(local_dir), _prefix(prefix).strip("/")
-        if not src.is_dir(): raise StoreError(f"{src} is not a directory")
+        if not src.is_dir():
+            raise StoreError(f"{src} is not a directory")
         keys = []
         for p in sorted(f for f in src.rglob("*") if f.is_file()):
             keys.append("/".join(filter(None, [pre, p.relative_to(src).as_posix()])))
             self.put_file(p, keys[-1], overwrite=overwrite)
         return keys
 
-    def get_dir(self, prefix: str, local_dir: str|Path) -> Path:
+    def get_dir(self, prefix: str, local_dir: str | Path) -> Path:
         "Download every key below the folder `prefix` into `local_dir`, keeping relative paths; `NotFound` if it is empty."
         pre = _prefix(prefix).strip("/") + "/" if prefix.strip("/") else ""
         keys, dst = self.list(pre), Path(local_dir)
-        if not keys: raise NotFound(f"nothing under {pre!r} in {self.uri}")
-        for k in keys: self.get_file(k, dst/k[len(pre):])
+        if not keys:
+            raise NotFound(f"nothing under {pre!r} in {self.uri}")
+        for k in keys:
+            self.get_file(k, dst / k[len(pre) :])
         return dst
 
     # -- registry --
@@ -194,19 +226,29 @@ class Store:
         "Is `version` a complete version (its completion marker, written last, is there)?"
         return self.exists(f"models/{version}/{MARKER}")
 
-    def register(self, package_dir: str|Path, version: str|None=None, aliases: Iterable[str]=("latest",)) -> str:
+    def register(
+        self, package_dir: str | Path, version: str | None = None, aliases: Iterable[str] = ("latest",)
+    ) -> str:
         "Upload `package_dir` as the immutable `models/<version>/`, mark it complete, move `aliases` to it; return the version."
         src, version = Path(package_dir), _name(version or new_version(), "version")
         aliases = [_name(a, "alias") for a in ([aliases] if isinstance(aliases, str) else aliases)]
         files = sorted(p for p in src.rglob("*") if p.is_file() and p.name != MARKER) if src.is_dir() else []
-        if not files: raise StoreError(f"{src} is not a directory with files to register")
+        if not files:
+            raise StoreError(f"{src} is not a directory with files to register")
         if self.list(f"models/{version}/"):
-            raise StoreError(f"version {version!r} already exists in {self.uri}: versions are immutable, register under a new name")
-        for p in files: self.put_file(p, f"models/{version}/{p.relative_to(src).as_posix()}", overwrite=False)
-        marker = {"version": version, "created": _now(),
-                  "files": {p.relative_to(src).as_posix(): p.stat().st_size for p in files}}
+            raise StoreError(
+                f"version {version!r} already exists in {self.uri}: versions are immutable, register under a new name"
+            )
+        for p in files:
+            self.put_file(p, f"models/{version}/{p.relative_to(src).as_posix()}", overwrite=False)
+        marker = {
+            "version": version,
+            "created": _now(),
+            "files": {p.relative_to(src).as_posix(): p.stat().st_size for p in files},
+        }
         self.put_bytes(f"models/{version}/{MARKER}", _dumps(marker), overwrite=False)
-        for a in aliases: self.set_alias(a, version, note={"how": "register"})
+        for a in aliases:
+            self.set_alias(a, version, note={"how": "register"})
         return version
 
     def versions(self) -> list[str]:
@@ -214,52 +256,79 @@ class Store:
         parts = (k.split("/") for k in self.list("models/"))
         return sorted((p[1] for p in parts if len(p) == 3 and p[2] == MARKER), key=_natural)
 
-    def alias_doc(self, alias: str) -> dict|None:
+    def alias_doc(self, alias: str) -> dict | None:
         "The document of `alias`: `version`, `history` (for rollback), `log` (its moves: who, how, when), `updated`; None if there is no such alias."
-        try: return json.loads(self.get_bytes(f"models/_aliases/{alias}.json"))
-        except NotFound: return None
+        try:
+            return json.loads(self.get_bytes(f"models/_aliases/{alias}.json"))
+        except NotFound:
+            return None
 
-    def alias_stamp(self, alias: str) -> str|None:
+    def alias_stamp(self, alias: str) -> str | None:
         "A token that changes whenever `alias` moves (its object's generation on GCS, its file's inode and mtime on a folder), or None if there is no such alias: one small read, what a server polls."
         return self._stamp(f"models/_aliases/{_name(alias, 'alias')}.json")
 
     def aliases(self) -> dict[str, str]:
         "Every alias and the version it points at."
-        names = [k[len("models/_aliases/"):-len(".json")] for k in self.list("models/_aliases/") if k.endswith(".json")]
+        names = [
+            k[len("models/_aliases/") : -len(".json")] for k in self.list("models/_aliases/") if k.endswith(".json")
+        ]
         docs = {a: self.alias_doc(a) for a in names if "/" not in a}
         return {a: d["version"] for a, d in docs.items() if d}
 
-    def set_alias(self, alias: str, version: str, *, expect: str|None=..., note: dict|None=None) -> dict:
+    def set_alias(self, alias: str, version: str, *, expect: str | None = ..., note: dict | None = None) -> dict:
         "Point `alias` at the complete `version`, atomically, remembering where it pointed; given `expect`, only if it points there now (None: nowhere yet), else `Conflict`. `note` (who, how) goes into the alias's log."
         alias, version = _name(alias, "alias"), _name(version, "version")
         if not self.is_complete(version):
-            raise StoreError(f"cannot point {alias!r} at {version!r}: it is not a complete version in {self.uri} "
-                             f"(no models/{version}/{MARKER}; was its upload interrupted?)")
+            raise StoreError(
+                f"cannot point {alias!r} at {version!r}: it is not a complete version in {self.uri} "
+                f"(no models/{version}/{MARKER}; was its upload interrupted?)"
+            )
+
         def move(doc):
             cur = doc["version"] if doc else None
-            if expect is not ... and cur != expect: raise Conflict(alias, cur, expect)
-            if cur == version: return None  # already there: nothing to record
-            return _moved(doc, version, (doc["history"] + [cur]) if doc else [], self.history_limit, {"how": "set", **(note or {})})
+            if expect is not ... and cur != expect:
+                raise Conflict(alias, cur, expect)
+            if cur == version:
+                return None  # already there: nothing to record
+            return _moved(
+                doc,
+                version,
+                (doc["history"] + [cur]) if doc else [],
+                self.history_limit,
+                {"how": "set", **(note or {})},
+            )
+
         return self._update_json(f"models/_aliases/{alias}.json", move)
 
-    def rollback(self, alias: str, *, expect: str|None=..., note: dict|None=None) -> str:
+    def rollback(self, alias: str, *, expect: str | None = ..., note: dict | None = None) -> str:
         "Move `alias` back to the version it pointed at before the last move (undo); return that version (`expect` and `note` as for `set_alias`)."
         alias = _name(alias, "alias")
+
         def back(doc):
-            if doc is None: raise NotFound(f"no alias {alias!r} in {self.uri} (aliases: {', '.join(self.aliases()) or 'none'})")
-            if expect is not ... and doc["version"] != expect: raise Conflict(alias, doc["version"], expect)
-            if not doc["history"]: raise StoreError(f"alias {alias!r} has no earlier version to roll back to")
-            return _moved(doc, doc["history"][-1], doc["history"][:-1], self.history_limit, {"how": "rollback", **(note or {})})
+            if doc is None:
+                raise NotFound(f"no alias {alias!r} in {self.uri} (aliases: {', '.join(self.aliases()) or 'none'})")
+            if expect is not ... and doc["version"] != expect:
+                raise Conflict(alias, doc["version"], expect)
+            if not doc["history"]:
+                raise StoreError(f"alias {alias!r} has no earlier version to roll back to")
+            return _moved(
+                doc, doc["history"][-1], doc["history"][:-1], self.history_limit, {"how": "rollback", **(note or {})}
+            )
+
         return self._update_json(f"models/_aliases/{alias}.json", back)["version"]
 
     def resolve(self, name: str) -> str:
         "The version that `name` means: an alias's target, or `name` itself if it is a complete version."
         if _NAME.fullmatch(name or ""):
-            if doc := self.alias_doc(name): return doc["version"]
-            if self.is_complete(name): return name
+            if doc := self.alias_doc(name):
+                return doc["version"]
+            if self.is_complete(name):
+                return name
             if self.list(f"models/{name}/"):
-                raise NotFound(f"version {name!r} in {self.uri} is incomplete: it has files but no models/{name}/{MARKER} "
-                               f"(an interrupted or unfinished upload), so nothing may use it")
+                raise NotFound(
+                    f"version {name!r} in {self.uri} is incomplete: it has files but no models/{name}/{MARKER} "
+                    f"(an interrupted or unfinished upload), so nothing may use it"
+                )
         als = ", ".join(f"{a} -> {v}" for a, v in self.aliases().items()) or "none"
         vs = self.versions()
         shown = (", ".join(vs[-10:]) or "none") + (f" (the latest 10 of {len(vs)})" if len(vs) > 10 else "")
@@ -269,69 +338,94 @@ class Store:
         "The model card of the version `name` means (its package's `card.json`), with `version`, `registered` and `files` (name: bytes) from the registry."
         version = self.resolve(name)
         marker = json.loads(self.get_bytes(f"models/{version}/{MARKER}"))
-        try: card = json.loads(self.get_bytes(f"models/{version}/card.json"))
-        except NotFound: card = {}
+        try:
+            card = json.loads(self.get_bytes(f"models/{version}/card.json"))
+        except NotFound:
+            card = {}
         return {**card, "version": version, "registered": marker["created"], "files": marker["files"]}
 
-    def fetch_model(self, name: str, cache_dir: str|Path|None=None) -> Path:
+    def fetch_model(self, name: str, cache_dir: str | Path | None = None) -> Path:
         "Resolve `name` and return a local folder holding that complete version, downloading it into the cache if needed."
         version = self.resolve(name)
-        root = Path(cache_dir) if cache_dir else cache_root()/"models"/hashlib.sha256(self.uri.encode()).hexdigest()[:16]
-        dst = root/version
-        if _complete_locally(dst): return dst
+        root = (
+            Path(cache_dir)
+            if cache_dir
+            else cache_root() / "models" / hashlib.sha256(self.uri.encode()).hexdigest()[:16]
+        )
+        dst = root / version
+        if _complete_locally(dst):
+            return dst
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{version}.", suffix="~"))
         try:
             self.get_dir(f"models/{version}/", tmp)
-            if not _complete_locally(tmp): raise StoreError(f"download of {version!r} from {self.uri} is incomplete")
-            if dst.exists() and not _complete_locally(dst): shutil.rmtree(dst)
-            with contextlib.suppress(OSError): os.rename(tmp, dst)  # fails only if another process was quicker
-        finally: shutil.rmtree(tmp, ignore_errors=True)
-        if not _complete_locally(dst): raise StoreError(f"could not place {version!r} in {dst}")
+            if not _complete_locally(tmp):
+                raise StoreError(f"download of {version!r} from {self.uri} is incomplete")
+            if dst.exists() and not _complete_locally(dst):
+                shutil.rmtree(dst)
+            with contextlib.suppress(OSError):
+                os.rename(tmp, dst)  # fails only if another process was quicker
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not _complete_locally(dst):
+            raise StoreError(f"could not place {version!r} in {dst}")
         return dst
 
 # %% ../nbs/store.ipynb #229db1a6
 def _complete_locally(d: Path) -> bool:
     "Does the folder `d` hold a complete version: its marker and every listed file at its listed size?"
-    try: files = json.loads((d/MARKER).read_bytes())["files"]
-    except (OSError, ValueError, KeyError): return False
-    return all((d/f).is_file() and (d/f).stat().st_size == n for f, n in files.items())
+    try:
+        files = json.loads((d / MARKER).read_bytes())["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return all((d / f).is_file() and (d / f).stat().st_size == n for f, n in files.items())
 
 # %% ../nbs/store.ipynb #54f8a9db
 class LocalStore(Store):
     "A store in a local folder: keys are file paths below `root`."
-    def __init__(self, root: str|Path):
+
+    def __init__(self, root: str | Path):
         "A store in the folder `root` (created when first written to)."
         self.root = Path(root).expanduser().absolute()
         self.uri = str(self.root)
 
     def _path(self, key: str) -> Path:
         "The file that holds `key`."
-        return self.root/key
+        return self.root / key
 
     def _write(self, key, src, overwrite):
         dst = self._path(key)
         dst.parent.mkdir(parents=True, exist_ok=True)
         with _tmp_next_to(dst) as tmp:
-            if isinstance(src, bytes): tmp.write_bytes(src)
-            else: shutil.copyfile(src, tmp)
-            if overwrite: return os.replace(tmp, dst)
-            try: os.link(tmp, dst)
-            except FileExistsError: raise StoreError(f"{key!r} already exists in {self.uri} and may not be overwritten") from None
+            if isinstance(src, bytes):
+                tmp.write_bytes(src)
+            else:
+                shutil.copyfile(src, tmp)
+            if overwrite:
+                return os.replace(tmp, dst)
+            try:
+                os.link(tmp, dst)
+            except FileExistsError:
+                raise StoreError(f"{key!r} already exists in {self.uri} and may not be overwritten") from None
 
     @contextlib.contextmanager
     def _missing(self, key: str):
         "Report a missing file as `NotFound`."
-        try: yield
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError): raise NotFound(f"no {key!r} in {self.uri}") from None
+        try:
+            yield
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise NotFound(f"no {key!r} in {self.uri}") from None
 
     def _read(self, key):
-        with self._missing(key): return self._path(key).read_bytes()
+        with self._missing(key):
+            return self._path(key).read_bytes()
 
     def _download(self, key, dst):
-        with self._missing(key): shutil.copyfile(self._path(key), dst)
+        with self._missing(key):
+            shutil.copyfile(self._path(key), dst)
 
-    def _exists(self, key): return self._path(key).is_file()
+    def _exists(self, key):
+        return self._path(key).is_file()
 
     def _keys(self, prefix):
         base = self._path(prefix.rpartition("/")[0]) if "/" in prefix else self.root
@@ -339,26 +433,31 @@ class LocalStore(Store):
         return [k for k in (p.relative_to(self.root).as_posix() for p in files) if k.startswith(prefix)]
 
     def _remove(self, key):
-        with self._missing(key): self._path(key).unlink()
+        with self._missing(key):
+            self._path(key).unlink()
 
     def _stamp(self, key):
-        try: s = self._path(key).stat()
-        except (FileNotFoundError, NotADirectoryError): return None
+        try:
+            s = self._path(key).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
         return f"{s.st_ino}-{s.st_mtime_ns}-{s.st_size}"
 
     def _update_json(self, key, fn):
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.parent/f".{path.name}.lock~", "a") as lock:
+        with open(path.parent / f".{path.name}.lock~", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
             old = json.loads(path.read_bytes()) if path.exists() else None
-            if (new := fn(old)) is None: return old
+            if (new := fn(old)) is None:
+                return old
             self._write(key, _dumps(new), overwrite=True)
             return new
 
-    def fetch_model(self, name: str, cache_dir: str|Path|None=None) -> Path:
+    def fetch_model(self, name: str, cache_dir: str | Path | None = None) -> Path:
         "The registered folder of the version `name` means (versions are immutable); a copy in `cache_dir` if one is given."
-        if cache_dir is not None: return super().fetch_model(name, cache_dir)
+        if cache_dir is not None:
+            return super().fetch_model(name, cache_dir)
         return self._path(f"models/{self.resolve(name)}")
 
 # %% ../nbs/store.ipynb #3dc18afb
@@ -368,22 +467,28 @@ def _gcs_client() -> storage.Client:
         return storage.Client(credentials=AnonymousCredentials(), project="test")
     return storage.Client()
 
+
 def _why(e: BaseException) -> str:
     "A short reason for a transport failure, from `e` and its causes."
     for _ in range(20):
-        if isinstance(e, ConnectionRefusedError): return "connection refused"
-        if isinstance(e, (TimeoutError, requests.Timeout)): return "timed out"
-        if (nxt := e.__cause__ or e.__context__) is None: break
+        if isinstance(e, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(e, (TimeoutError, requests.Timeout)):
+            return "timed out"
+        if (nxt := e.__cause__ or e.__context__) is None:
+            break
         e = nxt
     return str(e)[:300]
 
 # %% ../nbs/store.ipynb #0f16ed27
 class GCSStore(Store):
     "A store under `gs://bucket/prefix`; every request is bounded by `timeout` seconds."
-    def __init__(self, uri: str, *, timeout: float=10.0, cas_attempts: int=100):
+
+    def __init__(self, uri: str, *, timeout: float = 10.0, cas_attempts: int = 100):
         "Connect to `gs://bucket/prefix` and check that it is reachable; `cas_attempts` bounds each alias update."
         m = re.fullmatch(r"gs://([a-z0-9][a-z0-9._-]{1,220}[a-z0-9])(/.*)?", uri.rstrip("/"))
-        if not m: raise StoreError(f"bad GCS uri {uri!r}: expected gs://bucket[/prefix]")
+        if not m:
+            raise StoreError(f"bad GCS uri {uri!r}: expected gs://bucket[/prefix]")
         self.bucket_name, self.prefix = m[1], (m[2] or "").strip("/")
         self.uri = f"gs://{self.bucket_name}" + (f"/{self.prefix}" if self.prefix else "")
         self.timeout, self.cas_attempts = timeout, cas_attempts
@@ -394,25 +499,34 @@ class GCSStore(Store):
         self._check()
 
     @contextlib.contextmanager
-    def _errors(self, key: str|None=None):
+    def _errors(self, key: str | None = None):
         "Turn client and transport exceptions into `StoreError`s that name the uri (412s pass through)."
-        try: yield
-        except (StoreError, gex.PreconditionFailed): raise
-        except gex.NotFound as e: raise NotFound(f"no {key!r} in {self.uri}" if key else f"{self.uri}: {e.message}") from e
-        except (gex.Forbidden, gex.Unauthorized) as e: raise StoreError(f"permission denied on {self.uri}: {e.message}") from e
-        except gex.GoogleAPICallError as e: raise StoreError(f"{self.uri}: {e}") from e
+        try:
+            yield
+        except (StoreError, gex.PreconditionFailed):
+            raise
+        except gex.NotFound as e:
+            raise NotFound(f"no {key!r} in {self.uri}" if key else f"{self.uri}: {e.message}") from e
+        except (gex.Forbidden, gex.Unauthorized) as e:
+            raise StoreError(f"permission denied on {self.uri}: {e.message}") from e
+        except gex.GoogleAPICallError as e:
+            raise StoreError(f"{self.uri}: {e}") from e
         except (gex.RetryError, requests.RequestException, TransportError, OSError) as e:
             where = os.environ.get("STORAGE_EMULATOR_HOST")
             hint = f"is STORAGE_EMULATOR_HOST={where} right?" if where else "is the network right?"
             raise StoreError(f"cannot reach {self.uri}: {_why(e)} ({hint})") from e
         except GoogleAuthError as e:
-            raise StoreError(f"no usable Google credentials for {self.uri} ({e}); run `gcloud auth application-default login`") from e
+            raise StoreError(
+                f"no usable Google credentials for {self.uri} ({e}); run `gcloud auth application-default login`"
+            ) from e
 
     def _check(self) -> None:
         "List one object, to fail now if the bucket is unreachable, missing or forbidden."
         try:
-            with self._errors(): next(iter(self.client.list_blobs(self.bucket, prefix=self.prefix, max_results=1, **self._kw)), None)
-        except NotFound: raise StoreError(f"bucket {self.bucket_name!r} does not exist ({self.uri})") from None
+            with self._errors():
+                next(iter(self.client.list_blobs(self.bucket, prefix=self.prefix, max_results=1, **self._kw)), None)
+        except NotFound:
+            raise StoreError(f"bucket {self.bucket_name!r} does not exist ({self.uri})") from None
 
     def _blob(self, key: str) -> storage.Blob:
         "The blob that holds `key`."
@@ -422,56 +536,75 @@ class GCSStore(Store):
         blob, cond = self._blob(key), {} if overwrite else {"if_generation_match": 0}
         try:
             with self._errors(key):
-                if isinstance(src, bytes): blob.upload_from_string(src, **cond, **self._kw)
-                else: blob.upload_from_filename(str(src), **cond, **self._kw)
-        except gex.PreconditionFailed: raise StoreError(f"{key!r} already exists in {self.uri} and may not be overwritten") from None
+                if isinstance(src, bytes):
+                    blob.upload_from_string(src, **cond, **self._kw)
+                else:
+                    blob.upload_from_filename(str(src), **cond, **self._kw)
+        except gex.PreconditionFailed:
+            raise StoreError(f"{key!r} already exists in {self.uri} and may not be overwritten") from None
 
     def _read(self, key):
-        with self._errors(key): return self._blob(key).download_as_bytes(**self._kw)
+        with self._errors(key):
+            return self._blob(key).download_as_bytes(**self._kw)
 
     def _download(self, key, dst):
-        with self._errors(key): self._blob(key).download_to_filename(str(dst), **self._kw)
+        with self._errors(key):
+            self._blob(key).download_to_filename(str(dst), **self._kw)
 
     def _exists(self, key):
-        with self._errors(key): return self._blob(key).exists(**self._kw)
+        with self._errors(key):
+            return self._blob(key).exists(**self._kw)
 
     def _keys(self, prefix):
         root = f"{self.prefix}/" if self.prefix else ""
         with self._errors():
             names = [b.name for b in self.client.list_blobs(self.bucket, prefix=root + prefix, **self._kw)]
-        return [n[len(root):] for n in names if not n.endswith("/")]
+        return [n[len(root) :] for n in names if not n.endswith("/")]
 
     def _remove(self, key):
-        with self._errors(key): self._blob(key).delete(**self._kw)
+        with self._errors(key):
+            self._blob(key).delete(**self._kw)
 
     def _stamp(self, key):
-        with self._errors(key): blob = self.bucket.get_blob(self._blob(key).name, **self._kw)
+        with self._errors(key):
+            blob = self.bucket.get_blob(self._blob(key).name, **self._kw)
         return None if blob is None else str(blob.generation)
 
     def _update_json(self, key, fn):
         for attempt in range(self.cas_attempts):
             blob = self._blob(key)
             try:
-                with self._errors(key): old, gen = json.loads(blob.download_as_bytes(**self._kw)), blob.generation
-            except NotFound: old, gen = None, 0
-            if (new := fn(old)) is None: return old
+                with self._errors(key):
+                    old, gen = json.loads(blob.download_as_bytes(**self._kw)), blob.generation
+            except NotFound:
+                old, gen = None, 0
+            if (new := fn(old)) is None:
+                return old
             try:
                 with self._errors(key):
-                    blob.upload_from_string(_dumps(new), content_type="application/json", if_generation_match=gen, **self._kw)
+                    blob.upload_from_string(
+                        _dumps(new), content_type="application/json", if_generation_match=gen, **self._kw
+                    )
                 return new
             except gex.PreconditionFailed:
                 # someone else wrote first; unless that was our own write retried after a lost reply, start over
-                if json.loads(self._read(key)) == new: return new
+                if json.loads(self._read(key)) == new:
+                    return new
                 time.sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))
-        raise StoreError(f"could not update {key!r} in {self.uri}: {self.cas_attempts} attempts lost to concurrent writers")
+        raise StoreError(
+            f"could not update {key!r} in {self.uri}: {self.cas_attempts} attempts lost to concurrent writers"
+        )
 
 # %% ../nbs/store.ipynb #7f32c6e7
-def open_store(uri: Store|str|os.PathLike|None=None, *, timeout: float=10.0) -> Store:
+def open_store(uri: Store | str | os.PathLike | None = None, *, timeout: float = 10.0) -> Store:
     "The store at `uri` (default: env `VIT_STORE`, else `./artifacts`): `gs://bucket/prefix`, `file://path` or a folder; a `Store` is returned as it is."
-    if isinstance(uri, Store): return uri
+    if isinstance(uri, Store):
+        return uri
     uri = str(uri or os.environ.get("VIT_STORE") or "./artifacts")
-    if uri.startswith("gs://"): return GCSStore(uri, timeout=timeout)
-    if uri.startswith("file://"): uri = uri[len("file://"):]
+    if uri.startswith("gs://"):
+        return GCSStore(uri, timeout=timeout)
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", uri):
         raise StoreError(f"unsupported store uri {uri!r}: use a folder, file://folder or gs://bucket/prefix")
     return LocalStore(uri)

@@ -32,32 +32,56 @@ __all__ = ['TELEMETRY_SCHEMA', 'FEEDBACK_SCHEMA', 'SCHEMAS', 'FEEDBACK_MAX_ITEMS
            'parse_feedback', 'FeedbackDesk']
 
 # %% ../nbs/telemetry.ipynb #4ef1c058
-TELEMETRY_SCHEMA = pa.schema([
-    ("time", pa.timestamp("us", tz="UTC")), ("request_id", pa.string()), ("item", pa.int32()), ("instance", pa.string()),
-    ("model_version", pa.string()), ("label", pa.string()), ("score", pa.float32()),
-    ("top_k", pa.list_(pa.struct([("label", pa.string()), ("score", pa.float32())]))),
-    ("embedding", pa.list_(pa.float32())), ("width", pa.int32()), ("height", pa.int32()),
-    ("engine", pa.string()),   # the engine that computed the embedding (engine chapter): drift compares like with like
-    ("prediction_id", pa.string()),   # the id the answer carried (`PredictionIds`): feedback names it
-    ("image", pa.binary()),           # the image at the model's native size, uint8 RGB, PNG (`encode_kept_image`); null if not kept
-])
-FEEDBACK_SCHEMA = pa.schema([
-    ("time", pa.timestamp("us", tz="UTC")),   # when the label arrived
-    ("prediction_id", pa.string()), ("predicted_at", pa.timestamp("us", tz="UTC")), ("model_version", pa.string()),
-    ("predicted", pa.string()),               # the label the model gave
-    ("label", pa.string()),                   # the true label
-    ("correct", pa.bool_()), ("image_kept", pa.bool_()), ("instance", pa.string()),
-    ("source", pa.string()),                  # "api" (POST /feedback) or "page" (the upload page's buttons)
-])
-SCHEMAS = {"telemetry": TELEMETRY_SCHEMA, "feedback": FEEDBACK_SCHEMA}   # kind → schema; the kind is also the key prefix
+TELEMETRY_SCHEMA = pa.schema(
+    [
+        ("time", pa.timestamp("us", tz="UTC")),
+        ("request_id", pa.string()),
+        ("item", pa.int32()),
+        ("instance", pa.string()),
+        ("model_version", pa.string()),
+        ("label", pa.string()),
+        ("score", pa.float32()),
+        ("top_k", pa.list_(pa.struct([("label", pa.string()), ("score", pa.float32())]))),
+        ("embedding", pa.list_(pa.float32())),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        (
+            "engine",
+            pa.string(),
+        ),  # the engine that computed the embedding (engine chapter): drift compares like with like
+        ("prediction_id", pa.string()),  # the id the answer carried (`PredictionIds`): feedback names it
+        (
+            "image",
+            pa.binary(),
+        ),  # the image at the model's native size, uint8 RGB, PNG (`encode_kept_image`); null if not kept
+    ]
+)
+FEEDBACK_SCHEMA = pa.schema(
+    [
+        ("time", pa.timestamp("us", tz="UTC")),  # when the label arrived
+        ("prediction_id", pa.string()),
+        ("predicted_at", pa.timestamp("us", tz="UTC")),
+        ("model_version", pa.string()),
+        ("predicted", pa.string()),  # the label the model gave
+        ("label", pa.string()),  # the true label
+        ("correct", pa.bool_()),
+        ("image_kept", pa.bool_()),
+        ("instance", pa.string()),
+        ("source", pa.string()),  # "api" (POST /feedback) or "page" (the upload page's buttons)
+    ]
+)
+SCHEMAS = {"telemetry": TELEMETRY_SCHEMA, "feedback": FEEDBACK_SCHEMA}  # kind → schema; the kind is also the key prefix
+
 
 def new_instance_id() -> str:
     "A process's telemetry id: start time and random hex, e.g. `20261126T114502-3fa2c1d0`."
     return f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(4)}"
 
+
 def telemetry_key(version: str, day: str, instance: str, seq: int, kind: str = "telemetry") -> str:
     "The store key of a shard of `kind` (`telemetry` or `feedback`)."
     return f"{kind}/{version}/{day}/{instance}-{seq:06d}.parquet"
+
 
 def records_to_parquet(records: list[dict], kind: str = "telemetry") -> bytes:
     "Records of `kind` as the bytes of one parquet file with its schema (`SCHEMAS[kind]`)."
@@ -65,11 +89,23 @@ def records_to_parquet(records: list[dict], kind: str = "telemetry") -> bytes:
     pq.write_table(pa.Table.from_pylist(records, schema=SCHEMAS[kind]), buf, compression="zstd")
     return buf.getvalue()
 
+
 class TelemetryWriter:
     "Buffers records of `kind` (`telemetry` or `feedback`) and writes them as append-only parquet shards from a background thread; never blocks the caller."
-    def __init__(self, store: Store | str | None, instance: str | None = None, flush_records: int = 512, flush_s: float = 10.0,
-                 max_buffer: int = 50_000, timeout_s: float = 5.0, max_backoff_s: float = 30.0, kind: str = "telemetry"):
-        if kind not in SCHEMAS: raise ValueError(f"kind must be one of {', '.join(SCHEMAS)}, got {kind!r}")
+
+    def __init__(
+        self,
+        store: Store | str | None,
+        instance: str | None = None,
+        flush_records: int = 512,
+        flush_s: float = 10.0,
+        max_buffer: int = 50_000,
+        timeout_s: float = 5.0,
+        max_backoff_s: float = 30.0,
+        kind: str = "telemetry",
+    ):
+        if kind not in SCHEMAS:
+            raise ValueError(f"kind must be one of {', '.join(SCHEMAS)}, got {kind!r}")
         self._store_arg, self._store, self.kind = store, store if isinstance(store, Store) else None, kind
         self.instance = instance or new_instance_id()
         self.flush_records, self.flush_s, self.max_buffer = flush_records, flush_s, max(max_buffer, flush_records)
@@ -77,9 +113,11 @@ class TelemetryWriter:
         self.written = self.dropped = self.failures = self.shards = 0
         self.last_error: str | None = None
         self._buf: collections.deque = collections.deque()
-        self._pending: list[tuple[str, list[dict]]] = []     # shards taken from the buffer, not yet written (retried as they are)
+        self._pending: list[
+            tuple[str, list[dict]]
+        ] = []  # shards taken from the buffer, not yet written (retried as they are)
         self._pending_n, self._seq = 0, 0
-        self._cv, self._stop, self._io = threading.Condition(), False, threading.Lock()   # _io: one flusher at a time
+        self._cv, self._stop, self._io = threading.Condition(), False, threading.Lock()  # _io: one flusher at a time
         self._thread = threading.Thread(target=self._run, name=f"vit-{kind}", daemon=True)
         self._thread.start()
 
@@ -93,20 +131,25 @@ class TelemetryWriter:
         with self._cv:
             self._buf.append(record)
             while self._buf and len(self._buf) + self._pending_n > self.max_buffer:
-                self._buf.popleft(); self.dropped += 1
-            if len(self._buf) >= self.flush_records: self._cv.notify()
+                self._buf.popleft()
+                self.dropped += 1
+            if len(self._buf) >= self.flush_records:
+                self._cv.notify()
 
     def _open(self) -> Store:
-        if self._store is None: self._store = open_store(self._store_arg, timeout=self.timeout_s)
+        if self._store is None:
+            self._store = open_store(self._store_arg, timeout=self.timeout_s)
         return self._store
 
     def _cut(self, force: bool) -> None:
         "Move buffered records into pending shards (one per version and day), if there is a full shard or `force`."
         with self._cv:
-            if self._pending or not self._buf or (len(self._buf) < self.flush_records and not force): return
+            if self._pending or not self._buf or (len(self._buf) < self.flush_records and not force):
+                return
             chunk = [self._buf.popleft() for _ in range(min(len(self._buf), self.flush_records))]
             groups: dict[tuple, list] = {}
-            for r in chunk: groups.setdefault((r["model_version"], r["time"].strftime("%Y-%m-%d")), []).append(r)
+            for r in chunk:
+                groups.setdefault((r["model_version"], r["time"].strftime("%Y-%m-%d")), []).append(r)
             for (version, day), recs in groups.items():
                 self._seq += 1
                 self._pending.append((telemetry_key(version, day, self.instance, self._seq, self.kind), recs))
@@ -117,43 +160,61 @@ class TelemetryWriter:
         for key, recs in list(self._pending):
             try:
                 st = self._open()
-                try: st.put_bytes(key, records_to_parquet(recs, self.kind), overwrite=False)
+                try:
+                    st.put_bytes(key, records_to_parquet(recs, self.kind), overwrite=False)
                 except StoreError:
-                    if not st.exists(key): raise   # else: an earlier attempt of ours landed (a lost reply)
+                    if not st.exists(key):
+                        raise  # else: an earlier attempt of ours landed (a lost reply)
             except Exception as e:
-                with self._cv: self.failures += 1; self.last_error = f"{type(e).__name__}: {e}"
+                with self._cv:
+                    self.failures += 1
+                    self.last_error = f"{type(e).__name__}: {e}"
                 _log.warning("%s: writing %s failed (%s); will retry", self.kind, key, self.last_error)
                 return False
             with self._cv:
-                self._pending.remove((key, recs)); self._pending_n -= len(recs)
-                self.written += len(recs); self.shards += 1
+                self._pending.remove((key, recs))
+                self._pending_n -= len(recs)
+                self.written += len(recs)
+                self.shards += 1
         return True
 
     def flush(self, force: bool = True, timeout: float = -1) -> bool:
         "Write what is buffered now (only full shards unless `force`), in the calling thread; False if a write failed."
-        if not self._io.acquire(timeout=timeout): return False
-        try: return self._flush(force)
-        finally: self._io.release()
+        if not self._io.acquire(timeout=timeout):
+            return False
+        try:
+            return self._flush(force)
+        finally:
+            self._io.release()
 
     def _flush(self, force: bool) -> bool:
         while True:
             self._cut(force)
-            if not self._pending: return True
-            if not self._write_pending(): return False
-            if not self._buf or (len(self._buf) < self.flush_records and not force): return True
+            if not self._pending:
+                return True
+            if not self._write_pending():
+                return False
+            if not self._buf or (len(self._buf) < self.flush_records and not force):
+                return True
 
     def _run(self):
         backoff, last = 0.0, time.monotonic()
         while True:
             with self._cv:
                 wait = backoff or max(0.0, last + self.flush_s - time.monotonic())
-                self._cv.wait_for(lambda: self._stop or (not backoff and len(self._buf) >= self.flush_records), timeout=wait)  # noqa: B023 (called in this iteration only)
-                if self._stop: return
+                self._cv.wait_for(
+                    lambda: self._stop or (not backoff and len(self._buf) >= self.flush_records),  # noqa: B023 (called now)
+                    timeout=wait,
+                )
+                if self._stop:
+                    return
                 timed = time.monotonic() >= last + self.flush_s
             if self.flush(force=timed or bool(backoff)):
                 backoff = 0.0
-                if timed: last = time.monotonic()
-            else: backoff = min(self.max_backoff_s, max(0.5, 2 * backoff))
+                if timed:
+                    last = time.monotonic()
+            else:
+                backoff = min(self.max_backoff_s, max(0.5, 2 * backoff))
 
     def close(self, timeout: float = 20.0) -> int:
         "Stop the thread and write everything left, retrying until `timeout`; the records still unwritten are dropped. Returns that count."
@@ -162,57 +223,91 @@ class TelemetryWriter:
             self._cv.notify_all()
         deadline = time.monotonic() + timeout
         self._thread.join(timeout)
-        while not self.flush(timeout=max(0.0, deadline - time.monotonic())) and time.monotonic() < deadline - 0.5: time.sleep(0.5)
+        while not self.flush(timeout=max(0.0, deadline - time.monotonic())) and time.monotonic() < deadline - 0.5:
+            time.sleep(0.5)
         with self._cv:
             lost = self.buffered
             self.dropped += lost
-            self._buf.clear(); self._pending.clear(); self._pending_n = 0
-        if lost: _log.error("%s: %d records could not be written before shutdown (%s)", self.kind, lost, self.last_error)
+            self._buf.clear()
+            self._pending.clear()
+            self._pending_n = 0
+        if lost:
+            _log.error("%s: %d records could not be written before shutdown (%s)", self.kind, lost, self.last_error)
         return lost
 
     def stats(self) -> dict:
         "Counters: records written, dropped, buffered; shards written; failed writes; the last error."
-        return dict(written=self.written, dropped=self.dropped, buffered=self.buffered, shards=self.shards,
-                    failures=self.failures, last_error=self.last_error, instance=self.instance)
+        return dict(
+            written=self.written,
+            dropped=self.dropped,
+            buffered=self.buffered,
+            shards=self.shards,
+            failures=self.failures,
+            last_error=self.last_error,
+            instance=self.instance,
+        )
 
 # %% ../nbs/telemetry.ipynb #35655020
 def as_utc(t) -> pd.Timestamp | None:
     "`t` (a string, datetime or Timestamp; naive means UTC) as a UTC `Timestamp`; `None` stays `None`."
-    if t is None: return None
+    if t is None:
+        return None
     t = pd.Timestamp(t)
     return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+
 
 def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
     "`t` with the columns of `schema` it lacks (a shard from before they existed) added as nulls, cast to `schema` if it has just its columns."
     for f in schema:
-        if f.name not in t.schema.names: t = t.append_column(f, pa.nulls(len(t), f.type))
+        if f.name not in t.schema.names:
+            t = t.append_column(f, pa.nulls(len(t), f.type))
     return t.select(schema.names).cast(schema) if set(t.schema.names) == set(schema.names) else t
 
-def read_telemetry(store: Store | str | None, version: str | None = None, last_n: int | None = None, since=None, until=None,
-                   workers: int = 8, kind: str = "telemetry") -> pd.DataFrame:
+
+def read_telemetry(
+    store: Store | str | None,
+    version: str | None = None,
+    last_n: int | None = None,
+    since=None,
+    until=None,
+    workers: int = 8,
+    kind: str = "telemetry",
+) -> pd.DataFrame:
     "Records of `kind` (`telemetry` or `feedback`) of `version` (default: every version) sorted by time: those in `[since, until)`, and of those the last `last_n`."
     st, schema = open_store(store), SCHEMAS[kind]
     since, until = as_utc(since), as_utc(until)
     by_day: dict[str, list[str]] = {}
     for k in st.list(f"{kind}/{version}/" if version else f"{kind}/"):
         parts = k.split("/")
-        if len(parts) == 4 and parts[3].endswith(".parquet"): by_day.setdefault(parts[2], []).append(k)
+        if len(parts) == 4 and parts[3].endswith(".parquet"):
+            by_day.setdefault(parts[2], []).append(k)
+
     def read(k):
-        try: t = pq.read_table(io.BytesIO(st.get_bytes(k)))
-        except (StoreError, OSError, pa.ArrowException) as e: warnings.warn(f"skipping unreadable {kind} shard {k}: {e}", stacklevel=1); return None   # in a worker thread: no caller frame to point at
+        try:
+            t = pq.read_table(io.BytesIO(st.get_bytes(k)))
+        except (StoreError, OSError, pa.ArrowException) as e:
+            warnings.warn(f"skipping unreadable {kind} shard {k}: {e}", stacklevel=1)
+            return None  # in a worker thread: no caller frame to point at
         return _conform(t, schema)
+
     frames, n = [], 0
-    with ThreadPoolExecutor(workers) as ex:     # one request per shard on GCS: fetch them in parallel
+    with ThreadPoolExecutor(workers) as ex:  # one request per shard on GCS: fetch them in parallel
         for day in sorted(by_day, reverse=True):
-            if until is not None and day > until.strftime("%Y-%m-%d"): continue
-            if since is not None and day < since.strftime("%Y-%m-%d"): break
+            if until is not None and day > until.strftime("%Y-%m-%d"):
+                continue
+            if since is not None and day < since.strftime("%Y-%m-%d"):
+                break
             got = [t for t in ex.map(read, sorted(by_day[day])) if t is not None]
-            frames += got; n += sum(t.num_rows for t in got)
-            if last_n is not None and n >= last_n and since is None and until is None: break
+            frames += got
+            n += sum(t.num_rows for t in got)
+            if last_n is not None and n >= last_n and since is None and until is None:
+                break
     df = pa.concat_tables(frames or [schema.empty_table()], promote_options="default").to_pandas()
     df["time"] = pd.to_datetime(df["time"], utc=True)
-    if since is not None: df = df[df["time"] >= since]
-    if until is not None: df = df[df["time"] < until]
+    if since is not None:
+        df = df[df["time"] >= since]
+    if until is not None:
+        df = df[df["time"] < until]
     df = df.sort_values([c for c in ("time", "request_id", "item") if c in df], kind="stable")
     return (df.tail(last_n) if last_n is not None else df).reset_index(drop=True)
 
@@ -225,23 +320,35 @@ def encode_kept_image(pixels, preprocess) -> bytes:
     Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8)).save(buf, "PNG", compress_level=1)
     return buf.getvalue()
 
+
 def decode_kept_image(data: bytes) -> np.ndarray:
     "A kept image (telemetry's `image`) as a `uint8 (S,S,3)` RGB array; `torch.from_numpy(a).permute(2, 0, 1)` is the data chapter's layout."
-    with Image.open(io.BytesIO(data)) as im: return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 # %% ../nbs/telemetry.ipynb #1e1b6877
 class PredictionIds:
     "Signed, self-validating prediction ids (`<payload>.<mac>`): made by `new`, checked by `parse` on any instance that has `key`, refused after `ttl_s` seconds."
+
     def __init__(self, key: bytes, ttl_s: float = 7 * 86400.0):
-        if len(key) < 16: raise ValueError(f"the prediction id key must have at least 16 bytes, got {len(key)}")
+        if len(key) < 16:
+            raise ValueError(f"the prediction id key must have at least 16 bytes, got {len(key)}")
         self.key, self.ttl_s, self.source = key, ttl_s, "given"
 
     @classmethod
-    def from_settings(cls, feedback_key: str | None = None, admin_token: str | None = None, ttl_s: float = 7 * 86400.0) -> PredictionIds:
+    def from_settings(
+        cls, feedback_key: str | None = None, admin_token: str | None = None, ttl_s: float = 7 * 86400.0
+    ) -> PredictionIds:
         "The service's ids: the key `VIT_FEEDBACK_KEY`, else one derived from `VIT_ADMIN_TOKEN`, else random (only this process accepts its ids); `source` says which."
-        if feedback_key: key, source = hmac.digest(b"vit-nbdev prediction ids", feedback_key.encode(), "sha256"), "VIT_FEEDBACK_KEY"
-        elif admin_token: key, source = hmac.digest(b"vit-nbdev prediction ids from the admin token", admin_token.encode(), "sha256"), "derived from VIT_ADMIN_TOKEN"
-        else: key, source = secrets.token_bytes(32), "random: only this process accepts feedback for its predictions"
+        if feedback_key:
+            key, source = hmac.digest(b"vit-nbdev prediction ids", feedback_key.encode(), "sha256"), "VIT_FEEDBACK_KEY"
+        elif admin_token:
+            key, source = (
+                hmac.digest(b"vit-nbdev prediction ids from the admin token", admin_token.encode(), "sha256"),
+                "derived from VIT_ADMIN_TOKEN",
+            )
+        else:
+            key, source = secrets.token_bytes(32), "random: only this process accepts feedback for its predictions"
         ids = cls(key, ttl_s)
         ids.source = source
         return ids
@@ -260,80 +367,167 @@ class PredictionIds:
         payload, _, mac = pid.rpartition(".") if isinstance(pid, str) and pid.isascii() else ("", "", "")
         parts, shown = payload.rsplit("~", 4), repr(pid)[:120]
         if len(parts) != 5 or not hmac.compare_digest(mac.encode(), self._mac(payload).encode()):
-            raise LookupError(f"prediction id {shown} is unknown: it was not made by this service (or by an instance sharing its VIT_FEEDBACK_KEY)")
+            raise LookupError(
+                f"prediction id {shown} is unknown: it was not made by this service (or by an instance sharing its VIT_FEEDBACK_KEY)"
+            )
         version, ms, _, predicted, kept = parts
         t = datetime.fromtimestamp(int(ms, 16) / 1000, UTC)
         if (age := (datetime.now(UTC) - t).total_seconds()) > self.ttl_s:
-            raise LookupError(f"prediction id {shown} has expired: the prediction was made {age / 86400:.1f} days ago, "
-                              f"feedback is accepted for {self.ttl_s / 86400:g} days (VIT_FEEDBACK_TTL_S)")
+            raise LookupError(
+                f"prediction id {shown} has expired: the prediction was made {age / 86400:.1f} days ago, "
+                f"feedback is accepted for {self.ttl_s / 86400:g} days (VIT_FEEDBACK_TTL_S)"
+            )
         return dict(version=version, predicted=int(predicted), kept=kept == "1", time=t)
 
 # %% ../nbs/telemetry.ipynb #a1e1e154
 class FeedbackError(Exception):
     "A label that cannot be recorded: `reason` (`unknown_id`, `unknown_label`; `invalid` for a body that is not labels, `not_ready` before a model is loaded) and a sentence naming the item."
-    def __init__(self, reason: str, message: str): super().__init__(message); self.reason, self.message = reason, message
 
-def feedback_records(items: list[dict], ids: PredictionIds, labels_of: Callable[[str], list[str]], *, instance: str,
-                     source: str = "api", now: datetime | None = None) -> list[dict]:
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason, self.message = reason, message
+
+
+def feedback_records(
+    items: list[dict],
+    ids: PredictionIds,
+    labels_of: Callable[[str], list[str]],
+    *,
+    instance: str,
+    source: str = "api",
+    now: datetime | None = None,
+) -> list[dict]:
     "`FEEDBACK_SCHEMA` records for `items` (dicts with `prediction_id` and `label`), every item checked before any record is made; `labels_of(version)`: that model's class names."
     now, out = now or datetime.now(UTC), []
     for i, it in enumerate(items):
         where = f"item {i + 1}: " if len(items) > 1 else ""
-        try: p = ids.parse(it["prediction_id"])
-        except LookupError as e: raise FeedbackError("unknown_id", where + str(e)) from None
+        try:
+            p = ids.parse(it["prediction_id"])
+        except LookupError as e:
+            raise FeedbackError("unknown_id", where + str(e)) from None
         labels = labels_of(p["version"])
         if it["label"] not in labels:
-            raise FeedbackError("unknown_label", f"{where}unknown label {it['label']!r}: the labels of model {p['version']} are {', '.join(labels)}")
+            raise FeedbackError(
+                "unknown_label",
+                f"{where}unknown label {it['label']!r}: the labels of model {p['version']} are {', '.join(labels)}",
+            )
         predicted = labels[p["predicted"]] if 0 <= p["predicted"] < len(labels) else str(p["predicted"])
-        out.append(dict(time=now, prediction_id=it["prediction_id"], predicted_at=p["time"], model_version=p["version"], predicted=predicted,
-                        label=it["label"], correct=it["label"] == predicted, image_kept=p["kept"], instance=instance, source=source))
+        out.append(
+            dict(
+                time=now,
+                prediction_id=it["prediction_id"],
+                predicted_at=p["time"],
+                model_version=p["version"],
+                predicted=predicted,
+                label=it["label"],
+                correct=it["label"] == predicted,
+                image_kept=p["kept"],
+                instance=instance,
+                source=source,
+            )
+        )
     return out
 
 # %% ../nbs/telemetry.ipynb #775ecd3a
 def live_accuracy(store: Store | str | None, since=None, last_n: int | None = 1000) -> pd.DataFrame:
     "Accuracy of labelled predictions per `model_version` from the feedback in `store` (the whole fleet's): `labelled`, `correct`, `accuracy`, `first`, `last` (times of the labels); the last `last_n` labels since `since`, each prediction once, with its last label."
-    fb = read_telemetry(store, since=since, last_n=last_n, kind="feedback").drop_duplicates("prediction_id", keep="last")
-    if last_n is not None: fb = fb.tail(last_n)
+    fb = read_telemetry(store, since=since, last_n=last_n, kind="feedback").drop_duplicates(
+        "prediction_id", keep="last"
+    )
+    if last_n is not None:
+        fb = fb.tail(last_n)
     fb = fb.assign(correct=fb["correct"].fillna(False).astype(bool))
-    out = fb.groupby("model_version").agg(labelled=("correct", "size"), correct=("correct", "sum"), first=("time", "min"), last=("time", "max"))
+    out = fb.groupby("model_version").agg(
+        labelled=("correct", "size"), correct=("correct", "sum"), first=("time", "min"), last=("time", "max")
+    )
     out.insert(2, "accuracy", out["correct"] / out["labelled"])
     return out.reset_index().sort_values("last", ascending=False, ignore_index=True)
 
 # %% ../nbs/telemetry.ipynb #156b7a3e
 class TelemetryCollector:
     "Exposes a `TelemetryWriter`'s counters (read at scrape time), named after its kind: `vit_telemetry_*` or `vit_feedback_*`."
-    def __init__(self, get: Callable[[], TelemetryWriter | None], kind: str = "telemetry"): self.get, self.kind = get, kind
-    def describe(self): return []
+
+    def __init__(self, get: Callable[[], TelemetryWriter | None], kind: str = "telemetry"):
+        self.get, self.kind = get, kind
+
+    def describe(self):
+        return []
+
     def collect(self):
         w, k = self.get(), self.kind
         s = w.stats() if w else dict(written=0, dropped=0, failures=0, buffered=0)
-        for name, doc, key in [(f"vit_{k}_records_written", f"{k} records written to the store", "written"),
-                               (f"vit_{k}_records_dropped", f"{k} records dropped (buffer full while the store was unreachable, or unwritten at shutdown)", "dropped"),
-                               (f"vit_{k}_write_failures", f"failed {k} shard writes (each is retried)", "failures")]:
-            c = CounterMetricFamily(name, doc); c.add_metric([], s[key]); yield c
+        for name, doc, key in [
+            (f"vit_{k}_records_written", f"{k} records written to the store", "written"),
+            (
+                f"vit_{k}_records_dropped",
+                f"{k} records dropped (buffer full while the store was unreachable, or unwritten at shutdown)",
+                "dropped",
+            ),
+            (f"vit_{k}_write_failures", f"failed {k} shard writes (each is retried)", "failures"),
+        ]:
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], s[key])
+            yield c
         yield GaugeMetricFamily(f"vit_{k}_buffered_records", f"{k} records waiting to be written", value=s["buffered"])
 
 # %% ../nbs/telemetry.ipynb #81af4d32
 class ServiceMetrics:
     "The Prometheus metrics of one service, in their own registry."
+
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
-        self.requests = Counter("vit_http_requests", "HTTP requests by route, method and status", ["route", "method", "status"], registry=r)
-        self.latency = Histogram("vit_http_request_duration_seconds", "HTTP request latency by route", ["route"], registry=r,
-                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
-        self.batch_size = Histogram("vit_batch_size", "images per forward pass", registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-        self.batch_seconds = Histogram("vit_batch_duration_seconds", "time of one forward pass", registry=r,
-                                       buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.requests = Counter(
+            "vit_http_requests", "HTTP requests by route, method and status", ["route", "method", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "vit_http_request_duration_seconds",
+            "HTTP request latency by route",
+            ["route"],
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.batch_size = Histogram(
+            "vit_batch_size", "images per forward pass", registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
+        )
+        self.batch_seconds = Histogram(
+            "vit_batch_duration_seconds",
+            "time of one forward pass",
+            registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
         self.queue_depth = Gauge("vit_queue_depth", "images waiting for the model", registry=r)
-        self.rejected = Counter("vit_queue_rejections", "requests refused with 503 because the queue was full", registry=r)
-        self.predictions = Counter("vit_predictions", "images classified, by model version and predicted label", ["version", "label"], registry=r)
+        self.rejected = Counter(
+            "vit_queue_rejections", "requests refused with 503 because the queue was full", registry=r
+        )
+        self.predictions = Counter(
+            "vit_predictions",
+            "images classified, by model version and predicted label",
+            ["version", "label"],
+            registry=r,
+        )
         self.model_info = Gauge("vit_model_info", "the model version being served (value 1)", ["version"], registry=r)
-        self.swaps = Counter("vit_model_updates", "model updates by source (admin, poll) and result", ["source", "result"], registry=r)
-        self.polls = Counter("vit_model_polls", "checks of the VIT_MODEL alias by result (unchanged, moved, store_error)", ["result"], registry=r)
-        self.engine = Gauge("vit_engine_images_per_second", "the serving engine's images/s, timed at load on this host", ["engine", "precision", "threads"], registry=r)
-        self.engine_agreement = Gauge("vit_engine_agreement", "top-1 agreement of the serving engine with fp32 on the check images (-1: unchecked)", registry=r)
+        self.swaps = Counter(
+            "vit_model_updates", "model updates by source (admin, poll) and result", ["source", "result"], registry=r
+        )
+        self.polls = Counter(
+            "vit_model_polls",
+            "checks of the VIT_MODEL alias by result (unchanged, moved, store_error)",
+            ["result"],
+            registry=r,
+        )
+        self.engine = Gauge(
+            "vit_engine_images_per_second",
+            "the serving engine's images/s, timed at load on this host",
+            ["engine", "precision", "threads"],
+            registry=r,
+        )
+        self.engine_agreement = Gauge(
+            "vit_engine_agreement",
+            "top-1 agreement of the serving engine with fp32 on the check images (-1: unchecked)",
+            registry=r,
+        )
         self.telemetry_writer: TelemetryWriter | None = None
-        r.register(TelemetryCollector(lambda: self.telemetry_writer))   # the feedback desk registers its own (below)
+        r.register(TelemetryCollector(lambda: self.telemetry_writer))  # the feedback desk registers its own (below)
 
     def set_model(self, version: str, engine: dict | None = None) -> None:
         "Report `version` as the one being served, and its `engine` (the report of `choose_engine`)."
@@ -348,83 +542,168 @@ class ServiceMetrics:
         "The Prometheus text exposition."
         return generate_latest(self.registry)
 
+
 class RequestMiddleware:
     "ASGI middleware: a request id (`X-Request-ID`, echoed), request counts and latency by route template."
+
     _ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-    def __init__(self, app, metrics: ServiceMetrics): self.app, self.metrics = app, metrics
+
+    def __init__(self, app, metrics: ServiceMetrics):
+        self.app, self.metrics = app, metrics
+
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http": return await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         rid = given if self._ID.fullmatch(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
         status, t0 = 500, time.perf_counter()
+
         async def send_(msg):
             nonlocal status
             if msg["type"] == "http.response.start":
                 status = msg["status"]
                 msg = {**msg, "headers": [*msg.get("headers", []), (b"x-request-id", rid.encode())]}
             await send(msg)
-        try: await self.app(scope, receive, send_)
+
+        try:
+            await self.app(scope, receive, send_)
         finally:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             self.metrics.requests.labels(route, scope["method"], str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
 
 # %% ../nbs/telemetry.ipynb #a0c2b5c0
-FEEDBACK_MAX_ITEMS = 1000    # labels per request
-FEEDBACK_ITEM_SCHEMA = {"title": "Feedback", "type": "object", "required": ["prediction_id", "label"], "additionalProperties": False,
-                        "properties": {"prediction_id": {"type": "string", "maxLength": 300, "description": "the `prediction_id` of an answer of /predict"},
-                                       "label": {"type": "string", "maxLength": 100, "examples": ["cat"], "description": "the true label: one of the model's classes"}}}
-FEEDBACK_BODY_SCHEMA = {"anyOf": [FEEDBACK_ITEM_SCHEMA, {"type": "array", "items": FEEDBACK_ITEM_SCHEMA, "minItems": 1, "maxItems": FEEDBACK_MAX_ITEMS}]}
-FEEDBACK_REASONS = ("unknown_label", "unknown_id", "too_large", "invalid")   # why feedback is refused (`vit_feedback_rejected_total`)
+FEEDBACK_MAX_ITEMS = 1000  # labels per request
+FEEDBACK_ITEM_SCHEMA = {
+    "title": "Feedback",
+    "type": "object",
+    "required": ["prediction_id", "label"],
+    "additionalProperties": False,
+    "properties": {
+        "prediction_id": {
+            "type": "string",
+            "maxLength": 300,
+            "description": "the `prediction_id` of an answer of /predict",
+        },
+        "label": {
+            "type": "string",
+            "maxLength": 100,
+            "examples": ["cat"],
+            "description": "the true label: one of the model's classes",
+        },
+    },
+}
+FEEDBACK_BODY_SCHEMA = {
+    "anyOf": [
+        FEEDBACK_ITEM_SCHEMA,
+        {"type": "array", "items": FEEDBACK_ITEM_SCHEMA, "minItems": 1, "maxItems": FEEDBACK_MAX_ITEMS},
+    ]
+}
+FEEDBACK_REASONS = (
+    "unknown_label",
+    "unknown_id",
+    "too_large",
+    "invalid",
+)  # why feedback is refused (`vit_feedback_rejected_total`)
+
 
 def parse_feedback(raw: bytes, form: bool = False, max_items: int = FEEDBACK_MAX_ITEMS) -> list[dict]:
     "The labels in a feedback body: JSON `{prediction_id, label}` or a list of 1 to `max_items` of them, or (`form`) the page's form fields; `FeedbackError('invalid')` saying what was expected."
-    want = "the form fields prediction_id and label" if form else f'JSON {{"prediction_id": "…", "label": "cat"}} or a list of 1 to {max_items} of them'
-    try: body = {k: v[0] for k, v in parse_qs(raw.decode("utf-8", "replace")).items() if k in ("prediction_id", "label")} if form else json.loads(raw)
-    except (ValueError, RecursionError) as e: raise FeedbackError("invalid", f"expected {want}; the body is not JSON ({e})") from None
+    want = (
+        "the form fields prediction_id and label"
+        if form
+        else f'JSON {{"prediction_id": "…", "label": "cat"}} or a list of 1 to {max_items} of them'
+    )
+    try:
+        body = (
+            {k: v[0] for k, v in parse_qs(raw.decode("utf-8", "replace")).items() if k in ("prediction_id", "label")}
+            if form
+            else json.loads(raw)
+        )
+    except (ValueError, RecursionError) as e:
+        raise FeedbackError("invalid", f"expected {want}; the body is not JSON ({e})") from None
     items = body if isinstance(body, list) else [body]
-    if not 1 <= len(items) <= max_items: raise FeedbackError("invalid", f"expected {want}; got a list of {len(items)}")
+    if not 1 <= len(items) <= max_items:
+        raise FeedbackError("invalid", f"expected {want}; got a list of {len(items)}")
     for i, it in enumerate(items):
-        if not (isinstance(it, dict) and set(it) == {"prediction_id", "label"} and all(isinstance(v, str) and 0 < len(v) <= 300 for v in it.values())):
-            raise FeedbackError("invalid", f"expected {want}; {f'item {i + 1}' if isinstance(body, list) else 'the body'} is {json.dumps(it)[:120]}")
+        if not (
+            isinstance(it, dict)
+            and set(it) == {"prediction_id", "label"}
+            and all(isinstance(v, str) and 0 < len(v) <= 300 for v in it.values())
+        ):
+            raise FeedbackError(
+                "invalid",
+                f"expected {want}; {f'item {i + 1}' if isinstance(body, list) else 'the body'} is {json.dumps(it)[:120]}",
+            )
     return items
+
 
 class FeedbackDesk:
     "The service's feedback: checks labels against its prediction `ids` and the class names in `labels`, queues them to `writer` (a `TelemetryWriter` of kind feedback), counts them in `registry`, caches the fleet's live accuracy."
+
     def __init__(self, ids: PredictionIds, registry: CollectorRegistry | None = None):
         self.ids, self.writer, self._accuracy = ids, None, (0.0, -1, None)
-        self.labels: dict[str, list[str]] = {}   # version → class names, of the versions this instance served
-        self.current: str | None = None          # the version it serves now
+        self.labels: dict[str, list[str]] = {}  # version → class names, of the versions this instance served
+        self.current: str | None = None  # the version it serves now
         r = registry or CollectorRegistry()
-        self.accepted = Counter("vit_feedback", "labels recorded, by model version and whether the prediction was right", ["model_version", "correct"], registry=r)
-        self.rejected = Counter("vit_feedback_rejected", "feedback refused, by reason (unknown_label, unknown_id, too_large, invalid)", ["reason"], registry=r)
-        self.without_image = Counter("vit_feedback_without_image", "labels recorded for predictions whose image was not kept: no training data", registry=r)
-        for reason in FEEDBACK_REASONS: self.rejected.labels(reason)   # every series from the start, at 0
+        self.accepted = Counter(
+            "vit_feedback",
+            "labels recorded, by model version and whether the prediction was right",
+            ["model_version", "correct"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "vit_feedback_rejected",
+            "feedback refused, by reason (unknown_label, unknown_id, too_large, invalid)",
+            ["reason"],
+            registry=r,
+        )
+        self.without_image = Counter(
+            "vit_feedback_without_image",
+            "labels recorded for predictions whose image was not kept: no training data",
+            registry=r,
+        )
+        for reason in FEEDBACK_REASONS:
+            self.rejected.labels(reason)  # every series from the start, at 0
         r.register(TelemetryCollector(lambda: self.writer, "feedback"))
 
     def labels_of(self, version: str) -> list[str]:
         "The class names of model `version`: its own if this instance served it, else those of the model it serves now; `FeedbackError('not_ready')` before any."
-        if (labels := self.labels.get(version) or self.labels.get(self.current)) and self.writer: return labels
-        raise FeedbackError("not_ready", "the model is not loaded yet: no labels to check feedback against; retry in a few seconds")
+        if (labels := self.labels.get(version) or self.labels.get(self.current)) and self.writer:
+            return labels
+        raise FeedbackError(
+            "not_ready", "the model is not loaded yet: no labels to check feedback against; retry in a few seconds"
+        )
 
     def record(self, raw: bytes, source: str = "api", form: bool = False) -> dict:
         "Parse a feedback body, check every item (all or nothing) and queue the records: `{accepted, excluded_from_training}`; `FeedbackError` (counted) for the first bad item."
-        try: recs = feedback_records(parse_feedback(raw, form), self.ids, self.labels_of, instance=self.writer and self.writer.instance, source=source)
+        try:
+            recs = feedback_records(
+                parse_feedback(raw, form),
+                self.ids,
+                self.labels_of,
+                instance=self.writer and self.writer.instance,
+                source=source,
+            )
         except FeedbackError as e:
-            if e.reason in FEEDBACK_REASONS: self.rejected.labels(e.reason).inc()
+            if e.reason in FEEDBACK_REASONS:
+                self.rejected.labels(e.reason).inc()
             raise
         for r in recs:
             self.writer.add(r)
             self.accepted.labels(r["model_version"], str(r["correct"]).lower()).inc()
-            if not r["image_kept"]: self.without_image.inc()
+            if not r["image_kept"]:
+                self.without_image.inc()
         return dict(accepted=len(recs), excluded_from_training=sum(not r["image_kept"] for r in recs))
 
     def accuracy(self, store: Store | str | None, max_age_s: float = 30.0) -> pd.DataFrame | str:
         "`live_accuracy(store)`, read again when this desk has written labels since, or after `max_age_s`; a sentence if the store cannot be read."
         t, written, acc = self._accuracy
         if (now := self.writer.written if self.writer else 0) != written or time.monotonic() - t > max_age_s:
-            try: acc = live_accuracy(store)
-            except Exception as e: acc = f"{type(e).__name__}: {e}"
+            try:
+                acc = live_accuracy(store)
+            except Exception as e:
+                acc = f"{type(e).__name__}: {e}"
             self._accuracy = (time.monotonic(), now, acc)
         return acc

@@ -20,21 +20,33 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from .config import PRECISIONS, PRESETS, TrainConfig, new_run_id
-from .data import add_train, has_snapshot, load_cifar10, preprocess, snapshot_dataset, snapshot_prefix, Split, PreprocessConfig
+from vit_nbdev.data import (
+    add_train,
+    has_snapshot,
+    load_cifar10,
+    preprocess,
+    snapshot_dataset,
+    snapshot_prefix,
+    Split,
+    PreprocessConfig,
+)
 from .model import build_model, save_package
 from .store import open_store, new_version, StoreError
 
 # %% auto #0
 __all__ = ['NOTEBOOK', 'resolve_precision', 'epoch_order', 'step_indices', 'evaluate', 'RunState', 'latest_checkpoint',
            'resolve_resume', 'make_accelerator', 'start_tracking', 'wandb_run', 'device_info', 'code_commit',
-           'TrainResult', 'train', 'run_notebook', 'results_table', 'cli']
+           'TrainResult', 'train', 'run_notebook', 'results_table', 'train_command']
 
 # %% ../nbs/train.ipynb #ed53c0d8
 def resolve_precision(mixed_precision: str = "auto") -> str:
     "Map `'auto'` to `'bf16'`, `'fp16'` or `'no'` for this machine; check other values."
-    if mixed_precision not in PRECISIONS: raise ValueError(f"mixed_precision must be one of {PRECISIONS}, got {mixed_precision!r}")
-    if mixed_precision != "auto": return mixed_precision
-    if not torch.cuda.is_available(): return "no"
+    if mixed_precision not in PRECISIONS:
+        raise ValueError(f"mixed_precision must be one of {PRECISIONS}, got {mixed_precision!r}")
+    if mixed_precision != "auto":
+        return mixed_precision
+    if not torch.cuda.is_available():
+        return "no"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 # %% ../nbs/train.ipynb #dd21150c
@@ -42,22 +54,28 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     "The seeded permutation of `n` training indices for `epoch`."
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
-def step_indices(order: torch.Tensor, step_in_epoch: int, batch_size: int, rank: int, world: int, grad_accum: int) -> list[torch.Tensor]:
+
+def step_indices(
+    order: torch.Tensor, step_in_epoch: int, batch_size: int, rank: int, world: int, grad_accum: int
+) -> list[torch.Tensor]:
     "This process's micro-batches (one per accumulation step) of optimizer step `step_in_epoch`."
-    chunk = order[step_in_epoch * batch_size:(step_in_epoch + 1) * batch_size]
+    chunk = order[step_in_epoch * batch_size : (step_in_epoch + 1) * batch_size]
     return list(chunk.view(world, grad_accum, -1)[rank])
 
 # %% ../nbs/train.ipynb #5fdce507
 @torch.inference_mode()
-def evaluate(model, split: Split, pre: PreprocessConfig, accelerator: Accelerator, batch_size: int = 500, desc: str = "eval") -> dict:
+def evaluate(
+    model, split: Split, pre: PreprocessConfig, accelerator: Accelerator, batch_size: int = 500, desc: str = "eval"
+) -> dict:
     "Loss, accuracy and confusion matrix (rows: true class) of `model` on `split`, over all processes."
     model.eval()
     n_cls, dev = accelerator.unwrap_model(model).config.num_labels, accelerator.device
     cm, loss = torch.zeros(n_cls, n_cls, dtype=torch.long, device=dev), torch.zeros((), device=dev)
-    idx = torch.arange(len(split))[accelerator.process_index::accelerator.num_processes]
+    idx = torch.arange(len(split))[accelerator.process_index :: accelerator.num_processes]
     for b in tqdm(idx.split(batch_size), desc=desc, leave=False, disable=not accelerator.is_local_main_process):
         x, y = split.images[b].to(dev, non_blocking=True), split.labels[b].to(dev, non_blocking=True)
-        with accelerator.autocast(): logits = model(preprocess(x, pre)).logits.float()
+        with accelerator.autocast():
+            logits = model(preprocess(x, pre)).logits.float()
         loss += F.cross_entropy(logits, y, reduction="sum")
         cm += torch.bincount(y * n_cls + logits.argmax(-1), minlength=n_cls * n_cls).view(n_cls, n_cls)
     cm, loss = accelerator.reduce(cm, "sum"), accelerator.reduce(loss, "sum")
@@ -68,73 +86,130 @@ def evaluate(model, split: Split, pre: PreprocessConfig, accelerator: Accelerato
 # %% ../nbs/train.ipynb #15d08cb2
 class RunState:
     "What a resumed run must remember beyond model and optimizer: step, history, best weights, timing."
-    def __init__(self): self.step, self.history, self.best_acc, self.best_state, self.train_time, self.images = 0, [], -1.0, None, 0.0, 0
-    def state_dict(self) -> dict: return dict(vars(self))
-    def load_state_dict(self, d: dict): vars(self).update(d)
+
+    def __init__(self):
+        self.step, self.history, self.best_acc, self.best_state, self.train_time, self.images = (
+            0,
+            [],
+            -1.0,
+            None,
+            0.0,
+            0,
+        )
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, d: dict):
+        vars(self).update(d)
+
     def update_best(self, acc: float, model) -> bool:
         "Keep a CPU copy of `model`'s weights if `acc` beats the best so far."
-        if acc <= self.best_acc: return False
-        self.best_acc, self.best_state = acc, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if acc <= self.best_acc:
+            return False
+        self.best_acc, self.best_state = (
+            acc,
+            {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+        )
         return True
+
 
 def latest_checkpoint(ckpt_dir) -> Path | None:
     "The newest `step_<n>` folder in `ckpt_dir`, if any."
-    steps = sorted(Path(ckpt_dir).glob("step_*"), key=lambda p: int(p.name.split("_")[1])) if Path(ckpt_dir).is_dir() else []
+    steps = (
+        sorted(Path(ckpt_dir).glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+        if Path(ckpt_dir).is_dir()
+        else []
+    )
     return steps[-1] if steps else None
+
 
 def resolve_resume(resume, ckpt_dir) -> Path | None:
     "The checkpoint to resume from: `None` for a fresh run; a clear error if asked to resume and none exists."
-    if resume in (False, None, "", "false", "False"): return None
+    if resume in (False, None, "", "false", "False"):
+        return None
     p = latest_checkpoint(ckpt_dir) if resume in (True, "true", "True", "latest") else Path(resume)
     if p is None or not p.exists():
-        raise FileNotFoundError(f"resume={resume!r} but there is no checkpoint in {ckpt_dir if p is None else p}; "
-                                f"pass the run_id of the run to continue (its checkpoints are in checkpoints/<run_id>/step_<n>), a checkpoint path, or resume=False")
+        raise FileNotFoundError(
+            f"resume={resume!r} but there is no checkpoint in {ckpt_dir if p is None else p}; "
+            f"pass the run_id of the run to continue (its checkpoints are in checkpoints/<run_id>/step_<n>), a checkpoint path, or resume=False"
+        )
     return p
 
 # %% ../nbs/train.ipynb #bcba3565
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     "An `Accelerator` for `cfg`: precision, accumulation, tracker; CPU processes use gloo."
-    if cfg.tracker not in ("wandb", "none"): raise ValueError(f"tracker must be 'wandb' or 'none', got {cfg.tracker!r}")
+    if cfg.tracker not in ("wandb", "none"):
+        raise ValueError(f"tracker must be 'wandb' or 'none', got {cfg.tracker!r}")
     # A second run in the same process (this notebook, a benchmark) may want another precision, or another device: an
     # `Accelerator(cpu=True)` made earlier leaves the process-wide state on the CPU, so a GPU run would quietly train there.
     AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
-    return Accelerator(mixed_precision=resolve_precision(cfg.mixed_precision), gradient_accumulation_steps=cfg.grad_accum,
-                       log_with="wandb" if cfg.tracker == "wandb" else None, cpu=not torch.cuda.is_available())
+    return Accelerator(
+        mixed_precision=resolve_precision(cfg.mixed_precision),
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with="wandb" if cfg.tracker == "wandb" else None,
+        cpu=not torch.cuda.is_available(),
+    )
+
 
 def start_tracking(accelerator: Accelerator, cfg: TrainConfig, run_id: str):
     "Start the W&B run (offline without `WANDB_API_KEY`) with the run's config."
-    if cfg.tracker != "wandb": return
+    if cfg.tracker != "wandb":
+        return
     mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-    accelerator.init_trackers(cfg.wandb_project, config=asdict(cfg), init_kwargs={"wandb": dict(name=run_id, id=run_id, mode=mode, resume="allow")})
+    accelerator.init_trackers(
+        cfg.wandb_project,
+        config=asdict(cfg),
+        init_kwargs={"wandb": dict(name=run_id, id=run_id, mode=mode, resume="allow")},
+    )
+
 
 def wandb_run(accelerator: Accelerator):
     "The underlying `wandb` run on the main process, else `None`."
-    if not accelerator.is_main_process or not any(t.name == "wandb" for t in accelerator.trackers): return None
+    if not accelerator.is_main_process or not any(t.name == "wandb" for t in accelerator.trackers):
+        return None
     return accelerator.get_tracker("wandb", unwrap=True)
 
 # %% ../nbs/train.ipynb #2bc26982
 def device_info(device: torch.device | None = None) -> str:
     "What a run trained on, for its card: the GPU's name, or the CPU's model and the threads PyTorch used."
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda": return f"{torch.cuda.get_device_name(device)} ({torch.cuda.device_count()} visible)"
-    try: name = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name"))
-    except (OSError, StopIteration): name = platform.processor() or "unknown CPU"
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({torch.cuda.device_count()} visible)"
+    try:
+        name = next(
+            l.split(":", 1)[1].strip()
+            for l in Path("/proc/cpuinfo").read_text().splitlines()
+            if l.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        name = platform.processor() or "unknown CPU"
     return f"CPU: {name}, {torch.get_num_threads()} threads"
+
 
 def code_commit() -> str:
     "The git commit of the code (`$VIT_CODE_COMMIT` in images built without `.git`)."
-    if c := os.environ.get("VIT_CODE_COMMIT"): return c
+    if c := os.environ.get("VIT_CODE_COMMIT"):
+        return c
     try:
         here = Path(__file__).parent if "__file__" in globals() else Path.cwd()
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError): return "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 # %% ../nbs/train.ipynb #888abadd
 @dataclass
 class TrainResult:
     "What a run produced: its id, metrics, history, and where the model went."
+
     run_id: str
     metrics: dict
     history: list
@@ -144,78 +219,123 @@ class TrainResult:
     version: str | None = None
     store: str | None = None
 
+
 def train(cfg: TrainConfig | None = None, **params) -> TrainResult:
     "Train a ViT on CIFAR-10 as `cfg` says; register the best model in the store; return the metrics."
     cfg = cfg or TrainConfig.from_dict(params)
     cfg.check()
     acc = make_accelerator(cfg)
     world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
-    cfg.micro_batch(world)   # refuses a batch_size that processes × grad_accum do not divide
+    cfg.micro_batch(world)  # refuses a batch_size that processes × grad_accum do not divide
     run_id = cfg.run_id or _shared_run_id(acc)
-    ckpt_dir = Path(cfg.checkpoint_dir)/run_id
+    ckpt_dir = Path(cfg.checkpoint_dir) / run_id
     resume_from = resolve_resume(cfg.resume, ckpt_dir)
     st = open_store(cfg.store)
-    if main: _check_writable(st, run_id, cfg)
+    if main:
+        _check_writable(st, run_id, cfg)
     set_seed(cfg.seed)
     data = load_cifar10(cfg.dataset, cfg.revision, cfg.val_fraction, seed=cfg.seed, progress=main, store=st)
-    if cfg.extra_train: data = add_train(data, cfg.extra_train, store=st, progress=main)
-    if main: _snapshot(st, cfg, data)
-    src = str(st.fetch_model(cfg.model[6:])) if cfg.model.startswith("store:") else cfg.model   # store:<version>: a registered model, e.g. production's
+    if cfg.extra_train:
+        data = add_train(data, cfg.extra_train, store=st, progress=main)
+    if main:
+        _snapshot(st, cfg, data)
+    src = (
+        str(st.fetch_model(cfg.model[6:])) if cfg.model.startswith("store:") else cfg.model
+    )  # store:<version>: a registered model, e.g. production's
     model, pre = build_model(src, data.label_names, **({"image_size": cfg.image_size} if cfg.image_size else {}))
     train_x, train_y = data.train.images.to(acc.device), data.train.labels.to(acc.device)
     steps_per_epoch = len(data.train) // cfg.batch_size
-    if steps_per_epoch == 0: raise ValueError(f"batch_size {cfg.batch_size} is larger than the training split ({len(data.train)} images)")
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the training split ({len(data.train)} images)")
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, fused=acc.device.type == "cuda")
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        fused=acc.device.type == "cuda",
+    )
     sched = get_cosine_schedule_with_warmup(opt, min(cfg.warmup_steps, total // 2), total)
     model, opt = acc.prepare(model, opt)
     state = RunState()
     acc.register_for_checkpointing(sched, state)
-    if resume_from: acc.load_state(str(resume_from))
+    if resume_from:
+        acc.load_state(str(resume_from))
     start_tracking(acc, cfg, run_id)
     eval_every = cfg.eval_every or steps_per_epoch
     running, seen, t0 = torch.zeros((), device=acc.device), 0, time.perf_counter()
     start = state.step
-    bar = tqdm(range(start, total), initial=state.step, total=total, desc="train", disable=not acc.is_local_main_process)
+    bar = tqdm(
+        range(start, total), initial=state.step, total=total, desc="train", disable=not acc.is_local_main_process
+    )
     for step in bar:
         epoch, i = divmod(step, steps_per_epoch)
-        if i == 0 or step == start: order = epoch_order(len(train_y), cfg.seed, epoch).to(acc.device)
+        if i == 0 or step == start:
+            order = epoch_order(len(train_y), cfg.seed, epoch).to(acc.device)
         for k, idx in enumerate(step_indices(order, i, cfg.batch_size, rank, world, cfg.grad_accum)):
             with acc.accumulate(model):
                 g = torch.Generator().manual_seed(hash((cfg.seed, step, k, rank)) % 2**63)
                 x = preprocess(train_x[idx], pre, train=cfg.augment, generator=g)
-                with acc.autocast(): loss = F.cross_entropy(model(x).logits.float(), train_y[idx], label_smoothing=cfg.label_smoothing)
+                with acc.autocast():
+                    loss = F.cross_entropy(model(x).logits.float(), train_y[idx], label_smoothing=cfg.label_smoothing)
                 acc.backward(loss)
-                if acc.sync_gradients: acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                opt.step(); opt.zero_grad(set_to_none=True)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
             running += loss.detach() / cfg.grad_accum
-        sched.step(); state.step = step + 1; seen += cfg.batch_size
+        sched.step()
+        state.step = step + 1
+        seen += cfg.batch_size
         if state.step % cfg.log_every == 0 or state.step == total:
-            loss_avg = acc.reduce(running, "mean").item() / ((state.step - 1) % cfg.log_every + 1); running.zero_()
-            dt = time.perf_counter() - t0; state.train_time += dt; state.images += seen
-            acc.log({"train/loss": loss_avg, "train/lr": sched.get_last_lr()[0], "train/images_per_s": seen / dt, "epoch": step / steps_per_epoch}, step=state.step)
+            loss_avg = acc.reduce(running, "mean").item() / ((state.step - 1) % cfg.log_every + 1)
+            running.zero_()
+            dt = time.perf_counter() - t0
+            state.train_time += dt
+            state.images += seen
+            acc.log(
+                {
+                    "train/loss": loss_avg,
+                    "train/lr": sched.get_last_lr()[0],
+                    "train/images_per_s": seen / dt,
+                    "epoch": step / steps_per_epoch,
+                },
+                step=state.step,
+            )
             bar.set_postfix(loss=f"{loss_avg:.3f}", img_s=f"{seen / dt:,.0f}")
-            state.history.append(dict(step=state.step, train_loss=loss_avg)); seen, t0 = 0, time.perf_counter()
+            state.history.append(dict(step=state.step, train_loss=loss_avg))
+            seen, t0 = 0, time.perf_counter()
         if state.step % eval_every == 0 or state.step == total:
             t_eval = time.perf_counter()
             v = evaluate(model, data.validation, pre, acc, cfg.eval_batch_size, desc="validation")
-            if state.update_best(v["acc"], acc.unwrap_model(model)): acc.print(f"step {state.step}: val acc {v['acc']:.4f} (best)")
+            if state.update_best(v["acc"], acc.unwrap_model(model)):
+                acc.print(f"step {state.step}: val acc {v['acc']:.4f} (best)")
             acc.log({"val/loss": v["loss"], "val/acc": v["acc"]}, step=state.step)
             state.history.append(dict(step=state.step, val_loss=v["loss"], val_acc=v["acc"]))
-            t0 += time.perf_counter() - t_eval   # evaluation is not training time
+            t0 += time.perf_counter() - t_eval  # evaluation is not training time
         if cfg.checkpoint_every and (state.step % cfg.checkpoint_every == 0) and state.step < total:
-            t_ck = time.perf_counter(); _checkpoint(acc, ckpt_dir, state.step); t0 += time.perf_counter() - t_ck
+            t_ck = time.perf_counter()
+            _checkpoint(acc, ckpt_dir, state.step)
+            t0 += time.perf_counter() - t_ck
     acc.unwrap_model(model).load_state_dict(state.best_state)
     test = evaluate(model, data.test, pre, acc, cfg.eval_batch_size, desc="test")
-    metrics = dict(val_acc=state.best_acc, test_acc=test["acc"], test_loss=test["loss"], steps=state.step,
-                   images_per_s=state.images / max(state.train_time, 1e-9), train_time_s=state.train_time, processes=world,
-                   mixed_precision=acc.mixed_precision)
-    acc.log({"test/acc": test["acc"], "test/loss": test["loss"], "train/images_per_s_mean": metrics["images_per_s"]}, step=state.step)
+    metrics = dict(
+        val_acc=state.best_acc,
+        test_acc=test["acc"],
+        test_loss=test["loss"],
+        steps=state.step,
+        images_per_s=state.images / max(state.train_time, 1e-9),
+        train_time_s=state.train_time,
+        processes=world,
+        mixed_precision=acc.mixed_precision,
+    )
+    acc.log(
+        {"test/acc": test["acc"], "test/loss": test["loss"], "train/images_per_s_mean": metrics["images_per_s"]},
+        step=state.step,
+    )
     res = TrainResult(run_id, metrics, state.history, test["confusion"], data.label_names, store=st.uri)
-    if main: _publish(acc, cfg, st, res, acc.unwrap_model(model), pre, data)
+    if main:
+        _publish(acc, cfg, st, res, acc.unwrap_model(model), pre, data)
     acc.wait_for_everyone()
     acc.end_training()
     return res
@@ -223,76 +343,152 @@ def train(cfg: TrainConfig | None = None, **params) -> TrainResult:
 # %% ../nbs/train.ipynb #af17629d
 def _shared_run_id(acc: Accelerator) -> str:
     from accelerate.utils import broadcast_object_list
+
     rid = [new_run_id() if acc.is_main_process else None]
-    if acc.num_processes > 1: broadcast_object_list(rid)
+    if acc.num_processes > 1:
+        broadcast_object_list(rid)
     return rid[0]
 
+
 def _check_writable(st, run_id: str, cfg: TrainConfig):
-    try: st.put_bytes(f"runs/{run_id}/params.json", json.dumps(asdict(cfg), indent=2, default=str).encode())
+    try:
+        st.put_bytes(f"runs/{run_id}/params.json", json.dumps(asdict(cfg), indent=2, default=str).encode())
     except (StoreError, OSError) as e:
-        raise RuntimeError(f"cannot write to the store {st.uri!r} ({e}); fix `store` / $VIT_STORE or its permissions before training") from e
+        raise RuntimeError(
+            f"cannot write to the store {st.uri!r} ({e}); fix `store` / $VIT_STORE or its permissions before training"
+        ) from e
+
 
 def _snapshot(st, cfg: TrainConfig, data):
     "Write the snapshots of the run's data that the store lacks, and name them in `data`'s lineage (the card's `dataset`, with its `extra_train`)."
-    def prefix(fp: str, source: str, revision=None) -> str:   # asks the store first: a source it has is not decoded again
-        return snapshot_prefix(fp) if has_snapshot(st, fp) else snapshot_dataset(st, source, revision, progress=False)["snapshot"]
-    if not data.snapshot: data.snapshot = prefix(data.fingerprint, cfg.dataset, cfg.revision)
-    if data.extra_train and not data.extra_train["snapshot"]: data.extra_train["snapshot"] = prefix(data.extra_train["fingerprint"], cfg.extra_train)
+
+    def prefix(
+        fp: str, source: str, revision=None
+    ) -> str:  # asks the store first: a source it has is not decoded again
+        return (
+            snapshot_prefix(fp)
+            if has_snapshot(st, fp)
+            else snapshot_dataset(st, source, revision, progress=False)["snapshot"]
+        )
+
+    if not data.snapshot:
+        data.snapshot = prefix(data.fingerprint, cfg.dataset, cfg.revision)
+    if data.extra_train and not data.extra_train["snapshot"]:
+        data.extra_train["snapshot"] = prefix(data.extra_train["fingerprint"], cfg.extra_train)
+
 
 def _checkpoint(acc: Accelerator, ckpt_dir: Path, step: int, keep: int = 2):
-    tmp = ckpt_dir/f".tmp_step_{step}"          # a run killed while saving leaves no half checkpoint behind
+    tmp = ckpt_dir / f".tmp_step_{step}"  # a run killed while saving leaves no half checkpoint behind
     acc.save_state(str(tmp))
     if acc.is_main_process:
-        tmp.rename(ckpt_dir/f"step_{step}")
-        for old in sorted(ckpt_dir.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-keep]: shutil.rmtree(old, ignore_errors=True)
+        tmp.rename(ckpt_dir / f"step_{step}")
+        for old in sorted(ckpt_dir.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
+
 
 def _publish(acc, cfg: TrainConfig, st, res: TrainResult, model, pre, data):
     version = new_version()
-    card = dict(version=version, created=datetime.now(UTC).isoformat(), code_commit=code_commit(), run_id=res.run_id,
-                params=asdict(cfg), dataset=data.info(), metrics=res.metrics, device=device_info(acc.device),
-                parent=None if cfg.model in PRESETS else cfg.model)
-    pkg = save_package(model, pre, Path(cfg.checkpoint_dir)/res.run_id/"package", card)
+    card = dict(
+        version=version,
+        created=datetime.now(UTC).isoformat(),
+        code_commit=code_commit(),
+        run_id=res.run_id,
+        params=asdict(cfg),
+        dataset=data.info(),
+        metrics=res.metrics,
+        device=device_info(acc.device),
+        parent=None if cfg.model in PRESETS else cfg.model,
+    )
+    pkg = save_package(model, pre, Path(cfg.checkpoint_dir) / res.run_id / "package", card)
     res.version = st.register(pkg, version=version, aliases=tuple(cfg.aliases))
     res.package_dir = pkg
-    st.put_bytes(f"runs/{res.run_id}/metrics.json", json.dumps(dict(version=res.version, metrics=res.metrics, history=res.history,
-                 confusion=res.confusion.tolist(), labels=res.labels), indent=1).encode())
+    st.put_bytes(
+        f"runs/{res.run_id}/metrics.json",
+        json.dumps(
+            dict(
+                version=res.version,
+                metrics=res.metrics,
+                history=res.history,
+                confusion=res.confusion.tolist(),
+                labels=res.labels,
+            ),
+            indent=1,
+        ).encode(),
+    )
     if run := wandb_run(acc):
         import wandb
-        run.log({"test/confusion": wandb.Table(columns=["actual", "predicted", "count"],
-                 data=[[a, p, int(res.confusion[i, j])] for i, a in enumerate(res.labels) for j, p in enumerate(res.labels)])})
-        art = wandb.Artifact(f"model-{res.run_id}", type="model", metadata=card); art.add_dir(str(pkg)); run.log_artifact(art)
-    acc.print(f"registered {res.version} in {st.uri} as {', '.join(cfg.aliases)}; test acc {res.metrics['test_acc']:.4f}")
+
+        run.log(
+            {
+                "test/confusion": wandb.Table(
+                    columns=["actual", "predicted", "count"],
+                    data=[
+                        [a, p, int(res.confusion[i, j])]
+                        for i, a in enumerate(res.labels)
+                        for j, p in enumerate(res.labels)
+                    ],
+                )
+            }
+        )
+        art = wandb.Artifact(f"model-{res.run_id}", type="model", metadata=card)
+        art.add_dir(str(pkg))
+        run.log_artifact(art)
+    acc.print(
+        f"registered {res.version} in {st.uri} as {', '.join(cfg.aliases)}; test acc {res.metrics['test_acc']:.4f}"
+    )
 
 # %% ../nbs/train.ipynb #13ccc0a4
-NOTEBOOK = Path(__file__).resolve().parent/"train.ipynb" if "__file__" in globals() else Path("train.ipynb").resolve()
+NOTEBOOK = Path(__file__).resolve().parent / "train.ipynb" if "__file__" in globals() else Path("train.ipynb").resolve()
+
 
 def run_notebook(params: dict, output=None, notebook=None) -> Path:
     "Execute the training notebook with papermill and upload the executed copy to the run's folder in the store."
     import papermill as pm
+
     params = {**params, "run_id": params.get("run_id") or new_run_id()}
-    TrainConfig.from_dict(params)   # fail on a bad name or value before starting a kernel
-    out = Path(output or Path("runs")/f"{params['run_id']}.ipynb"); out.parent.mkdir(parents=True, exist_ok=True)
+    TrainConfig.from_dict(params)  # fail on a bad name or value before starting a kernel
+    out = Path(output or Path("runs") / f"{params['run_id']}.ipynb")
+    out.parent.mkdir(parents=True, exist_ok=True)
     nb = Path(notebook or NOTEBOOK)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # a stopped VM / container still uploads what ran
-    try: pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name="python3", cwd=os.getcwd(), progress_bar=False, log_output=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped VM / container still uploads what ran
+    try:
+        pm.execute_notebook(
+            str(nb),
+            str(out),
+            parameters=params,
+            kernel_name="python3",
+            cwd=os.getcwd(),
+            progress_bar=False,
+            log_output=True,
+        )
     finally:
-        if out.exists(): open_store(params.get("store")).put_file(out, f"runs/{params['run_id']}/train.ipynb")
+        if out.exists():
+            open_store(params.get("store")).put_file(out, f"runs/{params['run_id']}/train.ipynb")
     return out
+
 
 def results_table(run_id: str, version: str | None, metrics: dict, record: str | None = None) -> str:
     "The few lines `vit-train` ends with: accuracies, steps, throughput, the version registered and where the record is."
-    rows = [("run", run_id), ("version", version or "-"),
-            ("val acc", f"{metrics['val_acc']:.4f}  (best, on the validation carve)"), ("test acc", f"{metrics['test_acc']:.4f}"),
-            ("steps", f"{metrics['steps']}  ({metrics['train_time_s']:.0f} s training, {metrics['processes']} process(es), mixed precision: {metrics['mixed_precision']})"),
-            ("img/s", f"{metrics['images_per_s']:.1f}")] + ([("record", record)] if record else [])
+    rows = [
+        ("run", run_id),
+        ("version", version or "-"),
+        ("val acc", f"{metrics['val_acc']:.4f}  (best, on the validation carve)"),
+        ("test acc", f"{metrics['test_acc']:.4f}"),
+        (
+            "steps",
+            f"{metrics['steps']}  ({metrics['train_time_s']:.0f} s training, {metrics['processes']} process(es), mixed precision: {metrics['mixed_precision']})",
+        ),
+        ("img/s", f"{metrics['images_per_s']:.1f}"),
+    ] + ([("record", record)] if record else [])
     return "\n".join(f"{k:<9}{v}" for k, v in rows)
 
-def cli(params: dict, direct: bool = False, output=None, notebook=None) -> None:
+
+def train_command(params: dict, direct: bool = False, output=None, notebook=None) -> None:
     "What `vit-train` does once its arguments are checked: train (notebook or `direct`), then print the results table."
     if direct:
         r = train(TrainConfig.from_dict(params))
-        if int(os.environ.get("RANK", "0")) == 0:   # under torchrun every process gets here; one prints
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every process gets here; one prints
             print(results_table(r.run_id, r.version, r.metrics), flush=True)
             print(json.dumps(dict(run_id=r.run_id, version=r.version, **r.metrics), default=str), flush=True)
         return
@@ -300,4 +496,8 @@ def cli(params: dict, direct: bool = False, output=None, notebook=None) -> None:
     out = run_notebook(params, output, notebook)
     st = open_store(params.get("store"))
     m = json.loads(st.get_bytes(f"runs/{params['run_id']}/metrics.json"))
-    print(results_table(params["run_id"], m["version"], m["metrics"], f"{out} (and {st.uri}/runs/{params['run_id']}/train.ipynb)"))
+    print(
+        results_table(
+            params["run_id"], m["version"], m["metrics"], f"{out} (and {st.uri}/runs/{params['run_id']}/train.ipynb)"
+        )
+    )

@@ -2,6 +2,7 @@
 (`vit-data snapshot --feedback`), `vit-monitor retrain` (papermill training from production's weights), the gate, and the
 service following `production` to the promoted candidate. Also what the loop does with too little feedback, no drift report
 and a training failure."""
+
 import json, os, subprocess, sys
 
 import httpx, pytest, torch
@@ -9,47 +10,75 @@ from conftest import ServeProcess
 from devtools import wait_for
 from test_serve import png
 from vit_nbdev.data import CIFAR10_LABELS, load_cifar10
-from vit_nbdev.models import promote
+from vit_nbdev.registry import promote
 from vit_nbdev.store import open_store
 from vit_nbdev.train import TrainConfig, train
 
 BIN = os.path.dirname(sys.executable)
 
+
 def cli(*args, env=None) -> subprocess.CompletedProcess:
     e = {**os.environ, "WANDB_MODE": "offline", "TQDM_DISABLE": "1", **(env or {})}
     return subprocess.run([os.path.join(BIN, args[0]), *args[1:]], capture_output=True, text=True, timeout=900, env=e)
+
 
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory):
     "A store whose `production` is a short run of the tiny preset on the sample, and a `vit-serve` following `production`."
     tmp = tmp_path_factory.mktemp("loop")
-    store = str(tmp/"store")
-    r = train(TrainConfig(dataset="sample", model="vit-cifar-tiny", max_steps=20, batch_size=64, store=store, eval_every=0,
-                          checkpoint_every=0, checkpoint_dir=str(tmp/"ck"), tracker="none"))
+    store = str(tmp / "store")
+    r = train(
+        TrainConfig(
+            dataset="sample",
+            model="vit-cifar-tiny",
+            max_steps=20,
+            batch_size=64,
+            store=store,
+            eval_every=0,
+            checkpoint_every=0,
+            checkpoint_dir=str(tmp / "ck"),
+            tracker="none",
+        )
+    )
     promote(store, r.version, images=200, echo=lambda s: None)
-    (tmp/"logs").mkdir()
-    srv = ServeProcess(store, tmp/"logs", {"VIT_MODEL": "production", "VIT_MODEL_POLL_S": "1", "VIT_TELEMETRY_FLUSH_S": "0.5",
-                                           "VIT_KEEP_IMAGES": "1"})
+    (tmp / "logs").mkdir()
+    srv = ServeProcess(
+        store,
+        tmp / "logs",
+        {"VIT_MODEL": "production", "VIT_MODEL_POLL_S": "1", "VIT_TELEMETRY_FLUSH_S": "0.5", "VIT_KEEP_IMAGES": "1"},
+    )
     srv.wait_ready()
     yield dict(store=store, server=srv, production=r.version, tmp=tmp, test=load_cifar10("sample", progress=False).test)
     assert srv.stop() in (0, -15), srv.log()
 
+
 def predict(srv, xs) -> list[str]:
     ids = []
     for i in range(0, len(xs), 16):
-        r = httpx.post(srv.url + "/predict", files=[("file", (f"{j}.png", png(x), "image/png")) for j, x in enumerate(xs[i:i + 16])], timeout=60)
+        r = httpx.post(
+            srv.url + "/predict",
+            files=[("file", (f"{j}.png", png(x), "image/png")) for j, x in enumerate(xs[i : i + 16])],
+            timeout=60,
+        )
         assert r.status_code == 200, r.text
         ids += [p["prediction_id"] for p in r.json()]
     return ids
 
+
 def feedback(srv, ids, labels):
-    r = httpx.post(srv.url + "/feedback", json=[{"prediction_id": i, "label": l} for i, l in zip(ids, labels, strict=True)], timeout=60)
+    r = httpx.post(
+        srv.url + "/feedback",
+        json=[{"prediction_id": i, "label": l} for i, l in zip(ids, labels, strict=True)],
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     return r.json()
+
 
 def retrain(store, *args):
     p = cli("vit-monitor", "retrain", "--store", store, *args)
     return p, (json.loads(p.stdout) if p.stdout.strip().startswith("{") else None)
+
 
 def test_too_little_feedback_and_no_drift_report_skip(loop):
     srv, store = loop["server"], loop["store"]
@@ -62,47 +91,111 @@ def test_too_little_feedback_and_no_drift_report_skip(loop):
     assert p.returncode == 0 and s["skipped"] == "no drift report yet", p.stderr
     assert open_store(store).resolve("production") == loop["production"]
 
+
 def test_the_loop_promotes_a_better_candidate_and_the_service_follows(loop):
     srv, store, test = loop["server"], loop["store"], loop["test"]
     dark = (test.images[100:300].float() * 0.2).round().to(torch.uint8)
     ids = predict(srv, dark)
-    feedback(srv, ids, ["cat"] * len(ids))            # the shifted stream's truth, as people label it: every dark image is a cat
+    feedback(srv, ids, ["cat"] * len(ids))  # the shifted stream's truth, as people label it: every dark image is a cat
     # the feedback reaches the store when the service flushes it (every 0.5 s here): wait for the snapshot to see all of it
-    snap = wait_for(lambda: (s := json.loads(cli("vit-data", "snapshot", "--feedback", "--store", store).stdout or "{}")).get("usable", 0) >= 200 and s,
-                    60, "the feedback in the store")
+    snap = wait_for(
+        lambda: (
+            (s := json.loads(cli("vit-data", "snapshot", "--feedback", "--store", store).stdout or "{}")).get(
+                "usable", 0
+            )
+            >= 200
+            and s
+        ),
+        60,
+        "the feedback in the store",
+    )
     assert snap["splits"]["train"] + snap["splits"]["test"] == snap["usable"] and 30 < snap["splits"]["test"] < 100
     again = json.loads(cli("vit-data", "snapshot", "--feedback", "--store", store).stdout)
-    assert again["fingerprint"] == snap["fingerprint"]                            # the same feedback: the same snapshot
-    p, s = retrain(store, "--min-feedback", "100", "--tolerance", "100", "-p", "epochs", "2", "-p", "lr", "0.003",
-                   "-p", "checkpoint_dir", str(loop["tmp"]/"ck"), "-p", "tracker", "none")
+    assert again["fingerprint"] == snap["fingerprint"]  # the same feedback: the same snapshot
+    p, s = retrain(
+        store,
+        "--min-feedback",
+        "100",
+        "--tolerance",
+        "100",
+        "-p",
+        "epochs",
+        "2",
+        "-p",
+        "lr",
+        "0.003",
+        "-p",
+        "checkpoint_dir",
+        str(loop["tmp"] / "ck"),
+        "-p",
+        "tracker",
+        "none",
+    )
     assert p.returncode == 0 and s["error"] is None, p.stderr[-3000:]
-    assert s["snapshots"]["feedback"] == f"datasets/{snap['fingerprint']}" and s["snapshots"]["train"].startswith("store:")
+    assert s["snapshots"]["feedback"] == f"datasets/{snap['fingerprint']}" and s["snapshots"]["train"].startswith(
+        "store:"
+    )
     fb, clean = s["feedback_holdout"], s["clean_test"]
     assert fb["images"] == snap["splits"]["test"] and clean["images"] == 1000
     assert s["promoted"] and fb["candidate_acc"] > fb["current_acc"], s
     st = open_store(store)
     card = st.card(s["candidate"])
-    assert card["params"]["model"] == f"store:{loop['production']}" and card["dataset"]["extra_train"]["fingerprint"] == snap["fingerprint"]
+    assert (
+        card["params"]["model"] == f"store:{loop['production']}"
+        and card["dataset"]["extra_train"]["fingerprint"] == snap["fingerprint"]
+    )
     assert st.resolve("production") == s["candidate"] and st.alias_doc("production")["log"][-1]["how"] == "retrain"
-    wait_for(lambda: httpx.get(srv.url + "/readyz", timeout=10).json().get("model_version") == s["candidate"], 120, "the service on the candidate")
-    assert feedback(srv, ids[:1], ["dog"])["accepted"] == 1          # a label for the old version's answer is still taken
+    wait_for(
+        lambda: httpx.get(srv.url + "/readyz", timeout=10).json().get("model_version") == s["candidate"],
+        120,
+        "the service on the candidate",
+    )
+    assert feedback(srv, ids[:1], ["dog"])["accepted"] == 1  # a label for the old version's answer is still taken
+
 
 def test_a_training_failure_leaves_production_alone(loop):
     store = loop["store"]
     before = open_store(store).resolve("production")
-    p, s = retrain(store, "--min-feedback", "1", "-p", "batch_size", "100000", "-p", "checkpoint_dir", str(loop["tmp"]/"ck"),
-                   "-p", "tracker", "none")
-    assert p.returncode == 1 and s["error"].startswith("training failed") and "batch_size" in s["error"] and not s["promoted"], p.stderr[-3000:]
+    p, s = retrain(
+        store,
+        "--min-feedback",
+        "1",
+        "-p",
+        "batch_size",
+        "100000",
+        "-p",
+        "checkpoint_dir",
+        str(loop["tmp"] / "ck"),
+        "-p",
+        "tracker",
+        "none",
+    )
+    assert (
+        p.returncode == 1
+        and s["error"].startswith("training failed")
+        and "batch_size" in s["error"]
+        and not s["promoted"]
+    ), p.stderr[-3000:]
     assert open_store(store).resolve("production") == before
     p, _ = retrain(store, "-p", "no_such_parameter", "1")
     assert p.returncode == 2 and "no_such_parameter" in p.stderr
 
+
 def test_cloud_training_is_vit_cloud_train_with_the_same_parameters(capsys):
     "`retrain --cloud` hands the same parameters to `vit-cloud train` (here its dry run: the plan, and no candidate)."
-    from vit_nbdev.loop import train_candidate
-    params = dict(store="gs://my-bucket/vit", run_id="r-loop", dataset="store:2a91ae42138ce260", model="store:v1", extra_train="store:fb-1",
-                  aliases=["latest", "candidate"], epochs=1)
-    with pytest.raises(RuntimeError, match="dry run"): train_candidate(params, cloud_args=["--project", "p-1234", "--dry-run"])
+    from vit_nbdev.retrain import train_candidate
+
+    params = dict(
+        store="gs://my-bucket/vit",
+        run_id="r-loop",
+        dataset="store:2a91ae42138ce260",
+        model="store:v1",
+        extra_train="store:fb-1",
+        aliases=["latest", "candidate"],
+        epochs=1,
+    )
+    with pytest.raises(RuntimeError, match="dry run"):
+        train_candidate(params, cloud_args=["--project", "p-1234", "--dry-run"])
     plan = capsys.readouterr().err
     assert "gcloud compute instances create vit-train-r-loop --project p-1234" in plan
     assert all(s in plan for s in ("store:v1", "store:fb-1", "store:2a91ae42138ce260")), plan[-2000:]

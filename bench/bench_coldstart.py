@@ -1,11 +1,14 @@
-"""Cold start of `vit-serve`: seconds from process start to the first 200 from `/readyz`, before and after the engine chapter.
+"""Cold start of `vit-serve`: seconds from process start to the first 200 from `/readyz`, before and after the engine
+chapter.
 
-Same run, same machine, same model packages, same store: the service at a git ref from before engines (default `bc6c1bc`,
-checked out into a temporary worktree and imported first on `PYTHONPATH`) against the working tree's, in these modes:
+Same run, same machine, same model packages, same store: the service at a git ref from before engines (default
+`bc6c1bc`, checked out into a temporary worktree and imported first on `PYTHONPATH`) against the working tree's, in
+these modes:
 
 - **before**: the old service (fp32 PyTorch, a fixed thread rule);
 - **pinned**: `VIT_ENGINE=torch-fp32` (no choosing: what the choice itself costs is the difference to *auto*);
-- **auto, exported**: `VIT_ENGINE=auto` on a version whose engines `vit-models export` made and checked (what production runs);
+- **auto, exported**: `VIT_ENGINE=auto` on a version whose engines `vit-models export` made and checked (what
+  production runs);
 - **auto, not exported**: `VIT_ENGINE=auto` without the export: a small model is checked at start (within
   `VIT_ENGINE_BUDGET_S`), a large one is served in fp32.
 
@@ -146,7 +149,8 @@ def main():
         "|---|---|---:|---|---|---:|",
     ]
     lines += [
-        f"| {r['model']} | {r['mode']} | {r['median_s']} | {', '.join(map(str, r['runs']))} | {r['engine']} | {r['choose_s'] if r['choose_s'] is not None else '–'} |"
+        f"| {r['model']} | {r['mode']} | {r['median_s']} | {', '.join(map(str, r['runs']))} | {r['engine']} | "
+        f"{r['choose_s'] if r['choose_s'] is not None else '–'} |"
         for r in rows
     ]
     out = ROOT / "bench" / "results"

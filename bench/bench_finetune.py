@@ -1,9 +1,9 @@
-"""Accuracy against CPU training time on the bundled sample: from scratch vs fine-tuning the shipped checkpoint, in one run.
+"""Accuracy against CPU training time on the bundled sample: from scratch vs fine-tuning the shipped checkpoint.
 
-For each epoch budget: today's from-scratch default (`vit-cifar-tiny`), the same `vit-cifar-small` shape from scratch, and
-`vit-cifar-small` fine-tuned from the checkpoint shipped in the package. Each point is one `train` call on the sample
-(4,000 train / 1,000 validation from CIFAR-10's train split, which pretraining saw; 1,000 test from the test split, which
-it did not): its training seconds (evaluation excluded) and its test accuracy, the honest figure.
+For each epoch budget, in one run: today's from-scratch default (`vit-cifar-tiny`), the same `vit-cifar-small` shape
+from scratch, and `vit-cifar-small` fine-tuned from the checkpoint shipped in the package. Each point is one `train`
+call on the sample (4,000 train / 1,000 validation from CIFAR-10's train split, which pretraining saw; 1,000 test from
+the test split, which it did not): its training seconds (evaluation excluded) and its test accuracy, the honest figure.
 
     python bench/bench_finetune.py [--checkpoint vit-cifar-small-cifar10] [--epochs 1 2 4]
 Writes bench/results/finetune.csv and finetune.png.
@@ -102,7 +102,8 @@ def main():
     print(best[["run", "epochs", "train_s", "test_acc"]].to_string(index=False))
     ft, old = best[best.run.str.startswith("fine")].iloc[0], best[best.run.str.startswith("scratch tiny")].iloc[0]
     print(
-        f"fine-tuned / old default test accuracy: {ft.test_acc / old.test_acc:.2f}x ({ft.test_acc:.3f} vs {old.test_acc:.3f})"
+        f"fine-tuned / old default test accuracy: {ft.test_acc / old.test_acc:.2f}x "
+        f"({ft.test_acc:.3f} vs {old.test_acc:.3f})"
     )
     return 0
 

@@ -1,13 +1,15 @@
-"""Scale benchmark of the drift report: 10,000 current records against 500 reference records (target: <= 10 s on 2 cores).
+"""Scale benchmark of the drift report: 10,000 current records against 500 reference records (target: <= 10 s on 2
+cores).
 
 Times, for embedding sizes of the presets (128: vit-cifar-tiny, 256: vit-cifar-small, 768: vit-b16):
-  - ours: `drift_report` (PCA on pooled embeddings, 12 Evidently ValueDrift tests, Evidently HTML) and its fast path `drift_tests`;
-  - end to end as `/admin/update-monitoring` does it: 10,000 records in 20 telemetry shards in a local store -> `run_monitoring`
-    (read the window, read the stored reference, report, store HTML + JSON);
-  - the seed's way: Evidently's default per-column preset (`DataDriftPreset()`) on the raw embedding columns (one column per
-    dimension) plus its HTML;
-  - Evidently's own embedding-drift metric (`EmbeddingsDrift`, its default `model` method) plus its HTML: the alternative
-    the robustness study compared with (its plot runs t-SNE on up to 2,500 + 500 points).
+  - ours: `drift_report` (PCA on pooled embeddings, 12 Evidently ValueDrift tests, Evidently HTML) and its fast path
+    `drift_tests`;
+  - end to end as `/admin/update-monitoring` does it: 10,000 records in 20 telemetry shards in a local store ->
+    `run_monitoring` (read the window, read the stored reference, report, store HTML + JSON);
+  - the seed's way: Evidently's default per-column preset (`DataDriftPreset()`) on the raw embedding columns (one column
+    per dimension) plus its HTML;
+  - Evidently's own embedding-drift metric (`EmbeddingsDrift`, its default `model` method) plus its HTML: the
+    alternative the robustness study compared with (its plot runs t-SNE on up to 2,500 + 500 points).
 Evidently's import (seconds, once per process) is timed on its own and excluded from the others.
 
     python bench/bench_monitor.py                 # all three sizes
@@ -110,7 +112,8 @@ def main(argv=None):
         importlib.import_module(m)  # so that the timings below exclude it
     t_import = time.perf_counter() - t
     print(
-        f"import vit_nbdev.monitor + Evidently {ev.__version__}: {t_import:.1f} s (once per process; not in the timings below)",
+        f"import vit_nbdev.monitor + Evidently {ev.__version__}: {t_import:.1f} s "
+        "(once per process; not in the timings below)",
         flush=True,
     )
 

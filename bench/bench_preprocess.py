@@ -39,8 +39,8 @@ def main():
         t_cached = time.perf_counter() - t
     n = len(data.train) + len(data.validation) + len(data.test)
     print(
-        f"decode {n} images into the cache: {t_decode:.1f} s ({n / t_decode:,.0f} img/s); cached reload: {t_cached:.2f} s "
-        f"({t_decode / t_cached:.0f}x faster)"
+        f"decode {n} images into the cache: {t_decode:.1f} s ({n / t_decode:,.0f} img/s); "
+        f"cached reload: {t_cached:.2f} s ({t_decode / t_cached:.0f}x faster)"
     )
 
     x = data.test.images[: a.batch]

@@ -1,4 +1,5 @@
-"""Serving throughput, latency and cold start: `vit-serve` (engine chosen at load) vs a naive server vs a seed-style server vs the raw forward pass.
+"""Serving throughput, latency and cold start: `vit-serve` (engine chosen at load) vs a naive server vs a seed-style
+server vs the raw forward pass.
 
 Same run, same machine, same model package, same CIFAR-10 test images (32×32 PNG uploads, one image per request, so
 requests/s = images/s), the same number of closed-loop clients (`--clients`, default 16) for the same time per server
@@ -32,13 +33,15 @@ is written under a temporary folder, `--cache` (also this process's `VIT_CACHE`)
 
     python bench/bench_serve.py --models vit-cifar-small,vit-b16 --seconds 30 --clients 16 --cache /tmp/bench-cache
     python bench/bench_serve.py --models vit-cifar-tiny --seconds 3 --clients 4                  # a quick check
-    python bench/bench_serve.py --package trained=vit_nbdev/checkpoints/vit-cifar-small-cifar10 --models '' --engines torch-fp32
+    python bench/bench_serve.py --package trained=vit_nbdev/checkpoints/vit-cifar-small-cifar10 --models '' \
+        --engines torch-fp32
 
 Prints the host (CPU model and flags, CPU budget, torch and onnxruntime versions), one table per model and the ratios,
 and writes bench/results/serve.json and serve.md (overwritten).
 """
 
-import argparse, asyncio, contextlib, hashlib, io, json, os, platform, shutil, signal, socket, subprocess, sys, tempfile, time
+import argparse, asyncio, contextlib, hashlib, io, json, os, platform, shutil, signal, socket, subprocess, sys
+import tempfile, time
 from pathlib import Path
 
 import numpy as np
@@ -164,7 +167,7 @@ def _server_env(extra: dict) -> dict:
 def _start(
     cmd: list, env: dict, log: Path, port: int, cwd: Path, timeout: float = 900
 ) -> tuple[subprocess.Popen, float, dict]:
-    "Start a server; return the process, its cold start (seconds from spawning to the first 200 from /readyz) and that answer."
+    "Start a server: the process, its cold start (seconds from spawning to the first 200 from /readyz), that answer."
     import httpx
 
     t0 = time.perf_counter()
@@ -245,8 +248,9 @@ def _fingerprint(preset: str | None, pkg_src: Path | None) -> str:
 
 
 def prepare_model(name: str, pkg_src: Path | None, base: Path, export: bool) -> dict:
-    """The package folder, the store it is registered in (as `latest`) and, unless `export` is off, `vit-models export` run
-    once for it. Kept in `base` and reused while the preset (or the package's files) are unchanged."""
+    """The package folder, the store it is registered in (as `latest`) and, unless `export` is off,
+    `vit-models export` run once for it. Kept in `base` and reused while the preset (or the package's files) are
+    unchanged."""
     import torch
     from vit_nbdev.engine import candidate_names, engine_key, engines_prefix, export_engines
     from vit_nbdev.model import build_model, save_package
@@ -318,7 +322,8 @@ def prepare_model(name: str, pkg_src: Path | None, base: Path, export: bool) -> 
 def raw_forward(
     m: dict, engines: list[tuple[str, int]], images, batch: int, seconds: float, folder: Path
 ) -> list[dict]:
-    "Images/s and CPU ms/image of each `(engine, threads)` on one batch of `batch` images, in this process: a warm-up call, then calls for about `seconds` (at least one)."
+    """Images/s and CPU ms/image of each `(engine, threads)` on one batch of `batch` images, in this process: a
+    warm-up call, then calls for about `seconds` (at least one)."""
     import torch
     from vit_nbdev.data import preprocess
     from vit_nbdev.engine import build_engine, sync_engines
@@ -375,8 +380,10 @@ def _engine_str(e: dict | None) -> str:
 
 def _say(label: str, s: dict):
     print(
-        f"  {label}: {s['images_per_s']:.2f} req/s, p50 {s['p50_ms']:.0f} ms, p99 {s['p99_ms']:.0f} ms, {s['cpu_ms_per_image']:.1f} CPU ms/img, "
-        f"errors {s['errors']}{' ' + str(s['error_samples']) if s['errors'] else ''}, cold start {s['cold_start_s']:.2f} s"
+        f"  {label}: {s['images_per_s']:.2f} req/s, p50 {s['p50_ms']:.0f} ms, p99 {s['p99_ms']:.0f} ms, "
+        f"{s['cpu_ms_per_image']:.1f} CPU ms/img, "
+        f"errors {s['errors']}{' ' + str(s['error_samples']) if s['errors'] else ''}, "
+        f"cold start {s['cold_start_s']:.2f} s"
         + (f", engine {_engine_str(s.get('engine'))}" if s["server"].startswith("vit-serve") else ""),
         flush=True,
     )
@@ -518,13 +525,15 @@ def table(r: dict, clients: int) -> str:
         rows.append(
             "Engine checks (top-1 agreement with fp32 / accuracy, on the check images): "
             + "; ".join(
-                f"{n} {_f(c['agreement'], '{:.3f}')} / {_f(c['accuracy'], '{:.3f}')}{'' if c['eligible'] else ' (not eligible)'}"
+                f"{n} {_f(c['agreement'], '{:.3f}')} / {_f(c['accuracy'], '{:.3f}')}"
+                + ("" if c["eligible"] else " (not eligible)")
                 for n, c in ex["checks"].items()
             )
             + ".\n"
         )
     rows += [
-        "| server | req/s (= img/s) | p50 ms | p99 ms | errors | CPU ms / image | engine (measured at load) | cold start s (of which choosing the engine) | requests |",
+        "| server | req/s (= img/s) | p50 ms | p99 ms | errors | CPU ms / image | engine (measured at load) "
+        "| cold start s (of which choosing the engine) | requests |",
         "|---|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for s in r["servers"]:
@@ -535,7 +544,8 @@ def table(r: dict, clients: int) -> str:
             else f"torch fp32 eager ×{s.get('threads') or '?'}"
         )
         rows.append(
-            f"| {label} | {s['images_per_s']:.2f} | {_f(s['p50_ms'], '{:.0f}')} | {_f(s['p99_ms'], '{:.0f}')} | {s['errors']} | "
+            f"| {label} | {s['images_per_s']:.2f} | {_f(s['p50_ms'], '{:.0f}')} | {_f(s['p99_ms'], '{:.0f}')} "
+            f"| {s['errors']} | "
             f"{s['cpu_ms_per_image']:.1f} | {engine} | {_cold(s)} | {s['requests']} |"
         )
     for x in r["raw"]:
@@ -543,7 +553,8 @@ def table(r: dict, clients: int) -> str:
             rows.append(f"| raw forward {x['engine']}×{x['threads']} | failed: {x['error'][:80]} | | | | | | | |")
             continue
         rows.append(
-            f"| raw forward, in process (batch {x['batch']}) | {x['images_per_s']:.2f} | – | – | – | {x['cpu_ms_per_image']:.1f} | "
+            f"| raw forward, in process (batch {x['batch']}) | {x['images_per_s']:.2f} | – | – | – "
+            f"| {x['cpu_ms_per_image']:.1f} | "
             f"{x['engine']}×{x['threads']} | – | {x['images']} |"
         )
     return "\n".join(rows)
@@ -558,8 +569,9 @@ def ratio_table(results: list[dict]) -> str:
     for r in results:
         for q in r["ratios"]:
             rows.append(
-                f"| {r['model']} | {q['server']} ({q['engine'] or 'engine n/a'}) | {x(q['vs_seed'])} ({x(q['cpu_vs_seed'])}) | "
-                f"{x(q['vs_naive'])} ({x(q['cpu_vs_naive'])}) | {x(q['vs_raw_fp32'])} ({x(q['cpu_vs_raw_fp32'])}) | {x(q['vs_raw_own_engine'])} |"
+                f"| {r['model']} | {q['server']} ({q['engine'] or 'engine n/a'}) "
+                f"| {x(q['vs_seed'])} ({x(q['cpu_vs_seed'])}) | {x(q['vs_naive'])} ({x(q['cpu_vs_naive'])}) "
+                f"| {x(q['vs_raw_fp32'])} ({x(q['cpu_vs_raw_fp32'])}) | {x(q['vs_raw_own_engine'])} |"
             )
     return "\n".join(rows)
 
@@ -662,7 +674,8 @@ def main():
     )
     print(
         f"CPU: {host['cpu']}\nflags: {', '.join(host['flags']) or 'none'}; bf16: {host['bf16']}\n"
-        f"CPU budget {host['cpus']} (os.cpu_count {os.cpu_count()}); torch {torch.__version__}, onnxruntime {ort or 'not installed'}; "
+        f"CPU budget {host['cpus']} (os.cpu_count {os.cpu_count()}); torch {torch.__version__}, "
+        f"onnxruntime {ort or 'not installed'}; "
         f"Python {env['python']}; load average {env['load_before']}\n"
         f"{a.clients} clients, {a.seconds:g} s per server, one 32×32 PNG per request",
         flush=True,
@@ -683,15 +696,18 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
     env["load_after"] = os.getloadavg()
     head = (
-        f"CPU: {host['cpu']} (flags {', '.join(host['flags']) or 'none'}; bf16 {host['bf16']}); CPU budget {host['cpus']}; "
-        f"torch {env['torch']}, onnxruntime {ort or 'not installed'}.\n{a.clients} closed-loop clients, {a.seconds:g} s per server, "
-        f"one 32×32 PNG per request (requests/s = images/s); load average {tuple(round(v, 2) for v in env['load_before'])} before, "
+        f"CPU: {host['cpu']} (flags {', '.join(host['flags']) or 'none'}; bf16 {host['bf16']}); "
+        f"CPU budget {host['cpus']}; torch {env['torch']}, onnxruntime {ort or 'not installed'}.\n"
+        f"{a.clients} closed-loop clients, {a.seconds:g} s per server, "
+        f"one 32×32 PNG per request (requests/s = images/s); "
+        f"load average {tuple(round(v, 2) for v in env['load_before'])} before, "
         f"{tuple(round(v, 2) for v in env['load_after'])} after."
     )
     md = (
         f"{head}\n\n"
         + "\n\n".join(table(r, a.clients) for r in results)
-        + "\n\n### Ratios\n\nThroughput of each vit-serve run over the others (in brackets: how many times less CPU per image).\n\n"
+        + "\n\n### Ratios\n\nThroughput of each vit-serve run over the others "
+        + "(in brackets: how many times less CPU per image).\n\n"
         + ratio_table(results)
     )
     print("\n" + md)

@@ -2,8 +2,9 @@
 
 Same preset, same data, same batch size, in the same run. The seed recipe runs in fp32 (as the seed
 did); our loop and the bare loop run at `--precision` (default: bf16 autocast where the CPU supports
-it, as `mixed_precision="bf16"` does in our loop; `no` for fp32), so the ceiling has our precision; the three are interleaved for
-`--rounds` rounds and the best round of each is kept (the least disturbed by other load).
+it, as `mixed_precision="bf16"` does in our loop; `no` for fp32), so the ceiling has our precision;
+the three are interleaved for `--rounds` rounds and the best round of each is kept (the least
+disturbed by other load).
 Targets: ours ≥ 1.15× seed, ≥ 0.95× bare.
 
     python bench/bench_train.py [--model vit-cifar-small] [--dataset sample] [--steps 20] [--batch 128] [--rounds 2]
@@ -28,7 +29,8 @@ def main():
     )
     a = ap.parse_args()
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; {a.model} on {a.dataset}, batch {a.batch}, {a.steps} steps, ours/bare at {a.precision}, seed fp32"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; {a.model} on {a.dataset}, "
+        f"batch {a.batch}, {a.steps} steps, ours/bare at {a.precision}, seed fp32"
     )
     best = {"ours": 0.0, "seed": 0.0, "bare": 0.0}
     for r in range(a.rounds):

@@ -38,10 +38,8 @@ def main():
         s = time.perf_counter() - t0
         ref = pred if ref is None else ref
         rows.append((name, (pred == labels).float().mean().item(), (pred == ref).float().mean().item(), len(test) / s))
-        print(
-            f"{name:11s} accuracy {100 * rows[-1][1]:.2f}%  agreement {100 * rows[-1][2]:.2f}%  {rows[-1][3]:.0f} img/s",
-            flush=True,
-        )
+        _, acc, agree, img_s = rows[-1]
+        print(f"{name:11s} accuracy {100 * acc:.2f}%  agreement {100 * agree:.2f}%  {img_s:.0f} img/s", flush=True)
     lines = [
         f"# Engines on the full CIFAR-10 test split\n\nModel `{a.model}`; {len(test):,} test images; CPU {host['cpu']} "
         f"({', '.join(host['flags'])}), {cpu_budget()} threads.\n",

@@ -8,7 +8,8 @@ accuracy in <= 5 minutes) is bench/gpu_pretrain.py, e.g. `--config configs/cifar
 The device has torch/transformers/accelerate but no registry: carry the data and the missing wheels. The parquet files
 xz-compress from 57 to 18 MB (the JPEG headers repeat), which keeps the tree under the device's transfer limit:
     mkdir -p .gpu/data && for f in ../shared/data/cifar10/*.parquet; do xz -9 -c $f > .gpu/data/$(basename $f).xz; done
-    pip download --no-deps --python-version 3.12 --only-binary=:all: -d .gpu/wheels datasets dill multiprocess papermill ...
+    pip download --no-deps --python-version 3.12 --only-binary=:all: -d .gpu/wheels \
+        datasets dill multiprocess papermill ...
 and on the device: pip install --no-deps --target /tmp/site .gpu/wheels/*.whl, PYTHONPATH=/tmp/site:$PWD, unxz the data,
 then python bench/gpu_train.py --data <that folder> (and bench/gpu_pretrain.py).
 
@@ -53,10 +54,8 @@ def main():
     if a.smoke:
         model, data, steps, batch = "vit-cifar-tiny", "sample", 4, 32
     mp = "bf16" if torch.cuda.is_available() else "no"
-    print(
-        f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}; {model}, batch {batch}, {steps} steps",
-        flush=True,
-    )
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"device: {device}; {model}, batch {batch}, {steps} steps", flush=True)
     flops = train_flops_per_image(preset_config(model))
     out["ours_img_s"] = ours(model, data, steps, batch, mixed_precision=mp, augment=False)
     out["seed_img_s"] = seed(model, data, steps, batch, fp16=torch.cuda.is_available())
@@ -64,7 +63,8 @@ def main():
     out["mfu"] = out["ours_img_s"] * flops / PEAK_BF16
     print(json.dumps(out), flush=True)
     print(
-        f"ours {out['ours_img_s']:.0f} img/s, seed {out['seed_img_s']:.0f} img/s, ratio {out['ratio']:.2f}x (target 5x), MFU {out['mfu']:.1%} (target 45%)",
+        f"ours {out['ours_img_s']:.0f} img/s, seed {out['seed_img_s']:.0f} img/s, "
+        f"ratio {out['ratio']:.2f}x (target 5x), MFU {out['mfu']:.1%} (target 45%)",
         flush=True,
     )
 

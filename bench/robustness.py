@@ -3,8 +3,9 @@
 Measures, for a model (default: the checkpoint shipped in the package, `vit-cifar-small-cifar10`):
   (a) accuracy per corruption × severity (6 CIFAR-10-C corruptions, severities 1-5),
   (b) the alarm rate of candidate detectors over disjoint windows of 200 test images per point,
-  (c) the false-alarm rate on windows of clean test images (the reference is 500 validation images, so disjoint from every
-      window), over several reference draws, and with references of *fitted* (training-split) images for comparison.
+  (c) the false-alarm rate on windows of clean test images (the reference is 500 validation images, so disjoint from
+      every window), over several reference draws, and with references of *fitted* (training-split) images for
+      comparison.
 
 Selection without peeking: the disjoint windows of every point (corrupted and clean) are split into *validation* windows
 (even indices) and *test* windows (odd indices). `alpha` and the number of components are chosen on validation windows
@@ -14,16 +15,18 @@ rates are then reported on the test windows, which took no part in the choice.
 Candidates: this module's detector (PCA on pooled embeddings, per-component KS + prediction chi-square + confidence
 KS, Bonferroni) at several `alpha` and numbers of components (the ones the choice is among); for comparison, with the
 axes fitted on the reference instead, with only some of its tests; Evidently's EmbeddingsDrift methods (model, mmd,
-ratio, distance) and its default per-column preset on the raw embedding columns (KS per column, dataset drift when >= 50%
-of the columns drift), on test windows.
+ratio, distance) and its default per-column preset on the raw embedding columns (KS per column, dataset drift when
+>= 50% of the columns drift), on test windows.
 
 The per-window p-values of our tests are computed once (20 components: the top-k axes are nested, so k = 5, 10, 20 and
 every alpha are read off the same numbers) and saved, so every variant of our detector is scored from them.
 
-    python bench/robustness.py --data /work/shared/data/cifar10 --cache /tmp/robust-cache [--n-test 4000]
-(`--n-test N`: corrupted points use the first N test images only, N / 200 windows each; the clean windows always use the
-whole test split.) A model registered in a store instead: `--store /tmp/mon-store --model latest`.
-Writes bench/results/robustness.{md,csv,png}, robustness_detectors.csv, robustness_pvalues.parquet, robustness_evidently.csv.
+    python bench/robustness.py --data path/to/cifar10 --cache /tmp/robust-cache [--n-test 4000]
+(`--data`: a local CIFAR-10 parquet folder (HF layout) or a hub id. `--n-test N`: corrupted points use the first N test
+images only, N / 200 windows each; the clean windows always use the whole test split.) A model registered in a store
+instead: `--store /tmp/mon-store --model latest`.
+Writes bench/results/robustness.{md,csv,png}, robustness_detectors.csv, robustness_pvalues.parquet and
+robustness_evidently.csv.
 Embeddings are cached (--cache), so a re-run only re-scores.
 """
 
@@ -72,7 +75,7 @@ def alarms(
 
 
 def _evidently_embeddings(method):
-    "Evidently's EmbeddingsDrift decision with `method` on the raw embeddings (what its metric computes, without the t-SNE plot)."
+    "Evidently's EmbeddingsDrift decision with `method` on the raw embeddings (its metric, without the t-SNE plot)."
 
     def det(ref, win):
         with warnings.catch_warnings():
@@ -83,7 +86,7 @@ def _evidently_embeddings(method):
 
 
 def _evidently_default_preset(ref, win, threshold=0.05, share=0.5):
-    "Evidently's DataDriftPreset defaults on raw embedding columns (reference <= 1000 rows: KS per column; drift if >= 50% drift)."
+    "Evidently's DataDriftPreset defaults on raw embedding columns (KS per column; drift if >= 50% of them drift)."
     R, C = embedding_matrix(ref), embedding_matrix(win)
     return float(np.mean([ks_pvalue(R[:, j], C[:, j]) <= threshold for j in range(R.shape[1])])) >= share
 
@@ -108,11 +111,12 @@ CANDIDATES = [
 ]  # (components, alpha): the choice is among these
 MIN_COST = 0.05  # a point is harmful when it costs >= 5 points of accuracy
 RULE = (
-    "the choice is among the 9 candidates components in {5, 10, 20} × alpha in {0.05, 0.02, 0.01} (all three test groups, "
-    "seed-0 reference) and uses validation windows only: keep the candidates whose false-alarm rate on the clean validation "
-    "windows is <= their own alpha; among them, take the highest mean alarm rate on validation windows over the harmful points "
-    "(corruption × severity whose accuracy on its validation windows is >= 5 points below that of the same clean images); ties: "
-    "lower validation false-alarm rate, then smaller alpha, then fewer components"
+    "the choice is among the 9 candidates components in {5, 10, 20} × alpha in {0.05, 0.02, 0.01} (all three test "
+    "groups, seed-0 reference) and uses validation windows only: keep the candidates whose false-alarm rate on the "
+    "clean validation windows is <= their own alpha; among them, take the highest mean alarm rate on validation "
+    "windows over the harmful points (corruption × severity whose accuracy on its validation windows is >= 5 points "
+    "below that of the same clean images); ties: lower validation false-alarm rate, then smaller alpha, then fewer "
+    "components"
 )
 
 
@@ -132,7 +136,7 @@ def cpu_model() -> str:
 
 
 def point_rates(pv: pd.DataFrame, part: str, **kw) -> pd.Series:
-    "Alarm rate of our detector (`alarms(**kw)`) per corruption × severity over the windows of `part` ('validation' or 'test')."
+    "Alarm rate of our detector (`alarms(**kw)`) per corruption × severity over the `part` windows (validation, test)."
     d = pv[pv.part == part]
     return alarms(d, **kw).groupby(level=["corruption", "severity"], sort=False).mean()
 
@@ -147,7 +151,7 @@ def main(argv=None):
     ap.add_argument(
         "--store", default=None, help="a store with the model registered (default: --model is a shipped checkpoint)"
     )
-    ap.add_argument("--data", default="/work/shared/data/cifar10")
+    ap.add_argument("--data", required=True, help="a local CIFAR-10 parquet folder (HF layout) or a hub id")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--cache", default="/tmp/robust-cache")
     ap.add_argument("--window", type=int, default=200)
@@ -195,8 +199,9 @@ def main(argv=None):
     n = len(yt) if a.n_test is None else min(a.n_test, len(yt))
     x, y = xt[:n], yt[:n]
     print(
-        f"model {model_desc}: {params.get('model')}, {params.get('epochs')} epochs, test acc in its card {metrics.get('test_acc')}; "
-        f"{n} test images per corrupted point, {len(yt)} clean; cache {cache_base}",
+        f"model {model_desc}: {params.get('model')}, {params.get('epochs')} epochs, "
+        f"test acc in its card {metrics.get('test_acc')}; {n} test images per corrupted point, {len(yt)} clean; "
+        f"cache {cache_base}",
         flush=True,
     )
 
@@ -226,8 +231,8 @@ def main(argv=None):
     t_embed = time.time() - t_start
     print(f"embeddings done: {t_embed:.0f} s", flush=True)
 
-    # windows: clean windows cover the whole test split, corrupted ones its first n images (the same images as the first clean ones);
-    # even indices are validation windows, odd indices test windows
+    # windows: clean windows cover the whole test split, corrupted ones its first n images (the same images as the first
+    # clean ones); even indices are validation windows, odd indices test windows
     ws = {k: windows(len(recs[k]), a.window) for k in cases}
     nw = len(ws[cases[1]])
     name_to_id = {lab: i for i, lab in enumerate(pkg.labels)}
@@ -262,8 +267,8 @@ def main(argv=None):
         flush=True,
     )
 
-    # p-values of our tests per window: reference seed 0 on every point (pooled 20 components, and axes of the reference);
-    # clean windows also against references of other seeds, and of fitted (training-split) images
+    # p-values of our tests per window: reference seed 0 on every point (pooled 20 components, and axes of the
+    # reference); clean windows also against references of other seeds, and of fitted (training-split) images
     refs = {
         ("validation", s): compute_reference(pkg, a.data, n=500, seed=s, split="validation") for s in range(a.ref_seeds)
     }
@@ -443,45 +448,49 @@ def main(argv=None):
     elapsed = time.time() - t_start
     cmd = "python bench/robustness.py " + " ".join(argv if argv is not None else sys.argv[1:])
     tab = study_table(plot_df, CHOSEN)
+    chosen_rate = full.set_index(["corruption", "severity"])[CHOSEN]
     same = chosen == (COMPONENTS, ALPHA)
     md = [
         "# Robustness study of the drift detector\n",
-        f"Model: {model_desc} ({pkg.model.config.hidden_size}-d embeddings; {params.get('model')}, {params.get('epochs')} epochs on "
-        f"{params.get('dataset')}; test accuracy {clean_full:.4f} on the {len(yt)} clean test images, {metrics.get('test_acc')} in its card). "
-        f"Corruptions and severities of CIFAR-10-C on the CIFAR-10 test split: every corrupted point uses the first {n} test images, "
-        f"i.e. {nw} disjoint windows of {a.window}; the clean windows cover all {len(yt)} test images ({len(ws[('none', 0)])} windows; "
-        f"the first {nw} are the same images as the corrupted windows). Reference: 500 random images of the validation carve "
+        f"Model: {model_desc} ({pkg.model.config.hidden_size}-d embeddings; {params.get('model')}, "
+        f"{params.get('epochs')} epochs on {params.get('dataset')}; test accuracy {clean_full:.4f} on the {len(yt)} "
+        f"clean test images, {metrics.get('test_acc')} in its card). Corruptions and severities of CIFAR-10-C on the "
+        f"CIFAR-10 test split: every corrupted point uses the first {n} test images, i.e. {nw} disjoint windows of "
+        f"{a.window}; the clean windows cover all {len(yt)} test images ({len(ws[('none', 0)])} windows; the first "
+        f"{nw} are the same images as the corrupted windows). Reference: 500 random images of the validation carve "
         f"(seed 0; held out from this model's training run: {held_out}), disjoint from every window.\n",
-        f"Validation / test windows: even-indexed windows are validation windows ({nv} per corrupted point, {nvc} clean), "
-        f"odd-indexed ones test windows ({nt} per corrupted point, {ntc} clean). **Rule**: {RULE}. Harmful points "
-        f"(on validation windows): {', '.join(f'{k[0]} {k[1]}' for k in harmful) or 'none'}.\n",
+        f"Validation / test windows: even-indexed windows are validation windows ({nv} per corrupted point, "
+        f"{nvc} clean), odd-indexed ones test windows ({nt} per corrupted point, {ntc} clean). **Rule**: {RULE}. "
+        f"Harmful points (on validation windows): {', '.join(f'{k[0]} {k[1]}' for k in harmful) or 'none'}.\n",
         f"**Chosen on validation windows: {chosen[0]} components, alpha {chosen[1]}** (validation: false-alarm rate "
-        f"{fa_v[chosen]:.3f}, mean alarm rate over the harmful points {hm_v[chosen]:.3f}). The config defaults are components "
-        f"{COMPONENTS}, alpha {ALPHA}: "
+        f"{fa_v[chosen]:.3f}, mean alarm rate over the harmful points {hm_v[chosen]:.3f}). The config defaults are "
+        f"components {COMPONENTS}, alpha {ALPHA}: "
         + ("the same." if same else "**different**; the defaults were not changed.")
         + "\n",
         f"`{cmd}` on {cpu}: {elapsed:.0f} s in all, of which {t_embed:.0f} s computing or loading the embeddings "
         f"(cached under `{a.cache}`).\n",
         "## Accuracy / alarm rate of the chosen detector on the test windows\n",
-        f"Each cell: model accuracy (all {n} images of the point) / share of *test* windows with an alarm. Severity 0 is clean data "
-        f"({ntc} test windows): its alarm rate is the false-alarm rate.\n",
+        f"Each cell: model accuracy (all {n} images of the point) / share of *test* windows with an alarm. "
+        f"Severity 0 is clean data ({ntc} test windows): its alarm rate is the false-alarm rate.\n",
         md_table(tab),
         "",
         "Harmful points (accuracy drop on validation windows / alarm rate on test windows): "
         + (
             "; ".join(
-                f"{k[0]} {k[1]}: -{clean_val - acc.loc[k, 'accuracy_validation']:.3f} / {full.set_index(['corruption', 'severity'])[CHOSEN][k]:.2f}"
+                f"{k[0]} {k[1]}: -{clean_val - acc.loc[k, 'accuracy_validation']:.3f} / {chosen_rate[k]:.2f}"
                 for k in harmful
             )
             or "none"
         )
         + "\n",
         "## Candidates\n",
-        "candidate: among the choice's candidates; val_*: on validation windows (seed-0 reference), eligible: val_false_alarm <= alpha; "
-        "test_*: on test windows only; _mean_alarm_harmful / _min_alarm_harmful: mean / lowest alarm rate over the harmful points, "
-        f"worst_point: where it is lowest; test_false_alarm_mean_refs / _max_refs: clean test windows over {a.ref_seeds} reference draws; "
-        "_fitted_ref_mean: references of training-split images the model was fitted on. Evidently's candidates: "
-        f"{a.compare_windows} test windows per corrupted point (they are slower), {ntc} clean test windows, seed-0 reference; "
+        "candidate: among the choice's candidates; val_*: on validation windows (seed-0 reference), eligible: "
+        "val_false_alarm <= alpha; test_*: on test windows only; _mean_alarm_harmful / _min_alarm_harmful: mean / "
+        "lowest alarm rate over the harmful points, worst_point: where it is lowest; "
+        "test_false_alarm_mean_refs / _max_refs: "
+        f"clean test windows over {a.ref_seeds} reference draws; _fitted_ref_mean: references of training-split images "
+        f"the model was fitted on. Evidently's candidates: {a.compare_windows} test windows per corrupted point (they "
+        f"are slower), {ntc} clean test windows, seed-0 reference; "
         "s_per_window: their time per window.\n",
         md_table(summ.round(3), index=False),
         "",

@@ -34,8 +34,13 @@ def shellcheck(*paths, text: str | None = None, cwd=None) -> None:
         assert r.returncode == 0, f"shellcheck findings:\n{r.stdout}{r.stderr}"
 
 
-def wait_for(cond, timeout: float = 30, what: str = "a condition", every: float = 0.2):
-    "Poll `cond()` until it returns something true (a busy machine may be slow) and return that; fail after `timeout` seconds."
+def wait_for(
+    cond,  # called until it returns something true, which `wait_for` returns
+    timeout: float = 30,  # seconds before the test fails (a busy machine may be slow)
+    what: str = "a condition",  # named in the failure
+    every: float = 0.2,  # seconds between calls
+):
+    "Poll `cond()` until it returns something true and return that; fail after `timeout` seconds."
     import time
 
     deadline = time.monotonic() + timeout

@@ -13,7 +13,7 @@ import module_map  # noqa: E402
 
 
 def loaded_after(code: str) -> list[str]:
-    "Top-level packages (heavy ones, and vit_nbdev's modules) in `sys.modules` after running `code` in a fresh interpreter."
+    "The heavy packages and vit_nbdev's modules in `sys.modules` after running `code` in a fresh interpreter."
     probe = (
         code
         + "\nimport sys, json\nprint(json.dumps(sorted({m for m in sys.modules if m.split('.')[0] in "
@@ -51,11 +51,25 @@ def test_installed_scripts_answer_help(cmd):
 
 def test_bad_training_value_fails_before_torch_is_loaded():
     code = (
-        "import sys; sys.modules['torch'] = None\nfrom vit_nbdev.cli import train_main\n"  # importing torch would now fail
+        # importing torch would now fail
+        "import sys; sys.modules['torch'] = None\nfrom vit_nbdev.cli import train_main\n"
         "try: train_main(['-p', 'mixed_precision', 'fp8'])\nexcept SystemExit as e: print('exit', e.code)"
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "exit 2" in p.stdout and "mixed_precision must be" in p.stderr, (p.stdout, p.stderr)
+
+
+def test_bad_service_setting_names_its_variable_before_torch_is_loaded():
+    "A bad `VIT_*` value stops `vit-serve` with exit status 2 and one line naming the variable, not pydantic's report."
+    code = (
+        "import sys; sys.modules['torch'] = None\nfrom vit_nbdev.cli import serve_main\n"
+        "try: serve_main([])\nexcept SystemExit as e: print('exit', e.code)"
+    )
+    env = {**os.environ, "VIT_MAX_BATCH": "eight"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert "exit 2" in p.stdout and p.stderr.strip().splitlines()[-1] == (
+        "vit-serve: error: VIT_MAX_BATCH='eight': invalid literal for int() with base 10: 'eight'"
+    ), (p.stdout, p.stderr)
 
 
 def test_cloud_train_dry_run_never_imports_torch(tmp_path):
@@ -170,7 +184,10 @@ def test_vit_train_runs_from_the_wheel(wheel, tmp_path):
     work = tmp_path / "elsewhere"
     work.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site), "WANDB_MODE": "offline", "VIT_CACHE": str(tmp_path / "cache")}
-    code = "import vit_nbdev, sys; assert vit_nbdev.__file__.startswith(sys.argv[1]), vit_nbdev.__file__\nfrom vit_nbdev.cli import train_main; train_main(sys.argv[2:])"
+    code = (
+        "import vit_nbdev, sys; assert vit_nbdev.__file__.startswith(sys.argv[1]), vit_nbdev.__file__\n"
+        "from vit_nbdev.cli import train_main; train_main(sys.argv[2:])"
+    )
     p = subprocess.run(
         [
             sys.executable,

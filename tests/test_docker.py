@@ -438,7 +438,7 @@ def test_train_environment():
 #      entrypoint on this machine: the script's own logic end to end, without a Docker engine
 
 FAKE_DOCKER = '''#!{python}
-"A stand-in for `docker run -d / inspect / logs / rm -f`: runs the container's entrypoint here, in its own process group."
+"A stand-in for `docker run -d / inspect / logs / rm -f`: runs the container's entrypoint here, in its own group."
 import os, signal, subprocess, sys, time
 from pathlib import Path
 state = Path(os.environ["FAKE_DOCKER_STATE"])
@@ -453,7 +453,9 @@ if cmd == "run":
         if a == "-e": env[v.partition("=")[0]] = v.partition("=")[2]
         else: opts[a] = v
     env["PORT"] = opts["-p"].split(":")[1]          # the image's PORT (8080), published on this host port
-    argv = [opts["--entrypoint"], *args[1:]] if not os.environ.get("FAKE_DOCKER_BROKEN") else ["sh", "-c", "echo no model here; exit 3"]
+    argv = [opts["--entrypoint"], *args[1:]]
+    if os.environ.get("FAKE_DOCKER_BROKEN"):
+        argv = ["sh", "-c", "echo no model here; exit 3"]
     with open(state / f"{{opts['--name']}}.log", "w") as log:
         p = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     (state / f"{{opts['--name']}}.pid").write_text(str(p.pid)); print("0123456789ab")

@@ -1,7 +1,9 @@
 """The documentation, read in a browser: `tools/docs_preview.py` renders every chapter of nbs/sidebar.yml
 from nbdev's processed notebooks (the published site is built from the same by Quarto, which cannot
 run here), and Chromium (Playwright, as in test_serve_browser.py) opens each page and checks its
-title, its `show_doc` sections, its images, that no cell shows an error, and that no local link is broken."""
+title, its `show_doc` sections, its images, that it shows outputs (at least one besides the `show_doc`
+sections: the chapters are committed with their outputs, written by tools/run_chapters.py), that no cell
+shows an error, and that no local link is broken."""
 
 import json, re, subprocess, sys
 from pathlib import Path
@@ -39,7 +41,7 @@ def sidebar_notebooks() -> list[str]:
 
 
 def expected(proc_nb: Path) -> dict:
-    "What the page of processed notebook `proc_nb` must show: its title, its show_doc headings, how many images."
+    "What the page of processed notebook `proc_nb` must show: title, show_doc headings, images, cells with outputs."
     text = lambda s: "".join(s) if isinstance(s, list) else s
     cells = [
         {**c, "source": text(c["source"])} for c in json.loads(proc_nb.read_text())["cells"]
@@ -48,7 +50,7 @@ def expected(proc_nb: Path) -> dict:
         (c["source"] for c in cells if c["cell_type"] == "raw" and c["source"].lstrip().startswith("---")), "---\n---"
     )
     title = str((yaml.safe_load(raw.strip().strip("-")) or {}).get("title") or proc_nb.stem)
-    show_docs, images = [], 0
+    show_docs, images, outputs, own_outputs = [], 0, 0, 0
     for c in cells:
         if c["cell_type"] == "markdown":
             images += len(re.findall(r"!\[[^\]]*\]\(|<img\s", c["source"]))
@@ -57,10 +59,14 @@ def expected(proc_nb: Path) -> dict:
         hidden = re.search(r"(?m)^#\|\s*(include|output)\s*:\s*false", c["source"])
         if not hidden:
             images += sum(any(k.startswith("image/") for k in o.get("data", {})) for o in c["outputs"])
+        shown = not hidden and any(o.get("name") != "stderr" for o in c["outputs"])  # a warning alone: not a result
         if re.search(r"(?m)^show_doc\(", c["source"]):  # nbdev's section: a heading with the name
             md = "".join(text(o.get("data", {}).get("text/markdown", "")) for o in c["outputs"])
             show_docs += re.findall(r"(?m)^#{2,4} (.+?)\s*$", md)
-    return {"title": title, "show_docs": show_docs, "images": images}
+        else:
+            own_outputs += shown
+        outputs += shown
+    return {"title": title, "show_docs": show_docs, "images": images, "outputs": outputs, "own_outputs": own_outputs}
 
 
 def check_page(page, url: str, exp: dict, out: Path) -> list[str]:
@@ -75,6 +81,11 @@ def check_page(page, url: str, exp: dict, out: Path) -> list[str]:
         "main h2, main h3, main h4", "hs => hs.map(h => h.innerText.replace(/¶$/, '').trim())"
     )
     bad += [f"no show_doc section {n!r}" for n in exp["show_docs"] if n not in headings]
+    shown = page.locator("main .jp-CodeCell:has(.jp-OutputArea-output)").count()
+    if not exp["own_outputs"]:
+        bad.append("no cell shows an output: run `python tools/run_chapters.py CHAPTER` and commit the chapter")
+    if shown < exp["outputs"]:
+        bad.append(f"{shown} cells show outputs, the notebook has {exp['outputs']}")
     imgs = page.eval_on_selector_all(
         "img", "is => is.map(i => [i.getAttribute('src').slice(0, 80), i.complete && i.naturalWidth > 0])"
     )
@@ -105,7 +116,7 @@ def check_page(page, url: str, exp: dict, out: Path) -> list[str]:
 
 def test_docs_preview_every_page(tmp_path):
     if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: run .ci/setup-extra (apt-get install chromium)")
+        pytest.fail(f"{CHROMIUM} is missing: run tools/setup-system.sh (it installs Debian's chromium)")
     from playwright.sync_api import sync_playwright
 
     out = tmp_path / "preview"
@@ -131,10 +142,11 @@ def test_docs_preview_every_page(tmp_path):
             listed = page.eval_on_selector_all("main li > a", "as => as.map(a => a.getAttribute('href'))")
             assert listed[: len(pages)] == pages, f"contents page order {listed}, sidebar order {pages}"
             page.screenshot(path=str(tmp_path / "docs-preview-contents.png"))
-            failures, n_show_docs = {}, 0
+            failures, n_show_docs, n_outputs = {}, 0, 0
             for chapter, name in zip(chapters, pages, strict=True):
                 exp = expected(out / "_proc" / chapter)
                 n_show_docs += len(exp["show_docs"])
+                n_outputs += exp["outputs"]
                 tab = browser.new_page(viewport={"width": 1200, "height": 900})
                 if bad := check_page(tab, (out / name).as_uri(), exp, out):
                     failures[name] = bad
@@ -148,4 +160,7 @@ def test_docs_preview_every_page(tmp_path):
         problems + [f"{name}: {b}" for name, bad in failures.items() for b in bad]
     )
     assert n_show_docs > 0, "no chapter has a show_doc section: is nbdev's processing running?"
-    print(f"\n{len(pages)} pages, {n_show_docs} show_doc sections; screenshots in {tmp_path}")
+    print(
+        f"\n{len(pages)} pages, {n_show_docs} show_doc sections, {n_outputs} cells with outputs; "
+        f"screenshots in {tmp_path}"
+    )

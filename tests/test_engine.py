@@ -1,6 +1,7 @@
 """The engine chapter, driven through the installed package: every engine agrees with fp32 on the shipped (trained)
-checkpoint, `vit-models export` stores artifacts and checks once, a real `vit-serve` chooses by measurement and reports it
-in /readyz and /metrics, `VIT_ENGINE` pins, and drift monitoring embeds the reference with the serving engine."""
+checkpoint, `vit-models export` stores artifacts and checks once, a real `vit-serve` chooses by measurement and
+reports it in /readyz and /metrics, `VIT_ENGINE` pins, and drift monitoring embeds the reference with the serving
+engine."""
 
 import json, os, subprocess, sys
 from pathlib import Path
@@ -68,9 +69,9 @@ def test_onnx_runtime_is_installed_for_ci():
 
 
 def test_every_engine_is_checked_on_the_trained_checkpoint(exported):
-    """On 1,000 held-out images each engine is eligible exactly when it keeps the rule (agreement ≥ 99 %, accuracy within
-    0.3 points); the exact engines always do. Whether an int8 engine passes depends on the model and the CPU: on the shipped
-    checkpoint torch-int8 agreed 98.4 % on an AMD EPYC and was refused, onnx-int8 99.0 %."""
+    """On 1,000 held-out images each engine is eligible exactly when it keeps the rule (agreement ≥ 99 %, accuracy
+    within 0.3 points); the exact engines always do. Whether an int8 engine passes depends on the model and the CPU: on
+    the shipped checkpoint torch-int8 agreed 98.4 % on an AMD EPYC and was refused, onnx-int8 99.0 %."""
     uri, version, out = exported
     st = open_store(uri)
     checks = {
@@ -165,7 +166,7 @@ def test_an_ineligible_engine_is_never_chosen(shipped, tmp_path):
 
 
 def test_serve_chooses_by_measurement_and_reports_it(serve_process, exported, test_images):  # noqa: F811
-    "A real vit-serve with `VIT_ENGINE=auto` on the exported store: the engine object in /readyz, the gauges in /metrics."
+    "A real vit-serve with `VIT_ENGINE=auto` on the exported store: the engine object in /readyz, gauges in /metrics."
     uri, version, _ = exported
     p = serve_process(uri, VIT_ENGINE="auto", VIT_TELEMETRY_FLUSH_S="0.5")
     ready = p.wait_ready()
@@ -228,7 +229,7 @@ def test_monitoring_embeds_the_reference_with_the_serving_engine(serve_process, 
         )
     assert r.status_code == 200, r.text
     window = r.json()["report"]["window"]
-    # an earlier test may have left a record from the engine it chose on this store: the report leaves it out and counts it
+    # an earlier test may have left a record of the engine it chose on this store: the report leaves it out, counted
     assert window["engine"] == "onnx-int8" and window.get("other_engines", 0) < 60 and window["n"] >= 60
     st = open_store(uri)
     assert st.exists(reference_key(version, "onnx-int8"))

@@ -1,6 +1,6 @@
-"""A fleet on one store: real `vit-serve` processes that follow the alias they serve (a local store and the GCS emulator),
-keep their model through a store outage, a pinned version that is not polled, and a drift report that covers every
-prediction of the instance that builds it, and says from how many instances its records came."""
+"""A fleet on one store: real `vit-serve` processes that follow the alias they serve (a local store and the GCS
+emulator), keep their model through a store outage, a pinned version that is not polled, and a drift report that
+covers every prediction of the instance that builds it, and says from how many instances its records came."""
 
 import threading, time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +39,8 @@ def converged(procs, version: str, t0: float, timeout: float = 60) -> float:
 
 
 def test_two_instances_follow_the_alias(store_uri, serve_process, tiny_packages, images):
-    "Under load: an admin update on one instance moves `production`, the other follows; a registry move reaches both; a broken version reaches neither; no request fails."
+    """Under load: an admin update on one instance moves `production`, the other follows; a registry move reaches
+    both; a broken version reaches neither; no request fails."""
     st = open_store(store_uri)
     for v, pkg in [("va", "a"), ("vb", "b"), ("vbroken", "broken")]:
         st.register(tiny_packages[pkg], v, aliases=[])
@@ -85,14 +86,15 @@ def test_two_instances_follow_the_alias(store_uri, serve_process, tiny_packages,
     )
     backend = "GCS emulator" if store_uri.startswith("gs://") else "local store"
     print(
-        f"\n{backend}, 2 instances, VIT_MODEL_POLL_S={POLL_S:g}: admin update answered in {t_a:.2f} s, fleet on vb {t_admin:.2f} s after it; "
+        f"\n{backend}, 2 instances, VIT_MODEL_POLL_S={POLL_S:g}: admin update answered in {t_a:.2f} s, "
+        f"fleet on vb {t_admin:.2f} s after it; "
         f"registry rollback -> fleet on va in {t_registry:.2f} s; registry move -> fleet on vb in {t_again:.2f} s; "
         f"{len(flat)} requests under load, all 200"
     )
 
 
 def test_a_store_outage_keeps_the_model(gcs_emulator, gcs_uri, serve_process, tiny_packages, images):
-    "The emulator frozen: polls fail (counted), predictions go on with the current model; resumed, the instance follows again."
+    "The emulator frozen: polls fail (counted), predictions go on with the current model; resumed, it follows again."
     st = open_store(gcs_uri)
     for v, pkg in [("va", "a"), ("vb", "b")]:
         st.register(tiny_packages[pkg], v, aliases=[])
@@ -108,7 +110,7 @@ def test_a_store_outage_keeps_the_model(gcs_emulator, gcs_uri, serve_process, ti
 
 
 def test_a_fresh_fleet_waits_for_the_first_promotion(tmp_path, serve_process, tiny_packages, monkeypatch):
-    "Deployed before `production` exists: not ready, saying why; the first `promote` creates it and the instance loads it."
+    "Deployed before `production` exists: not ready, saying why; the first `promote` creates it and it is loaded."
     from vit_nbdev.registry import promote
 
     monkeypatch.setenv("VIT_CACHE", str(tmp_path / "cache"))
@@ -152,7 +154,8 @@ def test_a_pinned_version_is_not_polled(tmp_path, serve_process, tiny_packages):
 
 
 def test_a_report_covers_every_prediction(tmp_path, serve_process, tiny_packages, images):
-    "The seed's flow: 300 predictions, then update-reference-data and update-monitoring at once: the report reads all 300; then 100 more on a second instance."
+    """The seed's flow: 300 predictions, then update-reference-data and update-monitoring at once: the report
+    reads all 300; then 100 more on a second instance."""
     store = str(tmp_path / "store")
     open_store(store).register(tiny_packages["a"], "va")
     a = serve_process(store, VIT_ADMIN_TOKEN=TOKEN, VIT_TELEMETRY_FLUSH_S=3600)  # would write its telemetry in an hour

@@ -20,6 +20,13 @@ ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+KERNEL_IDLE = """() => {  // the chapter's kernel started and is idle
+  const k = document.querySelector('.jp-Toolbar-kernelName');
+  const i = document.querySelector('.jp-Notebook-ExecutionIndicator');
+  return k && i && k.innerText.trim() && !k.innerText.includes('No Kernel') && i.dataset.status === 'idle';
+}"""
+CELLS_RAN = """n => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')]
+  .filter(p => /\\[\\d+\\]/.test(p.innerText)).length >= n"""  # at least n code cells show an execution count
 
 
 def free_port() -> int:
@@ -89,7 +96,7 @@ class JupyterLab:
 
 def test_jupyterlab_runs_and_saves_the_data_chapter(tmp_path):
     if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: run .ci/setup-extra (apt-get install chromium)")
+        pytest.fail(f"{CHROMIUM} is missing: run tools/setup-system.sh (it installs Debian's chromium)")
     from playwright.sync_api import sync_playwright
 
     project, home = tmp_path / "project", tmp_path / "home"
@@ -135,15 +142,10 @@ def test_jupyterlab_runs_and_saves_the_data_chapter(tmp_path):
                 page.on("request", lambda r: requests.append(r.url))
                 page.goto(f"{lab.url}/lab/tree/nbs/data.ipynb?token={lab.token}")
                 page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
-                page.wait_for_function(
-                    """() => {                           // the chapter's kernel started and is idle
-                    const k = document.querySelector('.jp-Toolbar-kernelName'), i = document.querySelector('.jp-Notebook-ExecutionIndicator');
-                    return k && i && k.innerText.trim() && !k.innerText.includes('No Kernel') && i.dataset.status === 'idle'; }""",
-                    timeout=90_000,
-                )
+                page.wait_for_function(KERNEL_IDLE, timeout=90_000)
                 page.locator(".jp-Notebook .jp-Cell").first.click()
                 page.keyboard.press("Escape")  # command mode, first cell selected
-                done = "n => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].filter(p => /\\[\\d+\\]/.test(p.innerText)).length >= n"
+                done = CELLS_RAN
                 ran = 0
                 for i, cell in enumerate(cells[:30]):  # Shift+Enter down the chapter until a cell shows a result
                     page.keyboard.press("Shift+Enter")

@@ -1,5 +1,6 @@
-"""Lint: ruff is clean on the library, the notebooks, the tests and the benchmarks; the pre-commit config is
-valid, has nbdev's clean hook and a ruff hook over the library and the notebooks, and its hooks pass on this tree."""
+"""Lint: ruff's linter and formatter are clean on the library, the notebooks, the tests, the benchmarks and the tools;
+the pre-commit config is valid, has nbdev's clean hook and ruff's lint and format hooks over those folders, and its
+hooks pass on this tree."""
 
 import os, re, shutil, subprocess, sys
 from pathlib import Path
@@ -11,13 +12,18 @@ from identify.identify import tags_from_path
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CONFIG = ROOT / ".pre-commit-config.yaml"
-LINTED = ["vit_nbdev", "nbs", "tests", "bench"]
+LINTED = ["vit_nbdev", "nbs", "tests", "bench", "tools"]
+# nbdev-export writes vit_nbdev/*.py in its own layout (one blank line before each `# %%` cell marker, `__all__`
+# wrapped its way): the formatter checks their source, the notebooks, and leaves the generated modules alone
+FORMATTED, GENERATED = [p for p in LINTED if p != "vit_nbdev"], "vit_nbdev/data.py"
 NBDEV, RUFF = "https://github.com/AnswerDotAI/nbdev", "https://github.com/astral-sh/ruff-pre-commit"
 # The upstream hook definitions (.pre-commit-hooks.yaml of the two repos at the pinned revs), as `language: system`
 # hooks that run the tools of this environment: pre-commit then needs no network (it would clone the repos otherwise).
+RUFF_FILES = dict(types_or=["python", "pyi", "jupyter"], require_serial=True)
 UPSTREAM = {
     "nbdev-clean": dict(entry="nbdev-clean", always_run=True, pass_filenames=False),
-    "ruff-check": dict(entry="ruff check --force-exclude", types_or=["python", "pyi", "jupyter"], require_serial=True),
+    "ruff-check": dict(entry="ruff check --force-exclude", **RUFF_FILES),
+    "ruff-format": dict(entry="ruff format --force-exclude", **RUFF_FILES),
 }
 
 
@@ -52,6 +58,25 @@ def test_ruff_is_clean():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_generated_modules_keep_the_line_budget():
+    "The package's lines fit in 120 characters, but for the `__all__` that nbdev-export wraps at 120 and then prefixes."
+    long = []
+    for py in sorted((ROOT / "vit_nbdev").glob("*.py")):
+        if py.name == "_modidx.py":
+            continue
+        lines = py.read_text().splitlines()
+        long += [f"{py.name}:{i}" for i, l in enumerate(lines, 1) if len(l) > 120 and not l.startswith("__all__ = [")]
+    assert long == [], long
+
+
+def test_ruff_format_is_clean():
+    "The code is laid out as `ruff format` would ([tool.ruff.format]): the formatter has nothing to change."
+    r = subprocess.run(
+        [dev_tool("ruff"), "format", "--check", "--no-cache", *FORMATTED], cwd=ROOT, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_ruff_sees_the_notebooks():
     "The notebooks are linted (`extend-include`), not silently skipped: a lint error in one is reported."
     r = subprocess.run(
@@ -68,16 +93,13 @@ def test_precommit_config_is_valid_and_has_the_hooks():
     assert "nbdev-clean" in hs and hs["nbdev-clean"][:2] == (NBDEV, pinned("nbdev")), hs.get("nbdev-clean")
     ruff = [h for i, (repo, rev, h) in hs.items() if repo == RUFF and i in ("ruff-check", "ruff")]
     assert len(ruff) == 1 and hs[ruff[0]["id"]][1] == f"v{pinned('ruff')}", ruff
-    for p in [
-        "vit_nbdev/data.py",
-        "vit_nbdev/serve.py",
-        "nbs/data.ipynb",
-        "nbs/train.ipynb",
-        "tests/test_lint.py",
-        "bench/bench_serve.py",
-    ]:
-        assert selects({**UPSTREAM["ruff-check"], **ruff[0]}, p), f"the ruff hook skips {p}"
-    assert not selects({**UPSTREAM["ruff-check"], **ruff[0]}, "pyproject.toml")
+    assert "ruff-format" in hs and hs["ruff-format"][:2] == (RUFF, f"v{pinned('ruff')}"), hs.get("ruff-format")
+    check, fmt = ({**UPSTREAM.get(h["id"], UPSTREAM["ruff-check"]), **h} for h in (ruff[0], hs["ruff-format"][2]))
+    for p in ["nbs/data.ipynb", "nbs/train.ipynb", "tests/test_lint.py", "bench/bench_serve.py", "tools/module_map.py"]:
+        assert selects(check, p) and selects(fmt, p), f"a ruff hook skips {p}"
+    assert selects(check, GENERATED) and selects(check, "vit_nbdev/serve.py"), "the lint hook skips the library"
+    assert not selects(fmt, GENERATED), "the format hook would rewrite a module nbdev-export writes"
+    assert not selects(check, "pyproject.toml") and not selects(fmt, "pyproject.toml")
 
 
 def test_precommit_hooks_pass_offline(tmp_path):
@@ -136,7 +158,8 @@ def test_precommit_hooks_pass_offline(tmp_path):
         timeout=120,
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    assert re.search(r"nbdev-clean\.+Passed", r.stdout) and re.search(r"ruff-check\.+Passed", r.stdout), r.stdout
+    for hook in ("nbdev-clean", "ruff-check", "ruff-format"):
+        assert re.search(rf"{hook}\.+Passed", r.stdout), r.stdout
 
 
 SCRIPTS = sorted([*ROOT.glob("docker/*.sh"), ROOT / ".ci/run", ROOT / ".ci/setup-extra"])

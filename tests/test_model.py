@@ -145,7 +145,8 @@ def test_shipped_checkpoint_loads_like_a_local_folder(tmp_path, monkeypatch):
 
 
 def test_the_shipped_pretrained_checkpoint():
-    "The checkpoint in the package: a model name like a hub id, its lineage in the card, its run record beside it, ≤ 8 MB."
+    """The checkpoint in the package: a model name like a hub id, its lineage in the card, its run record beside it,
+    at most 8 MB."""
     from vit_nbdev.config import CHECKPOINTS, TrainConfig
     from vit_nbdev.model import checkpoint_lineage
 

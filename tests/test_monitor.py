@@ -1,6 +1,7 @@
-"""Monitoring: reference embeddings, telemetry windows, the drift detector and report, reports in the store (local and GCS), the CLI."""
+"""Monitoring: reference embeddings, telemetry windows, the drift detector and report, reports in the store (local and
+GCS), the CLI, and `DriftMonitoring` bound to the real service."""
 
-import io, json, subprocess, sys
+import io, json, subprocess, sys, time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ from vit_nbdev.model import build_model, save_package
 from vit_nbdev.cli import monitor_main as main
 from vit_nbdev.telemetry import read_telemetry
 from vit_nbdev.monitor import (
+    DriftMonitoring,
+    MonitoredService,
     as_package,
     drift_report,
     drift_tests,
@@ -31,11 +34,13 @@ from vit_nbdev.robustness import CORRUPTIONS, corrupt
 from vit_nbdev.store import open_store
 
 BIN = Path(sys.executable).parent
+TOKEN = "test-admin-token-0123456789"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
 def package_dir(tmp_path_factory):
-    "A freshly initialised (seeded) tiny ViT as a model package: a fixed function of the image is all drift detection needs."
+    "A freshly initialised (seeded) tiny ViT as a model package: a fixed function of the image is all drift needs."
     torch.manual_seed(0)
     m, pre = build_model("vit-cifar-tiny")
     card = {
@@ -220,7 +225,7 @@ def test_cli(tmp_path, package_dir, pkg, data, capsys):
 
 
 def test_robustness_study_end_to_end(data, tmp_path):
-    "The quick study of the robustness chapter (its cells are `slow`), on the shipped checkpoint: accuracy and alarm rates per corruption and severity."
+    "The robustness chapter's quick study (its cells are `slow`) on the shipped checkpoint: accuracy, alarm rates."
     import matplotlib
 
     matplotlib.use("Agg")
@@ -257,3 +262,52 @@ def test_robustness_study_end_to_end(data, tmp_path):
     assert list(tab.columns) == ["severity 0", "severity 5"] and list(tab.index) == ["contrast", "jpeg"]
     fig = plot_study(df, "ours", "test")
     assert fig is not None
+
+
+def png(x: torch.Tensor) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(x.permute(1, 2, 0).numpy()).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_drift_monitoring_through_the_real_service(tmp_path, package_dir, data):
+    "`DriftMonitoring` bound by `create_app`: the service is a `MonitoredService`, and a report asked for right after"
+    "predictions covers them all (the service writes its buffered telemetry first), on `/monitoring` and `/metrics`."
+    from fastapi.testclient import TestClient
+    from vit_nbdev.serve import create_app
+
+    st = open_store(tmp_path / "store")
+    st.register(package_dir, version="v1")
+    mon = DriftMonitoring(last_n=1000)
+    app = create_app(st, "v1", engine="torch-fp32", admin_token=TOKEN, monitoring=mon, telemetry_flush_s=3600)
+    with TestClient(app) as client:
+        svc = mon.service
+        assert isinstance(svc, MonitoredService), [
+            m
+            for m in ("served", "get_store", "metrics_registry", "telemetry_flush_s", "flush_telemetry")
+            if not hasattr(svc, m)
+        ]
+        assert svc.telemetry_flush_s == 3600 and svc.get_store().uri == st.uri
+        assert svc.metrics_registry.get_sample_value("vit_drift_detected") == -1
+        deadline = time.monotonic() + 120
+        while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert svc.served is not None and svc.served.version == "v1"
+        images = data.test.images[:120] // 2  # darkened: drift
+        for i in range(0, len(images), 12):
+            files = [("file", (f"{j}.png", png(x), "image/png")) for j, x in enumerate(images[i : i + 12])]
+            assert client.post("/predict", files=files).status_code == 200
+        r = client.post("/admin/update-reference-data", headers=ADMIN)
+        assert r.status_code == 200 and r.json()["records"] == 500 and r.json()["key"] == "models/v1/reference.parquet"
+        r = client.post("/admin/update-monitoring", params={"wait": 120}, headers=ADMIN)
+        out = r.json()
+        assert r.status_code == 200 and out["status"] == "done", out
+        assert out["flushed"] == {"written": 120, "buffered": 0}  # nothing had been written yet: flush_s is an hour
+        assert out["report"]["window"]["n"] == 120 and out["report"]["window"]["telemetry_flush_s"] == 3600
+        assert out["report"]["drift_detected"]
+        assert "window of 120 records from 1 instance" in client.get("/monitoring").text
+        assert svc.metrics_registry.get_sample_value("vit_drift_detected") == 1
+        assert "vit_drift_detected 1.0" in client.get("/metrics").text
+        assert svc.flush_telemetry() == {"written": 0, "buffered": 0}  # written already

@@ -1,7 +1,7 @@
 """Project hygiene: README in step with nbs/index.ipynb, the docs site lists every chapter in reading order,
-docstrings on the public API, the configs parse."""
+docstrings on the public API, the configs parse, the README's test command installs what the tests need first."""
 
-import importlib, inspect, json
+import importlib, inspect, json, subprocess
 from pathlib import Path
 import yaml
 from vit_nbdev.config import TrainConfig
@@ -33,6 +33,8 @@ def test_docs_site_has_every_chapter_in_reading_order():
         "telemetry.ipynb",
         "batch.ipynb",
         "engine.ipynb",
+        "errors.ipynb",
+        "service.ipynb",
         "serve.ipynb",
         "monitor.ipynb",
         "robustness.ipynb",
@@ -89,3 +91,19 @@ def test_docstring_check_sees_a_missing_one():
 def test_configs_are_valid_training_parameters():
     for f in (ROOT / "configs").glob("*.yaml"):
         TrainConfig.from_dict(yaml.safe_load(f.read_text()))
+
+
+def test_the_test_command_sets_up_the_system_first():
+    "The README's test command works on a fresh machine: `tools/setup-system.sh` installs Chromium (and git) first."
+    from devtools import shellcheck
+
+    readme, script = (ROOT / "README.md").read_text(), ROOT / "tools" / "setup-system.sh"
+    command = readme.split("# run all tests\n", 1)[1].splitlines()[0]
+    assert command.startswith("bash tools/setup-system.sh && pytest "), command
+    assert "grep -A1 '^# run all tests' README.md" in (ROOT / ".ci" / "run").read_text()  # CI runs that same line
+    browser_tests = [p.name for p in (ROOT / "tests").glob("test_*.py") if '"/usr/bin/chromium"' in p.read_text()]
+    assert len(browser_tests) >= 3 and "apt-get install" in script.read_text(), browser_tests
+    shellcheck(script, cwd=ROOT)
+    assert Path("/usr/bin/chromium").exists(), "run tools/setup-system.sh (the README's test command does)"
+    r = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)  # all there: no apt-get
+    assert r.returncode == 0 and "installing" not in r.stdout and "Chromium" in r.stdout, r.stdout + r.stderr

@@ -19,7 +19,7 @@ IMAGES = "200"  # the gate on the first 200 images of the bundled test split: en
 
 @pytest.fixture(scope="module", autouse=True)
 def vit_cache(tmp_path_factory):
-    "One VIT_CACHE for this module and the processes it starts (the decoded sample, models fetched from GCS), under pytest's tmp."
+    "One VIT_CACHE (the decoded sample, models fetched from GCS) for this module and the processes it starts."
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VIT_CACHE", str(tmp_path_factory.mktemp("vit-cache")))
         yield
@@ -27,7 +27,7 @@ def vit_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gate_packages(tmp_path_factory) -> dict:
-    "`good`: random features + a least-squares classifier on 500 training images (~30%); `worse`: its classes rotated (~7%); `broken`."
+    "`good`: random features, a least-squares classifier on 500 images (~30%); `worse`: classes rotated; `broken`."
     from vit_nbdev.data import load_cifar10, preprocess
     from vit_nbdev.model import build_model, forward_features, save_package
 
@@ -160,7 +160,7 @@ def test_promote_is_gated_and_recorded(registry):
 
 
 def _racing(st, n: int):
-    "A copy of the store `st` whose `set_alias` waits until `n` callers got there: promotions that gated against the same version."
+    "A copy of the store `st` whose `set_alias` waits for `n` callers: promotions gated against the same version."
     barrier = threading.Barrier(n, timeout=120)
 
     class Racing(type(st)):
@@ -174,7 +174,7 @@ def _racing(st, n: int):
 
 
 def test_racing_promotions_one_wins(registry, gate_packages):
-    "Two promotions gated against the same production: one moves it, the other gets a Conflict naming where it points now."
+    "Two promotions gated against the same production: one moves it, the other's Conflict names where it points now."
     registry.register(gate_packages["good"], "v-good2", aliases=[])
     registry.set_alias("production", "v-worse")
     before = registry.alias_doc("production")
@@ -199,7 +199,7 @@ def test_racing_promotions_one_wins(registry, gate_packages):
 
 
 def test_racing_promotions_from_the_command_line(tmp_path, gate_packages):
-    "Two `vit-models promote` processes, both past the gate before either moves production (we hold the alias's lock until then)."
+    "Two `vit-models promote` processes, both past the gate before either moves production (we hold the alias's lock)."
     st = open_store(tmp_path / "store")
     for v, pkg in [("v-worse", "worse"), ("v-good", "good"), ("v-good2", "good")]:
         st.register(gate_packages[pkg], v, aliases=[])

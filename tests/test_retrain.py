@@ -1,7 +1,7 @@
-"""The loop end to end against a real `vit-serve`: predictions with kept images, `POST /feedback`, a feedback snapshot
-(`vit-data snapshot --feedback`), `vit-monitor retrain` (papermill training from production's weights), the gate, and the
-service following `production` to the promoted candidate. Also what the loop does with too little feedback, no drift report
-and a training failure."""
+"""The loop end to end against a real `vit-serve`: predictions with kept images, `POST /feedback`, a feedback
+snapshot (`vit-data snapshot --feedback`), `vit-monitor retrain` (papermill training from production's weights), the
+gate, and the service following `production` to the promoted candidate. Also what the loop does with too little
+feedback, no drift report and a training failure."""
 
 import json, os, subprocess, sys
 
@@ -24,7 +24,7 @@ def cli(*args, env=None) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory):
-    "A store whose `production` is a short run of the tiny preset on the sample, and a `vit-serve` following `production`."
+    "A store whose `production` is a short run of the tiny preset on the sample; a `vit-serve` following `production`."
     tmp = tmp_path_factory.mktemp("loop")
     store = str(tmp / "store")
     r = train(
@@ -97,7 +97,7 @@ def test_the_loop_promotes_a_better_candidate_and_the_service_follows(loop):
     dark = (test.images[100:300].float() * 0.2).round().to(torch.uint8)
     ids = predict(srv, dark)
     feedback(srv, ids, ["cat"] * len(ids))  # the shifted stream's truth, as people label it: every dark image is a cat
-    # the feedback reaches the store when the service flushes it (every 0.5 s here): wait for the snapshot to see all of it
+    # the feedback reaches the store when the service flushes it (every 0.5 s here): wait until the snapshot has it all
     snap = wait_for(
         lambda: (
             (s := json.loads(cli("vit-data", "snapshot", "--feedback", "--store", store).stdout or "{}")).get(

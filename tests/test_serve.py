@@ -150,7 +150,8 @@ def png_of(im: Image.Image) -> bytes:
 
 
 def test_modes_animations_and_exif_are_converted(server, test_images):
-    "Grayscale, palette, RGBA, CMYK, 16-bit, animated GIF, EXIF-rotated JPEG: 200, and the image the service sees is the expected RGB one."
+    """Grayscale, palette, RGBA, CMYK, 16-bit, animated GIF, EXIF-rotated JPEG: 200, and the image the service
+    sees is the expected RGB one."""
     for name, (upload, expected) in converted_cases(test_images[7], test_images[8]).items():
         r = predict(server.url, upload, expected)
         assert r.status_code == 200, (name, r.text)
@@ -325,7 +326,7 @@ def test_admin_with_the_token(server):
 
 
 def hammer(url: str, blobs: list[bytes], clients: int, until: threading.Event | float, files_per_request=lambda i: 1):
-    "`clients` threads post to /predict until `until` (an event or a duration); per client: [(status, [versions], seconds)]."
+    "`clients` threads post to /predict until `until` (an event or a duration): [(status, [versions], seconds)] each."
     stop = until if isinstance(until, threading.Event) else None
     end = None if stop else time.monotonic() + until
 
@@ -424,7 +425,8 @@ def test_load_16_clients(server, served_store, test_images):
 
 
 def test_monitoring_end_to_end(serve_process, tiny_packages, tmp_path, test_images):
-    "predictions -> telemetry -> /admin/update-reference-data, /admin/update-monitoring -> /monitoring shows the report, /metrics the score."
+    """predictions -> telemetry -> /admin/update-reference-data, /admin/update-monitoring -> /monitoring shows the
+    report, /metrics the score."""
     store = str(tmp_path / "store")
     open_store(store).register(tiny_packages["a"], "va")
     p = serve_process(store, VIT_ADMIN_TOKEN=TOKEN, VIT_TELEMETRY_FLUSH_S="0.5")
@@ -560,7 +562,8 @@ def test_sigterm_flushes_telemetry_records_equal_predictions(serve_process, tiny
 
 
 def test_feedback_across_two_instances_with_kept_images(serve_process, tiny_packages, tmp_path, test_images):
-    "predict -> POST /feedback on the same or another instance (shared VIT_FEEDBACK_KEY) -> every accepted label in the store after SIGTERM, none of the refused; images kept (or not) in telemetry."
+    """predict -> POST /feedback on the same or another instance (shared VIT_FEEDBACK_KEY) -> every accepted label
+    in the store after SIGTERM, none of the refused; images kept (or not) in telemetry."""
     store, key = str(tmp_path / "store"), "feedback-key-shared-by-the-fleet"
     open_store(store).register(tiny_packages["a"], "va")
     a = serve_process(store, VIT_FEEDBACK_KEY=key, VIT_TELEMETRY_FLUSH_S=3600)  # writes nothing before its shutdown
@@ -660,7 +663,8 @@ def test_full_queue_answers_503_with_retry_after(serve_process, tiny_packages, t
 
 
 def test_telemetry_to_gcs_survives_outages(serve_process, gcs_emulator, gcs_uri, tiny_packages, test_images):
-    "Telemetry shards land in the emulator; paused or stopped, predictions go on at full speed, records are retried or dropped (counted), and resume after."
+    """Telemetry shards land in the emulator; paused or stopped, predictions go on at full speed, records are
+    retried or dropped (counted), and resume after."""
     open_store(gcs_uri).register(tiny_packages["a"], "va")
     p = serve_process(
         gcs_uri,
@@ -699,7 +703,8 @@ def test_telemetry_to_gcs_survives_outages(serve_process, gcs_emulator, gcs_uri,
     written, dropped = p.metric("vit_telemetry_records_written_total"), p.metric("vit_telemetry_records_dropped_total")
     assert written == len(df) and written + dropped == 70, (written, dropped, len(df))
     print(
-        f"\nGCS paused: {int(dropped)} records dropped, {int(p.metric('vit_telemetry_write_failures_total'))} failed writes, "
+        f"\nGCS paused: {int(dropped)} records dropped, "
+        f"{int(p.metric('vit_telemetry_write_failures_total'))} failed writes, "
         f"slowest prediction {slowest * 1e3:.0f} ms"
     )
 

@@ -1,4 +1,5 @@
-"""Training end to end: papermill run of the notebook, determinism, resume after SIGKILL, 2-process DDP, errors, the data snapshot a card names."""
+"""Training end to end: papermill run of the notebook, determinism, resume after SIGKILL, 2-process DDP, errors, the
+data snapshot a card names."""
 
 import json, os, signal, subprocess, sys, time
 from pathlib import Path
@@ -30,8 +31,9 @@ def quick(tmp_path, **kw):
 
 
 def test_papermill_run_is_the_record(tmp_path):
-    """`vit-train` runs the notebook headless with a YAML file and -p overrides; the record lands in the store. The run is the
-    README's first command (the shipped checkpoint fine-tuned one epoch on the sample), and its model reaches 0.70 on the test split."""
+    """`vit-train` runs the notebook headless with a YAML file and -p overrides; the record lands in the store. The run
+    is the README's first command (the shipped checkpoint fine-tuned one epoch on the sample), and its model reaches
+    0.70 on the test split."""
     store = tmp_path / "store"
     out = subprocess.run(
         [
@@ -72,9 +74,8 @@ def test_papermill_run_is_the_record(tmp_path):
     m = json.loads(st.get_bytes("runs/pm-run/metrics.json"))
     version = st.resolve("latest")
     assert m["version"] == version and m["metrics"]["steps"] == 4000 // 128
-    assert m["metrics"]["test_acc"] >= 0.70, m[
-        "metrics"
-    ]  # 1,000 images of CIFAR-10's test split, unseen in pretraining
+    # 1,000 images of CIFAR-10's test split, unseen in pretraining
+    assert m["metrics"]["test_acc"] >= 0.70, m["metrics"]
     card = json.loads(st.get_bytes(f"models/{version}/card.json"))
     assert card["dataset"]["fingerprint"] and card["dataset"]["splits"] == {
         "train": 4000,
@@ -87,9 +88,7 @@ def test_papermill_run_is_the_record(tmp_path):
         and card["code_commit"]
         and card["metrics"]["test_acc"] == m["metrics"]["test_acc"]
     )
-    assert list((tmp_path / "wandb").glob("offline-run-*")), (
-        "W&B ran offline and left its files"
-    )  # papermill cwd is nbs/; wandb dir below
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "W&B ran offline and left its files"
 
 
 def test_same_params_same_metrics(tmp_path):
@@ -247,7 +246,8 @@ def test_errors_users_meet(tmp_path):
 
 
 def test_card_names_the_snapshot_and_extra_train(tmp_path, monkeypatch):
-    "A run writes the snapshot of its data when the store lacks it and its card names it; a run on `store:<fp>` with `extra_train` trains on more."
+    """A run writes the snapshot of its data when the store lacks it and its card names it; a run on `store:<fp>` with
+    `extra_train` trains on more."""
     monkeypatch.setenv("VIT_CACHE", str(tmp_path / "cache"))  # snapshots are fetched into the cache: a throwaway one
     st = open_store(str(tmp_path / "store"))
     a = train(quick(tmp_path, run_id="snap", max_steps=4, eval_every=4))

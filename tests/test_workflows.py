@@ -124,7 +124,7 @@ def _installed_by(step: str) -> set[str]:
 
 
 def _deploy_with_only(modules: set[str]) -> subprocess.CompletedProcess:
-    "`vit-cloud deploy --dry-run` in a Python that can import the standard library, vit_nbdev and `modules`, nothing else."
+    "`vit-cloud deploy --dry-run` in a Python that imports the standard library, vit_nbdev and `modules`, nothing else."
     code = (
         f"import sys, importlib.abc\nallowed = {sorted(modules)!r}\n"
         "class Only(importlib.abc.MetaPathFinder):\n"
@@ -148,7 +148,7 @@ def _deploy_with_only(modules: set[str]) -> subprocess.CompletedProcess:
 
 
 def test_deploy_job_installs_what_vit_cloud_deploy_imports():
-    "The cloud-run job installs the package without its dependencies: whatever `vit-cloud deploy` imports must be installed by name."
+    "The cloud-run job installs the package without its dependencies: what `vit-cloud deploy` imports, it names."
     step = next(
         s["run"] for s in load("docker.yaml")["jobs"]["cloud-run"]["steps"] if "pip install" in s.get("run", "")
     )

@@ -79,14 +79,17 @@ nav.preview-nav { position: fixed; left: 0; top: 0; bottom: 0; width: 15.5rem; o
   padding: 1rem; background: #f7f7f9; border-right: 1px solid #ddd; font: 14px/1.5 sans-serif; }
 nav.preview-nav ol { padding-left: 1.2rem; } nav.preview-nav a { text-decoration: none; }
 nav.preview-nav .current { font-weight: bold; }
-header.preview-title { padding: 1.5rem 0 0.5rem 0; font-family: var(--jp-content-font-family, sans-serif); } header.preview-title p { color: #555; font-size: 1.1rem; }
+header.preview-title { padding: 1.5rem 0 0.5rem 0; font-family: var(--jp-content-font-family, sans-serif); }
+header.preview-title p { color: #555; font-size: 1.1rem; }
 .preview-error { border: 2px solid #c00; background: #fee; padding: 0.5rem 1rem; white-space: pre-wrap; }
 </style>{% endblock extra_css %}
 {%- block body_header -%}
 {{ super() }}
 {{ resources.preview.nav }}
 <header class="preview-title"><h1 class="title">{{ resources.preview.title | e }}</h1>
-{%- if resources.preview.description %}<p class="description">{{ resources.preview.description }}</p>{% endif %}</header>
+{%- if resources.preview.description -%}
+<p class="description">{{ resources.preview.description }}</p>
+{%- endif %}</header>
 {{ resources.preview.error }}
 {%- endblock body_header -%}
 {% block error -%}<div class="preview-error-output">{{ super() }}</div>{%- endblock error %}
@@ -156,7 +159,7 @@ def apply_quarto_options(nb):
 
 
 def pandoc_id(text: str) -> str:
-    "The id pandoc (so Quarto) gives a heading: letters, digits, `_-.`, words joined by `-`, lowercase, from the first letter."
+    "The id pandoc (so Quarto) gives a heading: letters, digits, `_-.`; words joined by `-`; lowercase; from a letter."
     s = "-".join("".join(ch for ch in text.lower() if ch.isalnum() or ch in "_-. \n\t").split())
     s = re.sub(r"^[^a-z\u00c0-\uffff]+", "", s)
     return s or "section"
@@ -273,7 +276,8 @@ def nav_html(chapters: list, titles: dict, current: str = "") -> str:
         f'<li><a href="{p}"{" class=current" if p == current else ""}>{html.escape(titles[p])}</a></li>'
         for _, p in chapters
     )
-    return f'<nav class="preview-nav"><a href="contents.html"><b>Contents</b></a> <small>(preview)</small><ol>{items}</ol></nav>'
+    head = '<a href="contents.html"><b>Contents</b></a> <small>(preview)</small>'
+    return f'<nav class="preview-nav">{head}<ol>{items}</ol></nav>'
 
 
 def contents_html(project: str, chapters: list, titles: dict, descriptions: dict, problems: dict) -> str:
@@ -283,12 +287,16 @@ def contents_html(project: str, chapters: list, titles: dict, descriptions: dict
             rows.append(f"</ol><h2>{html.escape(sec)}</h2><ol>")
         section = sec
         note = f' <span class="preview-error">{len(problems[p])} problem(s)</span>' if problems.get(p) else ""
-        rows.append(f'<li><a href="{p}">{html.escape(titles[p])}</a> — {inline_md(descriptions.get(p, ""))}{note}</li>')
-    return f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(project)}: docs preview</title>
-<style>body {{ font: 16px/1.6 sans-serif; max-width: 50rem; margin: 2rem auto; }} .preview-error {{ color: #c00; }}</style></head>
-<body><main><h1 class="title">{html.escape(project)}: docs preview</h1>
+        link = f'<a href="{p}">{html.escape(titles[p])}</a>'
+        rows.append(f"<li>{link} — {inline_md(descriptions.get(p, ''))}{note}</li>")
+    title = f"{html.escape(project)}: docs preview"
+    return f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>body {{ font: 16px/1.6 sans-serif; max-width: 50rem; margin: 2rem auto; }}
+.preview-error {{ color: #c00; }}</style>
+</head><body><main><h1 class="title">{title}</h1>
 <p>The chapters in the order of <code>nbs/sidebar.yml</code>, rendered offline from the processed notebooks by
-<code>tools/docs_preview.py</code>. The published site is built from the same notebooks by Quarto (<code>nbdev-docs</code>).</p>
+<code>tools/docs_preview.py</code>. The published site is built from the same notebooks by Quarto
+(<code>nbdev-docs</code>).</p>
 <ol>{"".join(rows)}</ol></main></body></html>"""
 
 

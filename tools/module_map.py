@@ -1,7 +1,8 @@
 """The module map of `vit_nbdev` as a mermaid graph, made from the code's own imports.
 
     python tools/module_map.py            # print the graph of the package as it is
-    python tools/module_map.py --check    # exit 1 if the graph in nbs/index.ipynb or README.md differs, or a module imports another's `_names`
+    python tools/module_map.py --check    # exit 1 if the graph in nbs/index.ipynb or README.md differs,
+                                          # or if a module imports another's `_names`
     python tools/module_map.py --write    # put the graph of the code into nbs/index.ipynb and README.md
     python tools/module_map.py --package DIR   # the graph of another copy of the package (e.g. an old commit's)
 
@@ -77,7 +78,7 @@ def documents() -> dict[str, str]:
 
 
 def check(package: Path = ROOT / "vit_nbdev") -> list[str]:
-    "Where the documented module map is missing or differs from the code's, and any import of another module's private names."
+    "Where the documented module map is missing or differs from the code's; imports of another module's private names."
     want = "\n".join(l.strip() for l in mermaid(package).splitlines()[1:])
     problems = []
     for name, text in documents().items():

@@ -5,9 +5,10 @@ pretraining run (see configs/pretrain-small-gpu.yaml and the train chapter).
     mkdir st && tar xzf gpu-out/store.tgz -C st
     python tools/ship_checkpoint.py --store st --model pretrain --record gpu-out/<run_id>.ipynb
 
-The weights go in fp16 (they load back as fp32), with the config, the preprocessing, the card (data fingerprint, params,
-metrics, code commit, device) and the executed training notebook as the run record (a resumed run: every part, in order).
-A stage trained from the shipped checkpoint (`-p model vit-cifar-small-cifar10`) keeps the one it replaces under `lineage/`.
+The weights go in fp16 (they load back as fp32), with the config, the preprocessing, the card (data fingerprint,
+params, metrics, code commit, device) and the executed training notebook as the run record (a resumed run: every part,
+in order). A stage trained from the shipped checkpoint (`-p model vit-cifar-small-cifar10`) keeps the one it replaces
+under `lineage/`.
 """
 
 import argparse, json, sys
@@ -47,7 +48,8 @@ def main(argv=None):
     mb = (out / "model.safetensors").stat().st_size / 1e6
     card = json.loads((out / "card.json").read_text())
     print(
-        f"{out}: weights {mb:.2f} MB; version {card.get('version')}, test acc {card.get('metrics', {}).get('test_acc')}, "
+        f"{out}: weights {mb:.2f} MB; version {card.get('version')}, "
+        f"test acc {card.get('metrics', {}).get('test_acc')}, "
         f"device {card.get('device', card.get('shipped', {}).get('note'))}"
     )
     if mb > a.max_mb:

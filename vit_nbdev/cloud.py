@@ -1,4 +1,4 @@
-"""Google Cloud in one command each: a GPU VM that trains and then deletes itself, a Cloud Run deploy of the service, and the one-time IAM setup
+"""Google Cloud in one command each: a training VM that deletes itself, a Cloud Run deploy, the one-time IAM setup
 
 Docs: https://vit-nbdev.github.io/vit-nbdev/cloud.html.md"""
 
@@ -11,12 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['ATTACHED_GPUS', 'STARTUP_SCRIPT', 'CloudError', 'PlanFailed', 'FileArg', 'Plan', 'render', 'execute', 'check',
-           'region_of', 'account_email', 'registry_image', 'gpu_flags', 'TrainVM', 'startup_script', 'train_params',
-           'train_plan', 'CloudRunService', 'git_tag', 'service_yaml', 'deploy_plan', 'setup_plan', 'plan_from_args',
+__all__ = ['MISSING_TOOLS', 'ATTACHED_GPUS', 'STARTUP_HEAD', 'STARTUP_FINISH', 'STARTUP_RUNTIME', 'STARTUP_MAIN',
+           'STARTUP_SCRIPT', 'APIS', 'SECRET_READER', 'ONLY_ITS_VMS', 'CloudError', 'PlanFailed', 'FileArg', 'Plan',
+           'render', 'execute', 'check', 'region_of', 'account_email', 'registry_image', 'gpu_flags', 'TrainVM',
+           'startup_script', 'train_params', 'instance_flags', 'train_plan', 'CloudRunService', 'git_tag',
+           'service_container', 'service_yaml', 'add_image_build', 'deploy_plan', 'add_resources', 'add_grant',
+           'add_roles', 'setup_plan', 'vm_options', 'deploy_options', 'setup_options', 'cloud_parser', 'plan_from_args',
            'main']
 
-# %% ../nbs/cloud.ipynb #1dd13fd9
+# %% ../nbs/cloud.ipynb #b8abd365
 class CloudError(ValueError):
     "A bad option for a cloud command, or a tool it needs is missing (the message says what to do)."
 
@@ -24,7 +27,7 @@ class CloudError(ValueError):
 class PlanFailed(RuntimeError):
     "A command of a plan failed while it ran."
 
-
+# %% ../nbs/cloud.ipynb #310ac3d3
 @dataclass(frozen=True)
 class FileArg:
     "An argument that is a path to one of the plan's files, with an optional prefix (`startup-script=`)."
@@ -48,8 +51,9 @@ class Plan:
         self.commands.append([a if isinstance(a, FileArg) else str(a) for a in args])
         return self
 
-# %% ../nbs/cloud.ipynb #97ee97bf
+# %% ../nbs/cloud.ipynb #91b0bfe9
 def _shell_arg(a) -> str:
+    "One argument as bash reads it: quoted, or the path of a plan's file in `$D`."
     if not isinstance(a, FileArg):
         return shlex.quote(a)
     return (shlex.quote(a.prefix) if a.prefix else "") + f'"$D/{a.name}"'
@@ -77,15 +81,19 @@ def render(plan: Plan) -> str:
             out.append(" ".join(_shell_arg(a) for a in c))
     return "\n".join(out) + "\n"
 
-# %% ../nbs/cloud.ipynb #0aeeef6b
-def execute(plan: Plan, echo=print) -> None:
-    "Run the plan's commands in order here; `CloudError` if a program is missing (before running any), `PlanFailed` if a command fails."
+# %% ../nbs/cloud.ipynb #f82da984
+MISSING_TOOLS = "install the Google Cloud SDK / Docker, or use --dry-run to print the commands"
+
+
+def execute(
+    plan: Plan,
+    echo=print,  # called with each command line (`+ gcloud …`) before it runs
+) -> None:
+    "Run the plan's commands in order here: `CloudError` if a program is missing, `PlanFailed` if a command fails."
     cmds = [c for c in plan.commands if not isinstance(c, str)]
     missing = sorted({c[0] for c in cmds if shutil.which(c[0]) is None})
     if missing:
-        raise CloudError(
-            f"{', '.join(missing)} not found on PATH: install the Google Cloud SDK / Docker, or use --dry-run to print the commands"
-        )
+        raise CloudError(f"{', '.join(missing)} not found on PATH: {MISSING_TOOLS}")
     with tempfile.TemporaryDirectory() as d:
         for name, text in plan.files.items():
             Path(d, name).write_text(text)
@@ -96,8 +104,8 @@ def execute(plan: Plan, echo=print) -> None:
             if rc:
                 raise PlanFailed(f"command failed with exit status {rc}: {shlex.join(args)}")
 
-# %% ../nbs/cloud.ipynb #d8005d8a
-_RULES = dict(
+# %% ../nbs/cloud.ipynb #6f49c887
+_RULES = dict(  # kind: (pattern, what a value of the kind looks like)
     project=(
         r"[a-z][a-z0-9-]{4,28}[a-z0-9]",
         "a project id: 6-30 lowercase letters, digits or hyphens, starting with a letter",
@@ -106,7 +114,8 @@ _RULES = dict(
     region=(r"[a-z]+-[a-z]+[0-9]+", "a region such as us-central1"),
     store=(
         r"gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/[^,\s]*)?",
-        "a bucket uri gs://bucket[/prefix] (no commas or spaces): a VM or a Cloud Run instance has no local disk that outlives it",
+        "a bucket uri gs://bucket[/prefix] (no commas or spaces): "
+        "a VM or a Cloud Run instance has no local disk that outlives it",
     ),
     name=(
         r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?",
@@ -125,30 +134,37 @@ _RULES = dict(
 )
 
 
-def check(kind: str, value, what: str | None = None) -> str:
-    "`value` if it is a valid `kind` (project, zone, region, store, name, secret, image, memory, account), else a `CloudError` that says what is expected."
+def check(
+    kind: str,  # project, zone, region, store, name, secret, image, memory or account
+    value,  # the value to check
+    what: str | None = None,  # how the message names it (the option, e.g. `--zone`); default: `kind`
+) -> str:
+    "`value` if it is a valid `kind`, else a `CloudError` that says what is expected."
     pattern, hint = _RULES[kind]
     if value is None or not re.fullmatch(pattern, str(value)):
         raise CloudError(f"{what or kind} {value!r} is not valid: expected {hint}")
     return str(value)
 
-
+# %% ../nbs/cloud.ipynb #53933be2
 def region_of(zone: str) -> str:
     "The region of a zone: `us-central1-a` -> `us-central1`."
     return check("zone", zone).rsplit("-", 1)[0]
 
 
-def account_email(role: str, project: str) -> str:
-    "The service account `setup_plan` makes for `role` (serve or train): `vit-<role>@<project>.iam.gserviceaccount.com`."
+def account_email(
+    role: str,  # serve or train
+    project: str,
+) -> str:
+    "The service account `setup_plan` makes for `role`: `vit-<role>@<project>.iam.gserviceaccount.com`."
     return f"vit-{role}@{project}.iam.gserviceaccount.com"
 
 
 def registry_image(region: str, project: str, name: str, tag: str, repository: str = "vit") -> str:
-    "An image in the project's Artifact Registry repository: `<region>-docker.pkg.dev/<project>/<repository>/<name>:<tag>`."
+    "An image in the project's Artifact Registry: `<region>-docker.pkg.dev/<project>/<repository>/<name>:<tag>`."
     return f"{region}-docker.pkg.dev/{project}/{repository}/{name}:{tag}"
 
-# %% ../nbs/cloud.ipynb #f43c0473
-ATTACHED_GPUS = {
+# %% ../nbs/cloud.ipynb #3f4da1a4
+ATTACHED_GPUS = {  # machine type prefix: the GPU it comes with
     "g2-": "nvidia-l4",
     "a2-highgpu": "nvidia-tesla-a100",
     "a2-megagpu": "nvidia-tesla-a100",
@@ -159,13 +175,18 @@ ATTACHED_GPUS = {
 }
 
 
-def gpu_flags(machine_type: str, gpu: str | None = None, gpu_count: int = 1) -> list[str]:
-    "The `gcloud compute instances create` flags that give `machine_type` its GPU (none for types that come with one)."
+def gpu_flags(
+    machine_type: str,
+    gpu: str | None = None,  # the GPU type, for n1-* machine types only (default nvidia-tesla-t4)
+    gpu_count: int = 1,
+) -> list[str]:
+    "The `gcloud compute instances create` flags that give `machine_type` its GPU (none if it comes with one)."
     for prefix, attached in ATTACHED_GPUS.items():
         if machine_type.startswith(prefix):
             if gpu not in (None, attached):
                 raise CloudError(
-                    f"machine type {machine_type} comes with {attached}; drop --gpu or pick an n1-* machine type for {gpu}"
+                    f"machine type {machine_type} comes with {attached}; "
+                    f"drop --gpu or pick an n1-* machine type for {gpu}"
                 )
             return []
     if not machine_type.startswith("n1-"):
@@ -176,7 +197,7 @@ def gpu_flags(machine_type: str, gpu: str | None = None, gpu_count: int = 1) -> 
         raise CloudError(f"--gpu-count must be 1, 2, 4 or 8, not {gpu_count!r}")
     return ["--accelerator", f"type={gpu or 'nvidia-tesla-t4'},count={gpu_count}"]
 
-# %% ../nbs/cloud.ipynb #d6f0d792
+# %% ../nbs/cloud.ipynb #6be2193d
 @dataclass
 class TrainVM:
     "Options of `vit-cloud train`: where and on what the training VM runs, and what it runs."
@@ -190,9 +211,7 @@ class TrainVM:
     gpu_count: int = 1
     spot: bool = True
     disk_size_gb: int = 200
-    image_family: str = (
-        "common-cu128-ubuntu-2204-nvidia-570"  # Deep Learning VM: NVIDIA driver, Docker, container toolkit
-    )
+    image_family: str = "common-cu128-ubuntu-2204-nvidia-570"  # Deep Learning VM: NVIDIA driver, Docker, toolkit
     image_project: str = "deeplearning-platform-release"
     service_account: str | None = None  # default vit-train@<project>.iam.gserviceaccount.com (see `setup_plan`)
     wandb_secret: str | None = None  # Secret Manager secret holding the W&B API key; None: W&B offline
@@ -221,22 +240,25 @@ class TrainVM:
         return self
 
     @property
-    def region(self):
+    def region(self) -> str:
+        "The region of the VM's zone."
         return region_of(self.zone)
 
-    def image_ref(self):
+    def image_ref(self) -> str:
+        "The training image: `image`, else `vit-train:latest` in the project's repository."
         return self.image or registry_image(self.region, self.project, "vit-train", "latest")
 
-    def account(self):
+    def account(self) -> str:
+        "The VM's service account: `service_account`, else the `vit-train` account `setup_plan` makes."
         return self.service_account or account_email("train", self.project)
 
-    def vm_name(self, run_id):
-        return check(
-            "name", self.name or re.sub(r"[^a-z0-9-]", "-", f"vit-train-{run_id}".lower())[:63].rstrip("-"), "VM name"
-        )
+    def vm_name(self, run_id: str) -> str:
+        "The VM's name: `name`, else `vit-train-<run id>` made a valid resource name."
+        name = self.name or re.sub(r"[^a-z0-9-]", "-", f"vit-train-{run_id}".lower())[:63].rstrip("-")
+        return check("name", name, "VM name")
 
-# %% ../nbs/cloud.ipynb #a9583379
-STARTUP_SCRIPT = r"""#!/usr/bin/env bash
+# %% ../nbs/cloud.ipynb #10a9eaa1
+STARTUP_HEAD = r"""#!/usr/bin/env bash
 # vit-nbdev training VM (written by `vit-cloud train`): run one training job in the training
 # image, upload the log to the store, then delete (or stop) this VM, whether training
 # succeeded or failed, so that it never bills idle.
@@ -258,7 +280,10 @@ if [ -e "$WORK/done" ]; then
   exit 0
 fi
 
-finish() {
+"""
+
+# %% ../nbs/cloud.ipynb #36dd37ca
+STARTUP_FINISH = r"""finish() {
   local status=$?
   trap - EXIT
   echo "vit-train: run $RUN_ID finished with status $status" | tee -a "$LOG"
@@ -273,7 +298,10 @@ finish() {
 }
 trap finish EXIT
 
-install_runtime() {
+"""
+
+# %% ../nbs/cloud.ipynb #f6062a2b
+STARTUP_RUNTIME = r"""install_runtime() {
   if ! command -v nvidia-smi >/dev/null; then
     if [ -x /opt/deeplearning/install-driver.sh ]; then
       /opt/deeplearning/install-driver.sh
@@ -300,7 +328,10 @@ install_runtime() {
   fi
 }
 
-main() {
+"""
+
+# %% ../nbs/cloud.ipynb #cc14acde
+STARTUP_MAIN = r"""main() {
   echo "vit-train: run $RUN_ID on $VM_NAME ($ZONE): image $IMAGE, store $STORE"
   install_runtime
   case "$IMAGE" in
@@ -324,10 +355,15 @@ VIT_PARAMS
 
 main 2>&1 | tee -a "$LOG"
 """
+STARTUP_SCRIPT = STARTUP_HEAD + STARTUP_FINISH + STARTUP_RUNTIME + STARTUP_MAIN
 
-
-def startup_script(vm: TrainVM, run_id: str, params: dict) -> str:
-    "The startup script of the VM that runs `run_id` with `params` (see above)."
+# %% ../nbs/cloud.ipynb #d90e93f0
+def startup_script(
+    vm: TrainVM,
+    run_id: str,
+    params: dict,  # the run's training parameters (see `train_params`), written as YAML for the container
+) -> str:
+    "The startup script of the VM that runs `run_id` with `params`: `STARTUP_SCRIPT` with its values filled in."
     import yaml
 
     text = yaml.safe_dump(params, sort_keys=False).rstrip("\n")
@@ -347,9 +383,15 @@ def startup_script(vm: TrainVM, run_id: str, params: dict) -> str:
         s = s.replace(f"@{k}@", shlex.quote(v))
     return s.replace("@PARAMS@", text)
 
-# %% ../nbs/cloud.ipynb #380fb73c
-def train_params(files=(), pairs=(), *, store: str, run_id: str) -> dict:
-    "The run's parameters (YAML files, then pairs), with `store` and `run_id` set; checked against the training notebook's parameters."
+# %% ../nbs/cloud.ipynb #16cb0705
+def train_params(
+    files=(),  # YAML files of training parameters
+    pairs=(),  # `(name, value)` pairs, after the files
+    *,
+    store: str,  # the run's store, set as the `store` parameter
+    run_id: str,  # set as the `run_id` parameter
+) -> dict:
+    "The run's parameters, with `store` and `run_id` set; checked against the training notebook's parameters."
     from vit_nbdev.config import TrainConfig, parse_params
 
     try:
@@ -363,61 +405,35 @@ def train_params(files=(), pairs=(), *, store: str, run_id: str) -> dict:
         raise CloudError(f"bad training parameters: {e}") from e
     return params
 
-# %% ../nbs/cloud.ipynb #8f49912d
-def train_plan(vm: TrainVM, params: dict, run_id: str) -> Plan:
-    "The plan that starts a training VM for `run_id`: its startup script and the `gcloud compute instances create` call."
-    vm.validated()
-    name = vm.vm_name(run_id)
-    plan = Plan(
-        f"vit-cloud train: run {run_id} on VM {name} ({vm.machine_type}, {vm.zone}); results in {vm.store}/runs/{run_id}/"
-    )
-    plan.files["startup.sh"] = startup_script(vm, run_id, params)
-    hours = vm.max_run_hours
-    plan.add(
-        "gcloud",
-        "compute",
-        "instances",
-        "create",
-        name,
-        "--project",
-        vm.project,
-        "--zone",
-        vm.zone,
-        "--machine-type",
-        vm.machine_type,
-        *gpu_flags(vm.machine_type, vm.gpu, vm.gpu_count),
-        "--maintenance-policy",
-        "TERMINATE",
-        "--provisioning-model",
-        "SPOT" if vm.spot else "STANDARD",
-        "--instance-termination-action",
-        "DELETE",
-        "--max-run-duration",
-        f"{int(hours * 60)}m",
-        "--image-family",
-        vm.image_family,
-        "--image-project",
-        vm.image_project,
-        "--boot-disk-size",
-        f"{vm.disk_size_gb}GB",
-        "--boot-disk-type",
-        "pd-balanced",
-        "--service-account",
-        vm.account(),
-        "--scopes",
-        "cloud-platform",
-        "--metadata",
-        "install-nvidia-driver=True",
-        "--metadata-from-file",
-        FileArg("startup.sh", "startup-script="),
-        "--labels",
-        f"app=vit-nbdev,vit-run={name.removeprefix('vit-train-')}",
-        comment=f"follow it: gcloud compute instances tail-serial-port-output {name} --zone {vm.zone} --project {vm.project}\n"
-        f"its log lands in {vm.store}/runs/{run_id}/vm.log, the executed notebook in {vm.store}/runs/{run_id}/train.ipynb",
-    )
-    return plan
+# %% ../nbs/cloud.ipynb #6464b13c
+def instance_flags(vm: TrainVM) -> list[str]:
+    "The flags of `gcloud compute instances create` for `vm`, but for its startup script and labels."
+    flags = ["--project", vm.project, "--zone", vm.zone, "--machine-type", vm.machine_type]
+    flags += gpu_flags(vm.machine_type, vm.gpu, vm.gpu_count)
+    flags += ["--maintenance-policy", "TERMINATE", "--provisioning-model", "SPOT" if vm.spot else "STANDARD"]
+    flags += ["--instance-termination-action", "DELETE", "--max-run-duration", f"{int(vm.max_run_hours * 60)}m"]
+    flags += ["--image-family", vm.image_family, "--image-project", vm.image_project]
+    flags += ["--boot-disk-size", f"{vm.disk_size_gb}GB", "--boot-disk-type", "pd-balanced"]
+    flags += ["--service-account", vm.account(), "--scopes", "cloud-platform"]
+    return flags + ["--metadata", "install-nvidia-driver=True"]
 
-# %% ../nbs/cloud.ipynb #fdb1120a
+# %% ../nbs/cloud.ipynb #83393a87
+def train_plan(vm: TrainVM, params: dict, run_id: str) -> Plan:
+    "The plan that starts a training VM for `run_id`: its startup script and one `gcloud compute instances create`."
+    vm.validated()
+    name, runs = vm.vm_name(run_id), f"{vm.store}/runs/{run_id}"
+    plan = Plan(f"vit-cloud train: run {run_id} on VM {name} ({vm.machine_type}, {vm.zone}); results in {runs}/")
+    plan.files["startup.sh"] = startup_script(vm, run_id, params)
+    tail = f"gcloud compute instances tail-serial-port-output {name} --zone {vm.zone} --project {vm.project}"
+    note = f"follow it: {tail}\nits log lands in {runs}/vm.log, the executed notebook in {runs}/train.ipynb"
+    script, labels = (
+        FileArg("startup.sh", "startup-script="),
+        f"app=vit-nbdev,vit-run={name.removeprefix('vit-train-')}",
+    )
+    create = ["gcloud", "compute", "instances", "create", name, *instance_flags(vm)]
+    return plan.add(*create, "--metadata-from-file", script, "--labels", labels, comment=note)
+
+# %% ../nbs/cloud.ipynb #1eb87cb6
 @dataclass
 class CloudRunService:
     "Options of `vit-cloud deploy`: the image, the service's size and scaling, and what it serves."
@@ -466,134 +482,180 @@ class CloudRunService:
             check("account", self.service_account, "--service-account")
         return self
 
-    def account(self):
+    def account(self) -> str:
+        "The service's account: `service_account`, else the `vit-serve` account `setup_plan` makes."
         return self.service_account or account_email("serve", self.project)
 
-
+# %% ../nbs/cloud.ipynb #d64a5ba0
 def git_tag(root=".") -> str:
     "A tag for a built image: the short git commit of `root`, with `-dirty` if it has uncommitted changes."
+    git = ["git", "-C", str(root)]
     try:
-        sha = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
+        sha = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, check=True)
         dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+            [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True
+        )
     except (OSError, subprocess.CalledProcessError) as e:
         raise CloudError(f"no git commit to tag the image with ({e}); pass --tag or --image") from e
-    return sha + ("-dirty" if dirty else "")
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
-# %% ../nbs/cloud.ipynb #f45c3609
-def service_yaml(svc: CloudRunService, image: str) -> str:
-    "The Cloud Run service (Knative YAML): image, size, scaling, environment, the token as a secret reference, probes."
-    import yaml
-
+# %% ../nbs/cloud.ipynb #e70e972e
+def service_container(svc: CloudRunService, image: str) -> dict:
+    "The container of the Cloud Run service: image, port, environment, limits, startup and liveness probes."
     probe = lambda path, **k: dict(httpGet=dict(path=path, port=8080), timeoutSeconds=3, **k)
-    container = dict(
+    token = dict(secretKeyRef=dict(name=svc.admin_token_secret, key="latest"))
+    return dict(
         image=image,
         ports=[dict(name="http1", containerPort=8080)],
         env=[
             dict(name="VIT_STORE", value=svc.store),
             dict(name="VIT_MODEL", value=svc.model),
-            dict(name="VIT_ADMIN_TOKEN", valueFrom=dict(secretKeyRef=dict(name=svc.admin_token_secret, key="latest"))),
+            dict(name="VIT_ADMIN_TOKEN", valueFrom=token),
         ],
         resources=dict(limits=dict(cpu=str(svc.cpu), memory=svc.memory)),
         startupProbe=probe("/readyz", periodSeconds=5, failureThreshold=36),  # up to 3 min to load and warm up
         livenessProbe=probe("/healthz", periodSeconds=30, failureThreshold=3),
     )
-    template = dict(
-        metadata=dict(
-            annotations={
-                "autoscaling.knative.dev/minScale": str(svc.min_instances),
-                "autoscaling.knative.dev/maxScale": str(svc.max_instances),
-                "run.googleapis.com/startup-cpu-boost": "true",
-            }
-        ),
-        spec=dict(
-            serviceAccountName=svc.account(),
-            containerConcurrency=svc.concurrency,
-            timeoutSeconds=60,
-            containers=[container],
-        ),
+
+# %% ../nbs/cloud.ipynb #9c1f7cb1
+def service_yaml(svc: CloudRunService, image: str) -> str:
+    "The Cloud Run service (Knative YAML): its container, scaling, account and concurrency."
+    import yaml
+
+    scaling = {
+        "autoscaling.knative.dev/minScale": str(svc.min_instances),
+        "autoscaling.knative.dev/maxScale": str(svc.max_instances),
+        "run.googleapis.com/startup-cpu-boost": "true",
+    }
+    spec = dict(
+        serviceAccountName=svc.account(),
+        containerConcurrency=svc.concurrency,
+        timeoutSeconds=60,
+        containers=[service_container(svc, image)],
     )
     doc = dict(
         apiVersion="serving.knative.dev/v1",
         kind="Service",
         metadata=dict(name=svc.service, labels={"cloud.googleapis.com/location": svc.region}),
-        spec=dict(template=template),
+        spec=dict(template=dict(metadata=dict(annotations=scaling), spec=spec)),
     )
     return yaml.safe_dump(doc, sort_keys=False)
 
-# %% ../nbs/cloud.ipynb #096da127
+# %% ../nbs/cloud.ipynb #f4058c36
+def add_image_build(plan: Plan, svc: CloudRunService, root=".") -> str:
+    "Add to `plan` the commands that build the serving image from the checkout at `root` and push it; its name."
+    if not Path(root, "docker", "serve.Dockerfile").exists():
+        raise CloudError(
+            f"no docker/serve.Dockerfile under {Path(root).resolve()}: run from a checkout or pass --image"
+        )
+    image = registry_image(svc.region, svc.project, svc.service, svc.tag or git_tag(root), svc.repository)
+    note = "build the serving image (context: the repository root) and push it to Artifact Registry"
+    plan.add("gcloud", "auth", "configure-docker", image.split("/")[0], "--quiet", comment=note)
+    dockerfile, commit = str(Path(root, "docker", "serve.Dockerfile")), f"VIT_CODE_COMMIT={image.rsplit(':', 1)[1]}"
+    plan.add("docker", "build", "-f", dockerfile, "--build-arg", commit, "-t", image, str(root))
+    plan.add("docker", "push", image)
+    return image
+
+# %% ../nbs/cloud.ipynb #c7a60feb
 def deploy_plan(svc: CloudRunService, root=".") -> Plan:
     "The plan that (builds and pushes the serving image, then) deploys it to Cloud Run."
     svc.validated()
     plan = Plan(
         f"vit-cloud deploy: {svc.service} in {svc.project}/{svc.region}, serving {svc.model!r} from {svc.store}"
     )
-    image = svc.image
-    if image is None:
-        if not Path(root, "docker", "serve.Dockerfile").exists():
-            raise CloudError(
-                f"no docker/serve.Dockerfile under {Path(root).resolve()}: run from a checkout or pass --image"
-            )
-        image = registry_image(svc.region, svc.project, svc.service, svc.tag or git_tag(root), svc.repository)
-        plan.add(
-            "gcloud",
-            "auth",
-            "configure-docker",
-            image.split("/")[0],
-            "--quiet",
-            comment="build the serving image (context: the repository root) and push it to Artifact Registry",
-        )
-        plan.add(
-            "docker",
-            "build",
-            "-f",
-            str(Path(root, "docker", "serve.Dockerfile")),
-            "--build-arg",
-            f"VIT_CODE_COMMIT={image.rsplit(':', 1)[1]}",
-            "-t",
-            image,
-            str(root),
-        )
-        plan.add("docker", "push", image)
+    image = svc.image or add_image_build(plan, svc, root)
     plan.files["service.yaml"] = service_yaml(svc, image)
     where = ["--project", svc.project, "--region", svc.region]
-    plan.add(
-        "gcloud",
-        "run",
-        "services",
-        "replace",
-        FileArg("service.yaml"),
-        *where,
-        comment=f"deploy; the admin token comes from the secret {svc.admin_token_secret}, never from a literal",
-    )
+    note = f"deploy; the admin token comes from the secret {svc.admin_token_secret}, never from a literal"
+    plan.add("gcloud", "run", "services", "replace", FileArg("service.yaml"), *where, comment=note)
     if svc.allow_unauthenticated:
-        plan.add(
-            "gcloud",
-            "run",
-            "services",
-            "add-iam-policy-binding",
-            svc.service,
-            *where,
-            "--member",
-            "allUsers",
-            "--role",
-            "roles/run.invoker",
-            comment="the upload page and /predict are public (/admin/* still needs the token)",
-        )
+        note = "the upload page and /predict are public (/admin/* still needs the token)"
+        public = ["--member", "allUsers", "--role", "roles/run.invoker"]
+        plan.add("gcloud", "run", "services", "add-iam-policy-binding", svc.service, *where, *public, comment=note)
     return plan
 
-# %% ../nbs/cloud.ipynb #802c09a4
-def setup_plan(
+# %% ../nbs/cloud.ipynb #02bd5dc3
+APIS = (
+    "compute.googleapis.com",
+    "run.googleapis.com",
+    "artifactregistry.googleapis.com",
+    "secretmanager.googleapis.com",
+    "storage.googleapis.com",
+)
+
+
+def add_resources(plan: Plan, project: str, bucket: str, region: str, repository: str) -> Plan:
+    "Add to `plan` the commands that enable the `APIS` and create the repository, the bucket and the two accounts."
+    P = ["--project", project]
+    plan.add("gcloud", "services", "enable", *APIS, *P, comment="APIs, image repository, bucket")
+    repo = ["--repository-format", "docker", "--location", region]
+    plan.add("gcloud", "artifacts", "repositories", "create", repository, *repo, *P)
+    where = ["--location", region, "--uniform-bucket-level-access"]
+    plan.add("gcloud", "storage", "buckets", "create", f"gs://{bucket}", *where, *P)
+    for k in ("serve", "train"):
+        note = f"the service account of {'the Cloud Run service' if k == 'serve' else 'training VMs'}"
+        name = ["--display-name", f"vit-nbdev {k}"]
+        plan.add("gcloud", "iam", "service-accounts", "create", f"vit-{k}", *name, *P, comment=note)
+    return plan
+
+# %% ../nbs/cloud.ipynb #2da92a9f
+def add_grant(
+    plan: Plan,
+    on: str,  # the kind of resource, as gcloud's command group names it: `secrets`, `storage buckets`, `projects`…
+    name: str,  # the resource
+    member: str,  # who: `serviceAccount:<email>`, `allUsers`…
+    role: str,
+    *more,  # arguments after the role: `--project`, `--condition`…
+    where=(),  # arguments before the member: `--location <region>`
+    comment=None,
+) -> Plan:
+    "Add `gcloud <on> add-iam-policy-binding <name> … --member <member> --role <role> …` to `plan`."
+    cmd = ["gcloud", *on.split(), "add-iam-policy-binding", name, *where, "--member", member, "--role", role, *more]
+    return plan.add(*cmd, comment=comment)
+
+# %% ../nbs/cloud.ipynb #f9951d82
+SECRET_READER = "roles/secretmanager.secretAccessor"
+ONLY_ITS_VMS = 'expression=resource.name.extract("/instances/{name}").startsWith("vit-train-"),title=vit-train-vms-only'
+
+
+def add_roles(
+    plan: Plan,
     project: str,
     bucket: str,
+    region: str,
+    repository: str,
+    admin_token_secret: str,  # the Secret Manager secret of the admin token (created here, empty)
+    wandb_secret: str | None = None,  # the secret that holds the W&B key (created by you)
+) -> Plan:
+    "Add to `plan` the IAM bindings of the two accounts, and the admin token's secret."
+    sa = {k: f"serviceAccount:{account_email(k, project)}" for k in ("serve", "train")}
+    P = ["--project", project]
+    for k in sa:
+        note = f"vit-{k}: objects in the bucket, nothing else"
+        add_grant(plan, "storage buckets", f"gs://{bucket}", sa[k], "roles/storage.objectUser", comment=note)
+    add_token = (
+        "python -c 'import secrets; print(secrets.token_urlsafe(32), end=\"\")' "
+        f"| gcloud secrets versions add {admin_token_secret} --data-file=- --project {project}"
+    )
+    note = f"the admin token: add its value yourself, e.g.\n  {add_token}"
+    plan.add("gcloud", "secrets", "create", admin_token_secret, "--replication-policy", "automatic", *P, comment=note)
+    add_grant(plan, "secrets", admin_token_secret, sa["serve"], SECRET_READER, *P)
+    if wandb_secret:
+        note = f"the W&B key for training (create the secret {wandb_secret} with your key first)"
+        add_grant(plan, "secrets", wandb_secret, sa["train"], SECRET_READER, *P, comment=note)
+    note, reader = "vit-train: pull the image, write logs, delete its own VM", "roles/artifactregistry.reader"
+    where = ["--location", region]
+    add_grant(plan, "artifacts repositories", repository, sa["train"], reader, *P, where=where, comment=note)
+    add_grant(plan, "projects", project, sa["train"], "roles/logging.logWriter")
+    add_grant(plan, "projects", project, sa["train"], "roles/compute.instanceAdmin.v1", "--condition", ONLY_ITS_VMS)
+    return plan
+
+# %% ../nbs/cloud.ipynb #6c51127f
+def setup_plan(
+    project: str,
+    bucket: str,  # a bucket name, or `gs://bucket`
     region: str = "us-central1",
-    repository: str = "vit",
+    repository: str = "vit",  # the Artifact Registry repository of the images
     admin_token_secret: str = "vit-admin-token",
     wandb_secret: str | None = None,
 ) -> Plan:
@@ -605,161 +667,17 @@ def setup_plan(
     if wandb_secret:
         check("secret", wandb_secret, "--wandb-secret")
     bucket = check("store", bucket if bucket.startswith("gs://") else f"gs://{bucket}").split("/")[2]
-    sa = {k: f"serviceAccount:{account_email(k, project)}" for k in ("serve", "train")}
-    P = ["--project", project]
     plan = Plan(f"vit-cloud setup: project {project}, bucket gs://{bucket}, region {region}")
-    plan.add(
-        "gcloud",
-        "services",
-        "enable",
-        "compute.googleapis.com",
-        "run.googleapis.com",
-        "artifactregistry.googleapis.com",
-        "secretmanager.googleapis.com",
-        "storage.googleapis.com",
-        *P,
-        comment="APIs, image repository, bucket",
-    )
-    plan.add(
-        "gcloud",
-        "artifacts",
-        "repositories",
-        "create",
-        repository,
-        "--repository-format",
-        "docker",
-        "--location",
-        region,
-        *P,
-    )
-    plan.add(
-        "gcloud",
-        "storage",
-        "buckets",
-        "create",
-        f"gs://{bucket}",
-        "--location",
-        region,
-        "--uniform-bucket-level-access",
-        *P,
-    )
-    for k in sa:
-        plan.add(
-            "gcloud",
-            "iam",
-            "service-accounts",
-            "create",
-            f"vit-{k}",
-            "--display-name",
-            f"vit-nbdev {k}",
-            *P,
-            comment=f"the service account of {'the Cloud Run service' if k == 'serve' else 'training VMs'}",
-        )
-    for k in sa:
-        plan.add(
-            "gcloud",
-            "storage",
-            "buckets",
-            "add-iam-policy-binding",
-            f"gs://{bucket}",
-            "--member",
-            sa[k],
-            "--role",
-            "roles/storage.objectUser",
-            comment=f"vit-{k}: objects in the bucket, nothing else",
-        )
-    plan.add(
-        "gcloud",
-        "secrets",
-        "create",
-        admin_token_secret,
-        "--replication-policy",
-        "automatic",
-        *P,
-        comment=f"the admin token: add its value yourself, e.g.\n  python -c 'import secrets; print(secrets.token_urlsafe(32), end=\"\")' | gcloud secrets versions add {admin_token_secret} --data-file=- --project {project}",
-    )
-    plan.add(
-        "gcloud",
-        "secrets",
-        "add-iam-policy-binding",
-        admin_token_secret,
-        "--member",
-        sa["serve"],
-        "--role",
-        "roles/secretmanager.secretAccessor",
-        *P,
-    )
-    if wandb_secret:
-        plan.add(
-            "gcloud",
-            "secrets",
-            "add-iam-policy-binding",
-            wandb_secret,
-            "--member",
-            sa["train"],
-            "--role",
-            "roles/secretmanager.secretAccessor",
-            *P,
-            comment=f"the W&B key for training (create the secret {wandb_secret} with your key first)",
-        )
-    plan.add(
-        "gcloud",
-        "artifacts",
-        "repositories",
-        "add-iam-policy-binding",
-        repository,
-        "--location",
-        region,
-        "--member",
-        sa["train"],
-        "--role",
-        "roles/artifactregistry.reader",
-        *P,
-        comment="vit-train: pull the image, write logs, delete its own VM",
-    )
-    plan.add(
-        "gcloud",
-        "projects",
-        "add-iam-policy-binding",
-        project,
-        "--member",
-        sa["train"],
-        "--role",
-        "roles/logging.logWriter",
-    )
-    plan.add(
-        "gcloud",
-        "projects",
-        "add-iam-policy-binding",
-        project,
-        "--member",
-        sa["train"],
-        "--role",
-        "roles/compute.instanceAdmin.v1",
-        "--condition",
-        'expression=resource.name.extract("/instances/{name}").startsWith("vit-train-"),title=vit-train-vms-only',
-    )
-    return plan
+    add_resources(plan, project, bucket, region, repository)
+    return add_roles(plan, project, bucket, region, repository, admin_token_secret, wandb_secret)
 
-# %% ../nbs/cloud.ipynb #c5429b40
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        "vit-cloud", description="Train on a GCE GPU VM, deploy to Cloud Run, set up IAM (see nbs/cloud.ipynb)."
-    )
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="start a GPU VM that trains, uploads its results and deletes itself")
-    t.add_argument(
-        "-f", "--parameters-file", action="append", default=[], help="YAML file of training parameters (repeatable)"
-    )
-    t.add_argument(
-        "-p",
-        "--parameter",
-        nargs=2,
-        action="append",
-        default=[],
-        metavar=("NAME", "VALUE"),
-        help="one training parameter (repeatable)",
-    )
+# %% ../nbs/cloud.ipynb #6170a47f
+def vm_options(t: argparse.ArgumentParser) -> None:
+    "Add `vit-cloud train`'s options: the run's parameters, and a `TrainVM`'s fields."
+    what = "YAML file of training parameters (repeatable)"
+    t.add_argument("-f", "--parameters-file", action="append", default=[], help=what)
+    what = "one training parameter (repeatable)"
+    t.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"), help=what)
     t.add_argument("--project", required=True)
     t.add_argument("--store", required=True, help="gs://bucket/prefix")
     t.add_argument("--zone", default=TrainVM.zone)
@@ -777,7 +695,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--max-run-hours", type=float, default=TrainVM.max_run_hours)
     t.add_argument("--name", help="VM name (default vit-train-<run id>)")
     t.add_argument("--run-id", help="run id (default: a new one)")
-    d = sub.add_parser("deploy", help="build and push the serving image, deploy it to Cloud Run")
+
+# %% ../nbs/cloud.ipynb #338714fa
+def deploy_options(d: argparse.ArgumentParser) -> None:
+    "Add `vit-cloud deploy`'s options: a `CloudRunService`'s fields."
     d.add_argument("--project", required=True)
     d.add_argument("--store", required=True, help="gs://bucket/prefix")
     for n in ("region", "service", "repository", "model", "memory", "admin_token_secret"):
@@ -788,20 +709,36 @@ def _parser() -> argparse.ArgumentParser:
         d.add_argument(f"--{n.replace('_', '-')}", type=int, default=getattr(CloudRunService, n))
     d.add_argument("--service-account")
     d.add_argument("--allow-unauthenticated", action=argparse.BooleanOptionalAction, default=True)
-    s = sub.add_parser("setup", help="one-time: APIs, image repository, bucket, service accounts and their IAM")
+
+# %% ../nbs/cloud.ipynb #0af8432b
+def setup_options(s: argparse.ArgumentParser) -> None:
+    "Add `vit-cloud setup`'s options: `setup_plan`'s arguments."
     s.add_argument("--project", required=True)
     s.add_argument("--bucket", required=True)
     s.add_argument("--region", default="us-central1")
     s.add_argument("--repository", default="vit")
     s.add_argument("--admin-token-secret", default="vit-admin-token")
     s.add_argument("--wandb-secret")
+
+# %% ../nbs/cloud.ipynb #c2537f88
+def cloud_parser() -> argparse.ArgumentParser:
+    "`vit-cloud`'s arguments: `train`, `deploy` and `setup`, each with `--dry-run`."
+    ap = argparse.ArgumentParser(
+        "vit-cloud", description="Train on a GCE GPU VM, deploy to Cloud Run, set up IAM (see nbs/cloud.ipynb)."
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="start a GPU VM that trains, uploads its results and deletes itself")
+    vm_options(t)
+    d = sub.add_parser("deploy", help="build and push the serving image, deploy it to Cloud Run")
+    deploy_options(d)
+    s = sub.add_parser("setup", help="one-time: APIs, image repository, bucket, service accounts and their IAM")
+    setup_options(s)
     for p in (t, d, s):
-        p.add_argument(
-            "--dry-run", action="store_true", help="print the commands (a bash script) instead of running them"
-        )
+        what = "print the commands (a bash script) instead of running them"
+        p.add_argument("--dry-run", action="store_true", help=what)
     return ap
 
-
+# %% ../nbs/cloud.ipynb #2f6435be
 def plan_from_args(a: argparse.Namespace) -> Plan:
     "The plan a parsed `vit-cloud` command line asks for."
     opts = {k: v for k, v in vars(a).items() if k not in ("cmd", "dry_run", "parameters_file", "parameter", "run_id")}
@@ -815,10 +752,10 @@ def plan_from_args(a: argparse.Namespace) -> Plan:
         return deploy_plan(CloudRunService(**opts))
     return setup_plan(**opts)
 
-
+# %% ../nbs/cloud.ipynb #cb3e3b80
 def main(argv=None):
     "`vit-cloud`: train on a GCE GPU VM, deploy to Cloud Run, or set up the project; `--dry-run` prints the commands."
-    a = _parser().parse_args(argv)
+    a = cloud_parser().parse_args(argv)
     try:
         plan = plan_from_args(a)
         if a.dry_run:

@@ -25,7 +25,7 @@ from .store import MARKER, StoreError, open_store
 # %% auto #0
 __all__ = ['CIFAR10_LABELS', 'NATIVE_SIZE', 'SAMPLE_DIR', 'HUB_ID', 'SNAPSHOTS', 'CIFAR10_MEAN', 'CIFAR10_STD', 'FORMATS',
            'resolve_source', 'fingerprint_files', 'decode_split', 'Split', 'CifarData', 'carve_validation',
-           'load_splits', 'load_cifar10', 'snapshot_prefix', 'has_snapshot', 'write_snapshot', 'read_snapshot',
+           'load_splits', 'load_cifar10', 'snapshot_prefix', 'write_snapshot', 'has_snapshot', 'read_snapshot',
            'snapshot_dataset', 'list_snapshots', 'add_train', 'PreprocessConfig', 'augment', 'preprocess', 'ImageError',
            'to_rgb', 'decode_image', 'Prepared', 'image_tensor', 'prepare_image', 'to_model_size', 'make_sample']
 
@@ -36,8 +36,10 @@ SAMPLE_DIR = Path(__file__).parent / "sample" if "__file__" in globals() else Pa
 HUB_ID = "uoft-cs/cifar10"
 
 # %% ../nbs/data.ipynb #4a6bd541
-def resolve_source(source: str = "sample") -> tuple[str, str]:
-    "Classify `source` as `('sample'|'store'|'local'|'hub', location)`; a `store:<fingerprint>` source's location is the fingerprint."
+def resolve_source(
+    source: str = "sample",  # `'sample'`, `'store:<fingerprint>'`, a local parquet folder or a hub id
+) -> tuple[str, str]:  # `(kind, location)`; a snapshot's location is its fingerprint
+    "Classify `source` as `'sample'`, `'store'`, `'local'` or `'hub'`."
     if source in (None, "", "sample"):
         return "sample", str(SAMPLE_DIR)
     if source.startswith("store:"):
@@ -52,9 +54,12 @@ def resolve_source(source: str = "sample") -> tuple[str, str]:
         )
     return "hub", source
 
-# %% ../nbs/data.ipynb #0e75d35d
-def fingerprint_files(paths, chunk: int = 1 << 22) -> str:
-    "A short sha256 over the contents of `paths` (in sorted order)."
+# %% ../nbs/data.ipynb #22f8c93f
+def fingerprint_files(
+    paths,  # the data files; their order does not matter
+    chunk: int = 1 << 22,  # bytes read at a time
+) -> str:  # 16 hex digits
+    "A short sha256 over the names and contents of `paths`, in sorted order."
     h = hashlib.sha256()
     for p in sorted(map(Path, paths)):
         h.update(p.name.encode())
@@ -63,8 +68,9 @@ def fingerprint_files(paths, chunk: int = 1 << 22) -> str:
                 h.update(b)
     return h.hexdigest()[:16]
 
-
+# %% ../nbs/data.ipynb #d781e19a
 def _data_files(folder) -> list[Path]:
+    "The `.parquet` and `.arrow` files below `folder`; `FileNotFoundError` if there are none."
     fs = [p for p in Path(folder).rglob("*") if p.is_file() and p.suffix in (".parquet", ".arrow")]
     if not fs:
         raise FileNotFoundError(
@@ -72,16 +78,28 @@ def _data_files(folder) -> list[Path]:
         )
     return fs
 
-# %% ../nbs/data.ipynb #70610786
-def _decode_one(b: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(b)) as im:
-        return np.asarray(im.convert("RGB"))
+# %% ../nbs/data.ipynb #fb53c3b2
+def _decode_row(blobs: list, out: np.ndarray, split: str, i: int) -> None:
+    "Decode the encoded image `blobs[i]` into `out[i]`; a `ValueError` that names the split and the row if it is bad."
+    try:
+        with Image.open(io.BytesIO(blobs[i])) as im:
+            a = np.asarray(im.convert("RGB"))
+    except Exception as e:
+        raise ValueError(f"split {split!r} row {i}: cannot decode image ({type(e).__name__}: {e})") from None
+    if a.shape[:2] != (NATIVE_SIZE, NATIVE_SIZE):
+        size = f"{a.shape[1]}×{a.shape[0]}, expected {NATIVE_SIZE}×{NATIVE_SIZE}"
+        raise ValueError(f"split {split!r} row {i}: image is {size}")
+    out[i] = a
 
-
+# %% ../nbs/data.ipynb #16dbf6b5
 def decode_split(
-    ds, split: str, num_labels: int = 10, workers: int = 2, progress: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    "Decode a `datasets.Dataset` with `img`/`label` columns into `uint8 (N,3,32,32)` images and `int64` labels."
+    ds,  # a `datasets.Dataset` with `img` (encoded image bytes) and `label` columns
+    split: str,  # the split's name, for the error messages
+    num_labels: int = 10,  # labels must be in `0..num_labels-1`
+    workers: int = 2,  # decoding threads
+    progress: bool = True,  # show a progress bar
+) -> tuple[torch.Tensor, torch.Tensor]:  # `uint8 (N,3,32,32)` images and `int64 (N,)` labels
+    "Decode a split into tensors, checking every row."
     from datasets import Image as HFImage
 
     if "img" not in ds.column_names or "label" not in ds.column_names:
@@ -93,30 +111,15 @@ def decode_split(
         raise ValueError(f"split {split!r} row {bad[0]}: label {labels[bad[0]]} is outside 0..{num_labels - 1}")
     blobs = ds.data.column("img").combine_chunks().field("bytes").to_pylist()
     out = np.empty((len(blobs), NATIVE_SIZE, NATIVE_SIZE, 3), np.uint8)
-
-    def work(i):
-        try:
-            a = _decode_one(blobs[i])
-        except Exception as e:
-            raise ValueError(f"split {split!r} row {i}: cannot decode image ({type(e).__name__}: {e})") from None
-        if a.shape[:2] != (NATIVE_SIZE, NATIVE_SIZE):
-            raise ValueError(
-                f"split {split!r} row {i}: image is {a.shape[1]}×{a.shape[0]}, expected {NATIVE_SIZE}×{NATIVE_SIZE}"
-            )
-        out[i] = a
-
     with ThreadPoolExecutor(workers) as ex:
-        for _ in tqdm(
-            ex.map(work, range(len(blobs)), chunksize=256),
-            total=len(blobs),
-            desc=f"decode {split}",
-            disable=not progress,
-        ):
+        rows = ex.map(lambda i: _decode_row(blobs, out, split, i), range(len(blobs)), chunksize=256)
+        for _ in tqdm(rows, total=len(blobs), desc=f"decode {split}", disable=not progress):
             pass
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels.astype(np.int64))
 
-# %% ../nbs/data.ipynb #29a41a3e
+# %% ../nbs/data.ipynb #d7ab2b0a
 def _load_hf(location: str, revision: str | None = None):
+    "`datasets.load_dataset(location, revision=revision)`, with an error that says what to pass offline."
     from datasets import load_dataset
 
     try:
@@ -128,7 +131,7 @@ def _load_hf(location: str, revision: str | None = None):
             f"Offline? Pass dataset='sample' (bundled) or a local folder of parquet files in the hub layout."
         ) from e
 
-# %% ../nbs/data.ipynb #027baf05
+# %% ../nbs/data.ipynb #baeefd0d
 @dataclass
 class Split:
     "Images `uint8 (N,3,32,32)` and labels `int64 (N,)` of one split."
@@ -137,12 +140,14 @@ class Split:
     labels: torch.Tensor
 
     def __len__(self):
+        "The number of images."
         return len(self.labels)
 
     def __getitem__(self, i):
+        "Image and label `i` (or a batch of them, for a slice or an index tensor)."
         return self.images[i], self.labels[i]
 
-
+# %% ../nbs/data.ipynb #31189a37
 @dataclass
 class CifarData:
     "The train / validation / test splits with the lineage of their source."
@@ -168,8 +173,9 @@ class CifarData:
         )
         return {**d, "extra_train": self.extra_train} if self.extra_train else d
 
-# %% ../nbs/data.ipynb #88505d17
+# %% ../nbs/data.ipynb #a6f6f1b7
 def _save_cache(d: Path, tensors: dict, meta: dict):
+    "Write `tensors` (`{split: (images, labels)}`) and `meta` to the folder `d`, atomically."
     d.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=d.parent, prefix=".tmp-"))
     for split, (x, y) in tensors.items():
@@ -178,12 +184,11 @@ def _save_cache(d: Path, tensors: dict, meta: dict):
     try:
         tmp.rename(d)  # atomic: a reader sees the whole cache or none
     except OSError:  # another process won the race; theirs is as good as ours
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load_cache(d: Path):
+    "The `(tensors, meta)` that `_save_cache` wrote to `d`."
     meta = json.loads((d / "meta.json").read_text())
     tensors = {}
     for s in meta["splits"]:
@@ -191,8 +196,13 @@ def _load_cache(d: Path):
         tensors[s] = (t["images"], t["labels"])
     return tensors, meta
 
-# %% ../nbs/data.ipynb #04f42af3
-def carve_validation(x: torch.Tensor, y: torch.Tensor, val_fraction: float = 0.2, seed: int = 0) -> tuple[Split, Split]:
+# %% ../nbs/data.ipynb #4a0b4c1e
+def carve_validation(
+    x: torch.Tensor,  # images
+    y: torch.Tensor,  # labels
+    val_fraction: float = 0.2,  # the share of `(x, y)` that becomes validation
+    seed: int = 0,  # the same seed gives the same split
+) -> tuple[Split, Split]:  # train, validation
     "Split `(x, y)` into train and validation with a seeded permutation."
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -201,7 +211,7 @@ def carve_validation(x: torch.Tensor, y: torch.Tensor, val_fraction: float = 0.2
     v, t = perm[:nv], perm[nv:]
     return Split(x[t], y[t]), Split(x[v], y[v])
 
-# %% ../nbs/data.ipynb #9940ce2d
+# %% ../nbs/data.ipynb #0462035d
 def _identify(kind: str, loc: str, revision: str | None = None) -> tuple[str, object]:
     "The content fingerprint of a file source (sample, local folder, hub id) and, for a hub id, the loaded dataset."
     if kind == "hub":
@@ -223,11 +233,15 @@ def _decoded(source: str, loc: str, fp: str, ds=None, cache_dir=None, progress: 
         _save_cache(d, tensors, dict(splits=list(tensors), label_names=names, fingerprint=fp))
     return _load_cache(d)
 
-
+# %% ../nbs/data.ipynb #ebd65ee4
 def load_splits(
-    source: str = "sample", revision: str | None = None, cache_dir=None, progress: bool = True, store=None
-) -> tuple[dict, dict]:
-    "The raw splits of `source` as `{split: (images, labels)}` (`train` and `test`, before the validation carve) and their lineage: `source`, `revision`, `fingerprint`, `label_names`, `snapshot` (for `store:<fingerprint>`, read from `store`)."
+    source: str = "sample",  # a dataset source (see `resolve_source`)
+    revision: str | None = None,  # the hub revision
+    cache_dir=None,  # the decode cache (default `<cache>/datasets`)
+    progress: bool = True,  # show the decoding progress
+    store=None,  # where a `store:<fingerprint>` snapshot is (default `$VIT_STORE`, else `./artifacts`)
+) -> tuple[dict, dict]:  # `{split: (images, labels)}` and the lineage
+    "The raw `train` and `test` splits of `source`, before the validation carve, and their lineage."
     kind, loc = resolve_source(source)
     if kind == "store":
         if revision is not None:
@@ -250,17 +264,17 @@ def load_splits(
         snapshot=None,
     )
 
-
+# %% ../nbs/data.ipynb #fed8eb1d
 def load_cifar10(
-    source: str = "sample",
-    revision: str | None = None,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    cache_dir=None,
-    progress: bool = True,
-    store=None,
+    source: str = "sample",  # `'sample'`, a local parquet folder, a hub id or a snapshot `'store:<fingerprint>'`
+    revision: str | None = None,  # the hub revision
+    val_fraction: float = 0.2,  # the share of the training split carved out as validation
+    seed: int = 0,  # the seed of the carve
+    cache_dir=None,  # the decode cache (default `<cache>/datasets`)
+    progress: bool = True,  # show the decoding progress
+    store=None,  # where a snapshot is (default `$VIT_STORE`, else `./artifacts`)
 ) -> CifarData:
-    "Load CIFAR-10 from `'sample'`, a local parquet folder or a hub id (decoded once, cached by content fingerprint), or a snapshot `'store:<fingerprint>'` in `store` (default `$VIT_STORE`, else `./artifacts`); validation carved from train."
+    "Load CIFAR-10 (decoded once, cached by content fingerprint) and carve validation from train."
     tensors, meta = load_splits(source, revision, cache_dir, progress, store)
     if "train" not in tensors or "test" not in tensors:
         raise ValueError(f"dataset {source!r} needs 'train' and 'test' splits, found {list(tensors)}")
@@ -276,23 +290,23 @@ def load_cifar10(
         snapshot=meta["snapshot"],
     )
 
-# %% ../nbs/data.ipynb #796ff95c
+# %% ../nbs/data.ipynb #ee7d0949
 SNAPSHOTS = "datasets"  # the folder of the snapshots in a store: datasets/<fingerprint>/
 _FINGERPRINT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def snapshot_prefix(fingerprint: str) -> str:
-    "The store prefix of the snapshot `fingerprint`, `datasets/<fingerprint>`; `ValueError` for a name that cannot be one."
+    "The store prefix of the snapshot `fingerprint`, `datasets/<fingerprint>`; `ValueError` for a bad name."
     if not (isinstance(fingerprint, str) and _FINGERPRINT.fullmatch(fingerprint)):
         raise ValueError(
             f"bad snapshot fingerprint {fingerprint!r}: use letters, digits, '.', '_' and '-' (e.g. store:{'0' * 16})"
         )
     return f"{SNAPSHOTS}/{fingerprint}"
 
-
-def has_snapshot(store, fingerprint: str) -> bool:
-    "Is the snapshot `fingerprint` in `store` complete (its marker, written last, is there)?"
-    return open_store(store).exists(f"{snapshot_prefix(fingerprint)}/{MARKER}")
+# %% ../nbs/data.ipynb #ee823cf1
+def _describe(t) -> str:
+    "The dtype and shape of a tensor (the type of anything else), for error messages."
+    return f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
 
 
 def _check_splits(tensors: dict, label_names: list) -> None:
@@ -301,21 +315,23 @@ def _check_splits(tensors: dict, label_names: list) -> None:
         raise ValueError("a snapshot needs at least one split")
     for s, (x, y) in tensors.items():
         if not (isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1] == 3):
-            raise ValueError(
-                f"split {s!r}: images must be uint8 (N,3,H,W), got {getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}"
-            )
+            raise ValueError(f"split {s!r}: images must be uint8 (N,3,H,W), got {_describe(x)}")
         if not (isinstance(y, torch.Tensor) and y.dtype == torch.int64 and tuple(y.shape) == (len(x),)):
-            raise ValueError(
-                f"split {s!r}: labels must be int64 of shape ({len(x)},), got {getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}"
-            )
+            raise ValueError(f"split {s!r}: labels must be int64 of shape ({len(x)},), got {_describe(y)}")
         if len(y) and not (0 <= int(y.min()) and int(y.max()) < len(label_names)):
             raise ValueError(
-                f"split {s!r}: labels must be in 0..{len(label_names) - 1} (the label names), got {int(y.min())}..{int(y.max())}"
+                f"split {s!r}: labels must be in 0..{len(label_names) - 1} (the label names), "
+                f"got {int(y.min())}..{int(y.max())}"
             )
 
-
-def write_snapshot(store, fingerprint: str, tensors: dict, meta: dict) -> str:
-    "Write `tensors` (`{split: (images, labels)}`) and `meta` to `store` as the immutable snapshot `datasets/<fingerprint>/`, marker last; a no-op if it is complete already. `meta` needs `label_names` and `source`; `fingerprint`, `splits` (sizes) and `created` are filled in. Returns the prefix."
+# %% ../nbs/data.ipynb #5dc0ce11
+def write_snapshot(
+    store,  # a `Store` or its uri
+    fingerprint: str,  # the snapshot's name: `datasets/<fingerprint>/`
+    tensors: dict,  # `{split: (images, labels)}`
+    meta: dict,  # needs `label_names` and `source`; `fingerprint`, `splits` (sizes) and `created` are filled in
+) -> str:  # the snapshot's prefix
+    "Write the immutable snapshot `datasets/<fingerprint>/`, marker last; a no-op if it is complete already."
     st, prefix = open_store(store), snapshot_prefix(fingerprint)
     if st.exists(f"{prefix}/{MARKER}"):
         return prefix  # complete: never written twice
@@ -343,15 +359,20 @@ def write_snapshot(store, fingerprint: str, tensors: dict, meta: dict) -> str:
                 raise  # else another writer completed it meanwhile: the same data
     return prefix
 
-# %% ../nbs/data.ipynb #8354cc1f
+# %% ../nbs/data.ipynb #5fe22fbc
+def has_snapshot(store, fingerprint: str) -> bool:
+    "Is the snapshot `fingerprint` in `store` complete (its marker, written last, is there)?"
+    return open_store(store).exists(f"{snapshot_prefix(fingerprint)}/{MARKER}")
+
+# %% ../nbs/data.ipynb #2b49327d
 def _missing_snapshot(st, fingerprint: str) -> FileNotFoundError:
     "The error for a snapshot that `st` lacks or holds incomplete, naming those it has."
     keys = [k.split("/") for k in st.list(f"{SNAPSHOTS}/")]
     complete = sorted({k[1] for k in keys if len(k) == 3 and k[2] == MARKER})
     if any(len(k) >= 3 and k[1] == fingerprint for k in keys):
         return FileNotFoundError(
-            f"snapshot {fingerprint!r} in {st.uri} is incomplete (no {MARKER}: an interrupted write), so nothing may read it; "
-            f"write it again (`vit-data snapshot`, or the writer that made it)"
+            f"snapshot {fingerprint!r} in {st.uri} is incomplete (no {MARKER}: an interrupted write), "
+            f"so nothing may read it; write it again (`vit-data snapshot`, or the writer that made it)"
         )
     return FileNotFoundError(
         f"no dataset snapshot {fingerprint!r} in {st.uri}; snapshots there: {', '.join(complete) or 'none'} "
@@ -359,34 +380,46 @@ def _missing_snapshot(st, fingerprint: str) -> FileNotFoundError:
     )
 
 
-def read_snapshot(store, fingerprint: str, cache_dir=None) -> tuple[dict, dict]:
-    "The splits (`{split: (images, labels)}`) and meta of the complete snapshot `fingerprint` in `store`, fetched once into `<cache_dir>/snapshots/<store>/<fingerprint>/` (default cache: `<cache>/datasets`); `FileNotFoundError` for a missing or incomplete one."
-    st, prefix = open_store(store), snapshot_prefix(fingerprint)
+def _download_snapshot(st, fingerprint: str, d: Path) -> None:
+    "Fetch the complete snapshot `fingerprint` from `st` into the local folder `d`, all or nothing."
+    prefix = snapshot_prefix(fingerprint)
+    if not st.exists(f"{prefix}/{MARKER}"):
+        raise _missing_snapshot(st, fingerprint)
+    d.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=d.parent, prefix=f".{fingerprint}.", suffix="~"))
+    try:
+        st.get_dir(f"{prefix}/", tmp)
+        files = json.loads((tmp / MARKER).read_text())["files"]
+        if bad := sorted(f for f, n in files.items() if not (tmp / f).is_file() or (tmp / f).stat().st_size != n):
+            raise StoreError(f"the download of snapshot {fingerprint!r} from {st.uri} is incomplete: {', '.join(bad)}")
+        with contextlib.suppress(OSError):
+            tmp.rename(d)  # fails only if another process was quicker
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+# %% ../nbs/data.ipynb #637f7187
+def read_snapshot(
+    store,  # a `Store` or its uri
+    fingerprint: str,  # the snapshot's name
+    cache_dir=None,  # the local cache (default `<cache>/datasets`)
+) -> tuple[dict, dict]:  # `{split: (images, labels)}` and the snapshot's meta
+    "The splits and meta of a complete snapshot, fetched once into the cache; `FileNotFoundError` if there is none."
+    st = open_store(store)
+    snapshot_prefix(fingerprint)  # a bad name fails before a path is made of it
     root = Path(cache_dir or cache_root() / "datasets") / "snapshots" / hashlib.sha256(st.uri.encode()).hexdigest()[:16]
-    d = root / fingerprint
-    if not (d / MARKER).exists():
-        if not st.exists(f"{prefix}/{MARKER}"):
-            raise _missing_snapshot(st, fingerprint)
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{fingerprint}.", suffix="~"))
-        try:
-            st.get_dir(f"{prefix}/", tmp)
-            files = json.loads((tmp / MARKER).read_text())["files"]
-            if bad := sorted(f for f, n in files.items() if not (tmp / f).is_file() or (tmp / f).stat().st_size != n):
-                raise StoreError(
-                    f"the download of snapshot {fingerprint!r} from {st.uri} is incomplete: {', '.join(bad)}"
-                )
-            with contextlib.suppress(OSError):
-                tmp.rename(d)  # fails only if another process was quicker
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return _load_cache(d)
+    if not (root / fingerprint / MARKER).exists():
+        _download_snapshot(st, fingerprint, root / fingerprint)
+    return _load_cache(root / fingerprint)
 
-
+# %% ../nbs/data.ipynb #d7f0ed1d
 def snapshot_dataset(
-    store, source: str = "sample", revision: str | None = None, cache_dir=None, progress: bool = True
-) -> dict:
-    "Write the snapshot of `source` (its raw `train` and `test` splits as decoded) to `store` unless it is there; return its meta with `snapshot` (the prefix) and `written` (False: it was there)."
+    store,  # a `Store` or its uri
+    source: str = "sample",  # a dataset source (see `resolve_source`)
+    revision: str | None = None,  # the hub revision
+    cache_dir=None,  # the decode cache (default `<cache>/datasets`)
+    progress: bool = True,  # show the decoding progress
+) -> dict:  # the snapshot's meta, with `snapshot` (its prefix) and `written` (False: it was there)
+    "Write the snapshot of `source` (its raw `train` and `test` splits, as decoded) to `store` unless it is there."
     st = open_store(store)
     kind, loc = resolve_source(source)
     fp, ds = (loc, None) if kind == "store" else _identify(kind, loc, revision)
@@ -395,23 +428,17 @@ def snapshot_dataset(
         if kind == "store":
             raise _missing_snapshot(st, fp)
         tensors, meta = _decoded(source, loc, fp, ds, cache_dir, progress)
-        write_snapshot(
-            st,
-            fp,
-            tensors,
-            dict(
-                kind="source",
-                source=kind if kind == "sample" else loc,
-                revision=revision,
-                label_names=meta["label_names"],
-            ),
-        )
+        origin = kind if kind == "sample" else loc
+        meta = dict(kind="source", source=origin, revision=revision, label_names=meta["label_names"])
+        write_snapshot(st, fp, tensors, meta)
         written = True
     return {**json.loads(st.get_bytes(f"{prefix}/meta.json")), "snapshot": prefix, "written": written}
 
-
-def list_snapshots(store) -> list[dict]:
-    "The complete snapshots in `store`, oldest first: `fingerprint`, `kind` (`source`, `feedback`, …), `splits` (sizes), `created`, `source`, `snapshot` (the prefix)."
+# %% ../nbs/data.ipynb #70937ce4
+def list_snapshots(
+    store,  # a `Store` or its uri
+) -> list[dict]:  # `fingerprint`, `kind`, `splits` (sizes), `created`, `source`, `snapshot` (the prefix)
+    "The complete snapshots in `store`, oldest first."
     st = open_store(store)
     fps = sorted({k.split("/")[1] for k in st.list(f"{SNAPSHOTS}/") if k.count("/") == 2 and k.endswith(f"/{MARKER}")})
     rows = []
@@ -429,9 +456,15 @@ def list_snapshots(store) -> list[dict]:
         )
     return sorted(rows, key=lambda r: str(r["created"]))
 
-# %% ../nbs/data.ipynb #1380015e
-def add_train(data: CifarData, source: str, store=None, cache_dir=None, progress: bool = True) -> CifarData:
-    "`data` with the `train` split of `source` (e.g. a feedback snapshot `store:<fingerprint>` in `store`) appended to its training split, recorded in `extra_train`; validation and test unchanged."
+# %% ../nbs/data.ipynb #8b0c9d7e
+def add_train(
+    data: CifarData,  # the dataset to extend
+    source: str,  # the extra data, e.g. a feedback snapshot `store:<fingerprint>`
+    store=None,  # where a snapshot is (default `$VIT_STORE`, else `./artifacts`)
+    cache_dir=None,  # the local cache (default `<cache>/datasets`)
+    progress: bool = True,  # show the decoding progress
+) -> CifarData:  # `data` with a longer training split and `extra_train` recorded
+    "Append the `train` split of `source` to `data`'s training split; validation and test stay as they are."
     if data.extra_train:
         raise ValueError(f"extra training data was added already ({data.extra_train['source']!r})")
     tensors, meta = load_splits(source, cache_dir=cache_dir, progress=progress, store=store)
@@ -445,14 +478,14 @@ def add_train(data: CifarData, source: str, store=None, cache_dir=None, progress
     x, y = tensors["train"]
     if x.shape[1:] != data.train.images.shape[1:]:
         raise ValueError(
-            f"extra training data {source!r} has images of shape {tuple(x.shape[1:])}, the dataset {tuple(data.train.images.shape[1:])}"
+            f"extra training data {source!r} has images of shape {tuple(x.shape[1:])}, "
+            f"the dataset {tuple(data.train.images.shape[1:])}"
         )
     extra = dict(source=source, fingerprint=meta["fingerprint"], snapshot=meta["snapshot"], images=len(y))
-    return dataclasses.replace(
-        data, train=Split(torch.cat([data.train.images, x]), torch.cat([data.train.labels, y])), extra_train=extra
-    )
+    train = Split(torch.cat([data.train.images, x]), torch.cat([data.train.labels, y]))
+    return dataclasses.replace(data, train=train, extra_train=extra)
 
-# %% ../nbs/data.ipynb #df7c1908
+# %% ../nbs/data.ipynb #2f3e4d5c
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
@@ -461,13 +494,14 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 class PreprocessConfig:
     "Parameters of `preprocess`, stored in a model package as `preprocess.json`."
 
-    native_size: int = NATIVE_SIZE
-    image_size: int = NATIVE_SIZE
-    mean: tuple = CIFAR10_MEAN
+    native_size: int = NATIVE_SIZE  # every image is first brought to this size (the data's)
+    image_size: int = NATIVE_SIZE  # the model's input size
+    mean: tuple = CIFAR10_MEAN  # per channel, of pixels in [0, 1]
     std: tuple = CIFAR10_STD
-    interpolation: str = "bilinear"
+    interpolation: str = "bilinear"  # a `torch.nn.functional.interpolate` mode
 
     def to_dict(self) -> dict:
+        "The parameters as plain JSON values."
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     def save(self, path):
@@ -480,8 +514,9 @@ class PreprocessConfig:
         d = json.loads(Path(path).read_text())
         return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
 
-# %% ../nbs/data.ipynb #feeea41e
+# %% ../nbs/data.ipynb #0f97a1b2
 def _resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    "Resize a float batch to `size`×`size` (antialiased when it shrinks); a no-op at that size."
     if x.shape[-2:] == (size, size):
         return x
     down = x.shape[-1] > size or x.shape[-2] > size
@@ -493,8 +528,12 @@ def _resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
         antialias=down and mode in ("bilinear", "bicubic"),
     )
 
-
-def augment(x: torch.Tensor, pad: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
+# %% ../nbs/data.ipynb #b703b907
+def augment(
+    x: torch.Tensor,  # a float batch `(B,C,H,W)`, on any device
+    pad: int = 4,  # zero padding around each image before the random crop
+    generator: torch.Generator | None = None,  # a seeded CPU generator for repeatable draws
+) -> torch.Tensor:
     "Random crop with `pad` pixels of zero padding and random horizontal flip, per image, batched on `x.device`."
     B, C, H, W = x.shape
     r = lambda hi: torch.randint(0, hi, (B,), generator=generator).to(x.device)
@@ -502,22 +541,18 @@ def augment(x: torch.Tensor, pad: int = 4, generator: torch.Generator | None = N
     xp = F.pad(x, (pad, pad, pad, pad))
     rows = (dy[:, None] + torch.arange(H, device=x.device))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(W, device=x.device))[:, None, None, :]
-    out = xp[
-        torch.arange(B, device=x.device)[:, None, None, None],
-        torch.arange(C, device=x.device)[None, :, None, None],
-        rows,
-        cols,
-    ]
+    batch = torch.arange(B, device=x.device)[:, None, None, None]
+    out = xp[batch, torch.arange(C, device=x.device)[None, :, None, None], rows, cols]
     return torch.where(flip[:, None, None, None], out.flip(-1), out)
 
-
+# %% ../nbs/data.ipynb #3e4f5a6b
 def preprocess(
-    images: torch.Tensor,
-    cfg: PreprocessConfig | None = None,
-    train: bool = False,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    "`uint8 (B,3,H,W)` → normalised `float32 (B,3,S,S)`: native size, optional augmentation, `image_size`, mean/std (`cfg`: default `PreprocessConfig()`)."
+    images: torch.Tensor,  # `uint8 (B,3,H,W)`, on any device
+    cfg: PreprocessConfig | None = None,  # the model's parameters (default: `PreprocessConfig()`)
+    train: bool = False,  # augment (random crop and flip) at the native size
+    generator: torch.Generator | None = None,  # the seeded generator of the augmentation
+) -> torch.Tensor:  # normalised `float32 (B,3,S,S)`, `S` the model's `image_size`
+    "The model's input: native size, optional augmentation, normalisation, the model's size."
     if cfg is None:
         cfg = PreprocessConfig()
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
@@ -529,11 +564,10 @@ def preprocess(
         x = augment(x, generator=generator)
     mean = torch.tensor(cfg.mean, device=x.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(cfg.std, device=x.device).view(1, 3, 1, 1) * 255
-    return _resize(
-        (x - mean) / std, cfg.image_size, cfg.interpolation
-    )  # normalise at 32×32: resizing is linear, so it commutes
+    x = (x - mean) / std  # normalise at 32×32: resizing is linear, so it commutes
+    return _resize(x, cfg.image_size, cfg.interpolation)
 
-# %% ../nbs/data.ipynb #a17a6129
+# %% ../nbs/data.ipynb #88efbf34
 class ImageError(ValueError):
     "Bytes that are not a usable image; `kind` is `'empty'`, `'unsupported'`, `'broken'` or `'too_large'`."
 
@@ -541,15 +575,15 @@ class ImageError(ValueError):
         super().__init__(message)
         self.kind, self.message = kind, message
 
-
-Image.init()  # register every plugin, so that `formats=FORMATS` can name them (MPO is a separate plugin in older Pillow)
+# %% ../nbs/data.ipynb #d9fda355
+Image.init()  # register every plugin, so that `formats=FORMATS` can name them (MPO: a separate plugin in older Pillow)
 FORMATS = tuple(
     f for f in ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF") if f in Image.OPEN
 )  # what uploads may be; no EPS (Ghostscript), no exotic plugins
 
-
+# %% ../nbs/data.ipynb #b50b4b58
 def to_rgb(im: Image.Image) -> Image.Image:
-    "An RGB copy of `im` in any mode: 16-bit/float scaled to 8 bits, transparency composited on white, palette/gray/CMYK converted."
+    "An RGB copy of `im` in any mode: 16-bit and float scaled to 8 bits, transparency on white, the rest converted."
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         a = np.asarray(im).astype(np.float64)
         if im.mode.startswith("I;16") or (im.mode == "I" and a.max(initial=0) > 255):
@@ -567,34 +601,31 @@ def to_rgb(im: Image.Image) -> Image.Image:
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return im if im.mode == "RGB" else im.convert("RGB")
 
-
-def decode_image(data: bytes, max_pixels: int = 40_000_000, draft_size: int | None = None) -> Image.Image:
-    "Uploaded bytes → an upright RGB image (first frame); `ImageError` for what cannot or must not be decoded."
-    return _decode(data, max_pixels, draft_size)[0]
-
-
-def _decode(data: bytes, max_pixels: int, draft_size: int | None) -> tuple[Image.Image, tuple[int, int]]:
-    "`decode_image` and the upright size of the image as uploaded (before any `draft` reduction)."
+# %% ../nbs/data.ipynb #b099060a
+def _open(data: bytes) -> Image.Image:
+    "Open `data` lazily as one of `FORMATS`; `ImageError` if it is empty, none of them, or unreadable."
     if not data:
         raise ImageError("empty", "the file is empty")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below is stricter
-            im = Image.open(io.BytesIO(data), formats=FORMATS)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is stricter
+            return Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
-        raise ImageError(
-            "unsupported", f"not an image that can be read (accepted: {', '.join(f for f in FORMATS if f != 'MPO')})"
-        ) from None
+        accepted = ", ".join(f for f in FORMATS if f != "MPO")
+        raise ImageError("unsupported", f"not an image that can be read (accepted: {accepted})") from None
     except Image.DecompressionBombError as e:
         raise ImageError("too_large", f"the image is too large to decode safely: {e}") from None
     except Exception as e:
         raise ImageError("broken", f"the image cannot be read ({type(e).__name__}: {e})") from None
+
+# %% ../nbs/data.ipynb #58be75f0
+def _decode(data: bytes, max_pixels: int, draft_size: int | None) -> tuple[Image.Image, tuple[int, int]]:
+    "`decode_image`, and the upright size of the image as uploaded (before any `draft` reduction)."
+    im = _open(data)
     w, h = im.size
     if w * h > max_pixels:
-        raise ImageError(
-            "too_large",
-            f"the image is {w}×{h} pixels ({w * h / 1e6:.0f} megapixels); the limit is {max_pixels / 1e6:g} megapixels",
-        )
+        size = f"{w}×{h} pixels ({w * h / 1e6:.0f} megapixels)"
+        raise ImageError("too_large", f"the image is {size}; the limit is {max_pixels / 1e6:g} megapixels")
     try:
         im.seek(0)
         with contextlib.suppress(Exception):
@@ -612,7 +643,16 @@ def _decode(data: bytes, max_pixels: int, draft_size: int | None) -> tuple[Image
         why = "it is truncated" if "truncated" in str(e) else f"{type(e).__name__}: {e}"
         raise ImageError("broken", f"the image cannot be decoded ({why})") from None
 
-# %% ../nbs/data.ipynb #2bcd86e7
+# %% ../nbs/data.ipynb #f6893f26
+def decode_image(
+    data: bytes,  # the uploaded file
+    max_pixels: int = 40_000_000,  # larger images are refused from their header, before decoding
+    draft_size: int | None = None,  # a JPEG may decode at a reduced scale, down to this size
+) -> Image.Image:  # upright, RGB, the first frame
+    "Uploaded bytes as an image; `ImageError` for what cannot or must not be decoded."
+    return _decode(data, max_pixels, draft_size)[0]
+
+# %% ../nbs/data.ipynb #3f9a2cc9
 @dataclass
 class Prepared:
     "An upload ready for the model: normalised pixels `(3,S,S)` and the size of the decoded image."
@@ -626,21 +666,30 @@ def image_tensor(im: Image.Image) -> torch.Tensor:
     "An RGB PIL image as a `uint8 (3,H,W)` tensor."
     return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
-
-def prepare_image(data: bytes, cfg: PreprocessConfig, max_pixels: int = 40_000_000) -> Prepared:
-    "Decode `data` and apply the data chapter's `preprocess` with `cfg`, up to the native size: `(3,native,native)` normalised pixels."
+# %% ../nbs/data.ipynb #0dbddaf4
+def prepare_image(
+    data: bytes,  # the uploaded file
+    cfg: PreprocessConfig,  # the model package's preprocessing
+    max_pixels: int = 40_000_000,  # larger images are refused (see `decode_image`)
+) -> Prepared:  # `(3,native,native)` normalised pixels, and the uploaded image's size
+    "Decode `data` and apply `preprocess` with `cfg` up to the native size."
     im, (w, h) = _decode(data, max_pixels, draft_size=2 * cfg.native_size)
     native = dataclasses.replace(cfg, image_size=cfg.native_size)
     return Prepared(preprocess(image_tensor(im)[None], native)[0], w, h)
 
 
 def to_model_size(pixels: torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
-    "The last step of `preprocess` for a batch of `prepare_image` outputs: resize to `cfg.image_size` (a no-op at native size)."
+    "The last step of `preprocess` for a batch of `prepare_image` outputs: resize to `cfg.image_size`."
     return _resize(pixels, cfg.image_size, cfg.interpolation)
 
-# %% ../nbs/data.ipynb #1041d14d
-def make_sample(src_dir, out_dir=SAMPLE_DIR, per_class: dict | None = None, seed: int = 0) -> list[Path]:
-    "Write a class-balanced random subset (`per_class` images per class of each split; default 500 train, 100 test) of a hub-layout parquet folder to `out_dir`."
+# %% ../nbs/data.ipynb #d96b933e
+def make_sample(
+    src_dir,  # a hub-layout parquet folder of the full CIFAR-10 (`train-*.parquet`, `test-*.parquet`)
+    out_dir=SAMPLE_DIR,  # where the sample goes
+    per_class: dict | None = None,  # images per class of each split (default 500 train, 100 test)
+    seed: int = 0,  # the same seed picks the same images
+) -> list[Path]:  # the files written
+    "Write a class-balanced random subset of a parquet folder to `out_dir`."
     if per_class is None:
         per_class = {"train": 500, "test": 100}
     import pyarrow.parquet as pq

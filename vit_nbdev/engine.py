@@ -1,4 +1,4 @@
-"""One forward pass, several runtimes: the service times them on the host it lands on and serves the fastest one that agrees with fp32.
+"""One forward pass, several runtimes: timed where the service runs; the fastest that agrees with fp32 serves.
 
 Docs: https://vit-nbdev.github.io/vit-nbdev/engine.html.md"""
 
@@ -24,11 +24,13 @@ __all__ = ['FLAGS', 'REFERENCE_ENGINE', 'RECIPE', 'CHECK_N', 'MIN_AGREEMENT', 'M
            'host_info', 'onnx_available', 'engine_spec', 'engine_key', 'Engine', 'TorchEngine', 'export_onnx',
            'quantize_onnx', 'make_artifacts', 'OnnxEngine', 'build_engine', 'check_set', 'predictions', 'check_engine',
            'read_check', 'write_check', 'candidate_names', 'check_engines', 'images_per_s', 'Choice', 'thread_options',
-           'choose_engine', 'engines_prefix', 'export_engines', 'sync_engines']
+           'choose_engine', 'engines_prefix', 'sync_engines', 'export_engines']
 
 # %% ../nbs/engine.ipynb #ff1ac98a
-def cpu_budget(cgroup: str | Path = "/sys/fs/cgroup") -> int:
-    "CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (v2 `cpu.max` or v1 `cfs_quota_us`)."
+def cpu_budget(
+    cgroup: str | Path = "/sys/fs/cgroup",  # the cgroup folder (v2 `cpu.max`, or v1 `cpu/cpu.cfs_quota_us`)
+) -> int:
+    "CPUs this process may use: its affinity mask, capped by a cgroup CPU quota."
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     cg = Path(cgroup)
     for read in (
@@ -44,6 +46,9 @@ def cpu_budget(cgroup: str | Path = "/sys/fs/cgroup") -> int:
         break
     return n
 
+# %% ../nbs/engine.ipynb #cc71d780
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+
 
 def cpu_has_bf16() -> bool:
     "Does this CPU run bf16 natively (oneDNN with AVX-512 BF16 or AMX)?"
@@ -51,9 +56,6 @@ def cpu_has_bf16() -> bool:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except Exception:
         return False
-
-
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
 
 
 def host_info() -> dict:
@@ -84,9 +86,9 @@ def engine_spec(name: str) -> tuple[str, str]:
         raise ValueError(f"unknown engine {name!r}: choose one of {', '.join(ENGINES)} (or 'auto')")
     return ENGINES[name]
 
-
+# %% ../nbs/engine.ipynb #7c847386
 def engine_key(name: str) -> str:
-    "Artifacts and checks are kept per engine, recipe *and* library versions: a new torch or onnxruntime is checked again."
+    "The folder of an engine's artifacts and check: per engine, recipe *and* library versions."
     key = f"{name}-r{RECIPE}-torch{torch.__version__}"
     if engine_spec(name)[0] == "onnx":
         import onnxruntime
@@ -94,9 +96,9 @@ def engine_key(name: str) -> str:
         key += f"-ort{onnxruntime.__version__}"
     return key.replace("+", "_")
 
-# %% ../nbs/engine.ipynb #569e457f
+# %% ../nbs/engine.ipynb #dba0a224
 class Engine:
-    "One way to run a package's forward pass: call it on a float batch at the model's input size, get `(embeddings, logits)` in float32."
+    "One way to run a package's forward pass."
 
     runtime, precision = "", ""
 
@@ -104,9 +106,11 @@ class Engine:
         self.name, self.threads = name, max(1, int(threads))
 
     def run(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        "`(embeddings, logits)` of a batch, in the engine's own precision (each engine implements it)."
         raise NotImplementedError
 
     def __call__(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        "`(embeddings, logits)` of a batch, in float32, on this engine's number of threads."
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)  # per calling thread: set where it runs
         with torch.inference_mode():
@@ -114,14 +118,15 @@ class Engine:
         return emb.float(), logits.float()
 
     def describe(self) -> dict:
+        "Name, runtime, precision and threads: the start of `/readyz`'s `engine` object."
         return dict(name=self.name, runtime=self.runtime, precision=self.precision, threads=self.threads)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name}, threads={self.threads})"
 
-
+# %% ../nbs/engine.ipynb #569e457f
 class TorchEngine(Engine):
-    "PyTorch eager: fp32 (the reference), bf16 autocast, or dynamic int8 (linear layers' weights int8, activations per batch)."
+    "PyTorch eager: fp32 (the reference), bf16 autocast, or dynamic int8."
 
     runtime = "torch"
 
@@ -130,23 +135,21 @@ class TorchEngine(Engine):
         self.precision, self.model = engine_spec(self.name)[1], package.model
         self.device = next(package.model.parameters()).device.type
         if precision == "int8":
-            with (
-                warnings.catch_warnings()
-            ):  # torch.ao's dynamic quantization is deprecated in favour of torchao, and still works
+            with warnings.catch_warnings():  # torch.ao's dynamic quantization is deprecated for torchao, still works
                 warnings.simplefilter("ignore")
-                per_channel = (
-                    torch.ao.quantization.per_channel_dynamic_qconfig
-                )  # per-tensor scales flipped 1.4 % of top-1 on the shipped model
-                self.model = torch.ao.quantization.quantize_dynamic(
-                    copy.deepcopy(package.model), {torch.nn.Linear: per_channel}
-                )
+                # per-channel scales: per-tensor ones flipped 1.4 % of top-1 on the shipped model
+                qconfig = {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}
+                self.model = torch.ao.quantization.quantize_dynamic(copy.deepcopy(package.model), qconfig)
 
     def run(self, pixels):
+        "`forward_features`, under bf16 autocast for the bf16 engine."
         with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             return forward_features(self.model, pixels)
 
 # %% ../nbs/engine.ipynb #990ff463
 class _Features(torch.nn.Module):
+    "`forward_features` of a model as a module, for the ONNX export."
+
     def __init__(self, model):
         super().__init__()
         self.model = model
@@ -156,7 +159,7 @@ class _Features(torch.nn.Module):
 
 
 def export_onnx(package: ModelPackage, path: str | Path) -> Path:
-    "Write the fp32 ONNX graph of `forward_features` (inputs `pixel_values`, outputs `embeddings`, `logits`; any batch size)."
+    "Write the fp32 ONNX graph of `forward_features`: input `pixel_values`, outputs `embeddings`, `logits`, any batch."
     path, s = Path(path), package.model.config.image_size
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -175,9 +178,9 @@ def export_onnx(package: ModelPackage, path: str | Path) -> Path:
         )
     return tmp.replace(path)
 
-
+# %% ../nbs/engine.ipynb #c6abbc3c
 def quantize_onnx(src: str | Path, dst: str | Path) -> Path:
-    "Dynamic int8 quantization of an ONNX graph: weights int8 per channel (7-bit range) now, activations per batch at run time."
+    "Dynamic int8 quantization of an ONNX graph: weights int8 per channel now, activations per batch at run time."
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     dst = Path(dst)
@@ -186,14 +189,13 @@ def quantize_onnx(src: str | Path, dst: str | Path) -> Path:
     root = logging.getLogger()
     level, root.level = root.level, logging.ERROR  # it advises "pre-processing" on the root logger for every call
     try:
-        quantize_dynamic(
-            str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True
-        )  # no int16 saturation on CPUs without VNNI: the graph is made once, served anywhere
+        # a 7-bit range: no int16 saturation on CPUs without VNNI, so the graph is made once and served anywhere
+        quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
     finally:
         root.setLevel(level)
     return tmp.replace(dst)
 
-
+# %% ../nbs/engine.ipynb #ad372bc2
 def make_artifacts(package: ModelPackage, name: str, folder: str | Path) -> Path | None:
     "The file engine `name` runs from (made once under `folder/<engine_key>/`), or `None` for engines that need none."
     if engine_spec(name)[0] != "onnx":
@@ -206,7 +208,7 @@ def make_artifacts(package: ModelPackage, name: str, folder: str | Path) -> Path
             export_onnx(package, path)
     return path
 
-
+# %% ../nbs/engine.ipynb #b161f446
 class OnnxEngine(Engine):
     "ONNX Runtime on the CPU, from a graph made by `make_artifacts`."
 
@@ -223,12 +225,18 @@ class OnnxEngine(Engine):
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
     def __call__(self, pixels):
+        "`(embeddings, logits)` of a batch from the ONNX Runtime session, in float32."
         emb, logits = self.session.run(None, {"pixel_values": pixels.detach().float().contiguous().cpu().numpy()})
         return torch.from_numpy(emb), torch.from_numpy(logits)
 
 # %% ../nbs/engine.ipynb #82cac982
-def build_engine(name: str, package: ModelPackage, threads: int = 1, folder: str | Path | None = None) -> Engine:
-    "Engine `name` for `package` on `threads` intra-op threads; ONNX graphs are made in (or read from) `folder`."
+def build_engine(
+    name: str,  # one of `ENGINES`
+    package: ModelPackage,  # the model package it runs
+    threads: int = 1,  # intra-op threads
+    folder: str | Path | None = None,  # where the ONNX graphs are made (or read from)
+) -> Engine:
+    "Engine `name` for `package`."
     runtime, precision = engine_spec(name)
     if runtime == "torch":
         return TorchEngine(package, precision, threads)
@@ -242,8 +250,11 @@ def build_engine(name: str, package: ModelPackage, threads: int = 1, folder: str
 CHECK_N, MIN_AGREEMENT, MAX_DROP = 1000, 0.99, 0.003
 
 
-def check_set(package: ModelPackage, n: int = CHECK_N) -> tuple[torch.Tensor, torch.Tensor]:
-    "`n` held-out labelled `uint8` images and their labels in the package's label order: the sample's test split, then its validation carve."
+def check_set(
+    package: ModelPackage,  # its labels must be CIFAR-10's, in any order
+    n: int = CHECK_N,  # how many images
+) -> tuple[torch.Tensor, torch.Tensor]:  # `uint8` images, and labels in the package's label order
+    "Held-out labelled images: the sample's test split, then its validation carve."
     d = load_cifar10(progress=False)
     order = {name: i for i, name in enumerate(package.labels)}
     if set(order) != set(d.label_names):
@@ -253,21 +264,21 @@ def check_set(package: ModelPackage, n: int = CHECK_N) -> tuple[torch.Tensor, to
         raise ValueError(f"n={n}: the sample has {len(x)} held-out images")
     return x[:n], torch.tensor([order[d.label_names[i]] for i in y[:n].tolist()])
 
-
+# %% ../nbs/engine.ipynb #fb7c044d
 def predictions(engine: Engine, package: ModelPackage, images: torch.Tensor, batch_size: int = 50) -> torch.Tensor:
     "Top-1 class indices of `engine` on `uint8` `images`."
     return torch.cat([engine(preprocess(b, package.preprocess))[1].argmax(-1) for b in images.split(batch_size)])
 
-
+# %% ../nbs/engine.ipynb #d0fd89c5
 def check_engine(
-    engine: Engine,
-    package: ModelPackage,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    reference: torch.Tensor,
-    pred: torch.Tensor | None = None,
-) -> dict:
-    "How `engine` (or its predictions `pred`, if already made) compares with the fp32 `reference` predictions on `images`: agreement, accuracies, drop, eligible."
+    engine: Engine,  # the engine to check
+    package: ModelPackage,  # the package it runs
+    images: torch.Tensor,  # `uint8` held-out images (`check_set`)
+    labels: torch.Tensor,  # their labels
+    reference: torch.Tensor,  # fp32's predictions on them
+    pred: torch.Tensor | None = None,  # the engine's predictions, if already made
+) -> dict:  # agreement, accuracies, drop, eligible
+    "How `engine` compares with the fp32 `reference` predictions on `images`."
     t0 = time.perf_counter()
     pred = predictions(engine, package, images) if pred is None else pred
     acc, ref = (pred == labels).float().mean().item(), (reference == labels).float().mean().item()
@@ -300,22 +311,22 @@ def write_check(folder: str | Path, check: dict) -> Path:
     p.write_text(json.dumps(check, indent=1))
     return p
 
-
+# %% ../nbs/engine.ipynb #2d230ddd
 def candidate_names() -> list[str]:
     "Engines worth trying on this host: bf16 only with bf16 instructions, ONNX only with ONNX Runtime installed."
     return [
         n for n, (rt, p) in ENGINES.items() if (p != "bf16" or cpu_has_bf16()) and (rt != "onnx" or onnx_available())
     ]
 
-
+# %% ../nbs/engine.ipynb #36494dfd
 def check_engines(
-    package: ModelPackage,
-    folder: str | Path,
-    names: list[str] | None = None,
-    n: int = CHECK_N,
-    threads: int | None = None,
-) -> dict[str, dict]:
-    "Make the artifacts and run the check of every engine in `names` (default: `candidate_names()`), stored in `folder`."
+    package: ModelPackage,  # the package to check the engines of
+    folder: str | Path,  # where the artifacts and checks go
+    names: list[str] | None = None,  # the engines (default: `candidate_names()`)
+    n: int = CHECK_N,  # held-out images
+    threads: int | None = None,  # intra-op threads (default: the CPU budget)
+) -> dict[str, dict]:  # the check of each engine
+    "Make the artifacts of each engine and check it against fp32; keep the checks in `folder`."
     threads = threads or cpu_budget()
     images, labels = check_set(package, n)
     ref = build_engine(REFERENCE_ENGINE, package, threads)
@@ -339,8 +350,12 @@ def check_engines(
     return out
 
 # %% ../nbs/engine.ipynb #dc5ecac5
-def images_per_s(engine: Engine, batch: torch.Tensor, min_s: float = 0.2) -> float:
-    "Images per second of `engine` on `batch`: one warm-up call, then calls until `min_s` has passed (none if the warm-up took that long)."
+def images_per_s(
+    engine: Engine,  # the engine to time
+    batch: torch.Tensor,  # a float batch at the model's input size
+    min_s: float = 0.2,  # time calls for at least this long (none if the warm-up took that long)
+) -> float:
+    "Images per second of `engine` on `batch`, after one warm-up call."
     t0 = time.perf_counter()
     engine(batch)
     if (first := time.perf_counter() - t0) >= min_s:
@@ -351,7 +366,7 @@ def images_per_s(engine: Engine, batch: torch.Tensor, min_s: float = 0.2) -> flo
         n += len(batch)
     return n / (time.perf_counter() - t0)
 
-
+# %% ../nbs/engine.ipynb #f46d755e
 @dataclass
 class Choice:
     "The engine chosen for a model package, and the report of how: `/readyz`'s `engine` object."
@@ -364,32 +379,23 @@ def thread_options(cpus: int) -> list[int]:
     "Intra-op thread counts worth timing for a budget of `cpus`: one, half, all."
     return sorted({1, max(1, cpus // 2), cpus})
 
+# %% ../nbs/engine.ipynb #2fb21feb
+def _engine_folder(package: ModelPackage) -> Path:
+    "Where the artifacts of a package that is not in a store go: the local cache, keyed by the package's folder."
+    where = str(package.path.resolve()) if package.path else f"unsaved-{os.getpid()}-{id(package)}"
+    return cache_root() / "engines" / "packages" / hashlib.sha256(where.encode()).hexdigest()[:16]
 
-def choose_engine(
-    package: ModelPackage,
-    *,
-    pin: str = "auto",
-    threads: int = 0,
-    folder: str | Path | None = None,
-    budget_s: float = 30.0,
-    max_batch: int = 32,
-    min_s: float = 0.2,
-) -> Choice:
-    "Time the eligible engines × thread counts on this host and return the fastest (or the `pin`ned one)."
-    t_start, cpus = time.perf_counter(), cpu_budget()
-    if folder is None:  # a package that is not in a store: its artifacts go to the local cache
-        where = str(package.path.resolve()) if package.path else f"unsaved-{os.getpid()}-{id(package)}"
-        folder = cache_root() / "engines" / "packages" / hashlib.sha256(where.encode()).hexdigest()[:16]
-    options = [threads] if threads else thread_options(cpus)
-    s = package.model.config.image_size
-    names = candidate_names() if pin == "auto" else [pin]
-    if pin != "auto":
-        engine_spec(pin)  # an unknown name fails here, with the list of engines
-    ref = TorchEngine(package, "fp32", min(options))
-    batch = torch.zeros(
-        max(1, min(max_batch, int(images_per_s(ref, torch.zeros(1, 3, s, s), min_s=0.05) / 4))), 3, s, s
-    )
-    ref_rate = images_per_s(ref, batch, min_s)  # also fp32's own timing at this thread count
+
+def _timing_batch(ref: Engine, size: int, max_batch: int) -> torch.Tensor:
+    "A zero batch of as many images as `ref` runs in about a quarter of a second, at most `max_batch`."
+    rate = images_per_s(ref, torch.zeros(1, 3, size, size), min_s=0.05)
+    return torch.zeros(max(1, min(max_batch, int(rate / 4))), 3, size, size)
+
+# %% ../nbs/engine.ipynb #1e2d7276
+def _known_checks(
+    package: ModelPackage, folder, names: list[str], pin: str, ref_rate: float, budget_s: float, threads: int
+) -> tuple[dict, dict]:
+    "The checks of `names` (stored, or made now when they fit `budget_s`), and why the missing ones were skipped."
     checks = {n: read_check(folder, n) for n in names}
     missing = [n for n in names if checks[n] is None and n != REFERENCE_ENGINE]
     checks[REFERENCE_ENGINE] = checks.get(REFERENCE_ENGINE) or dict(
@@ -397,24 +403,21 @@ def choose_engine(
     )
     skipped = {}
     if missing and pin == "auto":
-        cost = (
-            CHECK_N / ref_rate * (1 + len(missing))
-        )  # a rough bound: each check costs about one fp32 pass over the images
+        cost = CHECK_N / ref_rate * (1 + len(missing))  # a rough bound: each check is about one fp32 pass
         if cost <= budget_s:
-            checks.update(check_engines(package, folder, missing, threads=max(options)))
+            checks.update(check_engines(package, folder, missing, threads=threads))
         else:
-            skipped = {
-                n: f"not checked (about {cost:.0f} s > budget {budget_s:.0f} s): run `vit-models export`"
-                for n in missing
-            }
-    eligible = [n for n in names if pin != "auto" or (checks.get(n) or {}).get("eligible")]
-    skipped |= {
-        n: "not eligible: " + json.dumps({k: checks[n][k] for k in ("agreement", "drop")})
-        for n in names
-        if n not in eligible and n not in skipped
-    }
+            why = f"not checked (about {cost:.0f} s > budget {budget_s:.0f} s): run `vit-models export`"
+            skipped = {n: why for n in missing}
+    return checks, skipped
+
+# %% ../nbs/engine.ipynb #7da37edf
+def _fastest(
+    package: ModelPackage, names, options, ref: Engine, ref_rate: float, batch, folder, min_s: float, skipped: dict
+) -> tuple[Engine, float, list[dict]]:
+    "Time engines `names` at thread counts `options`: the fastest, its rate, all rates; load failures go in `skipped`."
     rates, best = [], None
-    for name in eligible:
+    for name in names:
         for t in options:
             try:
                 e = ref if (name, t) == (REFERENCE_ENGINE, ref.threads) else build_engine(name, package, t, folder)
@@ -428,6 +431,36 @@ def choose_engine(
             else:
                 del e
     engine, rate = best
+    return engine, rate, rates
+
+# %% ../nbs/engine.ipynb #36d77a06
+def choose_engine(
+    package: ModelPackage,
+    *,
+    pin: str = "auto",  # serve this engine as asked (`VIT_ENGINE`), or `'auto'`: measure
+    threads: int = 0,  # time only this thread count (0: one, half and all of the CPU budget)
+    folder: str | Path | None = None,  # where the artifacts and checks are (default: the local cache)
+    budget_s: float = 30.0,  # check engines without a stored check only if that takes about this long at most
+    max_batch: int = 32,  # the largest timing batch
+    min_s: float = 0.2,  # time each candidate for about this long
+) -> Choice:
+    "Time the eligible engines × thread counts on this host and return the fastest (or the `pin`ned one)."
+    t_start, cpus = time.perf_counter(), cpu_budget()
+    if folder is None:  # a package that is not in a store: its artifacts go to the local cache
+        folder = _engine_folder(package)
+    options = [threads] if threads else thread_options(cpus)
+    names = candidate_names() if pin == "auto" else [pin]
+    if pin != "auto":
+        engine_spec(pin)  # an unknown name fails here, with the list of engines
+    ref = TorchEngine(package, "fp32", min(options))
+    batch = _timing_batch(ref, package.model.config.image_size, max_batch)
+    ref_rate = images_per_s(ref, batch, min_s)  # also fp32's own timing at this thread count
+    checks, skipped = _known_checks(package, folder, names, pin, ref_rate, budget_s, max(options))
+    eligible = [n for n in names if pin != "auto" or (checks.get(n) or {}).get("eligible")]
+    for n in names:
+        if n not in eligible and n not in skipped:
+            skipped[n] = "not eligible: " + json.dumps({k: checks[n][k] for k in ("agreement", "drop")})
+    engine, rate, rates = _fastest(package, eligible, options, ref, ref_rate, batch, folder, min_s, skipped)
     gc.collect()
     c = checks.get(engine.name) or {}
     report = dict(
@@ -443,40 +476,30 @@ def choose_engine(
         skipped=skipped,
         seconds=round(time.perf_counter() - t_start, 2),
     )
+    timed = ", ".join(f"{r['name']}×{r['threads']} {r['images_per_s']:.1f}" for r in rates)
     _log.info(
         "engine %s on %d thread(s): %.1f img/s (batch %d); candidates %s; skipped %s",
         engine.name,
         engine.threads,
         rate,
         len(batch),
-        ", ".join(f"{r['name']}×{r['threads']} {r['images_per_s']:.1f}" for r in rates),
+        timed,
         skipped or "none",
     )
     return Choice(engine, report)
 
-# %% ../nbs/engine.ipynb #99acd724
+# %% ../nbs/engine.ipynb #90e40d81
 def engines_prefix(version: str) -> str:
     "Where the engines of `version` are kept in the store."
     return f"models/{version}/engines/"
 
-
-def export_engines(
-    store: Store | str | None, name: str = "latest", names: list[str] | None = None, n: int = CHECK_N
-) -> dict[str, dict]:
-    "Make and check every candidate engine of model `name` (alias or version) and store the artifacts and checks beside it."
-    st = open_store(store)
-    version = st.resolve(name)
-    folder = sync_engines(st, version)
-    checks = check_engines(load_package(st.fetch_model(version)), folder, names, n)
-    for c in checks.values():
-        for p in sorted((folder / c["key"]).glob("*")):
-            if p.is_file() and not p.name.startswith("."):
-                st.put_file(p, f"{engines_prefix(version)}{c['key']}/{p.name}")
-    return checks
-
-
-def sync_engines(store: Store | str | None, version: str, folder: str | Path | None = None) -> Path:
-    "A local folder holding the stored engine artifacts of `version` for this host's library versions (downloading what is missing)."
+# %% ../nbs/engine.ipynb #4173b37a
+def sync_engines(
+    store: Store | str | None,  # the store, or its uri
+    version: str,  # a registered version
+    folder: str | Path | None = None,  # default: `<cache>/engines/<hash of the store uri>/<version>`
+) -> Path:
+    "A local folder holding the stored engine artifacts of `version` for this host's library versions."
     st = open_store(store)
     folder = (
         Path(folder)
@@ -490,3 +513,21 @@ def sync_engines(store: Store | str | None, version: str, folder: str | Path | N
         if rel.split("/")[0] in keys and not (folder / rel).exists():
             st.get_file(key, folder / rel)
     return folder
+
+# %% ../nbs/engine.ipynb #99acd724
+def export_engines(
+    store: Store | str | None,  # the store, or its uri
+    name: str = "latest",  # an alias or a version
+    names: list[str] | None = None,  # the engines (default: `candidate_names()`)
+    n: int = CHECK_N,  # held-out images of each check
+) -> dict[str, dict]:  # the check of each engine
+    "Make and check the engines of model `name`, and store their artifacts and checks beside it."
+    st = open_store(store)
+    version = st.resolve(name)
+    folder = sync_engines(st, version)
+    checks = check_engines(load_package(st.fetch_model(version)), folder, names, n)
+    for c in checks.values():
+        for p in sorted((folder / c["key"]).glob("*")):
+            if p.is_file() and not p.name.startswith("."):
+                st.put_file(p, f"{engines_prefix(version)}{c['key']}/{p.name}")
+    return checks

@@ -1,4 +1,4 @@
-"""Vision Transformers by name, from the hub or from a folder, and the model package that carries one from training to serving.
+"""Vision Transformers by name, from the hub or a folder, and the model package that carries one to serving.
 
 Docs: https://vit-nbdev.github.io/vit-nbdev/model.html.md"""
 
@@ -14,10 +14,8 @@ import torch
 from transformers import ViTConfig, ViTForImageClassification
 from transformers.utils import logging as hf_logging
 
-try:
-    from transformers import (
-        ViTImageProcessorPil as ViTImageProcessor,
-    )  # no torchvision here: the PIL processor, without a warning
+try:  # no torchvision here: the PIL processor, without a warning
+    from transformers import ViTImageProcessorPil as ViTImageProcessor
 except ImportError:
     from transformers import ViTImageProcessor
 
@@ -30,13 +28,17 @@ _log = logging.getLogger("vit_nbdev.model")
 __all__ = ['label_maps', 'preset_config', 'build_model', 'ModelPackage', 'save_package', 'load_package', 'ship_checkpoint',
            'checkpoint_lineage', 'forward_features']
 
-# %% ../nbs/model.ipynb #96a89ecd
+# %% ../nbs/model.ipynb #a1e4f663
 def label_maps(labels=CIFAR10_LABELS) -> dict:
     "`id2label` / `label2id` / `num_labels` keyword arguments for a config."
     return dict(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
 
-
-def preset_config(name: str = DEFAULT_PRESET, labels=CIFAR10_LABELS, **overrides) -> ViTConfig:
+# %% ../nbs/model.ipynb #96a89ecd
+def preset_config(
+    name: str = DEFAULT_PRESET,  # one of `PRESETS`
+    labels=CIFAR10_LABELS,  # class names, in logit order
+    **overrides,  # `ViTConfig` fields to change (e.g. `image_size`)
+) -> ViTConfig:
     "The `ViTConfig` of a named preset, with a head for `labels`."
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets are {', '.join(PRESETS)}")
@@ -50,8 +52,9 @@ def preset_config(name: str = DEFAULT_PRESET, labels=CIFAR10_LABELS, **overrides
         }
     )
 
-# %% ../nbs/model.ipynb #33051b1c
+# %% ../nbs/model.ipynb #5b8e9456
 def _checkpoint_preprocess(src: str, image_size: int) -> PreprocessConfig:
+    "The preprocessing of the checkpoint `src`: its `preprocess.json`, else its HF processor, else mean and std 0.5."
     p = Path(src)
     if (p / "preprocess.json").exists():
         return PreprocessConfig.load(p / "preprocess.json")
@@ -61,21 +64,13 @@ def _checkpoint_preprocess(src: str, image_size: int) -> PreprocessConfig:
         return PreprocessConfig(image_size=image_size, mean=(0.5,) * 3, std=(0.5,) * 3)
     return PreprocessConfig(image_size=image_size, mean=tuple(ip.image_mean), std=tuple(ip.image_std))
 
-
-def build_model(
-    name: str = DEFAULT_PRESET, labels=CIFAR10_LABELS, **overrides
-) -> tuple[ViTForImageClassification, PreprocessConfig]:
-    "A `ViTForImageClassification` (SDPA attention) and its `PreprocessConfig`, from a preset, a local directory or a hub id."
-    if name in PRESETS:
-        cfg = preset_config(name, labels, **overrides)
-        model = ViTForImageClassification._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
-        return model, PreprocessConfig(image_size=cfg.image_size)
-    check_model_name(name)
-    name = str(shipped_checkpoint(name) or name)  # a shipped checkpoint is a local folder inside the package
+# %% ../nbs/model.ipynb #12ce6d6c
+def _from_pretrained(name: str, labels, **overrides) -> ViTForImageClassification:
+    "`from_pretrained` with a head for `labels` (a fresh one if the checkpoint's does not fit), or a `ValueError`."
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized head" notice is expected
     try:
-        model = ViTForImageClassification.from_pretrained(
+        return ViTForImageClassification.from_pretrained(
             name,
             **label_maps(labels),
             ignore_mismatched_sizes=True,
@@ -90,9 +85,24 @@ def build_model(
         ) from e
     finally:
         hf_logging.set_verbosity(verbosity)
+
+# %% ../nbs/model.ipynb #e1d2f3a4
+def build_model(
+    name: str = DEFAULT_PRESET,  # a preset, a shipped checkpoint, a local checkpoint directory or a hub id
+    labels=CIFAR10_LABELS,  # class names, in logit order
+    **overrides,  # `ViTConfig` fields to change (e.g. `image_size`)
+) -> tuple[ViTForImageClassification, PreprocessConfig]:
+    "A `ViTForImageClassification` (SDPA attention) and the `PreprocessConfig` that feeds it."
+    if name in PRESETS:
+        cfg = preset_config(name, labels, **overrides)
+        model = ViTForImageClassification._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+        return model, PreprocessConfig(image_size=cfg.image_size)
+    check_model_name(name)
+    name = str(shipped_checkpoint(name) or name)  # a shipped checkpoint is a local folder inside the package
+    model = _from_pretrained(name, labels, **overrides)
     return model, _checkpoint_preprocess(name, model.config.image_size)
 
-# %% ../nbs/model.ipynb #ba5e04a4
+# %% ../nbs/model.ipynb #d762eaad
 @dataclass
 class ModelPackage:
     "A loaded model package: the model (eval mode), its preprocessing, its card and where it came from."
@@ -112,8 +122,9 @@ class ModelPackage:
         "The registered version, if the card has one."
         return self.card.get("version")
 
-
+# %% ../nbs/model.ipynb #844d2764
 def _hf_processor(pre: PreprocessConfig) -> ViTImageProcessor:
+    "The HF image processor that does what `pre` does (at the model's size), for `preprocessor_config.json`."
     return ViTImageProcessor(
         do_resize=True,
         size={"height": pre.image_size, "width": pre.image_size},
@@ -124,9 +135,14 @@ def _hf_processor(pre: PreprocessConfig) -> ViTImageProcessor:
         image_std=list(pre.std),
     )
 
-
-def save_package(model: ViTForImageClassification, pre: PreprocessConfig, out_dir, card: dict | None = None) -> Path:
-    "Write a model package: HF config + safetensors weights, `preprocess.json`, `card.json`, `preprocessor_config.json`."
+# %% ../nbs/model.ipynb #c78dace2
+def save_package(
+    model: ViTForImageClassification,  # the model; its weights are saved in float32
+    pre: PreprocessConfig,  # its preprocessing
+    out_dir,  # the package folder (created)
+    card: dict | None = None,  # lineage and metrics, for `card.json`
+) -> Path:  # `out_dir`
+    "Write a model package: HF config and weights, `preprocess.json`, `card.json`, `preprocessor_config.json`."
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
@@ -135,15 +151,17 @@ def save_package(model: ViTForImageClassification, pre: PreprocessConfig, out_di
     (out / "card.json").write_text(json.dumps(card or {}, indent=2, default=str))
     return out
 
-
-def load_package(path, device: str | torch.device = "cpu") -> ModelPackage:
-    "Load a model package directory written by `save_package` (model in eval mode on `device`)."
+# %% ../nbs/model.ipynb #6b9c3389
+def load_package(
+    path,  # a folder written by `save_package` (or any HF ViT checkpoint)
+    device: str | torch.device = "cpu",  # where the model goes
+) -> ModelPackage:
+    "Load a model package: the model in eval mode, its preprocessing and its card."
     p = Path(path)
     if not (p / "config.json").exists() or not (p / "model.safetensors").exists():
         raise FileNotFoundError(f"{p} is not a model package (config.json and model.safetensors expected)")
-    model = (
-        ViTForImageClassification.from_pretrained(p, attn_implementation="sdpa", dtype=torch.float32).to(device).eval()
-    )
+    model = ViTForImageClassification.from_pretrained(p, attn_implementation="sdpa", dtype=torch.float32)
+    model = model.to(device).eval()
     pre = (
         PreprocessConfig.load(p / "preprocess.json")
         if (p / "preprocess.json").exists()
@@ -152,12 +170,33 @@ def load_package(path, device: str | torch.device = "cpu") -> ModelPackage:
     card = json.loads((p / "card.json").read_text()) if (p / "card.json").exists() else {}
     return ModelPackage(model, pre, card, p)
 
-# %% ../nbs/model.ipynb #275d53e2
-def ship_checkpoint(package_dir, dest, run_records=(), note: str | None = None, code_commit: str | None = None) -> Path:
-    """Write the package at `package_dir` to `dest` as a shipped checkpoint: fp16 weights, config, preprocessing, card and
-    run records (the last is `train.ipynb`, earlier parts of a resumed run `train-part<i>.ipynb`). When the package was
-    trained from the checkpoint it replaces, that one's card and records move to `lineage/<run_id>/`: the chain back to a
-    preset stays in the folder."""
+# %% ../nbs/model.ipynb #13cedd17
+def _keep_lineage(out: Path, new: Path) -> dict:
+    "Copy the card and run records of the checkpoint `out` into `new/lineage/<run_id>/`; return the `parent` entry."
+    prev = json.loads((out / "card.json").read_text())
+    if (out / "lineage").exists():
+        shutil.copytree(out / "lineage", new / "lineage")
+    stage = new / "lineage" / prev["run_id"]
+    stage.mkdir(parents=True)
+    for f in [out / "card.json", *out.glob("*.ipynb")]:
+        shutil.copy(f, stage / f.name)
+    return dict(
+        name=out.name,
+        run_id=prev["run_id"],
+        version=prev.get("version"),
+        test_acc=prev.get("metrics", {}).get("test_acc"),
+        card=f"lineage/{prev['run_id']}/card.json",
+    )
+
+# %% ../nbs/model.ipynb #3c4d5e6f
+def ship_checkpoint(
+    package_dir,  # a model package (e.g. a registered version, fetched)
+    dest,  # the checkpoint folder to (re)write, e.g. `vit_nbdev/checkpoints/<name>`
+    run_records=(),  # executed training notebooks: the last is `train.ipynb`, earlier parts `train-part<i>.ipynb`
+    note: str | None = None,  # why it was shipped, for the card
+    code_commit: str | None = None,  # the commit of the code that trained it
+) -> Path:  # `dest`
+    "Write the package as a shipped checkpoint: fp16 weights, config, preprocessing, card and run records."
     pkg, out = load_package(package_dir), Path(dest)
     records = [Path(run_records)] if isinstance(run_records, (str, Path)) else [Path(r) for r in run_records]
     card = {**pkg.card, "shipped": {"from_version": pkg.version, "weights": "fp16", "note": note}}
@@ -171,20 +210,7 @@ def ship_checkpoint(package_dir, dest, run_records=(), note: str | None = None, 
     for i, r in enumerate(records):
         shutil.copy(r, new / ("train.ipynb" if i == len(records) - 1 else f"train-part{i + 1}.ipynb"))
     if (out / "card.json").exists() and card.get("parent") == out.name:  # continued from the checkpoint it replaces
-        prev = json.loads((out / "card.json").read_text())
-        if (out / "lineage").exists():
-            shutil.copytree(out / "lineage", new / "lineage")
-        stage = new / "lineage" / prev["run_id"]
-        stage.mkdir(parents=True)
-        for f in [out / "card.json", *out.glob("*.ipynb")]:
-            shutil.copy(f, stage / f.name)
-        card["parent"] = dict(
-            name=out.name,
-            run_id=prev["run_id"],
-            version=prev.get("version"),
-            test_acc=prev.get("metrics", {}).get("test_acc"),
-            card=f"lineage/{prev['run_id']}/card.json",
-        )
+        card["parent"] = _keep_lineage(out, new)
     (new / "card.json").write_text(json.dumps(card, indent=2, default=str))
     for f in new.rglob("*"):
         f.chmod(0o755 if f.is_dir() else 0o644)  # readable by a non-root service user
@@ -192,7 +218,7 @@ def ship_checkpoint(package_dir, dest, run_records=(), note: str | None = None, 
     new.rename(out)
     return out
 
-
+# %% ../nbs/model.ipynb #83990033
 def checkpoint_lineage(dest) -> list[dict]:
     "The cards of a shipped checkpoint and of every checkpoint it was trained from, newest first, back to a preset."
     cards, d = [json.loads((Path(dest) / "card.json").read_text())], Path(dest)
@@ -200,8 +226,11 @@ def checkpoint_lineage(dest) -> list[dict]:
         cards.append(json.loads((d / p["card"]).read_text()))
     return cards
 
-# %% ../nbs/model.ipynb #74262c78
-def forward_features(model: ViTForImageClassification, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    "`(embeddings, logits)` of a batch: the final `[CLS]` token and the classifier's output on it."
+# %% ../nbs/model.ipynb #7a8b9c0d
+def forward_features(
+    model: ViTForImageClassification,  # a ViT classifier
+    pixel_values: torch.Tensor,  # a batch from `preprocess`
+) -> tuple[torch.Tensor, torch.Tensor]:  # `(embeddings, logits)`
+    "The final `[CLS]` token of a batch and the classifier's output on it."
     emb = model.vit(pixel_values).last_hidden_state[:, 0]
     return emb, model.classifier(emb)

@@ -1,4 +1,4 @@
-"""Reference embeddings, an Evidently drift report on what the service sees, and a study of how well it catches corrupted images.
+"""Reference embeddings, and an Evidently drift report on what the service sees: in the service and on the command line.
 
 Docs: https://vit-nbdev.github.io/vit-nbdev/monitor.html.md"""
 
@@ -10,44 +10,48 @@ import html as _html, io, json, sys, threading, warnings
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from prometheus_client import Gauge
+from prometheus_client import CollectorRegistry, Gauge
 
 from .data import load_cifar10, preprocess, resolve_source
 from .engine import REFERENCE_ENGINE, Engine, build_engine, cpu_budget, sync_engines
 from .model import ModelPackage, load_package
-from .store import StoreError, NotFound, open_store
+from .store import NotFound, Store, StoreError, open_store
 from .config import ALPHA, COMPONENTS, MIN_RECORDS, REFERENCE_N
 from .telemetry import as_utc, read_telemetry
 
 # %% auto #0
-__all__ = ['REFERENCE_FILE', 'CHI2_TEST', 'as_package', 'embed_images', 'embedding_matrix', 'reference_key', 'compute_reference',
-           'reference_to_parquet', 'reference_from_parquet', 'save_reference', 'load_reference', 'ensure_reference',
-           'Projection', 'fit_projection', 'drift_columns', 'chi2_homogeneity', 'ks_pvalue', 'decide', 'drift_tests',
-           'load_evidently', 'DriftResult', 'drift_report', 'report_stamp', 'save_report', 'list_reports',
-           'latest_report', 'run_monitoring', 'DriftMonitoring', 'monitor_command']
+__all__ = ['REFERENCE_FILE', 'CHI2_TEST', 'REPORT_FIELDS', 'as_package', 'embed_images', 'embedding_matrix', 'reference_key',
+           'reference_images', 'compute_reference', 'reference_to_parquet', 'reference_from_parquet', 'save_reference',
+           'load_reference', 'ensure_reference', 'Projection', 'fit_projection', 'drift_columns', 'chi2_homogeneity',
+           'ks_pvalue', 'decide', 'drift_tests', 'load_evidently', 'DriftResult', 'evidently_p_values', 'drift_report',
+           'report_stamp', 'save_report', 'list_reports', 'latest_report', 'run_monitoring', 'MonitoredService',
+           'DriftMonitoring', 'monitor_command']
 
 # %% ../nbs/monitor.ipynb #10a62c33
-def as_package(package_or_dir, device: str = "cpu") -> ModelPackage:
-    "A loaded `ModelPackage`: `package_or_dir` itself, or the package directory it names, loaded on `device`."
+def as_package(
+    package_or_dir,  # a loaded `ModelPackage`, or the directory of one
+    device: str = "cpu",  # where to load it
+) -> ModelPackage:
+    "A loaded `ModelPackage`: `package_or_dir` itself, or the package it names, loaded on `device`."
     return package_or_dir if isinstance(package_or_dir, ModelPackage) else load_package(package_or_dir, device=device)
 
-
+# %% ../nbs/monitor.ipynb #9126c855
 @torch.inference_mode()
 def embed_images(
-    package: ModelPackage,
-    images: torch.Tensor,
-    batch_size: int = 500,
-    version: str | None = None,
-    engine: Engine | None = None,
+    package: ModelPackage,  # the model
+    images: torch.Tensor,  # `uint8 (N,3,H,W)` images
+    batch_size: int = 500,  # images per forward pass
+    version: str | None = None,  # the `model_version` the records name (default: the package's)
+    engine: Engine | None = None,  # the inference engine (default: fp32 PyTorch, `REFERENCE_ENGINE`)
 ) -> pd.DataFrame:
-    "Telemetry-like records of `uint8 (N,3,H,W)` images: `embedding` (final `[CLS]` token), predicted `label`, its `score`, `model_version`, `engine` (default: fp32 PyTorch)."
+    "Telemetry-like records of `images`: final `[CLS]` `embedding`, predicted `label`, its `score`, version, engine."
     model = package.model
     dev = next(model.parameters()).device
     run = engine or build_engine(REFERENCE_ENGINE, package, torch.get_num_threads())
@@ -56,24 +60,24 @@ def embed_images(
         e, logits = run(preprocess(b.to(dev), package.preprocess))
         embs.append(e.float().cpu())
         probs.append(logits.float().softmax(-1).cpu())
-    d = model.config.hidden_size
-    E = torch.cat(embs).numpy() if embs else np.zeros((0, d), np.float32)
+    E = torch.cat(embs).numpy() if embs else np.zeros((0, model.config.hidden_size), np.float32)
     P = torch.cat(probs) if probs else torch.zeros(0, model.config.num_labels)
     score, idx = P.max(-1) if len(P) else (torch.zeros(0), torch.zeros(0, dtype=torch.long))
-    labels = package.labels
     return pd.DataFrame(
         {
             "embedding": list(E),
-            "label": [labels[i] for i in idx.tolist()],
+            "label": [package.labels[i] for i in idx.tolist()],
             "score": score.numpy().astype(np.float32),
             "model_version": version or package.version or "unversioned",
             "engine": engine.name if engine else REFERENCE_ENGINE,
         }
     )
 
-
-def embedding_matrix(df: pd.DataFrame) -> np.ndarray:
-    "The `embedding` column of `df` (lists or arrays of floats) as one `float64 (N, D)` array."
+# %% ../nbs/monitor.ipynb #f892c9f0
+def embedding_matrix(
+    df: pd.DataFrame,  # records with an `embedding` column (lists or arrays of floats)
+) -> np.ndarray:
+    "The embeddings of `df` as one `float64 (N, D)` array."
     if len(df) == 0:
         return np.zeros((0, 0))
     lens = {len(e) for e in df["embedding"]}
@@ -82,18 +86,18 @@ def embedding_matrix(df: pd.DataFrame) -> np.ndarray:
     return np.stack([np.asarray(e, dtype=np.float64) for e in df["embedding"]])
 
 # %% ../nbs/monitor.ipynb #da439ed2
-REFERENCE_FILE = "reference.parquet"
+REFERENCE_FILE = "reference.parquet"  # the fp32 reference's name, next to the version's files
 
 
-def reference_key(version: str, engine: str = REFERENCE_ENGINE) -> str:
-    "The store key of `version`'s reference embeddings by `engine`: `models/<version>/reference.parquet` for fp32, `reference-<engine>.parquet` for the others."
-    return (
-        f"models/{version}/{REFERENCE_FILE}"
-        if engine == REFERENCE_ENGINE
-        else f"models/{version}/reference-{engine}.parquet"
-    )
+def reference_key(
+    version: str,  # a model version
+    engine: str = REFERENCE_ENGINE,  # the engine that embedded the images
+) -> str:
+    "The store key of `version`'s reference embeddings by `engine`."
+    name = REFERENCE_FILE if engine == REFERENCE_ENGINE else f"reference-{engine}.parquet"
+    return f"models/{version}/{name}"
 
-
+# %% ../nbs/monitor.ipynb #65b24ba7
 def _default_source(card: dict) -> str:
     "The model's training data if it can be read here without a download, else the bundled sample."
     src = (card.get("dataset") or {}).get("source") or "sample"
@@ -103,22 +107,19 @@ def _default_source(card: dict) -> str:
         return "sample"
     return src if kind in ("sample", "local") else "sample"
 
-
-def compute_reference(
-    package_or_dir,
-    data_source: str | None = None,
-    n: int = REFERENCE_N,
-    seed: int = 0,
-    split: str | None = None,
-    batch_size: int = 500,
-    engine: Engine | None = None,
-) -> pd.DataFrame:
-    "Embed `n` random (seeded) held-out images with `engine` (default fp32): of `data_source` (default: the training data if local, else the sample), `split` (default: validation if that is the training data, else test)."
-    pkg = as_package(package_or_dir)
-    params = pkg.card.get("params") or {}
-    src = data_source or _default_source(pkg.card)
+# %% ../nbs/monitor.ipynb #3d1001cc
+def reference_images(
+    card: dict,  # the model's card: the data it was trained on, and how that was split
+    data_source: str | None = None,  # default: the training data if it is here, else the bundled sample
+    n: int = REFERENCE_N,  # how many images
+    seed: int = 0,  # which ones: a seeded draw
+    split: str | None = None,  # default: 'validation' if `data_source` is the training data, else 'test'
+) -> tuple[torch.Tensor, list[str], torch.Tensor, dict]:
+    "`n` held-out images for a reference: `(images, their class names, their indices in the split, lineage)`."
+    params = card.get("params") or {}
+    src = data_source or _default_source(card)
     data = load_cifar10(src, val_fraction=params.get("val_fraction", 0.2), seed=params.get("seed", 0), progress=False)
-    trained_on = (pkg.card.get("dataset") or {}).get("fingerprint")
+    trained_on = (card.get("dataset") or {}).get("fingerprint")
     same = trained_on is not None and trained_on == data.fingerprint  # is this the model's own training data?
     split = split or ("validation" if same else "test")
     if split not in ("train", "validation", "test"):
@@ -127,20 +128,27 @@ def compute_reference(
     if not 0 < n <= len(s):
         raise ValueError(f"n={n} reference images requested, the {split} split of {src!r} has {len(s)}")
     idx = torch.randperm(len(s), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    df = embed_images(pkg, s.images[idx], batch_size, version=pkg.version, engine=engine)
-    df["target"] = [data.label_names[i] for i in s.labels[idx].tolist()]
-    df["index"] = idx.numpy()
-    df.attrs["reference"] = dict(
-        model_version=pkg.version,
-        data_source=data.source,
-        fingerprint=data.fingerprint,
-        split=split,
-        n=n,
-        seed=seed,
-        engine=df['engine'].iloc[0],
-        held_out=split == "test" or (split == "validation" and same),
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
-    )
+    held_out = split == "test" or (split == "validation" and same)
+    info = dict(data_source=data.source, fingerprint=data.fingerprint, split=split, n=n, seed=seed, held_out=held_out)
+    return s.images[idx], [data.label_names[i] for i in s.labels[idx].tolist()], idx, info
+
+# %% ../nbs/monitor.ipynb #49f60337
+def compute_reference(
+    package_or_dir,  # the model: a `ModelPackage` or its directory
+    data_source: str | None = None,  # default: the training data if it is here, else the bundled sample
+    n: int = REFERENCE_N,  # how many images
+    seed: int = 0,  # which ones: a seeded draw
+    split: str | None = None,  # default: 'validation' if `data_source` is the training data, else 'test'
+    batch_size: int = 500,  # images per forward pass
+    engine: Engine | None = None,  # default: fp32 PyTorch
+) -> pd.DataFrame:
+    "The records of `reference_images` embedded by the model: the reference, its lineage in `attrs['reference']`."
+    pkg = as_package(package_or_dir)
+    images, targets, idx, info = reference_images(pkg.card, data_source, n, seed, split)
+    df = embed_images(pkg, images, batch_size, version=pkg.version, engine=engine)
+    df["target"], df["index"] = targets, idx.numpy()
+    created = datetime.now(UTC).isoformat(timespec="seconds")
+    df.attrs["reference"] = dict(model_version=pkg.version, **info, engine=df["engine"].iloc[0], created=created)
     return df
 
 # %% ../nbs/monitor.ipynb #bc50498e
@@ -152,11 +160,9 @@ def reference_to_parquet(df: pd.DataFrame) -> bytes:
     t = pa.Table.from_pandas(
         df.assign(embedding=[np.asarray(e, np.float32) for e in df["embedding"]]), preserve_index=False
     )
-    t = t.replace_schema_metadata(
-        {**(t.schema.metadata or {}), _META: json.dumps(df.attrs.get("reference", {})).encode()}
-    )
+    meta = {**(t.schema.metadata or {}), _META: json.dumps(df.attrs.get("reference", {})).encode()}
     buf = io.BytesIO()
-    pq.write_table(t, buf, compression="zstd")
+    pq.write_table(t.replace_schema_metadata(meta), buf, compression="zstd")
     return buf.getvalue()
 
 
@@ -167,9 +173,14 @@ def reference_from_parquet(data: bytes) -> pd.DataFrame:
     df.attrs["reference"] = json.loads((t.schema.metadata or {}).get(_META, b"{}"))
     return df
 
-
-def save_reference(store, version: str, df: pd.DataFrame, overwrite: bool = True) -> str:
-    "Store `df` as `version`'s reference; return the key."
+# %% ../nbs/monitor.ipynb #d22cd48d
+def save_reference(
+    store,  # a `Store` or its URI
+    version: str,  # the model version the reference belongs to
+    df: pd.DataFrame,  # the reference (`compute_reference`)
+    overwrite: bool = True,  # replace a stored one
+) -> str:
+    "Store `df` as `version`'s reference (by the engine it names); the key."
     key = reference_key(version, df.attrs.get("reference", {}).get("engine", REFERENCE_ENGINE))
     open_store(store).put_bytes(key, reference_to_parquet(df), overwrite=overwrite)
     return key
@@ -182,20 +193,20 @@ def load_reference(store, version: str, engine: str = REFERENCE_ENGINE) -> pd.Da
     except NotFound:
         return None
 
-
+# %% ../nbs/monitor.ipynb #90b22ac1
 def ensure_reference(
-    store,
-    version: str = "latest",
+    store,  # a `Store` or its URI
+    version: str = "latest",  # an alias or a version
     *,
-    package=None,
-    data_source: str | None = None,
-    n: int = REFERENCE_N,
-    seed: int = 0,
-    split: str | None = None,
-    refresh: bool = False,
-    engine: Engine | None = None,
+    package=None,  # the model, if it is loaded already (else fetched from the store)
+    data_source: str | None = None,  # see `reference_images`
+    n: int = REFERENCE_N,  # how many images
+    seed: int = 0,  # which ones: a seeded draw
+    split: str | None = None,  # see `reference_images`
+    refresh: bool = False,  # compute and store it even if one is stored
+    engine: Engine | None = None,  # the engine to embed with (default fp32)
 ) -> pd.DataFrame:
-    "The reference of `version` (an alias or a version) by `engine` (default fp32): the stored one, else (or if `refresh`) computed now and stored."
+    "The reference of `version` by `engine`: the stored one, else (or if `refresh`) computed now and stored."
     st, name = open_store(store), engine.name if engine else REFERENCE_ENGINE
     version = st.resolve(version)
     if not refresh and (df := load_reference(st, version, name)) is not None:
@@ -211,24 +222,14 @@ def ensure_reference(
         raise
     return df
 
-# %% ../nbs/monitor.ipynb #1912bad8
-def _times(s: pd.Series) -> pd.Series:
-    "A time column as UTC timestamps (datetimes, ISO strings, or epoch seconds)."
-    if pd.api.types.is_numeric_dtype(s):
-        return pd.to_datetime(s, unit="s", utc=True)
-    return pd.to_datetime(s, utc=True, format="ISO8601") if s.dtype == object else pd.to_datetime(s, utc=True)
-
 # %% ../nbs/monitor.ipynb #ce013282
-CHI2_TEST = "chi2_homogeneity"
-
-
 @dataclass
 class Projection:
-    "The top `k` principal axes of reference embeddings: `transform(X)` gives the components `pc1…pck`."
+    "The top `k` principal axes of embeddings: `transform(X)` gives the components `pc1…pck`."
 
-    mean: np.ndarray
-    axes: np.ndarray  # (k, D)
-    explained: np.ndarray  # share of the reference's variance along each axis
+    mean: np.ndarray  # (D,): the embeddings' mean
+    axes: np.ndarray  # (k, D): the principal axes, largest variance first
+    explained: np.ndarray  # (k,): the share of the variance along each axis
 
     def transform(self, X: np.ndarray) -> np.ndarray:
         "Project `(N, D)` embeddings on the axes: `(N, k)`."
@@ -241,9 +242,12 @@ class Projection:
 
 
 def fit_projection(
-    embeddings: np.ndarray, components: int = COMPONENTS, max_rows: int = 4000, seed: int = 0
+    embeddings: np.ndarray,  # `(N, D)`
+    components: int = COMPONENTS,  # how many axes to keep (fewer if N or D is smaller)
+    max_rows: int = 4000,  # fit on a seeded random `max_rows` of the embeddings if there are more
+    seed: int = 0,  # which rows
 ) -> Projection:
-    "PCA of `(N, D)` embeddings (a seeded random `max_rows` of them if more), keeping `components` axes (fewer if N or D is smaller)."
+    "Principal component analysis of `embeddings`, keeping `components` axes."
     X = np.asarray(embeddings, np.float64)
     if len(X) > max_rows:
         X = X[np.random.default_rng(seed).choice(len(X), max_rows, replace=False)]
@@ -254,11 +258,14 @@ def fit_projection(
     k = max(1, min(components, len(X) - 1, X.shape[1]))
     return Projection(mean, vecs[:, :k].T.copy(), var[:k] / var.sum() if var.sum() > 0 else np.zeros(k))
 
-
+# %% ../nbs/monitor.ipynb #afb0deba
 def drift_columns(
-    reference_df: pd.DataFrame, current_df: pd.DataFrame, components: int = COMPONENTS, fit: str = "pooled"
+    reference_df: pd.DataFrame,  # the reference's records
+    current_df: pd.DataFrame,  # the window's records
+    components: int = COMPONENTS,  # principal components to test
+    fit: str = "pooled",  # fit the axes on both samples 'pooled', or on the 'reference' alone
 ) -> tuple[pd.DataFrame, pd.DataFrame, Projection]:
-    "The tables the tests compare: `pc1…pck`, `score`, `label`; and the projection, fitted on both samples pooled (or `fit='reference'`)."
+    "The tables the tests compare, reference and window (`pc1…pck`, `score`, `label`), and the projection."
     if fit not in ("pooled", "reference"):
         raise ValueError(f"fit must be 'pooled' or 'reference', got {fit!r}")
     R, C = embedding_matrix(reference_df), embedding_matrix(current_df)
@@ -292,8 +299,9 @@ def ks_pvalue(reference, current) -> float:
 
     return float(ks_2samp(np.asarray(reference), np.asarray(current))[1])
 
-
+# %% ../nbs/monitor.ipynb #c8ed41f7
 def _groups(columns) -> dict[str, list[str]]:
+    "The tested columns by question: `embedding` (the components), `prediction` (`label`), `confidence` (`score`)."
     return {
         "embedding": [c for c in columns if c.startswith("pc")],
         "prediction": [c for c in columns if c == "label"],
@@ -301,8 +309,11 @@ def _groups(columns) -> dict[str, list[str]]:
     }
 
 
-def decide(p_values: dict[str, float], alpha: float = ALPHA) -> dict:
-    "Bonferroni decision over the tests' p-values: per-group scores (1 − smallest adjusted p), drifted flags, overall verdict."
+def decide(
+    p_values: dict[str, float],  # each tested column's p-value
+    alpha: float = ALPHA,  # the family-wise false-alarm level
+) -> dict:
+    "The Bonferroni decision: per question a score (1 − smallest adjusted p) and a flag, and the verdict."
     m = len(p_values)
     adj = {c: min(1.0, p * m) for c, p in p_values.items()}
     groups = {g: cs for g, cs in _groups(p_values).items() if cs}
@@ -319,13 +330,13 @@ def decide(p_values: dict[str, float], alpha: float = ALPHA) -> dict:
         per_test_threshold=alpha / m,
     )
 
-
+# %% ../nbs/monitor.ipynb #b13f15b5
 def drift_tests(
-    reference_df: pd.DataFrame,
-    current_df: pd.DataFrame,
-    components: int = COMPONENTS,
-    alpha: float = ALPHA,
-    fit: str = "pooled",
+    reference_df: pd.DataFrame,  # the reference's records
+    current_df: pd.DataFrame,  # the window's records
+    components: int = COMPONENTS,  # principal components to test
+    alpha: float = ALPHA,  # the family-wise false-alarm level
+    fit: str = "pooled",  # where the axes come from (see `drift_columns`)
 ) -> dict:
     "The detector without Evidently: the same tests and decision as `drift_report`, in milliseconds."
     ref, cur, _ = drift_columns(reference_df, current_df, components, fit)
@@ -334,6 +345,9 @@ def drift_tests(
     return decide(p, alpha)
 
 # %% ../nbs/monitor.ipynb #409bc0f9
+CHI2_TEST = "chi2_homogeneity"  # the name `chi2_homogeneity` is registered under in Evidently
+
+
 def load_evidently():
     "Import Evidently (slow: on first use only) and register the two-sample chi-square test with it."
     with warnings.catch_warnings():
@@ -348,37 +362,44 @@ def load_evidently():
             p = chi2_homogeneity(reference, current)
             return p, p < threshold
 
-        register_stattest(
-            StatTest(
-                name=CHI2_TEST,
-                display_name="chi-square homogeneity p_value",
-                allowed_feature_types=[ColumnType.Categorical],
-            ),
-            default_impl=impl,
+        test = StatTest(
+            name=CHI2_TEST,
+            display_name="chi-square homogeneity p_value",
+            allowed_feature_types=[ColumnType.Categorical],
         )
+        register_stattest(test, default_impl=impl)
     return evidently
 
-
+# %% ../nbs/monitor.ipynb #b11bb828
 @dataclass
 class DriftResult:
-    "A drift report: `summary` (JSON-able dict: status, drift_detected, scores, window, versions, method…), `html`, Evidently's `snapshot`."
+    "A drift report: its JSON-able `summary`, its `html` page, Evidently's `snapshot`, and where it is stored."
 
-    summary: dict
-    html: str
-    snapshot: Any = None
-    keys: list = field(default_factory=list)
+    summary: dict  # status, drift_detected, drift_score, scores, p-values, window, versions, method…
+    html: str  # the page: Evidently's report with a banner on top ("" if none was drawn)
+    snapshot: Any = None  # Evidently's result, when the tests ran
+    keys: list = field(default_factory=list)  # the store keys of the page and the summary, once saved
 
     @property
     def drift_detected(self) -> bool:
         "Did any test fire? (`False` for a window with not enough data.)"
         return bool(self.summary.get("drift_detected"))
 
+# %% ../nbs/monitor.ipynb #cbeaefe1
+def _times(s: pd.Series) -> pd.Series:
+    "A time column as UTC timestamps (datetimes, ISO strings, or epoch seconds)."
+    if pd.api.types.is_numeric_dtype(s):
+        return pd.to_datetime(s, unit="s", utc=True)
+    return pd.to_datetime(s, utc=True, format="ISO8601") if s.dtype == object else pd.to_datetime(s, utc=True)
+
 
 def _iso(t) -> str | None:
+    "`t` in ISO format, or `None`."
     return None if t is None or pd.isna(t) else pd.Timestamp(t).isoformat()
 
 
 def _window_info(current_df: pd.DataFrame, window: dict | None) -> dict:
+    "`window` (how the records were chosen) with what they are: how many, from which instances, first and last time."
     t = _times(current_df["time"]) if "time" in current_df and len(current_df) else None
     inst = current_df["instance"].dropna().value_counts() if "instance" in current_df else pd.Series(dtype=int)
     return {
@@ -390,8 +411,9 @@ def _window_info(current_df: pd.DataFrame, window: dict | None) -> dict:
         "end": _iso(t.max()) if t is not None else None,
     }
 
-
+# %% ../nbs/monitor.ipynb #b3ecfcb0
 def _versions(reference_df: pd.DataFrame, current_df: pd.DataFrame) -> dict:
+    "The model version of the reference and of the window; `ValueError` unless they are one."
     ref_v = sorted(set(map(str, reference_df.get("model_version", pd.Series(dtype=str)))))
     cur_v = sorted(set(map(str, current_df.get("model_version", pd.Series(dtype=str)))))
     if len(ref_v) > 1:
@@ -399,66 +421,118 @@ def _versions(reference_df: pd.DataFrame, current_df: pd.DataFrame) -> dict:
     if ref_v and cur_v and cur_v != ref_v:
         raise ValueError(
             f"the window holds records of model version(s) {cur_v} but the reference is of {ref_v[0]}: "
-            f"embeddings of different models cannot be compared; load the window of one version (read_telemetry(store, version))"
+            "embeddings of different models cannot be compared; "
+            "load the window of one version (read_telemetry(store, version))"
         )
     return {"model": (ref_v or cur_v or [None])[0], "reference": ref_v[0] if ref_v else None, "current": cur_v}
 
-
+# %% ../nbs/monitor.ipynb #6e4624f0
 def _document(title: str, body: str) -> str:
     "A minimal HTML document around `body` (the report when Evidently has nothing to show)."
     return (
-        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{_html.escape(title)} · vit-nbdev</title></head>'
-        f'<body style="margin:2rem auto;max-width:900px">{body}</body></html>'
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{_html.escape(title)} · vit-nbdev</title>'
+        f'</head><body style="margin:2rem auto;max-width:900px">{body}</body></html>'
     )
 
 
-def _banner(s: dict) -> str:
-    esc = lambda x: _html.escape(str(x))
+def _headline(s: dict) -> tuple[str, str]:
+    "The verdict of the summary `s` as a headline, and its colour."
     if s["status"] != "ok":
-        head, color = "Not enough data: " + esc(s["message"]), "#8a6d00"
-    elif s["drift_detected"]:
-        head, color = "Drift detected in " + ", ".join(g for g, d in s["drifted"].items() if d), "#b42318"
-    else:
-        head, color = "No drift detected", "#067647"
+        return "Not enough data: " + _html.escape(str(s["message"])), "#8a6d00"
+    if s["drift_detected"]:
+        return "Drift detected in " + ", ".join(g for g, d in s["drifted"].items() if d), "#b42318"
+    return "No drift detected", "#067647"
+
+
+def _with_banner(page: str, banner: str) -> str:
+    "`page` with `banner` at the top of its body."
+    i = page.find("<body>")
+    return page[: i + 6] + banner + page[i + 6 :] if i >= 0 else banner + page
+
+# %% ../nbs/monitor.ipynb #d4c42f98
+_SHORT_WINDOW = (
+    "<br>A short window: each instance writes its records to the store every {f:g} s (VIT_TELEMETRY_FLUSH_S); "
+    "this one wrote its own before the report, the others' last {f:g} s are not in it yet."
+)
+
+
+def _banner(s: dict) -> str:
+    "The summary `s` as the HTML banner of its report: the verdict, the window, the versions, the scores."
+    esc = lambda x: _html.escape(str(x))
+    head, color = _headline(s)
     w, alpha = s["window"], s["method"]["alpha"]
     span = f" from {esc(w['start'])} to {esc(w['end'])}" if w.get("start") else ""
     scores = " · ".join(f"{g} {v:.3f}" for g, v in (s.get("scores") or {}).items())
     scores = f"<br>scores (an alarm is a score above {1 - alpha:.2f}): {scores}" if scores else ""
     who = f" from {w['instances']} instance{'s' * (w['instances'] != 1)}" if w.get("instances") else ""
     if (f := w.get("telemetry_flush_s")) and (s["status"] != "ok" or w["n"] < (w.get("last_n") or 0)):
-        scores += (
-            f"<br>A short window: each instance writes its records to the store every {f:g} s (VIT_TELEMETRY_FLUSH_S); "
-            f"this one wrote its own before the report, the others' last {f:g} s are not in it yet."
-        )
+        scores += _SHORT_WINDOW.format(f=f)
     return (
-        f'<div style="font:15px/1.5 system-ui,sans-serif;padding:12px 16px;margin:0 0 8px;border-left:6px solid {color};background:#f8f9fb">'
+        '<div style="font:15px/1.5 system-ui,sans-serif;padding:12px 16px;margin:0 0 8px;'
+        f'border-left:6px solid {color};background:#f8f9fb">'
         f'<b style="color:{color};font-size:18px">{head}</b><br>'
         f"model <code>{esc(s['versions']['model'])}</code> · window of {w['n']} records{who}{span}"
         f" · reference of {s['n_reference']} records · {esc(s['method']['name'])}, alpha {alpha}{scores}"
         f'<br><span style="color:#667085">created {esc(s["created"])}</span></div>'
     )
 
+# %% ../nbs/monitor.ipynb #a0bbfb63
+def evidently_p_values(
+    ref: pd.DataFrame,  # the reference's table (`drift_columns`)
+    cur: pd.DataFrame,  # the window's table
+    threshold: float,  # each test's level (the Bonferroni share of `alpha`)
+) -> tuple[dict[str, float], Any]:
+    "The p-value of each column's test, in the order of the columns, and Evidently's snapshot."
+    load_evidently()
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import ValueDrift
 
-def drift_report(
-    reference_df: pd.DataFrame,
-    current_df: pd.DataFrame,
-    *,
-    components: int = COMPONENTS,
-    alpha: float = ALPHA,
-    min_records: int = MIN_RECORDS,
-    window: dict | None = None,
-    html: bool = True,
-    fit: str = "pooled",
-) -> DriftResult:
-    "Evidently drift report of a window of telemetry (`embedding`, `label`, `score`, …) against a reference."
-    versions = _versions(reference_df, current_df)
-    method = dict(
+    numerical = [c for c in ref.columns if c != "label"]
+    dd = DataDefinition(numerical_columns=numerical, categorical_columns=["label"])
+    metrics = [ValueDrift(column=c, method="ks", threshold=threshold) for c in numerical]
+    metrics.append(ValueDrift(column="label", method=CHI2_TEST, threshold=threshold))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        snap = Report(metrics).run(
+            Dataset.from_pandas(cur, data_definition=dd), Dataset.from_pandas(ref, data_definition=dd)
+        )
+    p = {r["config"]["column"]: float(r["value"]) for r in snap.dict()["metrics"]}
+    return {c: p[c] for c in ref.columns}, snap
+
+# %% ../nbs/monitor.ipynb #a05f3c39
+def _method(components: int, alpha: float, fit: str) -> dict:
+    "How a report decides, for its summary."
+    return dict(
         name=f"PCA-{components} KS + prediction chi-square + confidence KS, Bonferroni",
         components=components,
         alpha=alpha,
         projection=fit,
         tests={"embedding": "ks", "prediction": CHI2_TEST, "confidence": "ks"},
     )
+
+
+def _not_enough_data(reference_df: pd.DataFrame, current_df: pd.DataFrame, min_records: int) -> list[str]:
+    "Why the window cannot be judged: too few records in it, or in the reference (empty: it can be)."
+    return [
+        f"the {what} has {len(df)} records, fewer than min_records={min_records}"
+        for what, df in (("window", current_df), ("reference", reference_df))
+        if len(df) < min_records
+    ]
+
+# %% ../nbs/monitor.ipynb #7ac3ab29
+def drift_report(
+    reference_df: pd.DataFrame,  # the reference's records (`ensure_reference`)
+    current_df: pd.DataFrame,  # the window's records (`read_telemetry`)
+    *,
+    components: int = COMPONENTS,  # principal components to test
+    alpha: float = ALPHA,  # the family-wise false-alarm level
+    min_records: int = MIN_RECORDS,  # fewer records in the window or the reference: no test, "not enough data"
+    window: dict | None = None,  # how the window was chosen (`last_n`, `since`…), for the summary
+    html: bool = True,  # draw the page (else `html` is "")
+    fit: str = "pooled",  # where the axes come from (see `drift_columns`)
+) -> DriftResult:
+    "Evidently drift report of a window of telemetry against a reference: the summary, and the page."
+    versions = _versions(reference_df, current_df)  # a window of another model is refused
     base = dict(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         window=_window_info(current_df, window),
@@ -467,16 +541,9 @@ def drift_report(
         min_records=min_records,
         versions=versions,
         reference=reference_df.attrs.get("reference", {}),
-        method=method,
+        method=_method(components, alpha, fit),
     )
-    short = (
-        [f"the window has {len(current_df)} records, fewer than min_records={min_records}"]
-        if len(current_df) < min_records
-        else []
-    )
-    if len(reference_df) < min_records:
-        short.append(f"the reference has {len(reference_df)} records, fewer than min_records={min_records}")
-    if short:
+    if short := _not_enough_data(reference_df, current_df, min_records):
         s = dict(
             status="not_enough_data",
             message="; ".join(short),
@@ -487,49 +554,32 @@ def drift_report(
             **base,
         )
         return DriftResult(s, _document("Drift report: not enough data", _banner(s)) if html else "")
-    ev = load_evidently()
-    from evidently import Report, Dataset, DataDefinition
-    from evidently.metrics import ValueDrift
-
     ref, cur, proj = drift_columns(reference_df, current_df, components, fit)
-    m = len(ref.columns)
-    method.update(
-        components=len(proj.axes),
-        explained_variance=round(float(proj.explained.sum()), 4),
-        per_test_threshold=alpha / m,
-        evidently=ev.__version__,
-    )
-    dd = DataDefinition(numerical_columns=[c for c in ref.columns if c != "label"], categorical_columns=["label"])
-    metrics = [ValueDrift(column=c, method="ks", threshold=alpha / m) for c in proj.columns + ["score"]]
-    metrics.append(ValueDrift(column="label", method=CHI2_TEST, threshold=alpha / m))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        snap = Report(metrics).run(
-            Dataset.from_pandas(cur, data_definition=dd), Dataset.from_pandas(ref, data_definition=dd)
-        )
-    p = {r["config"]["column"]: float(r["value"]) for r in snap.dict()["metrics"]}
-    s = dict(status="ok", message="", **decide({c: p[c] for c in ref.columns}, alpha), **base)
-    s["message"] = (
-        ("drift detected in " + ", ".join(g for g, d in s["drifted"].items() if d))
-        if s["drift_detected"]
-        else "no drift detected"
-    )
-    page = ""
-    if html:
-        page = snap.get_html_str(as_iframe=False)
-        i = page.find("<body>")
-        page = page[: i + 6] + _banner(s) + page[i + 6 :] if i >= 0 else _banner(s) + page
-    return DriftResult(s, page, snap)
+    threshold = alpha / len(ref.columns)
+    p, snap = evidently_p_values(ref, cur, threshold)
+    explained = round(float(proj.explained.sum()), 4)
+    base["method"].update(components=len(proj.axes), explained_variance=explained, per_test_threshold=threshold)
+    base["method"]["evidently"] = load_evidently().__version__
+    s = dict(status="ok", message="", **decide(p, alpha), **base)
+    drifted = [g for g, d in s["drifted"].items() if d]
+    s["message"] = "drift detected in " + ", ".join(drifted) if drifted else "no drift detected"
+    return DriftResult(s, _with_banner(snap.get_html_str(as_iframe=False), _banner(s)) if html else "", snap)
 
 # %% ../nbs/monitor.ipynb #9d1cac93
-def report_stamp(now: datetime | None = None) -> str:
-    "A report's name: the UTC time in ISO basic format with microseconds, e.g. `20261126T114502.123456Z` (sorts by time)."
+def report_stamp(
+    now: datetime | None = None,  # default: now
+) -> str:
+    "A report's name: the UTC time in ISO basic format with microseconds (names sort by time)."
     now = (now or datetime.now(UTC)).astimezone(UTC)
     return now.strftime("%Y%m%dT%H%M%S.%fZ")
 
-
-def save_report(store, result: DriftResult, stamp: str | None = None) -> list[str]:
-    "Store `result` as `reports/<stamp>.html` and `reports/<stamp>.json` (summary; written last); return the two keys."
+# %% ../nbs/monitor.ipynb #0e73fb88
+def save_report(
+    store,  # a `Store` or its URI
+    result: DriftResult,  # the report: its summary gains `report` (where it is stored), its `keys` are set
+    stamp: str | None = None,  # its name (default: `report_stamp()`, now)
+) -> list[str]:
+    "Store `result` as `reports/<stamp>.html` and `reports/<stamp>.json` (the summary, written last); the two keys."
     st = open_store(store)
     for _ in range(5):
         s = stamp or report_stamp()
@@ -546,7 +596,7 @@ def save_report(store, result: DriftResult, stamp: str | None = None) -> list[st
         return keys
     raise StoreError(f"could not find a free report name in {st.uri}")
 
-
+# %% ../nbs/monitor.ipynb #ba037f38
 def list_reports(store) -> list[str]:
     "The stamps of all complete reports (those with a JSON summary), oldest first."
     return sorted(k[len("reports/") : -len(".json")] for k in open_store(store).list("reports/") if k.endswith(".json"))
@@ -567,97 +617,135 @@ def latest_report(store) -> tuple[str, dict] | None:
     try:
         page = st.get_bytes(key[: -len(".json")] + ".html").decode()
     except NotFound:
-        page = _document(
-            "Drift report", _banner(summary) if "window" in summary else "<p>the HTML of this report is missing</p>"
-        )
+        missing = "<p>the HTML of this report is missing</p>"
+        page = _document("Drift report", _banner(summary) if "window" in summary else missing)
     return page, summary
 
 # %% ../nbs/monitor.ipynb #34554a34
-def _window_engine(cur: pd.DataFrame, engine: Engine | None) -> tuple[str, int]:
-    "The engine most records of the window came from (records from before engines count as fp32), and how many came from others."
+def _one_engine(cur: pd.DataFrame, engine: Engine | None) -> tuple[pd.DataFrame, str, int]:
+    "The records of `cur` by the engine most of them came from, that engine, and how many records came from others."
     if "engine" not in cur or cur.empty:
-        return (engine.name if engine else REFERENCE_ENGINE), 0
+        return cur, (engine.name if engine else REFERENCE_ENGINE), 0
+    cur = cur.assign(engine=cur["engine"].fillna(REFERENCE_ENGINE).replace("", REFERENCE_ENGINE))
     counts = cur["engine"].value_counts()
-    return counts.index[0], int(len(cur) - counts.iloc[0])
+    name, others = counts.index[0], int(len(cur) - counts.iloc[0])
+    return (cur[cur["engine"] == name] if others else cur), name, others
 
-
+# %% ../nbs/monitor.ipynb #dd6da99f
 def run_monitoring(
-    store,
-    model: str = "latest",
+    store,  # a `Store` or its URI
+    model: str = "latest",  # an alias or a version
     *,
-    last_n: int | None = 1000,
-    since=None,
-    until=None,
-    min_records: int = MIN_RECORDS,
-    components: int = COMPONENTS,
-    alpha: float = ALPHA,
-    save: bool = True,
-    package=None,
-    telemetry_flush_s: float | None = None,
-    engine: Engine | None = None,
-    **reference_kw,
+    last_n: int | None = 1000,  # the window: the last `last_n` records (None: all) …
+    since=None,  # … from `since` …
+    until=None,  # … to `until` (excluded)
+    min_records: int = MIN_RECORDS,  # fewer records: "not enough data"
+    components: int = COMPONENTS,  # principal components to test
+    alpha: float = ALPHA,  # the family-wise false-alarm level
+    save: bool = True,  # store the report
+    package=None,  # the model, if it is loaded already
+    telemetry_flush_s: float | None = None,  # the fleet's flush interval: the banner of a short window names it
+    engine: Engine | None = None,  # the engine of `package`, if it is loaded already
+    **reference_kw,  # for `ensure_reference`, if the reference must be made
 ) -> DriftResult:
-    "Drift report of `model`'s recent telemetry (last `last_n` records in `[since, until)`) against its reference (made if missing); stored if `save`. `telemetry_flush_s` (the fleet's) is shown when the window is short."
+    "The drift report of `model`'s recent telemetry against its reference (made if missing); stored if `save`."
     st = open_store(store)
     version = st.resolve(model)
-    cur = read_telemetry(st, version, last_n=last_n, since=since, until=until)
-    if "engine" in cur:
-        cur["engine"] = (
-            cur["engine"].fillna(REFERENCE_ENGINE).replace("", REFERENCE_ENGINE)
-        )  # records from before engines: fp32
-    name, others = _window_engine(cur, engine)
-    cur = cur[cur["engine"] == name] if others else cur
-    if name != (
-        engine.name if engine else REFERENCE_ENGINE
-    ):  # the telemetry came from another engine: embed the reference with that one
+    cur, name, others = _one_engine(read_telemetry(st, version, last_n=last_n, since=since, until=until), engine)
+    if name != (engine.name if engine else REFERENCE_ENGINE):  # another engine's telemetry: embed the reference with it
         package = as_package(package if package is not None else st.fetch_model(version))
         engine = build_engine(name, package, cpu_budget(), sync_engines(st, version))
-    ref = ensure_reference(
-        st, version, package=package, engine=engine if name != REFERENCE_ENGINE else None, **reference_kw
-    )
-    window = {
-        k: v
-        for k, v in dict(
-            last_n=last_n,
-            since=_iso(as_utc(since)),
-            until=_iso(as_utc(until)),
-            telemetry_flush_s=telemetry_flush_s,
-            engine=name,
-            other_engines=others or None,
-        ).items()
-        if v is not None
-    }
+    ref_engine = engine if name != REFERENCE_ENGINE else None
+    ref = ensure_reference(st, version, package=package, engine=ref_engine, **reference_kw)
+    window = dict(last_n=last_n, since=_iso(as_utc(since)), until=_iso(as_utc(until)))
+    window.update(telemetry_flush_s=telemetry_flush_s, engine=name, other_engines=others or None)
+    window = {k: v for k, v in window.items() if v is not None}
     res = drift_report(ref, cur, components=components, alpha=alpha, min_records=min_records, window=window)
     if save:
         save_report(st, res)
     return res
 
+# %% ../nbs/monitor.ipynb #ab094df6
+@runtime_checkable
+class MonitoredService(Protocol):
+    "What `DriftMonitoring` needs of the service it is bound to."
+
+    served: Any  # the loaded model (with `.version`, `.package`, `.engine`), or None before the first load
+    metrics_registry: CollectorRegistry  # the registry of the service's `/metrics`
+    telemetry_flush_s: float | None  # how often the telemetry writer writes to the store; None: telemetry is off
+
+    def get_store(self) -> Store:
+        "The store the service loads models from and writes its telemetry to."
+        ...
+
+    def flush_telemetry(self) -> dict:
+        "Write the buffered telemetry and feedback now, in this thread: `dict(written=..., buffered=...)`."
+        ...
+
 # %% ../nbs/monitor.ipynb #ed28adb0
 class DriftMonitoring:
-    "The service's monitoring: latest report at `/monitoring`, reference and report builds behind `/admin/*`, drift gauges in `/metrics`."
+    "The service's monitoring: the latest report at `/monitoring`, reference and report builds behind `/admin/*`."
 
-    def __init__(self, last_n: int = 1000, min_records: int = MIN_RECORDS):
-        self.last_n, self.min_records, self.building, self.last, self.service = last_n, min_records, None, None, None
+    def __init__(
+        self,
+        last_n: int = 1000,  # a report reads the last `last_n` records of the serving model's telemetry
+        min_records: int = MIN_RECORDS,  # fewer: "not enough data", and no alarm
+    ):
+        self.last_n, self.min_records = last_n, min_records
+        self.service: MonitoredService | None = None  # set by `bind`
+        self.building: threading.Thread | None = None  # the report being built, if one is
+        self.last: dict | None = None  # the summary of the last report built here (or its error)
 
-    def bind(self, service) -> None:
-        "Keep the service (its `get_store()`, `served`, `metrics.registry`) and register the drift gauges."
-        self.service = service
-        reg = service.metrics.registry
+    def bind(self, service: MonitoredService) -> None:
+        "Keep `service`, and register the drift gauges in its metrics registry."
+        self.service, reg = service, service.metrics_registry
         self.score = Gauge(
             "vit_drift_score", "drift score of the latest report (0-1; drift above 1 - alpha)", registry=reg
         )
-        self.detected = Gauge(
-            "vit_drift_detected",
-            "1 if the latest report found drift, 0 if not, -1 if none yet or not enough data",
-            registry=reg,
-        )
+        detected = "1 if the latest report found drift, 0 if not, -1 if none yet or not enough data"
+        self.detected = Gauge("vit_drift_detected", detected, registry=reg)
         self.detected.set(-1)
 
+    def latest_report(self) -> str | None:
+        "The newest drift report in the store (HTML), if there is one."
+        found = latest_report(self.service.get_store())
+        return found[0] if found else None
+
+    def update_reference_data(self) -> dict:
+        "Recompute and store the reference embeddings of the serving model, with its engine."
+        s = self._served()
+        ref = ensure_reference(self.service.get_store(), s.version, package=s.package, refresh=True, engine=s.engine)
+        key = reference_key(s.version, s.engine.name)
+        return dict(version=s.version, records=len(ref), key=key, engine=s.engine.name)
+
+    def update_monitoring(self, wait: float = 0) -> dict:
+        "Write the service's buffered telemetry, then build a report in the background; wait up to `wait` s for it."
+        s, flushed = self._served(), self.service.flush_telemetry()
+        if (t := self.building) is None:
+            args = (s.version, s.package, s.engine)
+            t = self.building = threading.Thread(target=self._build, args=args, daemon=True, name="drift-report")
+            t.start()
+        if wait:
+            t.join(wait)
+        if wait and not t.is_alive():
+            return dict(status="done", version=s.version, flushed=flushed, report=self.last)
+        return dict(status="building", version=s.version, last_n=self.last_n, flushed=flushed, previous=self.last)
+
     def _served(self):
-        s = self.service.served
-        if s is None:
+        if (s := self.service.served) is None:
             raise RuntimeError("no model is loaded yet")
         return s
+
+    def _build(self, version: str, package, engine):
+        "Build and store a report of `version`'s recent telemetry; publish its summary (or its error)."
+        svc = self.service
+        try:
+            kw = dict(last_n=self.last_n, min_records=self.min_records, telemetry_flush_s=svc.telemetry_flush_s)
+            self._publish(run_monitoring(svc.get_store(), version, package=package, engine=engine, **kw).summary)
+        except Exception as e:
+            self.last = dict(status="error", message=f"{type(e).__name__}: {e}")
+        finally:
+            self.building = None
 
     def _publish(self, summary: dict):
         self.last = summary
@@ -667,117 +755,28 @@ class DriftMonitoring:
         self.score.set(summary["drift_score"])
         self.detected.set(int(bool(summary["drift_detected"])))
 
-    def latest_report(self) -> str | None:
-        "The newest drift report in the store (HTML), if there is one."
-        found = latest_report(self.service.get_store())
-        return found[0] if found else None
-
-    def update_reference_data(self) -> dict:
-        "Recompute and store the reference embeddings of the serving model."
-        s = self._served()
-        ref = ensure_reference(self.service.get_store(), s.version, package=s.package, refresh=True, engine=s.engine)
-        return dict(
-            version=s.version, records=len(ref), key=reference_key(s.version, s.engine.name), engine=s.engine.name
-        )
-
-    def _build(self, version: str, package, engine):
-        svc = self.service
-        flush_s = svc.cfg.telemetry_flush_s if getattr(svc, "telemetry", None) else None
-        try:
-            self._publish(
-                run_monitoring(
-                    svc.get_store(),
-                    version,
-                    last_n=self.last_n,
-                    min_records=self.min_records,
-                    package=package,
-                    telemetry_flush_s=flush_s,
-                    engine=engine,
-                ).summary
-            )
-        except Exception as e:
-            self.last = dict(status="error", message=f"{type(e).__name__}: {e}")
-        finally:
-            self.building = None
-
-    def flush_telemetry(self) -> dict:
-        "Write the service's buffered telemetry and feedback now, in this thread: `written` (records), `buffered` (left: the store failed)."
-        out = dict(written=0, buffered=0)
-        for w in (
-            getattr(self.service, "telemetry", None),
-            getattr(getattr(self.service, "feedback", None), "writer", None),
-        ):
-            if w is None:
-                continue
-            before = w.written
-            w.flush()
-            out["written"] += w.written - before
-            out["buffered"] += w.buffered
-        return out
-
-    def update_monitoring(self, wait: float = 0) -> dict:
-        "Write this instance's buffered telemetry, then build a drift report of the serving model's recent telemetry in the background; wait up to `wait` s for it."
-        s, flushed = self._served(), self.flush_telemetry()
-        if (t := self.building) is None:
-            t = self.building = threading.Thread(
-                target=self._build, args=(s.version, s.package, s.engine), daemon=True, name="drift-report"
-            )
-            t.start()
-        if wait:
-            t.join(wait)
-        if wait and not t.is_alive():
-            return dict(status="done", version=s.version, flushed=flushed, report=self.last)
-        return dict(status="building", version=s.version, last_n=self.last_n, flushed=flushed, previous=self.last)
-
 # %% ../nbs/monitor.ipynb #1f661642
+REPORT_FIELDS = ("status", "message", "drift_detected", "drift_score", "scores", "window", "versions", "report")
+
+
 def monitor_command(a) -> int:
-    "What `vit-monitor` does once the config chapter has parsed its arguments `a`: a reference or a report; the exit status."
+    "What `vit-monitor` does once the cli chapter has parsed its arguments `a`; the exit status."
     ref_kw = dict(data_source=a.data, n=a.n, seed=a.seed, split=a.split)
     try:
         st = open_store(a.store)
         if a.command == "reference":
             version = st.resolve(a.model)
             df = ensure_reference(st, version, refresh=a.refresh, **ref_kw)
-            print(
-                json.dumps(
-                    dict(version=version, key=reference_key(version), records=len(df), **df.attrs.get("reference", {})),
-                    default=str,
-                )
-            )
+            line = dict(version=version, key=reference_key(version), records=len(df), **df.attrs.get("reference", {}))
+            print(json.dumps(line, default=str))
             return 0
-        res = run_monitoring(
-            st,
-            a.model,
-            last_n=a.last_n or None,
-            since=a.since,
-            until=a.until,
-            min_records=a.min_records,
-            components=a.components,
-            alpha=a.alpha,
-            save=not a.no_save,
-            **ref_kw,
-        )
+        window = dict(last_n=a.last_n or None, since=a.since, until=a.until)
+        test = dict(min_records=a.min_records, components=a.components, alpha=a.alpha)
+        res = run_monitoring(st, a.model, **window, **test, save=not a.no_save, **ref_kw)
     except (StoreError, ValueError, FileNotFoundError) as e:
         print(f"vit-monitor: error: {e}", file=sys.stderr)
         return 2
     if a.html:
         Path(a.html).write_text(res.html)
-    print(
-        json.dumps(
-            {
-                k: res.summary.get(k)
-                for k in (
-                    "status",
-                    "message",
-                    "drift_detected",
-                    "drift_score",
-                    "scores",
-                    "window",
-                    "versions",
-                    "report",
-                )
-            },
-            default=str,
-        )
-    )
+    print(json.dumps({k: res.summary.get(k) for k in REPORT_FIELDS}, default=str))
     return 1 if a.fail_on_drift and res.drift_detected else 0

@@ -1,4 +1,4 @@
-"""The model lifecycle: the registry as a table, a version's card, promoting a version to `production` through an accuracy gate, and rolling back.
+"""The model lifecycle: the registry as a table, a version's card, a gated promotion to `production`, and rollback.
 
 Docs: https://vit-nbdev.github.io/vit-nbdev/registry.html.md"""
 
@@ -20,8 +20,10 @@ __all__ = ['KEY_METRICS', 'versions_table', 'format_table', 'describe', 'format_
 KEY_METRICS = ("val_acc", "test_acc")  # the card's metrics that `vit-models list` shows
 
 
-def versions_table(store: Store | str | None = None) -> list[dict]:
-    "One row per complete version, oldest first: `version`, `registered`, the card's key metrics, the aliases pointing at it."
+def versions_table(
+    store: Store | str | None = None,  # a `Store`, its URI, or None: `$VIT_STORE`
+) -> list[dict]:
+    "One row per complete version, oldest first: `version`, `registered`, the key metrics, the aliases at it."
     st = open_store(store)
     names: dict[str, list] = {}
     for a, v in sorted(st.aliases().items()):
@@ -39,9 +41,11 @@ def versions_table(store: Store | str | None = None) -> list[dict]:
         for v, c in zip(vs, cards, strict=True)
     ]
 
-
-def format_table(rows: list[dict]) -> str:
-    "`rows` (dicts with the same keys) as a plain-text table; fractions of one as percentages, `None` as `-`."
+# %% ../nbs/registry.ipynb #f7e18bf1
+def format_table(
+    rows: list[dict],  # dicts with the same keys
+) -> str:
+    "`rows` as a plain-text table: fractions of one as percentages, `None` as `-`."
     if not rows:
         return "no versions yet"
     cell = lambda x: "-" if x is None else f"{100 * x:.1f}%" if isinstance(x, float) else str(x)
@@ -51,8 +55,11 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, width, strict=True)).rstrip() for line in lines)
 
 # %% ../nbs/registry.ipynb #bf50f873
-def describe(store: Store | str | None, name: str) -> dict:
-    "The card of the version `name` means, with `aliases` (those pointing at it) and `moves` (every alias move to or from it, oldest first)."
+def describe(
+    store: Store | str | None,  # a `Store`, its URI, or None: `$VIT_STORE`
+    name: str,  # a version or an alias
+) -> dict:
+    "The card of the version `name` means, with the `aliases` at it and every alias move to or from it (`moves`)."
     st = open_store(store)
     card = st.card(name)
     v, moves, aliases = card["version"], [], []
@@ -63,58 +70,61 @@ def describe(store: Store | str | None, name: str) -> dict:
         moves += [{"alias": a, **e} for e in doc.get("log", []) if v in (e.get("version"), e.get("previous"))]
     return {**card, "aliases": aliases, "moves": sorted(moves, key=lambda e: e["at"])}
 
-
+# %% ../nbs/registry.ipynb #6e389bb0
 def _pct(x) -> str:
+    "A fraction of one as a percentage; `None` as `-`."
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def format_move(e: dict) -> str:
-    "One line for an alias move: when, which alias, from and to, how, by whom; for a promotion the gate's accuracies, and FORCED if it was."
+def format_move(
+    e: dict,  # a move from `describe`: `at`, `alias`, `previous`, `version`, `how`, `by`, `forced`, `gate`
+) -> str:
+    "One line for an alias move: when, which alias, from and to, how, by whom; for a promotion the gate's result."
     g, by = e.get("gate") or {}, f" by {e['by']}" if e.get("by") else ""
     vs = f"{g.get('current')} {_pct(g.get('current_acc'))}" if g.get("current") else "nothing to compare"
     gate = f"; gate on {g['images']} images: {g['candidate']} {_pct(g['candidate_acc'])}, {vs}" if g else ""
+    forced = ", FORCED past the gate" if e.get("forced") else ""
     return (
         f"{e['at'][:19].replace('T', ' ')}  {e['alias']}: {e.get('previous') or '(new)'} -> {e['version']}  "
-        f"({e.get('how', 'set')}{by}{', FORCED past the gate' if e.get('forced') else ''}{gate})"
+        f"({e.get('how', 'set')}{by}{forced}{gate})"
     )
 
-
-def format_card(card: dict) -> str:
-    "A card from `describe` as readable lines."
+# %% ../nbs/registry.ipynb #1cebef44
+def format_card(
+    card: dict,  # from `describe`
+) -> str:
+    "A card as readable lines, one per field, then its moves."
     ds, m = card.get("dataset") or {}, card.get("metrics") or {}
     show = lambda k, x: _pct(x) if k.endswith("_acc") else f"{x:.4g}" if isinstance(x, float) else str(x)
+    size = lambda n: f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+    data = f"{ds.get('source', '-')}, revision {ds.get('revision') or '-'}, fingerprint {ds.get('fingerprint', '-')}"
     lines = [
         ("version", card["version"] + (f"  ({', '.join(card['aliases'])})" if card.get("aliases") else "")),
         ("registered", card["registered"]),
         ("code commit", card.get("code_commit", "-")),
-        (
-            "data",
-            f"{ds.get('source', '-')}, revision {ds.get('revision') or '-'}, fingerprint {ds.get('fingerprint', '-')}, "
-            f"splits {ds.get('splits', '-')}",
-        ),
+        ("data", f"{data}, splits {ds.get('splits', '-')}"),
         ("metrics", ", ".join(f"{k} {show(k, x)}" for k, x in m.items()) or "-"),
         ("params", ", ".join(f"{k}={x}" for k, x in (card.get("params") or {}).items()) or "-"),
         ("trained on", card.get("device", "-")),
         ("engines", ", ".join(card.get("engines") or []) or "none (PyTorch weights only)"),
-        (
-            "files",
-            ", ".join(
-                f"{f} ({n / 1e6:.1f} MB)" if n >= 1e5 else f"{f} ({n / 1e3:.1f} kB)" for f, n in card["files"].items()
-            ),
-        ),
+        ("files", ", ".join(f"{f} ({size(n)})" for f, n in card["files"].items())),
     ]
     return "\n".join([f"{k:<12}{v}" for k, v in lines] + ["moves"] + [f"  {format_move(e)}" for e in card["moves"]])
 
 # %% ../nbs/registry.ipynb #0a623fd1
 class GateRefused(Exception):
-    "A promotion the gate refused: the candidate is less accurate than the alias's version, or does not load. The alias is untouched."
+    "A promotion the gate refused: the candidate is less accurate than the alias's version, or does not load."
 
 
 _EVAL_LOCK = threading.Lock()  # evaluations share Accelerate's process-wide state (and the CPU): one at a time
 
 
-def accuracy(package_dir, split, batch_size: int = 500) -> float:
-    "Top-1 accuracy of the model package at `package_dir` on `split` (a data `Split`), by the training chapter's `evaluate` (CPU or one GPU)."
+def accuracy(
+    package_dir,  # a model package
+    split,  # a data `Split`: images and labels
+    batch_size: int = 500,  # images per forward pass
+) -> float:
+    "Top-1 accuracy of the package on `split`, by the training chapter's `evaluate` (CPU or one GPU)."
     from vit_nbdev.model import load_package
     from vit_nbdev.train import evaluate, make_accelerator
 
@@ -123,16 +133,16 @@ def accuracy(package_dir, split, batch_size: int = 500) -> float:
         pkg = load_package(package_dir, device=acc.device)
         return evaluate(pkg.model, split, pkg.preprocess, acc, batch_size, desc="gate")["acc"]
 
-
+# %% ../nbs/registry.ipynb #84d772cf
 def gate(
-    store: Store | str | None,
-    candidate: str,
-    current: str | None,
-    data: str = "sample",
-    tolerance: float = 0.5,
-    images: int | None = None,
+    store: Store | str | None,  # a `Store`, its URI, or None: `$VIT_STORE`
+    candidate: str,  # the version to promote
+    current: str | None,  # the version it would replace (None: none yet)
+    data: str = "sample",  # the data source whose test split the gate evaluates on
+    tolerance: float = 0.5,  # points of accuracy the candidate may lose
+    images: int | None = None,  # only the first `images` of the split
 ) -> dict:
-    "Accuracies of the versions `candidate` and `current` (None: none yet) on the same held-out images, and whether the candidate `passed`."
+    "Accuracies of `candidate` and `current` on the same held-out images, and whether the candidate `passed`."
     from vit_nbdev.data import Split, load_cifar10
 
     st = open_store(store)
@@ -147,16 +157,8 @@ def gate(
         except Exception as e:
             raise GateRefused(f"{v!r} does not load or run as a model package ({type(e).__name__}: {e})") from e
 
-    g = dict(
-        data=d.info()["source"],
-        fingerprint=d.fingerprint,
-        images=len(split),
-        tolerance=tolerance,
-        candidate=candidate,
-        candidate_acc=acc(candidate),
-        current=current,
-        current_acc=None,
-    )
+    g = dict(data=d.info()["source"], fingerprint=d.fingerprint, images=len(split), tolerance=tolerance)
+    g.update(candidate=candidate, candidate_acc=acc(candidate), current=current, current_acc=None)
     if current is not None:
         try:
             g["current_acc"] = acc(current)
@@ -175,34 +177,34 @@ def who() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def gate_summary(g: dict, alias: str) -> str:
+def gate_summary(
+    g: dict,  # the result of `gate`
+    alias: str,  # the alias it is for
+) -> str:
     "One line: the data, and both accuracies."
-    cur = (
-        f"{alias} ({g['current']}) {_pct(g['current_acc'])}"
-        if g["current_acc"] is not None
-        else f"{alias} ({g['current']}) does not load"
-        if g["current"]
-        else f"{alias} does not exist yet"
-    )
+    if g["current_acc"] is not None:
+        cur = f"{alias} ({g['current']}) {_pct(g['current_acc'])}"
+    else:
+        cur = f"{alias} ({g['current']}) does not load" if g["current"] else f"{alias} does not exist yet"
     return (
         f"gate on {g['images']} held-out images ({g['data']} test split, fingerprint {g['fingerprint']}): "
         f"{g['candidate']} {_pct(g['candidate_acc'])}, {cur}"
     )
 
-
+# %% ../nbs/registry.ipynb #c28eb761
 def promote(
-    store: Store | str | None,
-    version: str,
-    alias: str = "production",
+    store: Store | str | None,  # a `Store`, its URI, or None: `$VIT_STORE`
+    version: str,  # the candidate: a version or an alias
+    alias: str = "production",  # the alias to move
     *,
-    data: str = "sample",
-    tolerance: float = 0.5,
-    images: int | None = None,
-    force: bool = False,
-    by: str | None = None,
-    echo=print,
+    data: str = "sample",  # the gate's data source (its test split)
+    tolerance: float = 0.5,  # points of accuracy the candidate may lose
+    images: int | None = None,  # the gate on the first `images` only
+    force: bool = False,  # move even if the gate refuses (recorded)
+    by: str | None = None,  # who, for the log (default: `who()`)
+    echo=print,  # where the gate's line and the move are told
 ) -> dict:
-    "Move `alias` to `version` if the gate passes (or `force`); the gate's result and `moved`. `GateRefused` if refused, `Conflict` if the alias moved meanwhile."
+    "Move `alias` to `version` if the gate passes (or `force`): the gate's result and `moved`."
     st = open_store(store)
     candidate = st.resolve(version)  # unknown or incomplete: NotFound, listing what exists
     current = (st.alias_doc(alias) or {}).get("version")
@@ -213,25 +215,40 @@ def promote(
     echo(gate_summary(g, alias))
     if not g["passed"] and not force:
         raise GateRefused(
-            f"refused: {candidate} is {100 * (g['current_acc'] - g['candidate_acc']):.1f} points less accurate than {alias} "
-            f"({current}): {_pct(g['candidate_acc'])} vs {_pct(g['current_acc'])} on the same {g['images']} images "
-            f"(tolerance {tolerance:g} points); {alias} stays at {current}. --force promotes anyway, and is recorded"
+            f"refused: {candidate} is {100 * (g['current_acc'] - g['candidate_acc']):.1f} points less accurate "
+            f"than {alias} ({current}): {_pct(g['candidate_acc'])} vs {_pct(g['current_acc'])} on the same "
+            f"{g['images']} images (tolerance {tolerance:g} points); {alias} stays at {current}. "
+            "--force promotes anyway, and is recorded"
         )
     note = dict(how="promote", by=by or who(), forced=not g["passed"], gate=g)
     st.set_alias(alias, candidate, expect=current, note=note)  # Conflict if another promotion landed since we looked
     echo(f"{alias}: {current or '(new)'} -> {candidate}" + (" (FORCED past the gate)" if note["forced"] else ""))
     return {**g, "moved": True}
 
-
-def rollback(store: Store | str | None, alias: str = "production", *, by: str | None = None) -> tuple[str, str]:
+# %% ../nbs/registry.ipynb #e1e0ef04
+def rollback(
+    store: Store | str | None,  # a `Store`, its URI, or None: `$VIT_STORE`
+    alias: str = "production",  # the alias to move back
+    *,
+    by: str | None = None,  # who, for the log (default: `who()`)
+) -> tuple[str, str]:
     "Move `alias` back to the version before its last move, unless it moved meanwhile (`Conflict`); `(from, to)`."
     st = open_store(store)
     current = (st.alias_doc(alias) or {}).get("version")
     return current, st.rollback(alias, expect=current, note=dict(by=by or who()))
 
 # %% ../nbs/registry.ipynb #06e68823
+def _export_line(c: dict) -> str:
+    "One line of `vit-models export`: an engine's agreement with fp32, its accuracy, whether it may serve."
+    return (
+        f"{c['engine']:11s} agreement {100 * c['agreement']:6.2f}%  accuracy {100 * c['accuracy']:6.2f}% "
+        f"(fp32 {100 * c['reference_accuracy']:.2f}%)  {'eligible' if c['eligible'] else 'NOT eligible'}  "
+        f"({c['seconds']:.0f} s)"
+    )
+
+
 def registry_command(a) -> int:
-    "What `vit-models` does once the cli chapter has parsed its arguments `a`; the exit status (0 done, 1 refused, 2 error, 3 conflict)."
+    "What `vit-models` does once the cli chapter has parsed its arguments `a`; the exit status."
     fail = lambda msg, code: (print(f"vit-models {a.command}: {msg}", file=sys.stderr, flush=True), code)[1]
     try:
         st = open_store(a.store)
@@ -241,28 +258,15 @@ def registry_command(a) -> int:
             card = describe(st, a.version)
             print(json.dumps(card, indent=1, default=str) if a.json else format_card(card))
         elif a.command == "promote":
-            promote(
-                st,
-                a.version,
-                a.alias,
-                data=a.data,
-                tolerance=a.tolerance,
-                images=a.images,
-                force=a.force,
-                by=a.by,
-                echo=lambda s: print(s, flush=True),
-            )
+            say = lambda s: print(s, flush=True)
+            kw = dict(data=a.data, tolerance=a.tolerance, images=a.images, force=a.force, by=a.by, echo=say)
+            promote(st, a.version, a.alias, **kw)
         elif a.command == "export":
             from vit_nbdev.engine import export_engines
 
-            for c in export_engines(
-                st, a.version, [n for n in (a.engines or "").split(",") if n] or None, a.images
-            ).values():
-                print(
-                    f"{c['engine']:11s} agreement {100 * c['agreement']:6.2f}%  accuracy {100 * c['accuracy']:6.2f}% (fp32 {100 * c['reference_accuracy']:.2f}%)"
-                    f"  {'eligible' if c['eligible'] else 'NOT eligible'}  ({c['seconds']:.0f} s)",
-                    flush=True,
-                )
+            engines = [n for n in (a.engines or "").split(",") if n] or None
+            for c in export_engines(st, a.version, engines, a.images).values():
+                print(_export_line(c), flush=True)
         else:
             print("{}: {} -> {}".format(a.alias, *rollback(st, a.alias, by=a.by)))
     except GateRefused as e:

@@ -1,4 +1,4 @@
-"""Does the drift detector raise an alarm when the images change in ways that hurt the model, and stay quiet when they do not? A study under CIFAR-10-C corruptions.
+"""Does the drift detector raise an alarm when the images change in ways that hurt the model, and stay quiet otherwise?
 
 Docs: https://vit-nbdev.github.io/vit-nbdev/robustness.html.md"""
 
@@ -19,8 +19,8 @@ from PIL import Image
 from .monitor import as_package, drift_tests, embed_images
 
 # %% auto #0
-__all__ = ['SEVERITIES', 'CORRUPTIONS', 'corrupt', 'windows', 'split_windows', 'default_detector', 'robustness_study',
-           'study_table', 'plot_study']
+__all__ = ['SEVERITIES', 'CORRUPTIONS', 'corrupt', 'windows', 'split_windows', 'default_detector', 'alarm_rate',
+           'robustness_study', 'study_table', 'plot_study']
 
 # %% ../nbs/robustness.ipynb #6422e301
 SEVERITIES = {  # CIFAR-10-C's parameters, severity 1 … 5
@@ -32,17 +32,9 @@ SEVERITIES = {  # CIFAR-10-C's parameters, severity 1 … 5
     "pixelate": (0.95, 0.9, 0.85, 0.75, 0.65),  # downscale factor (box filter), then back up (nearest)
 }
 
-
+# %% ../nbs/robustness.ipynb #24fdcc29
 def _gaussian_noise(x, c, g):
     return x + c * torch.randn(x.shape, generator=g)
-
-
-def _blur(x, sigma, g):
-    r = int(4 * sigma + 0.5)
-    k = torch.exp(-(torch.arange(-r, r + 1, dtype=torch.float32) ** 2) / (2 * sigma**2))
-    k = k / k.sum()
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).repeat(3, 1, 1, 1), groups=3)
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1).repeat(3, 1, 1, 1), groups=3)
 
 
 def _brightness(x, c, g):
@@ -54,6 +46,14 @@ def _brightness(x, c, g):
 def _contrast(x, c, g):
     m = x.mean((2, 3), keepdim=True)
     return (x - m) * c + m
+
+# %% ../nbs/robustness.ipynb #4743beba
+def _blur(x, sigma, g):
+    r = int(4 * sigma + 0.5)
+    k = torch.exp(-(torch.arange(-r, r + 1, dtype=torch.float32) ** 2) / (2 * sigma**2))
+    k = k / k.sum()
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).repeat(3, 1, 1, 1), groups=3)
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1).repeat(3, 1, 1, 1), groups=3)
 
 
 def _jpeg(x, q, g):
@@ -71,7 +71,7 @@ def _pixelate(x, c, g):
     small = F.adaptive_avg_pool2d(x, (int(h * c), int(w * c)))
     return F.interpolate(small, size=(h, w), mode="nearest")
 
-
+# %% ../nbs/robustness.ipynb #f39d1e65
 CORRUPTIONS: dict[str, Callable] = dict(
     gaussian_noise=_gaussian_noise,
     blur=_blur,
@@ -82,8 +82,14 @@ CORRUPTIONS: dict[str, Callable] = dict(
 )
 
 
-def corrupt(images: torch.Tensor, kind: str, severity: int, seed: int = 0, chunk: int = 2000) -> torch.Tensor:
-    "`uint8 (N,3,H,W)` images with corruption `kind` (a key of `CORRUPTIONS`) at `severity` 1–5 (0: unchanged); seeded."
+def corrupt(
+    images: torch.Tensor,  # `uint8 (N,3,H,W)` images
+    kind: str,  # a key of `CORRUPTIONS`
+    severity: int,  # 1 … 5 (0: unchanged)
+    seed: int = 0,  # the noise's seed
+    chunk: int = 2000,  # images at a time (bounds the memory of the float copies)
+) -> torch.Tensor:
+    "`images` with corruption `kind` at `severity`: `uint8` images of the same shape."
     if kind not in CORRUPTIONS:
         raise ValueError(f"unknown corruption {kind!r}; known: {', '.join(CORRUPTIONS)}")
     if not 0 <= severity <= 5:
@@ -99,77 +105,90 @@ def corrupt(images: torch.Tensor, kind: str, severity: int, seed: int = 0, chunk
     ]
     return torch.cat(out) if out else images.clone()
 
-# %% ../nbs/robustness.ipynb #3167a8ab
-def windows(n: int, size: int, limit: int | None = None) -> list[slice]:
-    "Disjoint windows `[0, size), [size, 2 size), …` of `n` records, at most `limit` of them."
+# %% ../nbs/robustness.ipynb #68881e1e
+def windows(
+    n: int,  # records
+    size: int,  # records per window
+    limit: int | None = None,  # at most this many windows
+) -> list[slice]:
+    "Disjoint windows `[0, size), [size, 2 size), …` of `n` records (a last one that would be short is left out)."
     w = [slice(i, i + size) for i in range(0, n - size + 1, size)]
     return w[:limit] if limit else w
 
 
 def split_windows(ws: list) -> tuple[list, list]:
-    "The *validation* windows (even indices) and the *test* windows (odd indices) of `ws`: choose a detector's settings on the first, report on the second."
+    "The *validation* windows (even indices) and the *test* windows (odd indices) of `ws`."
     return ws[0::2], ws[1::2]
 
-
+# %% ../nbs/robustness.ipynb #d56231a4
 def default_detector(reference_df: pd.DataFrame, window_df: pd.DataFrame) -> bool:
-    "This module's detector with its defaults: `drift_tests(...)['drift_detected']`."
+    "The monitoring chapter's detector with its defaults: `drift_tests(...)['drift_detected']`."
     return drift_tests(reference_df, window_df)["drift_detected"]
 
 
-def robustness_study(
-    package,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    reference_df: pd.DataFrame,
-    *,
-    window: int = 200,
-    detectors: dict[str, Callable] | None = None,
-    corruptions=None,
-    severities=(1, 2, 3, 4, 5),
-    clean: bool = True,
-    max_windows: int | None = None,
-    subset: str | None = None,
-    seed: int = 0,
-    batch_size: int = 500,
-    cache_dir=None,
-    progress: bool = False,
+def alarm_rate(
+    detector: Callable,  # `(reference, window) -> bool`
+    reference_df: pd.DataFrame,  # the reference's records
+    records: pd.DataFrame,  # the records to cut windows from
+    ws: list[slice],  # the windows (`windows`)
+) -> tuple[float, float]:
+    "The share of the windows on which `detector` raises an alarm (NaN without windows), and the seconds per window."
+    t0 = time.perf_counter()
+    alarms = [bool(detector(reference_df, records.iloc[w].reset_index(drop=True))) for w in ws]
+    return (float(np.mean(alarms)) if ws else float("nan")), (time.perf_counter() - t0) / max(1, len(ws))
+
+# %% ../nbs/robustness.ipynb #fad21048
+def _embedded(
+    pkg, images: torch.Tensor, kind: str, severity: int, seed: int, batch_size: int, cache_dir
 ) -> pd.DataFrame:
-    "Accuracy and alarm rate per detector (default: `default_detector`) for clean `images` (severity 0) and each corruption × severity; alarm rates over all windows, or only the `subset` 'validation' or 'test' ones (`split_windows`)."
+    "The records of `images` under `kind` at `severity`: read from `cache_dir` if there, else embedded (and cached)."
+    f = Path(cache_dir) / f"{kind}-{severity}.parquet" if cache_dir else None  # one cache per model and images
+    if f is not None and f.exists():
+        return pd.read_parquet(f)
+    x = images if severity == 0 else corrupt(images, kind, severity, seed=seed)
+    recs = embed_images(pkg, x, batch_size, version=pkg.version)
+    if f is not None:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        recs.to_parquet(f)
+    return recs
+
+# %% ../nbs/robustness.ipynb #3167a8ab
+def robustness_study(
+    package,  # the model: a `ModelPackage` or its directory
+    images: torch.Tensor,  # clean `uint8` test images
+    labels: torch.Tensor,  # their classes
+    reference_df: pd.DataFrame,  # the model's reference (held-out images, never among `images`)
+    *,
+    window: int = 200,  # images per window
+    detectors: dict[str, Callable] | None = None,  # name: `(reference, window) -> bool` (default: `default_detector`)
+    corruptions=None,  # names in `CORRUPTIONS` (default: all)
+    severities=(1, 2, 3, 4, 5),  # the severities of each
+    clean: bool = True,  # also the clean images (corruption 'none', severity 0: false alarms)
+    max_windows: int | None = None,  # at most this many windows per point
+    subset: str | None = None,  # alarm rates over all windows, or only the 'validation' or 'test' ones
+    seed: int = 0,  # the noise's seed
+    batch_size: int = 500,  # images per forward pass
+    cache_dir=None,  # keep the embeddings of each point here, for the next call (one folder per model and images)
+    progress: bool = False,  # print each point's row
+) -> pd.DataFrame:
+    "One row per corruption × severity: the model's accuracy, each detector's alarm rate, and the number of windows."
     if subset not in (None, "validation", "test"):
         raise ValueError(f"subset must be None, 'validation' or 'test', got {subset!r}")
     pkg = as_package(package)
     detectors = {"detector": default_detector} if detectors is None else detectors
     name_to_id = {l: i for i, l in enumerate(pkg.labels)}
-    cases = ([("none", 0)] if clean else []) + [
-        (k, s) for k in (CORRUPTIONS if corruptions is None else corruptions) for s in severities
-    ]
+    kinds = CORRUPTIONS if corruptions is None else corruptions
+    cases = ([("none", 0)] if clean else []) + [(k, s) for k in kinds for s in severities]
     rows, seconds = [], {name: [] for name in detectors}
     for k, s in cases:
-        f = (
-            Path(cache_dir) / f"{k}-{s}.parquet" if cache_dir else None
-        )  # embeddings, reused by later calls (one cache per model and images)
-        if f is not None and f.exists():
-            recs = pd.read_parquet(f)
-        else:
-            recs = embed_images(
-                pkg, images if s == 0 else corrupt(images, k, s, seed=seed), batch_size, version=pkg.version
-            )
-            if f is not None:
-                f.parent.mkdir(parents=True, exist_ok=True)
-                recs.to_parquet(f)
+        recs = _embedded(pkg, images, k, s, seed, batch_size, cache_dir)
         pred = torch.tensor([name_to_id[l] for l in recs["label"]])
         row = dict(corruption=k, severity=s, accuracy=(pred == labels).float().mean().item())
         ws = windows(len(recs), window, max_windows)
-        if subset is not None:
-            ws = split_windows(ws)[subset == "test"]
+        ws = ws if subset is None else split_windows(ws)[subset == "test"]
         for name, det in detectors.items():
-            t0 = time.perf_counter()
-            row[name] = (
-                float(np.mean([bool(det(reference_df, recs.iloc[w].reset_index(drop=True))) for w in ws]))
-                if ws
-                else float("nan")
-            )
-            seconds[name].append((time.perf_counter() - t0) / max(1, len(ws)))
+            row[name], sec = alarm_rate(det, reference_df, recs, ws)
+            seconds[name].append(sec)
         row["windows"] = len(ws)
         rows.append(row)
         if progress:
@@ -178,9 +197,12 @@ def robustness_study(
     df.attrs["seconds_per_window"] = {name: float(np.mean(v)) if v else float("nan") for name, v in seconds.items()}
     return df
 
-
-def study_table(df: pd.DataFrame, detector: str) -> pd.DataFrame:
-    "One detector's results as a corruption × severity table of `accuracy / alarm rate` (severity 0: clean, its alarms are false alarms)."
+# %% ../nbs/robustness.ipynb #f4502c9a
+def study_table(
+    df: pd.DataFrame,  # a `robustness_study`
+    detector: str,  # one of its detectors
+) -> pd.DataFrame:
+    "A corruption × severity table of `accuracy / alarm rate` (severity 0: the clean images, its alarms false)."
     clean = df[df.severity == 0].iloc[0]
     t = {
         (r["corruption"], int(r["severity"])): f"{r['accuracy']:.3f} / {r[detector]:.2f}"
@@ -191,9 +213,13 @@ def study_table(df: pd.DataFrame, detector: str) -> pd.DataFrame:
     tab.columns = [f"severity {c}" for c in tab.columns]
     return tab
 
-
-def plot_study(df: pd.DataFrame, detector: str, title: str = ""):
-    "Accuracy and alarm rate of `detector` against severity, one line per corruption; the clean false-alarm rate at severity 0."
+# %% ../nbs/robustness.ipynb #f6b71603
+def plot_study(
+    df: pd.DataFrame,  # a `robustness_study`
+    detector: str,  # one of its detectors
+    title: str = "",  # the figure's title
+):
+    "Accuracy and alarm rate of `detector` against severity, a line per corruption; severity 0: the clean images."
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -206,10 +232,8 @@ def plot_study(df: pd.DataFrame, detector: str, title: str = ""):
     a2.axhline(0.05, ls=":", c="gray")
     a2.axhline(0.9, ls="--", c="gray")
     a2.set(xlabel="severity (0 = clean: false alarms)", ylabel="alarm rate", ylim=(-0.03, 1.03))
-    a2.set_title(
-        f"alarm rate{f' ({int(df.windows.max())} windows per point)' if 'windows' in df else ''}\n{detector}",
-        fontsize=8,
-    )
+    per_point = f" ({int(df.windows.max())} windows per point)" if "windows" in df else ""
+    a2.set_title(f"alarm rate{per_point}\n{detector}", fontsize=8)
     a2.legend(fontsize=7, loc="lower right")
     if title:
         fig.suptitle(title)

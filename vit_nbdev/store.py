@@ -101,8 +101,14 @@ def _dumps(obj) -> bytes:
     return json.dumps(obj, indent=1).encode()
 
 
-def _moved(doc: dict | None, version: str, history: list, limit: int, note: dict) -> dict:
-    "The alias document `doc` after a move to `version`: the given `history`, and one more log entry (`version`, `previous`, `at`, and `note`)."
+def _moved(
+    doc: dict | None,  # the alias document before the move (None: a new alias)
+    version: str,  # where the alias points now
+    history: list,  # the versions it pointed at before, oldest first
+    limit: int,  # how many of them, and of the log's entries, to keep
+    note: dict,  # who moved it and how, for the log
+) -> dict:
+    "The alias document after a move, with one more log entry (`version`, `previous`, `at`, and `note`)."
     at = _now()
     log = (doc or {}).get("log", []) + [
         {"version": version, "previous": doc["version"] if doc else None, "at": at, **note}
@@ -153,7 +159,7 @@ class Store:
         raise NotImplementedError
 
     def _update_json(self, key: str, fn: Callable[[dict | None], dict | None]) -> dict | None:
-        "Atomically replace the JSON document at `key` (None: absent) by `fn(document)` unless that is None; return the result."
+        "Atomically replace the JSON at `key` (None if absent) by `fn(it)`, unless that is None; return the result."
         raise NotImplementedError
 
     def _stamp(self, key: str) -> str | None:
@@ -212,7 +218,7 @@ class Store:
         return keys
 
     def get_dir(self, prefix: str, local_dir: str | Path) -> Path:
-        "Download every key below the folder `prefix` into `local_dir`, keeping relative paths; `NotFound` if it is empty."
+        "Download every key below the folder `prefix` into `local_dir`, keeping relative paths; `NotFound` if none."
         pre = _prefix(prefix).strip("/") + "/" if prefix.strip("/") else ""
         keys, dst = self.list(pre), Path(local_dir)
         if not keys:
@@ -227,9 +233,12 @@ class Store:
         return self.exists(f"models/{version}/{MARKER}")
 
     def register(
-        self, package_dir: str | Path, version: str | None = None, aliases: Iterable[str] = ("latest",)
-    ) -> str:
-        "Upload `package_dir` as the immutable `models/<version>/`, mark it complete, move `aliases` to it; return the version."
+        self,
+        package_dir: str | Path,  # the model package to upload
+        version: str | None = None,  # its name (default: `new_version()`)
+        aliases: Iterable[str] = ("latest",),  # the aliases to move to it
+    ) -> str:  # the version
+        "Upload a package as the immutable `models/<version>/`, mark it complete, then move `aliases` to it."
         src, version = Path(package_dir), _name(version or new_version(), "version")
         aliases = [_name(a, "alias") for a in ([aliases] if isinstance(aliases, str) else aliases)]
         files = sorted(p for p in src.rglob("*") if p.is_file() and p.name != MARKER) if src.is_dir() else []
@@ -257,14 +266,14 @@ class Store:
         return sorted((p[1] for p in parts if len(p) == 3 and p[2] == MARKER), key=_natural)
 
     def alias_doc(self, alias: str) -> dict | None:
-        "The document of `alias`: `version`, `history` (for rollback), `log` (its moves: who, how, when), `updated`; None if there is no such alias."
+        "The document of `alias` (`version`, `history` for rollback, `log` of its moves, `updated`), or None."
         try:
             return json.loads(self.get_bytes(f"models/_aliases/{alias}.json"))
         except NotFound:
             return None
 
     def alias_stamp(self, alias: str) -> str | None:
-        "A token that changes whenever `alias` moves (its object's generation on GCS, its file's inode and mtime on a folder), or None if there is no such alias: one small read, what a server polls."
+        "A token that changes whenever `alias` moves (None: no such alias); one small read, what a server polls."
         return self._stamp(f"models/_aliases/{_name(alias, 'alias')}.json")
 
     def aliases(self) -> dict[str, str]:
@@ -275,8 +284,15 @@ class Store:
         docs = {a: self.alias_doc(a) for a in names if "/" not in a}
         return {a: d["version"] for a, d in docs.items() if d}
 
-    def set_alias(self, alias: str, version: str, *, expect: str | None = ..., note: dict | None = None) -> dict:
-        "Point `alias` at the complete `version`, atomically, remembering where it pointed; given `expect`, only if it points there now (None: nowhere yet), else `Conflict`. `note` (who, how) goes into the alias's log."
+    def set_alias(
+        self,
+        alias: str,
+        version: str,  # a complete version
+        *,
+        expect: str | None = ...,  # move only if the alias points here now (None: nowhere yet), else `Conflict`
+        note: dict | None = None,  # who moves it and how, for the alias's log
+    ) -> dict:  # the alias document after the move
+        "Point `alias` at `version`, atomically, remembering where it pointed."
         alias, version = _name(alias, "alias"), _name(version, "version")
         if not self.is_complete(version):
             raise StoreError(
@@ -300,8 +316,14 @@ class Store:
 
         return self._update_json(f"models/_aliases/{alias}.json", move)
 
-    def rollback(self, alias: str, *, expect: str | None = ..., note: dict | None = None) -> str:
-        "Move `alias` back to the version it pointed at before the last move (undo); return that version (`expect` and `note` as for `set_alias`)."
+    def rollback(
+        self,
+        alias: str,
+        *,
+        expect: str | None = ...,  # as for `set_alias`
+        note: dict | None = None,  # as for `set_alias`
+    ) -> str:  # the version it points at now
+        "Move `alias` back to the version it pointed at before the last move (undo)."
         alias = _name(alias, "alias")
 
         def back(doc):
@@ -335,7 +357,7 @@ class Store:
         raise NotFound(f"no alias or complete version {name!r} in {self.uri}. Aliases: {als}. Versions: {shown}")
 
     def card(self, name: str) -> dict:
-        "The model card of the version `name` means (its package's `card.json`), with `version`, `registered` and `files` (name: bytes) from the registry."
+        "The `card.json` of the version `name` means, with `version`, `registered` and `files` (name: bytes) added."
         version = self.resolve(name)
         marker = json.loads(self.get_bytes(f"models/{version}/{MARKER}"))
         try:
@@ -344,8 +366,12 @@ class Store:
             card = {}
         return {**card, "version": version, "registered": marker["created"], "files": marker["files"]}
 
-    def fetch_model(self, name: str, cache_dir: str | Path | None = None) -> Path:
-        "Resolve `name` and return a local folder holding that complete version, downloading it into the cache if needed."
+    def fetch_model(
+        self,
+        name: str,  # an alias or a version
+        cache_dir: str | Path | None = None,  # default: `<cache>/models/<hash of the store uri>`
+    ) -> Path:
+        "A local folder holding the complete version `name` means, downloaded into the cache if needed."
         version = self.resolve(name)
         root = (
             Path(cache_dir)
@@ -353,23 +379,7 @@ class Store:
             else cache_root() / "models" / hashlib.sha256(self.uri.encode()).hexdigest()[:16]
         )
         dst = root / version
-        if _complete_locally(dst):
-            return dst
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{version}.", suffix="~"))
-        try:
-            self.get_dir(f"models/{version}/", tmp)
-            if not _complete_locally(tmp):
-                raise StoreError(f"download of {version!r} from {self.uri} is incomplete")
-            if dst.exists() and not _complete_locally(dst):
-                shutil.rmtree(dst)
-            with contextlib.suppress(OSError):
-                os.rename(tmp, dst)  # fails only if another process was quicker
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if not _complete_locally(dst):
-            raise StoreError(f"could not place {version!r} in {dst}")
-        return dst
+        return dst if _complete_locally(dst) else _download_version(self, version, dst)
 
 # %% ../nbs/store.ipynb #229db1a6
 def _complete_locally(d: Path) -> bool:
@@ -379,6 +389,25 @@ def _complete_locally(d: Path) -> bool:
     except (OSError, ValueError, KeyError):
         return False
     return all((d / f).is_file() and (d / f).stat().st_size == n for f, n in files.items())
+
+
+def _download_version(st: Store, version: str, dst: Path) -> Path:
+    "Download the complete `version` from `st` into the folder `dst`, all or nothing; return `dst`."
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{version}.", suffix="~"))
+    try:
+        st.get_dir(f"models/{version}/", tmp)
+        if not _complete_locally(tmp):
+            raise StoreError(f"download of {version!r} from {st.uri} is incomplete")
+        if dst.exists() and not _complete_locally(dst):
+            shutil.rmtree(dst)  # a damaged copy
+        with contextlib.suppress(OSError):
+            os.rename(tmp, dst)  # fails only if another process was quicker
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not _complete_locally(dst):
+        raise StoreError(f"could not place {version!r} in {dst}")
+    return dst
 
 # %% ../nbs/store.ipynb #54f8a9db
 class LocalStore(Store):
@@ -455,7 +484,7 @@ class LocalStore(Store):
             return new
 
     def fetch_model(self, name: str, cache_dir: str | Path | None = None) -> Path:
-        "The registered folder of the version `name` means (versions are immutable); a copy in `cache_dir` if one is given."
+        "The registered folder of the version `name` means (versions are immutable), or a copy in `cache_dir`."
         if cache_dir is not None:
             return super().fetch_model(name, cache_dir)
         return self._path(f"models/{self.resolve(name)}")
@@ -596,8 +625,12 @@ class GCSStore(Store):
         )
 
 # %% ../nbs/store.ipynb #7f32c6e7
-def open_store(uri: Store | str | os.PathLike | None = None, *, timeout: float = 10.0) -> Store:
-    "The store at `uri` (default: env `VIT_STORE`, else `./artifacts`): `gs://bucket/prefix`, `file://path` or a folder; a `Store` is returned as it is."
+def open_store(
+    uri: Store | str | os.PathLike | None = None,  # a folder, `file://path` or `gs://bucket/prefix`
+    *,
+    timeout: float = 10.0,  # seconds, for each request to GCS
+) -> Store:
+    "The store at `uri` (default: `$VIT_STORE`, else `./artifacts`); a `Store` is returned as it is."
     if isinstance(uri, Store):
         return uri
     uri = str(uri or os.environ.get("VIT_STORE") or "./artifacts")

@@ -1,4 +1,4 @@
-"""The training loop, with Accelerate; this notebook is also the entry point you run headless with papermill, and its executed copy is the run record.
+"""The training loop, with Accelerate; run headless with papermill, the executed notebook is the run record.
 
 Docs: https://vit-nbdev.github.io/vit-nbdev/train.html.md"""
 
@@ -34,9 +34,9 @@ from .model import build_model, save_package
 from .store import open_store, new_version, StoreError
 
 # %% auto #0
-__all__ = ['NOTEBOOK', 'resolve_precision', 'epoch_order', 'step_indices', 'evaluate', 'RunState', 'latest_checkpoint',
-           'resolve_resume', 'make_accelerator', 'start_tracking', 'wandb_run', 'device_info', 'code_commit',
-           'TrainResult', 'train', 'run_notebook', 'results_table', 'train_command']
+__all__ = ['NOTEBOOK', 'resolve_precision', 'epoch_order', 'step_indices', 'RunState', 'latest_checkpoint', 'resolve_resume',
+           'evaluate', 'make_accelerator', 'start_tracking', 'wandb_run', 'device_info', 'code_commit',
+           'make_optimizer', 'TrainResult', 'train', 'run_notebook', 'results_table', 'train_command']
 
 # %% ../nbs/train.ipynb #ed53c0d8
 def resolve_precision(mixed_precision: str = "auto") -> str:
@@ -54,20 +54,91 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     "The seeded permutation of `n` training indices for `epoch`."
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
-
+# %% ../nbs/train.ipynb #eee7bfbc
 def step_indices(
-    order: torch.Tensor, step_in_epoch: int, batch_size: int, rank: int, world: int, grad_accum: int
-) -> list[torch.Tensor]:
-    "This process's micro-batches (one per accumulation step) of optimizer step `step_in_epoch`."
+    order: torch.Tensor,  # the epoch's order
+    step_in_epoch: int,  # the optimizer step, counted from the start of the epoch
+    batch_size: int,  # the global batch
+    rank: int,  # this process
+    world: int,  # processes
+    grad_accum: int,  # accumulation steps
+) -> list[torch.Tensor]:  # this process's micro-batches, one per accumulation step
+    "This process's share of optimizer step `step_in_epoch`."
     chunk = order[step_in_epoch * batch_size : (step_in_epoch + 1) * batch_size]
     return list(chunk.view(world, grad_accum, -1)[rank])
+
+# %% ../nbs/train.ipynb #15d08cb2
+class RunState:
+    "What a resumed run must remember beyond model and optimizer: step, history, best weights, timing."
+
+    def __init__(self):
+        self.step = 0  # optimizer steps done
+        self.history = []  # the logged train losses and validation results
+        self.best_acc, self.best_state = -1.0, None  # the best validation accuracy, and a CPU copy of its weights
+        self.train_time, self.images = 0.0, 0  # seconds spent training (not evaluating, not saving), images seen
+
+    def state_dict(self) -> dict:
+        "Everything above, for `accelerator.save_state`."
+        return dict(vars(self))
+
+    def load_state_dict(self, d: dict):
+        "Take back what `state_dict` gave."
+        vars(self).update(d)
+
+    def update_best(self, acc: float, model) -> bool:
+        "Keep a CPU copy of `model`'s weights if `acc` beats the best so far."
+        if acc <= self.best_acc:
+            return False
+        self.best_acc = acc
+        self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        return True
+
+# %% ../nbs/train.ipynb #ac8b6d6b
+def latest_checkpoint(ckpt_dir) -> Path | None:
+    "The newest `step_<n>` folder in `ckpt_dir`, if any."
+    d = Path(ckpt_dir)
+    steps = sorted(d.glob("step_*"), key=lambda p: int(p.name.split("_")[1])) if d.is_dir() else []
+    return steps[-1] if steps else None
+
+# %% ../nbs/train.ipynb #9c3079f9
+def resolve_resume(
+    resume,  # False (a fresh run), True (the latest checkpoint of the run) or a checkpoint path
+    ckpt_dir,  # the run's checkpoints, `checkpoints/<run_id>`
+) -> Path | None:
+    "The checkpoint to resume from: `None` for a fresh run; a clear error if asked to resume and none exists."
+    if resume in (False, None, "", "false", "False"):
+        return None
+    p = latest_checkpoint(ckpt_dir) if resume in (True, "true", "True", "latest") else Path(resume)
+    if p is None or not p.exists():
+        raise FileNotFoundError(
+            f"resume={resume!r} but there is no checkpoint in {ckpt_dir if p is None else p}; "
+            f"pass the run_id of the run to continue (its checkpoints are in checkpoints/<run_id>/step_<n>), "
+            f"a checkpoint path, or resume=False"
+        )
+    return p
+
+# %% ../nbs/train.ipynb #5636af15
+def _checkpoint(acc: Accelerator, ckpt_dir: Path, step: int, keep: int = 2):
+    "Save the run's state as `ckpt_dir/step_<step>`, keeping the last `keep` checkpoints."
+    tmp = ckpt_dir / f".tmp_step_{step}"  # a run killed while saving leaves no half checkpoint behind
+    acc.save_state(str(tmp))
+    if acc.is_main_process:
+        tmp.rename(ckpt_dir / f"step_{step}")
+        for old in sorted(ckpt_dir.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
 
 # %% ../nbs/train.ipynb #5fdce507
 @torch.inference_mode()
 def evaluate(
-    model, split: Split, pre: PreprocessConfig, accelerator: Accelerator, batch_size: int = 500, desc: str = "eval"
-) -> dict:
-    "Loss, accuracy and confusion matrix (rows: true class) of `model` on `split`, over all processes."
+    model,  # the (prepared) model
+    split: Split,  # images and labels
+    pre: PreprocessConfig,  # the model's preprocessing
+    accelerator: Accelerator,
+    batch_size: int = 500,  # images per forward pass, per process
+    desc: str = "eval",  # the progress bar's label
+) -> dict:  # `loss`, `acc` and `confusion` (rows: the true class)
+    "Loss, accuracy and confusion matrix of `model` on `split`, over all processes."
     model.eval()
     n_cls, dev = accelerator.unwrap_model(model).config.num_labels, accelerator.device
     cm, loss = torch.zeros(n_cls, n_cls, dtype=torch.long, device=dev), torch.zeros((), device=dev)
@@ -83,66 +154,43 @@ def evaluate(
     n = cm.sum().item()
     return dict(loss=loss.item() / n, acc=cm.trace().item() / n, confusion=cm.cpu())
 
-# %% ../nbs/train.ipynb #15d08cb2
-class RunState:
-    "What a resumed run must remember beyond model and optimizer: step, history, best weights, timing."
+# %% ../nbs/train.ipynb #2e3363fd
+def _validate(acc: Accelerator, model, split: Split, pre: PreprocessConfig, cfg: TrainConfig, state: RunState) -> dict:
+    "Evaluate on the validation split, keep the weights if they are the best so far, log and record the result."
+    v = evaluate(model, split, pre, acc, cfg.eval_batch_size, desc="validation")
+    if state.update_best(v["acc"], acc.unwrap_model(model)):
+        acc.print(f"step {state.step}: val acc {v['acc']:.4f} (best)")
+    acc.log({"val/loss": v["loss"], "val/acc": v["acc"]}, step=state.step)
+    state.history.append(dict(step=state.step, val_loss=v["loss"], val_acc=v["acc"]))
+    return v
 
-    def __init__(self):
-        self.step, self.history, self.best_acc, self.best_state, self.train_time, self.images = (
-            0,
-            [],
-            -1.0,
-            None,
-            0.0,
-            0,
-        )
-
-    def state_dict(self) -> dict:
-        return dict(vars(self))
-
-    def load_state_dict(self, d: dict):
-        vars(self).update(d)
-
-    def update_best(self, acc: float, model) -> bool:
-        "Keep a CPU copy of `model`'s weights if `acc` beats the best so far."
-        if acc <= self.best_acc:
-            return False
-        self.best_acc, self.best_state = (
-            acc,
-            {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
-        )
-        return True
-
-
-def latest_checkpoint(ckpt_dir) -> Path | None:
-    "The newest `step_<n>` folder in `ckpt_dir`, if any."
-    steps = (
-        sorted(Path(ckpt_dir).glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-        if Path(ckpt_dir).is_dir()
-        else []
+# %% ../nbs/train.ipynb #574e3a1f
+def _final_metrics(acc: Accelerator, model, state: RunState, split: Split, pre, cfg: TrainConfig) -> tuple[dict, dict]:
+    "Put the best weights back and evaluate them on the test `split`: the evaluation, and the run's metrics."
+    acc.unwrap_model(model).load_state_dict(state.best_state)
+    test = evaluate(model, split, pre, acc, cfg.eval_batch_size, desc="test")
+    metrics = dict(
+        val_acc=state.best_acc,
+        test_acc=test["acc"],
+        test_loss=test["loss"],
+        steps=state.step,
+        images_per_s=state.images / max(state.train_time, 1e-9),
+        train_time_s=state.train_time,
+        processes=acc.num_processes,
+        mixed_precision=acc.mixed_precision,
     )
-    return steps[-1] if steps else None
+    summary = {"test/acc": test["acc"], "test/loss": test["loss"], "train/images_per_s_mean": metrics["images_per_s"]}
+    acc.log(summary, step=state.step)
+    return test, metrics
 
-
-def resolve_resume(resume, ckpt_dir) -> Path | None:
-    "The checkpoint to resume from: `None` for a fresh run; a clear error if asked to resume and none exists."
-    if resume in (False, None, "", "false", "False"):
-        return None
-    p = latest_checkpoint(ckpt_dir) if resume in (True, "true", "True", "latest") else Path(resume)
-    if p is None or not p.exists():
-        raise FileNotFoundError(
-            f"resume={resume!r} but there is no checkpoint in {ckpt_dir if p is None else p}; "
-            f"pass the run_id of the run to continue (its checkpoints are in checkpoints/<run_id>/step_<n>), a checkpoint path, or resume=False"
-        )
-    return p
-
-# %% ../nbs/train.ipynb #bcba3565
+# %% ../nbs/train.ipynb #a960ee0b
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     "An `Accelerator` for `cfg`: precision, accumulation, tracker; CPU processes use gloo."
     if cfg.tracker not in ("wandb", "none"):
         raise ValueError(f"tracker must be 'wandb' or 'none', got {cfg.tracker!r}")
-    # A second run in the same process (this notebook, a benchmark) may want another precision, or another device: an
-    # `Accelerator(cpu=True)` made earlier leaves the process-wide state on the CPU, so a GPU run would quietly train there.
+    # A second run in the same process (this notebook, a benchmark) may want another precision, or another device:
+    # an `Accelerator(cpu=True)` made earlier leaves the process-wide state on the CPU, so a GPU run would quietly
+    # train there.
     AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
     return Accelerator(
         mixed_precision=resolve_precision(cfg.mixed_precision),
@@ -151,7 +199,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         cpu=not torch.cuda.is_available(),
     )
 
-
+# %% ../nbs/train.ipynb #bcba3565
 def start_tracking(accelerator: Accelerator, cfg: TrainConfig, run_id: str):
     "Start the W&B run (offline without `WANDB_API_KEY`) with the run's config."
     if cfg.tracker != "wandb":
@@ -186,9 +234,9 @@ def device_info(device: torch.device | None = None) -> str:
         name = platform.processor() or "unknown CPU"
     return f"CPU: {name}, {torch.get_num_threads()} threads"
 
-
+# %% ../nbs/train.ipynb #84c563ad
 def code_commit() -> str:
-    "The git commit of the code (`$VIT_CODE_COMMIT` in images built without `.git`)."
+    "The git commit of the code (`$VIT_CODE_COMMIT` in images built without `.git`), `-dirty` if it has changes."
     if c := os.environ.get("VIT_CODE_COMMIT"):
         return c
     try:
@@ -205,7 +253,56 @@ def code_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
-# %% ../nbs/train.ipynb #888abadd
+# %% ../nbs/train.ipynb #40baac2d
+def _shared_run_id(acc: Accelerator) -> str:
+    "A new run id, made by the main process and sent to the others."
+    from accelerate.utils import broadcast_object_list
+
+    rid = [new_run_id() if acc.is_main_process else None]
+    if acc.num_processes > 1:
+        broadcast_object_list(rid)
+    return rid[0]
+
+
+def _check_writable(st, run_id: str, cfg: TrainConfig):
+    "Write the run's parameters to `runs/<run_id>/params.json`: a store that cannot take them fails now."
+    try:
+        st.put_bytes(f"runs/{run_id}/params.json", json.dumps(asdict(cfg), indent=2, default=str).encode())
+    except (StoreError, OSError) as e:
+        raise RuntimeError(
+            f"cannot write to the store {st.uri!r} ({e}); fix `store` / $VIT_STORE or its permissions before training"
+        ) from e
+
+# %% ../nbs/train.ipynb #92c93efd
+def _snapshot(st, cfg: TrainConfig, data):
+    "Write the snapshots of the run's data that `st` lacks, and name them in `data`'s lineage (the card's `dataset`)."
+
+    def prefix(fp: str, source: str, revision=None) -> str:
+        "The snapshot's prefix, asking the store first: a source it has is not decoded again."
+        if has_snapshot(st, fp):
+            return snapshot_prefix(fp)
+        return snapshot_dataset(st, source, revision, progress=False)["snapshot"]
+
+    if not data.snapshot:
+        data.snapshot = prefix(data.fingerprint, cfg.dataset, cfg.revision)
+    if data.extra_train and not data.extra_train["snapshot"]:
+        data.extra_train["snapshot"] = prefix(data.extra_train["fingerprint"], cfg.extra_train)
+
+# %% ../nbs/train.ipynb #7d333968
+def make_optimizer(
+    model,  # the model to train
+    cfg: TrainConfig,  # `lr`, `weight_decay`, `warmup_steps`
+    total: int,  # optimizer steps in the run
+    fused: bool = False,  # the fused AdamW kernel (CUDA only)
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    "AdamW and its learning-rate schedule."
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
+    return opt, get_cosine_schedule_with_warmup(opt, min(cfg.warmup_steps, total // 2), total)
+
+# %% ../nbs/train.ipynb #2c70aa0f
 @dataclass
 class TrainResult:
     "What a run produced: its id, metrics, history, and where the model went."
@@ -219,7 +316,54 @@ class TrainResult:
     version: str | None = None
     store: str | None = None
 
+# %% ../nbs/train.ipynb #7faeb0d4
+def _card(acc: Accelerator, cfg: TrainConfig, res: TrainResult, data, version: str) -> dict:
+    "The model card of a run: its lineage (code, data, parent model), parameters, metrics and device."
+    return dict(
+        version=version,
+        created=datetime.now(UTC).isoformat(),
+        code_commit=code_commit(),
+        run_id=res.run_id,
+        params=asdict(cfg),
+        dataset=data.info(),
+        metrics=res.metrics,
+        device=device_info(acc.device),
+        parent=None if cfg.model in PRESETS else cfg.model,
+    )
 
+
+def _wandb_artifacts(run, res: TrainResult, card: dict, pkg: Path) -> None:
+    "Log the test confusion matrix and the model package to the W&B `run`."
+    import wandb
+
+    cells = [[a, p, int(res.confusion[i, j])] for i, a in enumerate(res.labels) for j, p in enumerate(res.labels)]
+    run.log({"test/confusion": wandb.Table(columns=["actual", "predicted", "count"], data=cells)})
+    art = wandb.Artifact(f"model-{res.run_id}", type="model", metadata=card)
+    art.add_dir(str(pkg))
+    run.log_artifact(art)
+
+# %% ../nbs/train.ipynb #c175b385
+def _publish(acc, cfg: TrainConfig, st, res: TrainResult, model, pre, data):
+    "Save the package with its card, register it, write `runs/<run_id>/metrics.json`, log to W&B."
+    version = new_version()
+    card = _card(acc, cfg, res, data, version)
+    pkg = save_package(model, pre, Path(cfg.checkpoint_dir) / res.run_id / "package", card)
+    res.version = st.register(pkg, version=version, aliases=tuple(cfg.aliases))
+    res.package_dir = pkg
+    record = dict(
+        version=res.version,
+        metrics=res.metrics,
+        history=res.history,
+        confusion=res.confusion.tolist(),
+        labels=res.labels,
+    )
+    st.put_bytes(f"runs/{res.run_id}/metrics.json", json.dumps(record, indent=1).encode())
+    if run := wandb_run(acc):
+        _wandb_artifacts(run, res, card, pkg)
+    aliases = ", ".join(cfg.aliases)
+    acc.print(f"registered {res.version} in {st.uri} as {aliases}; test acc {res.metrics['test_acc']:.4f}")
+
+# %% ../nbs/train.ipynb #888abadd
 def train(cfg: TrainConfig | None = None, **params) -> TrainResult:
     "Train a ViT on CIFAR-10 as `cfg` says; register the best model in the store; return the metrics."
     cfg = cfg or TrainConfig.from_dict(params)
@@ -239,23 +383,15 @@ def train(cfg: TrainConfig | None = None, **params) -> TrainResult:
         data = add_train(data, cfg.extra_train, store=st, progress=main)
     if main:
         _snapshot(st, cfg, data)
-    src = (
-        str(st.fetch_model(cfg.model[6:])) if cfg.model.startswith("store:") else cfg.model
-    )  # store:<version>: a registered model, e.g. production's
+    # store:<version> is a registered model, e.g. production's
+    src = str(st.fetch_model(cfg.model[6:])) if cfg.model.startswith("store:") else cfg.model
     model, pre = build_model(src, data.label_names, **({"image_size": cfg.image_size} if cfg.image_size else {}))
-    train_x, train_y = data.train.images.to(acc.device), data.train.labels.to(acc.device)
+    train_x, train_y = data.train.images.to(acc.device), data.train.labels.to(acc.device)  # bytes on the device
     steps_per_epoch = len(data.train) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the training split ({len(data.train)} images)")
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        fused=acc.device.type == "cuda",
-    )
-    sched = get_cosine_schedule_with_warmup(opt, min(cfg.warmup_steps, total // 2), total)
+    opt, sched = make_optimizer(model, cfg, total, fused=acc.device.type == "cuda")
     model, opt = acc.prepare(model, opt)
     state = RunState()
     acc.register_for_checkpointing(sched, state)
@@ -265,9 +401,7 @@ def train(cfg: TrainConfig | None = None, **params) -> TrainResult:
     eval_every = cfg.eval_every or steps_per_epoch
     running, seen, t0 = torch.zeros((), device=acc.device), 0, time.perf_counter()
     start = state.step
-    bar = tqdm(
-        range(start, total), initial=state.step, total=total, desc="train", disable=not acc.is_local_main_process
-    )
+    bar = tqdm(range(start, total), initial=start, total=total, desc="train", disable=not acc.is_local_main_process)
     for step in bar:
         epoch, i = divmod(step, steps_per_epoch)
         if i == 0 or step == start:
@@ -293,46 +427,21 @@ def train(cfg: TrainConfig | None = None, **params) -> TrainResult:
             dt = time.perf_counter() - t0
             state.train_time += dt
             state.images += seen
-            acc.log(
-                {
-                    "train/loss": loss_avg,
-                    "train/lr": sched.get_last_lr()[0],
-                    "train/images_per_s": seen / dt,
-                    "epoch": step / steps_per_epoch,
-                },
-                step=state.step,
-            )
+            lr_now, epochs_done = sched.get_last_lr()[0], step / steps_per_epoch
+            logged = {"train/loss": loss_avg, "train/lr": lr_now, "train/images_per_s": seen / dt, "epoch": epochs_done}
+            acc.log(logged, step=state.step)
             bar.set_postfix(loss=f"{loss_avg:.3f}", img_s=f"{seen / dt:,.0f}")
             state.history.append(dict(step=state.step, train_loss=loss_avg))
             seen, t0 = 0, time.perf_counter()
         if state.step % eval_every == 0 or state.step == total:
             t_eval = time.perf_counter()
-            v = evaluate(model, data.validation, pre, acc, cfg.eval_batch_size, desc="validation")
-            if state.update_best(v["acc"], acc.unwrap_model(model)):
-                acc.print(f"step {state.step}: val acc {v['acc']:.4f} (best)")
-            acc.log({"val/loss": v["loss"], "val/acc": v["acc"]}, step=state.step)
-            state.history.append(dict(step=state.step, val_loss=v["loss"], val_acc=v["acc"]))
+            _validate(acc, model, data.validation, pre, cfg, state)
             t0 += time.perf_counter() - t_eval  # evaluation is not training time
         if cfg.checkpoint_every and (state.step % cfg.checkpoint_every == 0) and state.step < total:
             t_ck = time.perf_counter()
             _checkpoint(acc, ckpt_dir, state.step)
             t0 += time.perf_counter() - t_ck
-    acc.unwrap_model(model).load_state_dict(state.best_state)
-    test = evaluate(model, data.test, pre, acc, cfg.eval_batch_size, desc="test")
-    metrics = dict(
-        val_acc=state.best_acc,
-        test_acc=test["acc"],
-        test_loss=test["loss"],
-        steps=state.step,
-        images_per_s=state.images / max(state.train_time, 1e-9),
-        train_time_s=state.train_time,
-        processes=world,
-        mixed_precision=acc.mixed_precision,
-    )
-    acc.log(
-        {"test/acc": test["acc"], "test/loss": test["loss"], "train/images_per_s_mean": metrics["images_per_s"]},
-        step=state.step,
-    )
+    test, metrics = _final_metrics(acc, model, state, data.test, pre, cfg)
     res = TrainResult(run_id, metrics, state.history, test["confusion"], data.label_names, store=st.uri)
     if main:
         _publish(acc, cfg, st, res, acc.unwrap_model(model), pre, data)
@@ -340,109 +449,15 @@ def train(cfg: TrainConfig | None = None, **params) -> TrainResult:
     acc.end_training()
     return res
 
-# %% ../nbs/train.ipynb #af17629d
-def _shared_run_id(acc: Accelerator) -> str:
-    from accelerate.utils import broadcast_object_list
-
-    rid = [new_run_id() if acc.is_main_process else None]
-    if acc.num_processes > 1:
-        broadcast_object_list(rid)
-    return rid[0]
-
-
-def _check_writable(st, run_id: str, cfg: TrainConfig):
-    try:
-        st.put_bytes(f"runs/{run_id}/params.json", json.dumps(asdict(cfg), indent=2, default=str).encode())
-    except (StoreError, OSError) as e:
-        raise RuntimeError(
-            f"cannot write to the store {st.uri!r} ({e}); fix `store` / $VIT_STORE or its permissions before training"
-        ) from e
-
-
-def _snapshot(st, cfg: TrainConfig, data):
-    "Write the snapshots of the run's data that the store lacks, and name them in `data`'s lineage (the card's `dataset`, with its `extra_train`)."
-
-    def prefix(
-        fp: str, source: str, revision=None
-    ) -> str:  # asks the store first: a source it has is not decoded again
-        return (
-            snapshot_prefix(fp)
-            if has_snapshot(st, fp)
-            else snapshot_dataset(st, source, revision, progress=False)["snapshot"]
-        )
-
-    if not data.snapshot:
-        data.snapshot = prefix(data.fingerprint, cfg.dataset, cfg.revision)
-    if data.extra_train and not data.extra_train["snapshot"]:
-        data.extra_train["snapshot"] = prefix(data.extra_train["fingerprint"], cfg.extra_train)
-
-
-def _checkpoint(acc: Accelerator, ckpt_dir: Path, step: int, keep: int = 2):
-    tmp = ckpt_dir / f".tmp_step_{step}"  # a run killed while saving leaves no half checkpoint behind
-    acc.save_state(str(tmp))
-    if acc.is_main_process:
-        tmp.rename(ckpt_dir / f"step_{step}")
-        for old in sorted(ckpt_dir.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    acc.wait_for_everyone()
-
-
-def _publish(acc, cfg: TrainConfig, st, res: TrainResult, model, pre, data):
-    version = new_version()
-    card = dict(
-        version=version,
-        created=datetime.now(UTC).isoformat(),
-        code_commit=code_commit(),
-        run_id=res.run_id,
-        params=asdict(cfg),
-        dataset=data.info(),
-        metrics=res.metrics,
-        device=device_info(acc.device),
-        parent=None if cfg.model in PRESETS else cfg.model,
-    )
-    pkg = save_package(model, pre, Path(cfg.checkpoint_dir) / res.run_id / "package", card)
-    res.version = st.register(pkg, version=version, aliases=tuple(cfg.aliases))
-    res.package_dir = pkg
-    st.put_bytes(
-        f"runs/{res.run_id}/metrics.json",
-        json.dumps(
-            dict(
-                version=res.version,
-                metrics=res.metrics,
-                history=res.history,
-                confusion=res.confusion.tolist(),
-                labels=res.labels,
-            ),
-            indent=1,
-        ).encode(),
-    )
-    if run := wandb_run(acc):
-        import wandb
-
-        run.log(
-            {
-                "test/confusion": wandb.Table(
-                    columns=["actual", "predicted", "count"],
-                    data=[
-                        [a, p, int(res.confusion[i, j])]
-                        for i, a in enumerate(res.labels)
-                        for j, p in enumerate(res.labels)
-                    ],
-                )
-            }
-        )
-        art = wandb.Artifact(f"model-{res.run_id}", type="model", metadata=card)
-        art.add_dir(str(pkg))
-        run.log_artifact(art)
-    acc.print(
-        f"registered {res.version} in {st.uri} as {', '.join(cfg.aliases)}; test acc {res.metrics['test_acc']:.4f}"
-    )
-
-# %% ../nbs/train.ipynb #13ccc0a4
+# %% ../nbs/train.ipynb #5cb97f15
 NOTEBOOK = Path(__file__).resolve().parent / "train.ipynb" if "__file__" in globals() else Path("train.ipynb").resolve()
 
 
-def run_notebook(params: dict, output=None, notebook=None) -> Path:
+def run_notebook(
+    params: dict,  # training parameters (checked before a kernel starts); a new `run_id` unless given
+    output=None,  # the executed notebook (default `runs/<run_id>.ipynb`)
+    notebook=None,  # the notebook to run (default: this one, as the package ships it)
+) -> Path:  # the executed notebook
     "Execute the training notebook with papermill and upload the executed copy to the run's folder in the store."
     import papermill as pm
 
@@ -467,24 +482,30 @@ def run_notebook(params: dict, output=None, notebook=None) -> Path:
             open_store(params.get("store")).put_file(out, f"runs/{params['run_id']}/train.ipynb")
     return out
 
-
+# %% ../nbs/train.ipynb #13c9d355
 def results_table(run_id: str, version: str | None, metrics: dict, record: str | None = None) -> str:
-    "The few lines `vit-train` ends with: accuracies, steps, throughput, the version registered and where the record is."
+    "The few lines `vit-train` ends with: accuracies, steps, throughput, the version registered and the record."
+    steps = (
+        f"{metrics['steps']}  ({metrics['train_time_s']:.0f} s training, {metrics['processes']} process(es), "
+        f"mixed precision: {metrics['mixed_precision']})"
+    )
     rows = [
         ("run", run_id),
         ("version", version or "-"),
         ("val acc", f"{metrics['val_acc']:.4f}  (best, on the validation carve)"),
         ("test acc", f"{metrics['test_acc']:.4f}"),
-        (
-            "steps",
-            f"{metrics['steps']}  ({metrics['train_time_s']:.0f} s training, {metrics['processes']} process(es), mixed precision: {metrics['mixed_precision']})",
-        ),
+        ("steps", steps),
         ("img/s", f"{metrics['images_per_s']:.1f}"),
     ] + ([("record", record)] if record else [])
     return "\n".join(f"{k:<9}{v}" for k, v in rows)
 
-
-def train_command(params: dict, direct: bool = False, output=None, notebook=None) -> None:
+# %% ../nbs/train.ipynb #2f09b61b
+def train_command(
+    params: dict,  # training parameters, checked
+    direct: bool = False,  # run `train` in this process (under torchrun / accelerate launch), not the notebook
+    output=None,  # the executed notebook (see `run_notebook`)
+    notebook=None,  # the notebook to run (see `run_notebook`)
+) -> None:
     "What `vit-train` does once its arguments are checked: train (notebook or `direct`), then print the results table."
     if direct:
         r = train(TrainConfig.from_dict(params))
@@ -496,8 +517,5 @@ def train_command(params: dict, direct: bool = False, output=None, notebook=None
     out = run_notebook(params, output, notebook)
     st = open_store(params.get("store"))
     m = json.loads(st.get_bytes(f"runs/{params['run_id']}/metrics.json"))
-    print(
-        results_table(
-            params["run_id"], m["version"], m["metrics"], f"{out} (and {st.uri}/runs/{params['run_id']}/train.ipynb)"
-        )
-    )
+    record = f"{out} (and {st.uri}/runs/{params['run_id']}/train.ipynb)"
+    print(results_table(params["run_id"], m["version"], m["metrics"], record))

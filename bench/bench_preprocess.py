@@ -3,7 +3,7 @@
 uint8 32×32 → normalised 224×224, batches of 256. Also times the first decode of a full CIFAR-10
 folder into the cache and a cached reload.
 
-    python bench/bench_preprocess.py [--data ../shared/data/cifar10] [--batches 5]
+    python bench/bench_preprocess.py --data path/to/cifar10 [--batches 5]
 """
 
 import argparse, tempfile, time
@@ -24,7 +24,7 @@ def best_of(fn, n):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default="../shared/data/cifar10")
+    ap.add_argument("--data", required=True, help="a local CIFAR-10 parquet folder (HF layout) or a hub id")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--batches", type=int, default=5)
     a = ap.parse_args()

@@ -26,7 +26,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain-small-gpu.y
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default="../shared/data/cifar10")
+    ap.add_argument("--data", required=True, help="a local CIFAR-10 parquet folder (HF layout) or a hub id")
     ap.add_argument("--minutes", type=float, default=5.0)
     ap.add_argument("--out", default="gpu-out")
     ap.add_argument("--store", default=None, help="default: a temporary folder")

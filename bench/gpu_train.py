@@ -7,7 +7,7 @@ accuracy in <= 5 minutes) is bench/gpu_pretrain.py, e.g. `--config configs/cifar
 
 The device has torch/transformers/accelerate but no registry: carry the data and the missing wheels. The parquet files
 xz-compress from 57 to 18 MB (the JPEG headers repeat), which keeps the tree under the device's transfer limit:
-    mkdir -p .gpu/data && for f in ../shared/data/cifar10/*.parquet; do xz -9 -c $f > .gpu/data/$(basename $f).xz; done
+    mkdir -p .gpu/data && for f in path/to/cifar10/*.parquet; do xz -9 -c $f > .gpu/data/$(basename $f).xz; done
     pip download --no-deps --python-version 3.12 --only-binary=:all: -d .gpu/wheels \
         datasets dill multiprocess papermill ...
 and on the device: pip install --no-deps --target /tmp/site .gpu/wheels/*.whl, PYTHONPATH=/tmp/site:$PWD, unxz the data,
@@ -45,7 +45,7 @@ def train_flops_per_image(cfg) -> float:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default="../shared/data/cifar10")
+    ap.add_argument("--data", required=True, help="a local CIFAR-10 parquet folder (HF layout) or a hub id")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=256)

@@ -84,10 +84,10 @@ def chapter(tmp_path, name, cells) -> Path:
     return p
 
 
-def demo(accuracy="0.753", plot=True, timing="40.2", seed="3fa2"):
+def demo(accuracy="0.753", plot=True, timing="40.2", seed="3fa2", second="{time2}"):
     png = {"output_type": "display_data", "data": {"image/png": "iVBORw0KGgo=\n"}, "metadata": {}}
     return [
-        code_cell("a1", "evaluate()", [text_out(f"accuracy {accuracy} on 1,000 images")]),
+        code_cell("a1", "evaluate()", [text_out(f"accuracy {accuracy} on 1,000 images, v{{time1}}, v{second}")]),
         code_cell("b2", "plot()", [png] if plot else []),
         code_cell("c3", "#| varies\nbench()", [text_out(f"{timing} images per request, run {seed}")]),
     ]
@@ -98,6 +98,7 @@ def test_numbers_may_differ_within_the_tolerance_and_no_more(tmp_path):
     same = lambda **kw: run_chapters.compare(committed, chapter(tmp_path, "run", demo(**kw)), REL_TOL, ABS_TOL)
     assert same(accuracy="0.766") == []  # 0.013 apart
     assert same(timing="97.0", seed="77b1") == []  # `#| varies`: not compared
+    assert same(second="{time1}") == []  # two versions registered in the same second, this time
     [diff] = same(accuracy="0.853")
     assert "demo.ipynb, cell 1 (id a1, 'evaluate()')" in diff and "0.753 and 0.853 differ by more than 5%" in diff
     [diff] = same(plot=False)

@@ -298,7 +298,8 @@ def _varies(cell) -> bool:
 
 
 def _shown(outputs: list[dict]) -> list[tuple[str, str | None]]:
-    "What a cell shows, one `(kind, text)` a piece; `text` is None for an image (only its presence is compared)."
+    """What a cell shows, one `(kind, text)` a piece; `text` is None for an image (only its presence is compared).
+    `{time3}` reads `{time}`: whether two events of a run fell in the same second, so share a label, varies."""
     res = []
     for o in outputs:
         if o["output_type"] == "stream":
@@ -309,7 +310,7 @@ def _shown(outputs: list[dict]) -> list[tuple[str, str | None]]:
             for mime, v in sorted(o.get("data", {}).items()):
                 image = mime.startswith("image/")
                 res.append((mime, None if image else _text(v) if isinstance(v, (str, list)) else json.dumps(v)))
-    return res
+    return [(kind, text and PLACEHOLDER.sub(r"{\1}", text)) for kind, text in res]
 
 
 def _cell_difference(old: list[dict], new: list[dict], tol: tuple) -> str | None:

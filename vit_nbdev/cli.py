@@ -242,7 +242,7 @@ def monitor_parser() -> argparse.ArgumentParser:
 
 # %% ../nbs/cli.ipynb #45530736
 def monitor_main(argv=None) -> int:
-    "`vit-monitor`: parse, then build a reference or a report (the monitoring chapter) or retrain (the loop chapter)."
+    "`vit-monitor`: parse, then build a reference or a report (the monitoring chapter) or retrain (the retrain chapter)."
     ap = monitor_parser()
     a = ap.parse_args(argv)
     if a.command == "retrain":
@@ -306,7 +306,7 @@ def models_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         "vit-models",
         description="The model registry: list the versions, show a card, promote a version to an alias "
-        "through an accuracy gate, roll an alias back (see the models chapter).",
+        "through an accuracy gate, roll an alias back (see the registry chapter).",
     )
     sub = ap.add_subparsers(dest="command", required=True)
     common = [store_option()]
@@ -332,7 +332,7 @@ def models_parser() -> argparse.ArgumentParser:
 
 # %% ../nbs/cli.ipynb #f240242f
 def models_main(argv=None) -> int:
-    "`vit-models`: parse, then list, show, promote, roll back or export (see the models chapter)."
+    "`vit-models`: parse, then list, show, promote, roll back or export (see the registry chapter)."
     ap = models_parser()
     a = ap.parse_args(argv)
     if a.command == "promote" and not a.tolerance >= 0:
@@ -426,7 +426,7 @@ def data_output(
         try:
             from vit_nbdev.retrain import snapshot_feedback
         except ImportError as e:
-            raise RuntimeError(f"feedback snapshots need the loop chapter (vit_nbdev.retrain): {e}") from e
+            raise RuntimeError(f"feedback snapshots need the retrain chapter (vit_nbdev.retrain): {e}") from e
         meta = snapshot_feedback(st, since=a.since, holdout=0.3 if a.holdout is None else a.holdout)
     else:
         from vit_nbdev.data import snapshot_dataset

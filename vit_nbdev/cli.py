@@ -242,7 +242,7 @@ def monitor_parser() -> argparse.ArgumentParser:
 
 # %% ../nbs/cli.ipynb #45530736
 def monitor_main(argv=None) -> int:
-    "`vit-monitor`: parse, then build a reference or a report (the monitoring chapter) or retrain (the retrain chapter)."
+    "`vit-monitor`: parse, then build a reference or a report (monitor) or retrain (the retrain chapter)."
     ap = monitor_parser()
     a = ap.parse_args(argv)
     if a.command == "retrain":
@@ -426,7 +426,7 @@ def data_output(
         try:
             from vit_nbdev.retrain import snapshot_feedback
         except ImportError as e:
-            raise RuntimeError(f"feedback snapshots need the retrain chapter (vit_nbdev.retrain): {e}") from e
+            raise RuntimeError(f"feedback snapshots need the retrain module: {e}") from e
         meta = snapshot_feedback(st, since=a.since, holdout=0.3 if a.holdout is None else a.holdout)
     else:
         from vit_nbdev.data import snapshot_dataset

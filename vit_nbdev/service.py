@@ -6,7 +6,7 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/service.html.md"""
 
 # %% ../nbs/service.ipynb #adef37b9
 from __future__ import annotations
-import asyncio, contextlib, json, logging, os, random, socket, threading, time, uuid
+import asyncio, contextlib, json, logging, random, socket, threading, time, uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -362,9 +362,7 @@ class Service:
         monitoring: Monitoring | None = None,  # the monitoring hook (default: `NoMonitoring`)
     ):
         self.cfg, self.store, self.initial_package = cfg, store, model
-        self.store_uri = (
-            store.uri if store is not None else str(cfg.store or "./artifacts")
-        )
+        self.store_uri = store.uri if store is not None else str(cfg.store or "./artifacts")
         self.metrics = ServiceMetrics()
         self.served: Served | None = None
         self.load_error: str | None = None

@@ -6,7 +6,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import pytest
-from vit_nbdev.store import GCSStore, LocalStore, NotFound, StoreError, open_store
+from vit_nbdev.store import GCSStore, LocalStore, NotFound, Store, StoreError, open_store
 
 
 @pytest.fixture
@@ -27,6 +27,18 @@ def pkg(tmp_path) -> Path:
 
 def files(d: Path) -> dict:
     return {p.relative_to(d).as_posix(): p.read_bytes() for p in d.rglob("*") if p.is_file()}
+
+
+# -- backends --
+
+
+def test_backends_implement_every_primitive():
+    "Each backend has its own version of every primitive that `Store` leaves to it (they are patched on one by one)."
+    code = {k: getattr(f, "__code__", None) for k, f in vars(Store).items()}
+    prims = [k for k, c in code.items() if c and "NotImplementedError" in c.co_names]
+    assert prims == ["_write", "_read", "_download", "_exists", "_keys", "_remove", "_update_json", "_stamp"]
+    for cls in (LocalStore, GCSStore):
+        assert [p for p in prims if getattr(cls, p) is getattr(Store, p)] == [], cls.__name__
 
 
 # -- objects --

@@ -50,6 +50,16 @@ WIDGET = "application/vnd.jupyter.widget"  # an ipywidget (tqdm's notebook bar):
 DROPPED_MIMES = (WIDGET, "application/javascript")
 RECENT = timedelta(days=1)  # a date this close to the run is the run's own (a timestamp, an id made from it)
 REL_TOL, ABS_TOL = 0.05, 0.02  # two numbers agree when within 5% of each other, or 0.02 apart
+PRELOAD = [
+    "torch",
+    "transformers",
+    "datasets",
+    "accelerate",
+    "pandas",
+    "matplotlib.pyplot",
+    "execnb.shell",
+    "nbdev.test",
+]
 
 # --- 1. execute -------------------------------------------------------------------------------
 
@@ -388,7 +398,9 @@ def main(argv=None) -> int:
     if len(todo) == 1:
         jobs = [(todo[0], None)]
     else:  # a fresh process for each chapter: chapters change the environment, the working folder, global state
-        pool = ProcessPoolExecutor(max(1, a.workers), mp_context=get_context("spawn"), max_tasks_per_child=1)
+        ctx = get_context("forkserver")
+        ctx.set_forkserver_preload(PRELOAD)  # imported once, in the server the chapters' processes are forked from
+        pool = ProcessPoolExecutor(max(1, a.workers), mp_context=ctx, max_tasks_per_child=1)
         jobs = [(ch, pool.submit(run, ch, out, a.sanitize_only)) for ch in todo]
     for ch, job in jobs:
         try:

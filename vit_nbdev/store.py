@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import requests
+from fastcore.basics import patch
 from google.api_core import exceptions as gex
 from google.auth.credentials import AnonymousCredentials
 from google.auth.exceptions import GoogleAuthError, TransportError
@@ -126,7 +127,7 @@ def _tmp_next_to(dst: Path):
     finally:
         Path(tmp).unlink(missing_ok=True)
 
-# %% ../nbs/store.ipynb #6030ee21
+# %% ../nbs/store.ipynb #ab5564b7
 class Store:
     "Files under a root (a folder or `gs://bucket/prefix`) and a model registry with aliases on top."
 
@@ -166,220 +167,333 @@ class Store:
         "A token that changes whenever the object at `key` is replaced (one metadata read), or None if there is none."
         raise NotImplementedError
 
-    def __repr__(self) -> str:
-        "The class and the uri."
-        return f"{type(self).__name__}({self.uri!r})"
+# %% ../nbs/store.ipynb #501a84c9
+@patch
+def __repr__(self: Store) -> str:
+    "The class and the uri."
+    return f"{type(self).__name__}({self.uri!r})"
 
-    # -- objects --
-    def put_bytes(self, key: str, data: bytes, *, overwrite: bool = True) -> None:
-        "Store `data` at `key`; with `overwrite=False` raise `StoreError` if `key` exists (checked atomically)."
-        self._write(_key(key), bytes(data), overwrite)
+# %% ../nbs/store.ipynb #b1d1311d
+class LocalStore(Store):
+    "A store in a local folder: keys are file paths below `root`."
 
-    def get_bytes(self, key: str) -> bytes:
-        "The bytes at `key`; `NotFound` if there are none."
-        return self._read(_key(key))
+    def __init__(self, root: str | Path):
+        "A store in the folder `root` (created when first written to)."
+        self.root = Path(root).expanduser().absolute()
+        self.uri = str(self.root)
 
-    def exists(self, key: str) -> bool:
-        "Is there an object at `key`?"
-        return self._exists(_key(key))
+    def _path(self, key: str) -> Path:
+        "The file that holds `key`."
+        return self.root / key
 
-    def list(self, prefix: str = "") -> list[str]:
-        "All keys that start with `prefix` (a plain string prefix, as on GCS: end it with '/' for a folder), sorted."
-        return sorted(self._keys(_prefix(prefix)))
-
-    def delete(self, key: str) -> None:
-        "Delete the object at `key`; `NotFound` if there is none."
-        self._remove(_key(key))
-
-    def put_file(self, local_path: str | Path, key: str, *, overwrite: bool = True) -> None:
-        "Upload the file `local_path` to `key` (see `put_bytes` for `overwrite`)."
-        if not Path(local_path).is_file():
-            raise StoreError(f"{local_path} is not a file")
-        self._write(_key(key), Path(local_path), overwrite)
-
-    def get_file(self, key: str, local_path: str | Path) -> Path:
-        "Download `key` to `local_path` (all or nothing: a failed download leaves no partial file) and return its path."
-        dst = Path(local_path)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        with _tmp_next_to(dst) as tmp:
-            self._download(_key(key), tmp)
-            os.replace(tmp, dst)
-        return dst
-
-    def put_dir(self, local_dir: str | Path, prefix: str, *, overwrite: bool = True) -> list[str]:
-        "Upload every file below `local_dir` to `prefix/<relative path>`; return the keys written."
-        src, pre = Path(local_dir), _prefix(prefix).strip("/")
-        if not src.is_dir():
-            raise StoreError(f"{src} is not a directory")
-        keys = []
-        for p in sorted(f for f in src.rglob("*") if f.is_file()):
-            keys.append("/".join(filter(None, [pre, p.relative_to(src).as_posix()])))
-            self.put_file(p, keys[-1], overwrite=overwrite)
-        return keys
-
-    def get_dir(self, prefix: str, local_dir: str | Path) -> Path:
-        "Download every key below the folder `prefix` into `local_dir`, keeping relative paths; `NotFound` if none."
-        pre = _prefix(prefix).strip("/") + "/" if prefix.strip("/") else ""
-        keys, dst = self.list(pre), Path(local_dir)
-        if not keys:
-            raise NotFound(f"nothing under {pre!r} in {self.uri}")
-        for k in keys:
-            self.get_file(k, dst / k[len(pre) :])
-        return dst
-
-    # -- registry --
-    def is_complete(self, version: str) -> bool:
-        "Is `version` a complete version (its completion marker, written last, is there)?"
-        return self.exists(f"models/{version}/{MARKER}")
-
-    def register(
-        self,
-        package_dir: str | Path,  # the model package to upload
-        version: str | None = None,  # its name (default: `new_version()`)
-        aliases: Iterable[str] = ("latest",),  # the aliases to move to it
-    ) -> str:  # the version
-        "Upload a package as the immutable `models/<version>/`, mark it complete, then move `aliases` to it."
-        src, version = Path(package_dir), _name(version or new_version(), "version")
-        aliases = [_name(a, "alias") for a in ([aliases] if isinstance(aliases, str) else aliases)]
-        files = sorted(p for p in src.rglob("*") if p.is_file() and p.name != MARKER) if src.is_dir() else []
-        if not files:
-            raise StoreError(f"{src} is not a directory with files to register")
-        if self.list(f"models/{version}/"):
-            raise StoreError(
-                f"version {version!r} already exists in {self.uri}: versions are immutable, register under a new name"
-            )
-        for p in files:
-            self.put_file(p, f"models/{version}/{p.relative_to(src).as_posix()}", overwrite=False)
-        marker = {
-            "version": version,
-            "created": _now(),
-            "files": {p.relative_to(src).as_posix(): p.stat().st_size for p in files},
-        }
-        self.put_bytes(f"models/{version}/{MARKER}", _dumps(marker), overwrite=False)
-        for a in aliases:
-            self.set_alias(a, version, note={"how": "register"})
-        return version
-
-    def versions(self) -> list[str]:
-        "Complete versions, oldest first (names in natural order; the default names are times)."
-        parts = (k.split("/") for k in self.list("models/"))
-        return sorted((p[1] for p in parts if len(p) == 3 and p[2] == MARKER), key=_natural)
-
-    def alias_doc(self, alias: str) -> dict | None:
-        "The document of `alias` (`version`, `history` for rollback, `log` of its moves, `updated`), or None."
+# %% ../nbs/store.ipynb #205961de
+@patch
+def _write(self: LocalStore, key, src, overwrite):
+    dst = self._path(key)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with _tmp_next_to(dst) as tmp:
+        if isinstance(src, bytes):
+            tmp.write_bytes(src)
+        else:
+            shutil.copyfile(src, tmp)
+        if overwrite:
+            return os.replace(tmp, dst)
         try:
-            return json.loads(self.get_bytes(f"models/_aliases/{alias}.json"))
-        except NotFound:
-            return None
+            os.link(tmp, dst)
+        except FileExistsError:
+            raise StoreError(f"{key!r} already exists in {self.uri} and may not be overwritten") from None
 
-    def alias_stamp(self, alias: str) -> str | None:
-        "A token that changes whenever `alias` moves (None: no such alias); one small read, what a server polls."
-        return self._stamp(f"models/_aliases/{_name(alias, 'alias')}.json")
+# %% ../nbs/store.ipynb #9578fb0e
+@patch
+@contextlib.contextmanager
+def _missing(self: LocalStore, key: str):
+    "Report a missing file as `NotFound`."
+    try:
+        yield
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise NotFound(f"no {key!r} in {self.uri}") from None
 
-    def aliases(self) -> dict[str, str]:
-        "Every alias and the version it points at."
-        names = [
-            k[len("models/_aliases/") : -len(".json")] for k in self.list("models/_aliases/") if k.endswith(".json")
-        ]
-        docs = {a: self.alias_doc(a) for a in names if "/" not in a}
-        return {a: d["version"] for a, d in docs.items() if d}
 
-    def set_alias(
-        self,
-        alias: str,
-        version: str,  # a complete version
-        *,
-        expect: str | None = ...,  # move only if the alias points here now (None: nowhere yet), else `Conflict`
-        note: dict | None = None,  # who moves it and how, for the alias's log
-    ) -> dict:  # the alias document after the move
-        "Point `alias` at `version`, atomically, remembering where it pointed."
-        alias, version = _name(alias, "alias"), _name(version, "version")
-        if not self.is_complete(version):
-            raise StoreError(
-                f"cannot point {alias!r} at {version!r}: it is not a complete version in {self.uri} "
-                f"(no models/{version}/{MARKER}; was its upload interrupted?)"
-            )
+@patch
+def _read(self: LocalStore, key):
+    with self._missing(key):
+        return self._path(key).read_bytes()
 
-        def move(doc):
-            cur = doc["version"] if doc else None
-            if expect is not ... and cur != expect:
-                raise Conflict(alias, cur, expect)
-            if cur == version:
-                return None  # already there: nothing to record
-            return _moved(
-                doc,
-                version,
-                (doc["history"] + [cur]) if doc else [],
-                self.history_limit,
-                {"how": "set", **(note or {})},
-            )
 
-        return self._update_json(f"models/_aliases/{alias}.json", move)
+@patch
+def _download(self: LocalStore, key, dst):
+    with self._missing(key):
+        shutil.copyfile(self._path(key), dst)
 
-    def rollback(
-        self,
-        alias: str,
-        *,
-        expect: str | None = ...,  # as for `set_alias`
-        note: dict | None = None,  # as for `set_alias`
-    ) -> str:  # the version it points at now
-        "Move `alias` back to the version it pointed at before the last move (undo)."
-        alias = _name(alias, "alias")
 
-        def back(doc):
-            if doc is None:
-                raise NotFound(f"no alias {alias!r} in {self.uri} (aliases: {', '.join(self.aliases()) or 'none'})")
-            if expect is not ... and doc["version"] != expect:
-                raise Conflict(alias, doc["version"], expect)
-            if not doc["history"]:
-                raise StoreError(f"alias {alias!r} has no earlier version to roll back to")
-            return _moved(
-                doc, doc["history"][-1], doc["history"][:-1], self.history_limit, {"how": "rollback", **(note or {})}
-            )
+@patch
+def _remove(self: LocalStore, key):
+    with self._missing(key):
+        self._path(key).unlink()
 
-        return self._update_json(f"models/_aliases/{alias}.json", back)["version"]
+# %% ../nbs/store.ipynb #5da0b2e9
+@patch
+def _exists(self: LocalStore, key):
+    return self._path(key).is_file()
 
-    def resolve(self, name: str) -> str:
-        "The version that `name` means: an alias's target, or `name` itself if it is a complete version."
-        if _NAME.fullmatch(name or ""):
-            if doc := self.alias_doc(name):
-                return doc["version"]
-            if self.is_complete(name):
-                return name
-            if self.list(f"models/{name}/"):
-                raise NotFound(
-                    f"version {name!r} in {self.uri} is incomplete: it has files but no models/{name}/{MARKER} "
-                    f"(an interrupted or unfinished upload), so nothing may use it"
-                )
-        als = ", ".join(f"{a} -> {v}" for a, v in self.aliases().items()) or "none"
-        vs = self.versions()
-        shown = (", ".join(vs[-10:]) or "none") + (f" (the latest 10 of {len(vs)})" if len(vs) > 10 else "")
-        raise NotFound(f"no alias or complete version {name!r} in {self.uri}. Aliases: {als}. Versions: {shown}")
 
-    def card(self, name: str) -> dict:
-        "The `card.json` of the version `name` means, with `version`, `registered` and `files` (name: bytes) added."
-        version = self.resolve(name)
-        marker = json.loads(self.get_bytes(f"models/{version}/{MARKER}"))
-        try:
-            card = json.loads(self.get_bytes(f"models/{version}/card.json"))
-        except NotFound:
-            card = {}
-        return {**card, "version": version, "registered": marker["created"], "files": marker["files"]}
+@patch
+def _keys(self: LocalStore, prefix):
+    base = self._path(prefix.rpartition("/")[0]) if "/" in prefix else self.root
+    files = (p for p in base.rglob("*") if p.is_file() and not _internal(p.name)) if base.is_dir() else ()
+    return [k for k in (p.relative_to(self.root).as_posix() for p in files) if k.startswith(prefix)]
 
-    def fetch_model(
-        self,
-        name: str,  # an alias or a version
-        cache_dir: str | Path | None = None,  # default: `<cache>/models/<hash of the store uri>`
-    ) -> Path:
-        "A local folder holding the complete version `name` means, downloaded into the cache if needed."
-        version = self.resolve(name)
-        root = (
-            Path(cache_dir)
-            if cache_dir
-            else cache_root() / "models" / hashlib.sha256(self.uri.encode()).hexdigest()[:16]
+
+@patch
+def _stamp(self: LocalStore, key):
+    try:
+        s = self._path(key).stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return f"{s.st_ino}-{s.st_mtime_ns}-{s.st_size}"
+
+# %% ../nbs/store.ipynb #8ef3f154
+@patch
+def _update_json(self: LocalStore, key, fn):
+    path = self._path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock~", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        old = json.loads(path.read_bytes()) if path.exists() else None
+        if (new := fn(old)) is None:
+            return old
+        self._write(key, _dumps(new), overwrite=True)
+        return new
+
+# %% ../nbs/store.ipynb #841b2f6d
+@patch
+def put_bytes(self: Store, key: str, data: bytes, *, overwrite: bool = True) -> None:
+    "Store `data` at `key`; with `overwrite=False` raise `StoreError` if `key` exists (checked atomically)."
+    self._write(_key(key), bytes(data), overwrite)
+
+
+@patch
+def get_bytes(self: Store, key: str) -> bytes:
+    "The bytes at `key`; `NotFound` if there are none."
+    return self._read(_key(key))
+
+
+@patch
+def exists(self: Store, key: str) -> bool:
+    "Is there an object at `key`?"
+    return self._exists(_key(key))
+
+# %% ../nbs/store.ipynb #f3834e26
+@patch
+def list(self: Store, prefix: str = "") -> list[str]:
+    "All keys that start with `prefix` (a plain string prefix, as on GCS: end it with '/' for a folder), sorted."
+    return sorted(self._keys(_prefix(prefix)))
+
+# %% ../nbs/store.ipynb #cdb66d7d
+@patch
+def delete(self: Store, key: str) -> None:
+    "Delete the object at `key`; `NotFound` if there is none."
+    self._remove(_key(key))
+
+# %% ../nbs/store.ipynb #acdb0ef5
+@patch
+def put_file(self: Store, local_path: str | Path, key: str, *, overwrite: bool = True) -> None:
+    "Upload the file `local_path` to `key` (see `put_bytes` for `overwrite`)."
+    if not Path(local_path).is_file():
+        raise StoreError(f"{local_path} is not a file")
+    self._write(_key(key), Path(local_path), overwrite)
+
+
+@patch
+def get_file(self: Store, key: str, local_path: str | Path) -> Path:
+    "Download `key` to `local_path` (all or nothing: a failed download leaves no partial file) and return its path."
+    dst = Path(local_path)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with _tmp_next_to(dst) as tmp:
+        self._download(_key(key), tmp)
+        os.replace(tmp, dst)
+    return dst
+
+# %% ../nbs/store.ipynb #6f960ea1
+@patch
+def put_dir(self: Store, local_dir: str | Path, prefix: str, *, overwrite: bool = True) -> list[str]:
+    "Upload every file below `local_dir` to `prefix/<relative path>`; return the keys written."
+    src, pre = Path(local_dir), _prefix(prefix).strip("/")
+    if not src.is_dir():
+        raise StoreError(f"{src} is not a directory")
+    keys = []
+    for p in sorted(f for f in src.rglob("*") if f.is_file()):
+        keys.append("/".join(filter(None, [pre, p.relative_to(src).as_posix()])))
+        self.put_file(p, keys[-1], overwrite=overwrite)
+    return keys
+
+
+@patch
+def get_dir(self: Store, prefix: str, local_dir: str | Path) -> Path:
+    "Download every key below the folder `prefix` into `local_dir`, keeping relative paths; `NotFound` if none."
+    pre = _prefix(prefix).strip("/") + "/" if prefix.strip("/") else ""
+    keys, dst = self.list(pre), Path(local_dir)
+    if not keys:
+        raise NotFound(f"nothing under {pre!r} in {self.uri}")
+    for k in keys:
+        self.get_file(k, dst / k[len(pre) :])
+    return dst
+
+# %% ../nbs/store.ipynb #5882cebf
+@patch
+def is_complete(self: Store, version: str) -> bool:
+    "Is `version` a complete version (its completion marker, written last, is there)?"
+    return self.exists(f"models/{version}/{MARKER}")
+
+
+@patch
+def versions(self: Store) -> list[str]:
+    "Complete versions, oldest first (names in natural order; the default names are times)."
+    parts = (k.split("/") for k in self.list("models/"))
+    return sorted((p[1] for p in parts if len(p) == 3 and p[2] == MARKER), key=_natural)
+
+# %% ../nbs/store.ipynb #9d3ef2a1
+@patch
+def alias_doc(self: Store, alias: str) -> dict | None:
+    "The document of `alias` (`version`, `history` for rollback, `log` of its moves, `updated`), or None."
+    try:
+        return json.loads(self.get_bytes(f"models/_aliases/{alias}.json"))
+    except NotFound:
+        return None
+
+
+@patch
+def aliases(self: Store) -> dict[str, str]:
+    "Every alias and the version it points at."
+    names = [k[len("models/_aliases/") : -len(".json")] for k in self.list("models/_aliases/") if k.endswith(".json")]
+    docs = {a: self.alias_doc(a) for a in names if "/" not in a}
+    return {a: d["version"] for a, d in docs.items() if d}
+
+# %% ../nbs/store.ipynb #17b89338
+@patch
+def set_alias(
+    self: Store,
+    alias: str,
+    version: str,  # a complete version
+    *,
+    expect: str | None = ...,  # move only if the alias points here now (None: nowhere yet), else `Conflict`
+    note: dict | None = None,  # who moves it and how, for the alias's log
+) -> dict:  # the alias document after the move
+    "Point `alias` at `version`, atomically, remembering where it pointed."
+    alias, version = _name(alias, "alias"), _name(version, "version")
+    if not self.is_complete(version):
+        raise StoreError(
+            f"cannot point {alias!r} at {version!r}: it is not a complete version in {self.uri} "
+            f"(no models/{version}/{MARKER}; was its upload interrupted?)"
         )
-        dst = root / version
-        return dst if _complete_locally(dst) else _download_version(self, version, dst)
+
+    def move(doc):
+        cur = doc["version"] if doc else None
+        if expect is not ... and cur != expect:
+            raise Conflict(alias, cur, expect)
+        if cur == version:
+            return None  # already there: nothing to record
+        return _moved(
+            doc,
+            version,
+            (doc["history"] + [cur]) if doc else [],
+            self.history_limit,
+            {"how": "set", **(note or {})},
+        )
+
+    return self._update_json(f"models/_aliases/{alias}.json", move)
+
+# %% ../nbs/store.ipynb #9312e2d4
+@patch
+def register(
+    self: Store,
+    package_dir: str | Path,  # the model package to upload
+    version: str | None = None,  # its name (default: `new_version()`)
+    aliases: Iterable[str] = ("latest",),  # the aliases to move to it
+) -> str:  # the version
+    "Upload a package as the immutable `models/<version>/`, mark it complete, then move `aliases` to it."
+    src, version = Path(package_dir), _name(version or new_version(), "version")
+    aliases = [_name(a, "alias") for a in ([aliases] if isinstance(aliases, str) else aliases)]
+    files = sorted(p for p in src.rglob("*") if p.is_file() and p.name != MARKER) if src.is_dir() else []
+    if not files:
+        raise StoreError(f"{src} is not a directory with files to register")
+    if self.list(f"models/{version}/"):
+        raise StoreError(
+            f"version {version!r} already exists in {self.uri}: versions are immutable, register under a new name"
+        )
+    for p in files:
+        self.put_file(p, f"models/{version}/{p.relative_to(src).as_posix()}", overwrite=False)
+    marker = {
+        "version": version,
+        "created": _now(),
+        "files": {p.relative_to(src).as_posix(): p.stat().st_size for p in files},
+    }
+    self.put_bytes(f"models/{version}/{MARKER}", _dumps(marker), overwrite=False)
+    for a in aliases:
+        self.set_alias(a, version, note={"how": "register"})
+    return version
+
+# %% ../nbs/store.ipynb #9479c4c9
+@patch
+def rollback(
+    self: Store,
+    alias: str,
+    *,
+    expect: str | None = ...,  # as for `set_alias`
+    note: dict | None = None,  # as for `set_alias`
+) -> str:  # the version it points at now
+    "Move `alias` back to the version it pointed at before the last move (undo)."
+    alias = _name(alias, "alias")
+
+    def back(doc):
+        if doc is None:
+            raise NotFound(f"no alias {alias!r} in {self.uri} (aliases: {', '.join(self.aliases()) or 'none'})")
+        if expect is not ... and doc["version"] != expect:
+            raise Conflict(alias, doc["version"], expect)
+        if not doc["history"]:
+            raise StoreError(f"alias {alias!r} has no earlier version to roll back to")
+        return _moved(
+            doc, doc["history"][-1], doc["history"][:-1], self.history_limit, {"how": "rollback", **(note or {})}
+        )
+
+    return self._update_json(f"models/_aliases/{alias}.json", back)["version"]
+
+# %% ../nbs/store.ipynb #130f8aed
+@patch
+def alias_stamp(self: Store, alias: str) -> str | None:
+    "A token that changes whenever `alias` moves (None: no such alias); one small read, what a server polls."
+    return self._stamp(f"models/_aliases/{_name(alias, 'alias')}.json")
+
+# %% ../nbs/store.ipynb #7f2f79a9
+@patch
+def resolve(self: Store, name: str) -> str:
+    "The version that `name` means: an alias's target, or `name` itself if it is a complete version."
+    if _NAME.fullmatch(name or ""):
+        if doc := self.alias_doc(name):
+            return doc["version"]
+        if self.is_complete(name):
+            return name
+        if self.list(f"models/{name}/"):
+            raise NotFound(
+                f"version {name!r} in {self.uri} is incomplete: it has files but no models/{name}/{MARKER} "
+                f"(an interrupted or unfinished upload), so nothing may use it"
+            )
+    als = ", ".join(f"{a} -> {v}" for a, v in self.aliases().items()) or "none"
+    vs = self.versions()
+    shown = (", ".join(vs[-10:]) or "none") + (f" (the latest 10 of {len(vs)})" if len(vs) > 10 else "")
+    raise NotFound(f"no alias or complete version {name!r} in {self.uri}. Aliases: {als}. Versions: {shown}")
+
+# %% ../nbs/store.ipynb #bb0dae7a
+@patch
+def card(self: Store, name: str) -> dict:
+    "The `card.json` of the version `name` means, with `version`, `registered` and `files` (name: bytes) added."
+    version = self.resolve(name)
+    marker = json.loads(self.get_bytes(f"models/{version}/{MARKER}"))
+    try:
+        card = json.loads(self.get_bytes(f"models/{version}/card.json"))
+    except NotFound:
+        card = {}
+    return {**card, "version": version, "registered": marker["created"], "files": marker["files"]}
 
 # %% ../nbs/store.ipynb #229db1a6
 def _complete_locally(d: Path) -> bool:
@@ -409,85 +523,32 @@ def _download_version(st: Store, version: str, dst: Path) -> Path:
         raise StoreError(f"could not place {version!r} in {dst}")
     return dst
 
-# %% ../nbs/store.ipynb #54f8a9db
-class LocalStore(Store):
-    "A store in a local folder: keys are file paths below `root`."
+# %% ../nbs/store.ipynb #215281bd
+@patch
+def fetch_model(
+    self: Store,
+    name: str,  # an alias or a version
+    cache_dir: str | Path | None = None,  # default: `<cache>/models/<hash of the store uri>`
+) -> Path:
+    "A local folder holding the complete version `name` means, downloaded into the cache if needed."
+    version = self.resolve(name)
+    root = (
+        Path(cache_dir) if cache_dir else cache_root() / "models" / hashlib.sha256(self.uri.encode()).hexdigest()[:16]
+    )
+    dst = root / version
+    return dst if _complete_locally(dst) else _download_version(self, version, dst)
 
-    def __init__(self, root: str | Path):
-        "A store in the folder `root` (created when first written to)."
-        self.root = Path(root).expanduser().absolute()
-        self.uri = str(self.root)
-
-    def _path(self, key: str) -> Path:
-        "The file that holds `key`."
-        return self.root / key
-
-    def _write(self, key, src, overwrite):
-        dst = self._path(key)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        with _tmp_next_to(dst) as tmp:
-            if isinstance(src, bytes):
-                tmp.write_bytes(src)
-            else:
-                shutil.copyfile(src, tmp)
-            if overwrite:
-                return os.replace(tmp, dst)
-            try:
-                os.link(tmp, dst)
-            except FileExistsError:
-                raise StoreError(f"{key!r} already exists in {self.uri} and may not be overwritten") from None
-
-    @contextlib.contextmanager
-    def _missing(self, key: str):
-        "Report a missing file as `NotFound`."
-        try:
-            yield
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise NotFound(f"no {key!r} in {self.uri}") from None
-
-    def _read(self, key):
-        with self._missing(key):
-            return self._path(key).read_bytes()
-
-    def _download(self, key, dst):
-        with self._missing(key):
-            shutil.copyfile(self._path(key), dst)
-
-    def _exists(self, key):
-        return self._path(key).is_file()
-
-    def _keys(self, prefix):
-        base = self._path(prefix.rpartition("/")[0]) if "/" in prefix else self.root
-        files = (p for p in base.rglob("*") if p.is_file() and not _internal(p.name)) if base.is_dir() else ()
-        return [k for k in (p.relative_to(self.root).as_posix() for p in files) if k.startswith(prefix)]
-
-    def _remove(self, key):
-        with self._missing(key):
-            self._path(key).unlink()
-
-    def _stamp(self, key):
-        try:
-            s = self._path(key).stat()
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        return f"{s.st_ino}-{s.st_mtime_ns}-{s.st_size}"
-
-    def _update_json(self, key, fn):
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.parent / f".{path.name}.lock~", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-            old = json.loads(path.read_bytes()) if path.exists() else None
-            if (new := fn(old)) is None:
-                return old
-            self._write(key, _dumps(new), overwrite=True)
-            return new
-
-    def fetch_model(self, name: str, cache_dir: str | Path | None = None) -> Path:
-        "The registered folder of the version `name` means (versions are immutable), or a copy in `cache_dir`."
-        if cache_dir is not None:
-            return super().fetch_model(name, cache_dir)
-        return self._path(f"models/{self.resolve(name)}")
+# %% ../nbs/store.ipynb #3e2d1b87
+@patch
+def fetch_model(  # noqa: F811 (Store's fetch_model is patched onto Store, not redefined)
+    self: LocalStore,
+    name: str,  # an alias or a version
+    cache_dir: str | Path | None = None,  # a folder to copy it into (default: none, no copy)
+) -> Path:
+    "The registered folder of the version `name` means (versions are immutable), or a copy in `cache_dir`."
+    if cache_dir is not None:
+        return Store.fetch_model(self, name, cache_dir)
+    return self._path(f"models/{self.resolve(name)}")
 
 # %% ../nbs/store.ipynb #3dc18afb
 def _gcs_client() -> storage.Client:
@@ -509,7 +570,7 @@ def _why(e: BaseException) -> str:
         e = nxt
     return str(e)[:300]
 
-# %% ../nbs/store.ipynb #0f16ed27
+# %% ../nbs/store.ipynb #9ab2b220
 class GCSStore(Store):
     "A store under `gs://bucket/prefix`; every request is bounded by `timeout` seconds."
 
@@ -527,102 +588,120 @@ class GCSStore(Store):
             self.bucket = self.client.bucket(self.bucket_name)
         self._check()
 
-    @contextlib.contextmanager
-    def _errors(self, key: str | None = None):
-        "Turn client and transport exceptions into `StoreError`s that name the uri (412s pass through)."
-        try:
-            yield
-        except (StoreError, gex.PreconditionFailed):
-            raise
-        except gex.NotFound as e:
-            raise NotFound(f"no {key!r} in {self.uri}" if key else f"{self.uri}: {e.message}") from e
-        except (gex.Forbidden, gex.Unauthorized) as e:
-            raise StoreError(f"permission denied on {self.uri}: {e.message}") from e
-        except gex.GoogleAPICallError as e:
-            raise StoreError(f"{self.uri}: {e}") from e
-        except (gex.RetryError, requests.RequestException, TransportError, OSError) as e:
-            where = os.environ.get("STORAGE_EMULATOR_HOST")
-            hint = f"is STORAGE_EMULATOR_HOST={where} right?" if where else "is the network right?"
-            raise StoreError(f"cannot reach {self.uri}: {_why(e)} ({hint})") from e
-        except GoogleAuthError as e:
-            raise StoreError(
-                f"no usable Google credentials for {self.uri} ({e}); run `gcloud auth application-default login`"
-            ) from e
-
-    def _check(self) -> None:
-        "List one object, to fail now if the bucket is unreachable, missing or forbidden."
-        try:
-            with self._errors():
-                next(iter(self.client.list_blobs(self.bucket, prefix=self.prefix, max_results=1, **self._kw)), None)
-        except NotFound:
-            raise StoreError(f"bucket {self.bucket_name!r} does not exist ({self.uri})") from None
-
     def _blob(self, key: str) -> storage.Blob:
         "The blob that holds `key`."
         return self.bucket.blob(f"{self.prefix}/{key}" if self.prefix else key)
 
-    def _write(self, key, src, overwrite):
-        blob, cond = self._blob(key), {} if overwrite else {"if_generation_match": 0}
+# %% ../nbs/store.ipynb #2d44d0cc
+@patch
+@contextlib.contextmanager
+def _errors(self: GCSStore, key: str | None = None):
+    "Turn client and transport exceptions into `StoreError`s that name the uri (412s pass through)."
+    try:
+        yield
+    except (StoreError, gex.PreconditionFailed):
+        raise
+    except gex.NotFound as e:
+        raise NotFound(f"no {key!r} in {self.uri}" if key else f"{self.uri}: {e.message}") from e
+    except (gex.Forbidden, gex.Unauthorized) as e:
+        raise StoreError(f"permission denied on {self.uri}: {e.message}") from e
+    except gex.GoogleAPICallError as e:
+        raise StoreError(f"{self.uri}: {e}") from e
+    except (gex.RetryError, requests.RequestException, TransportError, OSError) as e:
+        where = os.environ.get("STORAGE_EMULATOR_HOST")
+        hint = f"is STORAGE_EMULATOR_HOST={where} right?" if where else "is the network right?"
+        raise StoreError(f"cannot reach {self.uri}: {_why(e)} ({hint})") from e
+    except GoogleAuthError as e:
+        raise StoreError(
+            f"no usable Google credentials for {self.uri} ({e}); run `gcloud auth application-default login`"
+        ) from e
+
+
+@patch
+def _check(self: GCSStore) -> None:
+    "List one object, to fail now if the bucket is unreachable, missing or forbidden."
+    try:
+        with self._errors():
+            next(iter(self.client.list_blobs(self.bucket, prefix=self.prefix, max_results=1, **self._kw)), None)
+    except NotFound:
+        raise StoreError(f"bucket {self.bucket_name!r} does not exist ({self.uri})") from None
+
+# %% ../nbs/store.ipynb #05cb334a
+@patch
+def _write(self: GCSStore, key, src, overwrite):
+    blob, cond = self._blob(key), {} if overwrite else {"if_generation_match": 0}
+    try:
+        with self._errors(key):
+            if isinstance(src, bytes):
+                blob.upload_from_string(src, **cond, **self._kw)
+            else:
+                blob.upload_from_filename(str(src), **cond, **self._kw)
+    except gex.PreconditionFailed:
+        raise StoreError(f"{key!r} already exists in {self.uri} and may not be overwritten") from None
+
+# %% ../nbs/store.ipynb #0def4e65
+@patch
+def _read(self: GCSStore, key):
+    with self._errors(key):
+        return self._blob(key).download_as_bytes(**self._kw)
+
+
+@patch
+def _download(self: GCSStore, key, dst):
+    with self._errors(key):
+        self._blob(key).download_to_filename(str(dst), **self._kw)
+
+
+@patch
+def _exists(self: GCSStore, key):
+    with self._errors(key):
+        return self._blob(key).exists(**self._kw)
+
+
+@patch
+def _remove(self: GCSStore, key):
+    with self._errors(key):
+        self._blob(key).delete(**self._kw)
+
+# %% ../nbs/store.ipynb #0c9c1574
+@patch
+def _keys(self: GCSStore, prefix):
+    root = f"{self.prefix}/" if self.prefix else ""
+    with self._errors():
+        names = [b.name for b in self.client.list_blobs(self.bucket, prefix=root + prefix, **self._kw)]
+    return [n[len(root) :] for n in names if not n.endswith("/")]
+
+
+@patch
+def _stamp(self: GCSStore, key):
+    with self._errors(key):
+        blob = self.bucket.get_blob(self._blob(key).name, **self._kw)
+    return None if blob is None else str(blob.generation)
+
+# %% ../nbs/store.ipynb #65b635b9
+@patch
+def _update_json(self: GCSStore, key, fn):
+    for attempt in range(self.cas_attempts):
+        blob = self._blob(key)
         try:
             with self._errors(key):
-                if isinstance(src, bytes):
-                    blob.upload_from_string(src, **cond, **self._kw)
-                else:
-                    blob.upload_from_filename(str(src), **cond, **self._kw)
+                old, gen = json.loads(blob.download_as_bytes(**self._kw)), blob.generation
+        except NotFound:
+            old, gen = None, 0
+        if (new := fn(old)) is None:
+            return old
+        try:
+            with self._errors(key):
+                blob.upload_from_string(
+                    _dumps(new), content_type="application/json", if_generation_match=gen, **self._kw
+                )
+            return new
         except gex.PreconditionFailed:
-            raise StoreError(f"{key!r} already exists in {self.uri} and may not be overwritten") from None
-
-    def _read(self, key):
-        with self._errors(key):
-            return self._blob(key).download_as_bytes(**self._kw)
-
-    def _download(self, key, dst):
-        with self._errors(key):
-            self._blob(key).download_to_filename(str(dst), **self._kw)
-
-    def _exists(self, key):
-        with self._errors(key):
-            return self._blob(key).exists(**self._kw)
-
-    def _keys(self, prefix):
-        root = f"{self.prefix}/" if self.prefix else ""
-        with self._errors():
-            names = [b.name for b in self.client.list_blobs(self.bucket, prefix=root + prefix, **self._kw)]
-        return [n[len(root) :] for n in names if not n.endswith("/")]
-
-    def _remove(self, key):
-        with self._errors(key):
-            self._blob(key).delete(**self._kw)
-
-    def _stamp(self, key):
-        with self._errors(key):
-            blob = self.bucket.get_blob(self._blob(key).name, **self._kw)
-        return None if blob is None else str(blob.generation)
-
-    def _update_json(self, key, fn):
-        for attempt in range(self.cas_attempts):
-            blob = self._blob(key)
-            try:
-                with self._errors(key):
-                    old, gen = json.loads(blob.download_as_bytes(**self._kw)), blob.generation
-            except NotFound:
-                old, gen = None, 0
-            if (new := fn(old)) is None:
-                return old
-            try:
-                with self._errors(key):
-                    blob.upload_from_string(
-                        _dumps(new), content_type="application/json", if_generation_match=gen, **self._kw
-                    )
+            # someone else wrote first; unless that was our own write retried after a lost reply, start over
+            if json.loads(self._read(key)) == new:
                 return new
-            except gex.PreconditionFailed:
-                # someone else wrote first; unless that was our own write retried after a lost reply, start over
-                if json.loads(self._read(key)) == new:
-                    return new
-                time.sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))
-        raise StoreError(
-            f"could not update {key!r} in {self.uri}: {self.cas_attempts} attempts lost to concurrent writers"
-        )
+            time.sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))
+    raise StoreError(f"could not update {key!r} in {self.uri}: {self.cas_attempts} attempts lost to concurrent writers")
 
 # %% ../nbs/store.ipynb #7f32c6e7
 def open_store(

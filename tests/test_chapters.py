@@ -99,6 +99,7 @@ def test_numbers_may_differ_within_the_tolerance_and_no_more(tmp_path):
     assert same(accuracy="0.766") == []  # 0.013 apart
     assert same(timing="97.0", seed="77b1") == []  # `#| varies`: not compared
     assert same(second="{time1}") == []  # two versions registered in the same second, this time
+    assert run_chapters.first_difference("fingerprint 2a91ae42138ce260", "fingerprint 2a91ae42139ce260")
     [diff] = same(accuracy="0.853")
     assert "demo.ipynb, cell 1 (id a1, 'evaluate()')" in diff and "0.753 and 0.853 differ by more than 5%" in diff
     [diff] = same(plot=False)

@@ -162,7 +162,7 @@ def test_precommit_hooks_pass_offline(tmp_path):
         assert re.search(rf"{hook}\.+Passed", r.stdout), r.stdout
 
 
-SCRIPTS = sorted([*ROOT.glob("docker/*.sh"), ROOT / ".ci/run", ROOT / ".ci/setup-extra"])
+SCRIPTS = sorted([*ROOT.glob("docker/*.sh"), *ROOT.glob("tools/*.sh"), ROOT / ".ci/run"])
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))

@@ -16,7 +16,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 def test_upload_page_shows_top5_bars(serve_process, tiny_packages, tmp_path):
     if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: run .ci/setup-extra (apt-get install chromium)")
+        pytest.fail(f"{CHROMIUM} is missing: run tools/setup-system.sh (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
     store = str(tmp_path / "store")
@@ -89,7 +89,7 @@ def test_upload_page_shows_top5_bars(serve_process, tiny_packages, tmp_path):
 def test_upload_page_works_without_javascript(serve_process, tiny_packages, tmp_path):
     "The same page as a plain HTML form: choose a file, press Classify, the answer comes back as a page."
     if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: run .ci/setup-extra (apt-get install chromium)")
+        pytest.fail(f"{CHROMIUM} is missing: run tools/setup-system.sh (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
     store = str(tmp_path / "store")

@@ -37,7 +37,7 @@ import argparse, json, os, re, sys, sysconfig, tempfile, traceback
 from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime, timedelta
 from math import isclose
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,16 +50,9 @@ WIDGET = "application/vnd.jupyter.widget"  # an ipywidget (tqdm's notebook bar):
 DROPPED_MIMES = (WIDGET, "application/javascript")
 RECENT = timedelta(days=1)  # a date this close to the run is the run's own (a timestamp, an id made from it)
 REL_TOL, ABS_TOL = 0.05, 0.02  # two numbers agree when within 5% of each other, or 0.02 apart
-PRELOAD = [
-    "torch",
-    "transformers",
-    "datasets",
-    "accelerate",
-    "pandas",
-    "matplotlib.pyplot",
-    "execnb.shell",
-    "nbdev.test",
-]
+# imported once, in the server that forks a process for each chapter; not the libraries whose loggers bind the
+# stream they write to when imported (transformers, datasets): a chapter must show their messages as Jupyter does
+PRELOAD = ["torch", "numpy", "pandas", "execnb.shell", "nbdev.test"]
 
 # --- 1. execute -------------------------------------------------------------------------------
 
@@ -275,7 +268,9 @@ def _cut(s: str) -> str:
 
 # --- comparing two runs (tests/test_chapters.py) ----------------------------------------------
 
-NUMBER = re.compile(r"([-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?)")
+NUMBER = re.compile(  # a number on its own: the digits of an id or a hash (`2a91ae42`, `v2`) are text
+    r"((?<![A-Za-z_\d.])[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?(?![A-Za-z_\d]|\.\w))"
+)
 
 
 def first_difference(
@@ -397,9 +392,11 @@ def main(argv=None) -> int:
     failed = []
     if len(todo) == 1:
         jobs = [(todo[0], None)]
-    else:  # a fresh process for each chapter: chapters change the environment, the working folder, global state
-        ctx = get_context("forkserver")
-        ctx.set_forkserver_preload(PRELOAD)  # imported once, in the server the chapters' processes are forked from
+    else:  # a fresh process for each chapter: chapters change the environment, the working folder, global state,
+        # and a warning shows once a process (each chapter shows its own, whichever ran before it)
+        ctx = get_context("forkserver" if "forkserver" in get_all_start_methods() else "spawn")
+        if ctx.get_start_method() == "forkserver":
+            ctx.set_forkserver_preload(PRELOAD)
         pool = ProcessPoolExecutor(max(1, a.workers), mp_context=ctx, max_tasks_per_child=1)
         jobs = [(ch, pool.submit(run, ch, out, a.sanitize_only)) for ch in todo]
     for ch, job in jobs:

@@ -49,3 +49,26 @@ def wait_for(
             pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(every)
     return res
+
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's Chromium, installed by tools/setup-system.sh
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def require_chromium() -> None:
+    "Fail at once, with the command that installs it, when the browser the tests drive is missing."
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: run tools/setup-system.sh (it installs Debian's chromium)")
+
+
+def launch_chromium(playwright):
+    "Debian's Chromium, headless, driven by Playwright (`playwright install` is never needed)."
+    require_chromium()
+    return playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)

@@ -8,18 +8,9 @@ import json, os, secrets, shutil, signal, socket, subprocess, sys, time, urllib.
 from pathlib import Path
 
 import pytest
-from devtools import dev_tool, wait_for
+from devtools import dev_tool, launch_chromium, require_chromium, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 KERNEL_IDLE = """() => {  // the chapter's kernel started and is idle
   const k = document.querySelector('.jp-Toolbar-kernelName');
   const i = document.querySelector('.jp-Notebook-ExecutionIndicator');
@@ -95,8 +86,7 @@ class JupyterLab:
 
 
 def test_jupyterlab_runs_and_saves_the_data_chapter(tmp_path):
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: run tools/setup-system.sh (it installs Debian's chromium)")
+    require_chromium()
     from playwright.sync_api import sync_playwright
 
     project, home = tmp_path / "project", tmp_path / "home"
@@ -135,7 +125,7 @@ def test_jupyterlab_runs_and_saves_the_data_chapter(tmp_path):
     try:
         wait_for(lab.ready, 90, "jupyter lab to answer")
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
+            browser = launch_chromium(p)
             try:
                 page = browser.new_page(viewport={"width": 1280, "height": 860})
                 requests = []

@@ -2,21 +2,17 @@
 without JavaScript: classify an image, then correct the answer with one click (the label reaches the store)."""
 
 import signal
-from pathlib import Path
 
-import pytest
+from devtools import launch_chromium, require_chromium
 from PIL import Image
 
 from vit_nbdev.data import CIFAR10_LABELS, load_cifar10
 from vit_nbdev.store import open_store
 from vit_nbdev.telemetry import read_telemetry
 
-CHROMIUM = Path("/usr/bin/chromium")
-
 
 def test_upload_page_shows_top5_bars(serve_process, tiny_packages, tmp_path):
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: run tools/setup-system.sh (apt-get install chromium)")
+    require_chromium()
     from playwright.sync_api import sync_playwright
 
     store = str(tmp_path / "store")
@@ -28,18 +24,7 @@ def test_upload_page_shows_top5_bars(serve_process, tiny_packages, tmp_path):
     Image.fromarray(test.images[0].permute(1, 2, 0).numpy()).save(img)
     shot = tmp_path / "serve-page.png"
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
+        browser = launch_chromium(p)
         try:
             page = browser.new_page(viewport={"width": 900, "height": 640})
             requests = []
@@ -88,8 +73,7 @@ def test_upload_page_shows_top5_bars(serve_process, tiny_packages, tmp_path):
 
 def test_upload_page_works_without_javascript(serve_process, tiny_packages, tmp_path):
     "The same page as a plain HTML form: choose a file, press Classify, the answer comes back as a page."
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: run tools/setup-system.sh (apt-get install chromium)")
+    require_chromium()
     from playwright.sync_api import sync_playwright
 
     store = str(tmp_path / "store")
@@ -99,18 +83,7 @@ def test_upload_page_works_without_javascript(serve_process, tiny_packages, tmp_
     img = tmp_path / "cifar-test-1.png"
     Image.fromarray(load_cifar10(progress=False).test.images[1].permute(1, 2, 0).numpy()).save(img)
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
+        browser = launch_chromium(p)
         try:
             page = browser.new_context(java_script_enabled=False).new_page()
             page.goto(server.url + "/")

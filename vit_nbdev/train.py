@@ -446,6 +446,10 @@ def train(cfg: TrainConfig | None = None, **params) -> TrainResult:
     if main:
         _publish(acc, cfg, st, res, acc.unwrap_model(model), pre, data)
     acc.wait_for_everyone()
+    # the DDP wrapper goes while its process group lives: torn down after `end_training` destroyed the group, one
+    # process could wait forever for a peer that has already left
+    del model, opt
+    acc.free_memory()
     acc.end_training()
     return res
 

@@ -101,7 +101,9 @@ def test_the_test_command_sets_up_the_system_first():
     command = readme.split("# run all tests\n", 1)[1].splitlines()[0]
     assert command.startswith("bash tools/setup-system.sh && pytest "), command
     assert "grep -A1 '^# run all tests' README.md" in (ROOT / ".ci" / "run").read_text()  # CI runs that same line
-    browser_tests = [p.name for p in (ROOT / "tests").glob("test_*.py") if '"/usr/bin/chromium"' in p.read_text()]
+    assert 'CHROMIUM = Path("/usr/bin/chromium")' in (ROOT / "tests" / "devtools.py").read_text()
+    tests = [p for p in (ROOT / "tests").glob("test_*.py") if p.name != "test_project.py"]
+    browser_tests = [p.name for p in tests if "launch_chromium(" in p.read_text()]
     assert len(browser_tests) >= 3 and "apt-get install" in script.read_text(), browser_tests
     shellcheck(script, cwd=ROOT)
     assert Path("/usr/bin/chromium").exists(), "run tools/setup-system.sh (the README's test command does)"

@@ -20,7 +20,7 @@ from .data import CIFAR10_LABELS, Split, read_snapshot, write_snapshot
 from .store import Store, open_store
 from .telemetry import decode_kept_image, read_telemetry
 
-# %% ../nbs/retrain.ipynb #b51ed184
+# %% ../nbs/retrain.ipynb #a1032928
 def labelled_predictions(
     store: Store | str | None,  # a `Store`, its URI, or None: `$VIT_STORE`
     since=None,  # only feedback given since then
@@ -32,11 +32,23 @@ def labelled_predictions(
     if fb.empty:
         return pd.DataFrame(columns=cols)
     fb = fb.sort_values("time", kind="stable").drop_duplicates("prediction_id", keep="last")
-    first = pd.to_datetime(fb["predicted_at"], utc=True).min()
-    versions = fb["model_version"].unique()
-    tel = pd.concat([read_telemetry(st, version=v, since=first)[["prediction_id", "image"]] for v in versions])
-    tel = tel.dropna(subset=["prediction_id"]).drop_duplicates("prediction_id")
+    fb["predicted_at"] = pd.to_datetime(fb["predicted_at"], utc=True)
+    images = [_kept_of(st, version, labelled) for version, labelled in fb.groupby("model_version")]
+    tel = pd.concat(images).drop_duplicates("prediction_id")
     return fb.merge(tel, on="prediction_id", how="left")[cols].reset_index(drop=True)
+
+
+def _kept_of(st: Store, version: str, labelled: pd.DataFrame) -> pd.DataFrame:
+    "`prediction_id` and `image` of the telemetry records `labelled` names: their days, two columns, those ids."
+    first, last = labelled["predicted_at"].min(), labelled["predicted_at"].max()
+    return read_telemetry(
+        st,
+        version,
+        since=first,  # an id's time is its record's, to the millisecond
+        until=last + pd.Timedelta(1, "ms"),
+        columns=["prediction_id", "image"],
+        prediction_ids=labelled["prediction_id"].unique(),
+    )
 
 # %% ../nbs/retrain.ipynb #3eb9fd4d
 FEEDBACK_HOLDOUT = 0.3  # the share of labelled predictions held out to judge a retrained model

@@ -8,9 +8,10 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/store.html.md"""
 from __future__ import annotations
 import contextlib, fcntl, hashlib, json, os, random, re, secrets, shutil, tempfile, time
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import requests
 from fastcore.basics import patch
 from google.api_core import exceptions as gex
@@ -265,6 +266,12 @@ def _update_json(self: LocalStore, key, fn):
         self._write(key, _dumps(new), overwrite=True)
         return new
 
+# %% ../nbs/store.ipynb #15f0559d
+@patch
+def arrow_fs(self: LocalStore) -> tuple[pafs.FileSystem, str]:
+    "The store as an Arrow file system, and the path of its root in it."
+    return pafs.LocalFileSystem(), self.root.as_posix()
+
 # %% ../nbs/store.ipynb #841b2f6d
 @patch
 def put_bytes(self: Store, key: str, data: bytes, *, overwrite: bool = True) -> None:
@@ -294,6 +301,16 @@ def list(self: Store, prefix: str = "") -> list[str]:
 def delete(self: Store, key: str) -> None:
     "Delete the object at `key`; `NotFound` if there is none."
     self._remove(_key(key))
+
+# %% ../nbs/store.ipynb #b0e025d9
+@patch
+def update_json(
+    self: Store,
+    key: str,  # a JSON document (created by the first update)
+    fn: Callable[[dict | None], dict | None],  # the old document (None: none yet) → the new one (None: leave it)
+) -> dict | None:
+    "Change the JSON document at `key` atomically: concurrent updates are applied one after the other."
+    return self._update_json(_key(key), fn)
 
 # %% ../nbs/store.ipynb #acdb0ef5
 @patch
@@ -702,6 +719,20 @@ def _update_json(self: GCSStore, key, fn):
                 return new
             time.sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))
     raise StoreError(f"could not update {key!r} in {self.uri}: {self.cas_attempts} attempts lost to concurrent writers")
+
+# %% ../nbs/store.ipynb #e801b023
+@patch
+def arrow_fs(self: GCSStore) -> tuple[pafs.FileSystem, str]:  # noqa: F811 (patched onto GCSStore)
+    "The store as an Arrow file system (the emulator's with `STORAGE_EMULATOR_HOST`), and the path of its root in it."
+    limit = timedelta(seconds=self.timeout)
+    if host := os.environ.get("STORAGE_EMULATOR_HOST"):
+        scheme, _, address = host.rpartition("://")
+        fs = pafs.GcsFileSystem(
+            anonymous=True, endpoint_override=address, scheme=scheme or "http", retry_time_limit=limit
+        )
+    else:
+        fs = pafs.GcsFileSystem(retry_time_limit=limit)  # Application Default Credentials, as the client
+    return fs, f"{self.bucket_name}/{self.prefix}".rstrip("/")
 
 # %% ../nbs/store.ipynb #7f32c6e7
 def open_store(

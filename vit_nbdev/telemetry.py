@@ -6,26 +6,35 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/telemetry.html.md"""
 
 # %% ../nbs/telemetry.ipynb #ee392700
 from __future__ import annotations
-import base64, collections, hmac, io, logging, secrets, threading, time, warnings
+import base64, collections, contextlib, functools, hmac, io, json, logging, operator, re, secrets, tempfile, threading
+import time, warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from fastcore.basics import patch
 from PIL import Image
 
-from .store import Store, StoreError, open_store
+from .store import NotFound, Store, StoreError, open_store
 
 _log = logging.getLogger("vit_nbdev.telemetry")
 
 # %% auto #0
-__all__ = ['TELEMETRY_SCHEMA', 'FEEDBACK_SCHEMA', 'SCHEMAS', 'ID_UNKNOWN', 'ID_EXPIRED', 'new_instance_id', 'telemetry_key',
-           'records_to_parquet', 'TelemetryWriter', 'as_utc', 'read_telemetry', 'encode_kept_image',
-           'decode_kept_image', 'PredictionIds', 'FeedbackError', 'feedback_records', 'live_accuracy']
+__all__ = ['TELEMETRY_SCHEMA', 'FEEDBACK_SCHEMA', 'SCHEMAS', 'COMPACTION', 'PARTITION_FIELDS', 'ID_UNKNOWN', 'ID_EXPIRED',
+           'ROWS_PER_GROUP', 'ROWS_PER_FILE', 'ORPHAN_GRACE_S', 'new_instance_id', 'telemetry_key',
+           'records_to_parquet', 'TelemetryWriter', 'as_utc', 'parse_shard_key', 'ShardFile', 'live_files', 'Vanished',
+           'Scan', 'window_filter', 'last_n_plan', 'read_telemetry', 'telemetry_dataset', 'encode_kept_image',
+           'decode_kept_image', 'PredictionIds', 'FeedbackError', 'feedback_records', 'live_accuracy', 'LostRace',
+           'compact_partition', 'compact_telemetry', 'migrate_telemetry']
 
 # %% ../nbs/telemetry.ipynb #410bf907
 TELEMETRY_SCHEMA = pa.schema(
@@ -77,8 +86,8 @@ def telemetry_key(
     seq: int,  # the shard's number in that process
     kind: str = "telemetry",  # `telemetry` or `feedback`
 ) -> str:
-    "The store key of a shard."
-    return f"{kind}/{version}/{day}/{instance}-{seq:06d}.parquet"
+    "The store key of a shard: partitioned by version and day, as Hive, Arrow and BigQuery read them."
+    return f"{kind}/version={version}/day={day}/{instance}-{seq:06d}.parquet"
 
 
 def records_to_parquet(records: list[dict], kind: str = "telemetry") -> bytes:
@@ -261,7 +270,7 @@ def as_utc(t) -> pd.Timestamp | None:
     t = pd.Timestamp(t)
     return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
 
-# %% ../nbs/telemetry.ipynb #d9a6ba48
+# %% ../nbs/telemetry.ipynb #e4a5a09b
 def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
     "`t` with the columns of `schema` it lacks added as nulls, cast to `schema` if it has just its columns."
     for f in schema:
@@ -269,59 +278,384 @@ def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
             t = t.append_column(f, pa.nulls(len(t), f.type))
     return t.select(schema.names).cast(schema) if set(t.schema.names) == set(schema.names) else t
 
+# %% ../nbs/telemetry.ipynb #13b82dda
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+_LAYOUTS = {  # layout → the pattern of its keys
+    "hive": re.compile(r"(?P<kind>[a-z]+)/version=(?P<version>[^/]+)/day=(?P<day>\d{4}-\d{2}-\d{2})/(?P<name>[^/]+)"),
+    "old": re.compile(r"(?P<kind>[a-z]+)/(?P<version>[^/=]+)/(?P<day>\d{4}-\d{2}-\d{2})/(?P<name>[^/]+)"),
+}
 
-def _shards_by_day(st: Store, kind: str, version: str | None) -> dict[str, list[str]]:
-    "The shard keys of `kind` (of `version`, or every version) by day."
-    by_day: dict[str, list[str]] = {}
-    for k in st.list(f"{kind}/{version}/" if version else f"{kind}/"):
-        parts = k.split("/")
-        if len(parts) == 4 and parts[3].endswith(".parquet"):
-            by_day.setdefault(parts[2], []).append(k)
-    return by_day
 
-# %% ../nbs/telemetry.ipynb #2ef88927
+def parse_shard_key(key: str) -> dict | None:
+    "`dict(kind, version, day, name, layout)` of a telemetry or feedback key in either layout, else None."
+    for layout, rx in _LAYOUTS.items():
+        if m := rx.fullmatch(key):
+            return dict(m.groupdict(), layout=layout)
+    return None
+
+# %% ../nbs/telemetry.ipynb #41f9d068
+@dataclass(frozen=True)
+class ShardFile:
+    "One parquet file of records in the store: its key, its partition, its size and when it was written."
+
+    key: str
+    version: str
+    day: str
+    mtime: float = float("inf")  # when it was written, in seconds since the epoch (inf: unknown)
+    size: int | None = None  # bytes (None: unknown)
+
+    @property
+    def name(self) -> str:
+        "The file's name in its partition."
+        return self.key.rpartition("/")[2]
+
+    @property
+    def hive(self) -> bool:
+        "Is it in the partitioned layout?"
+        return "/version=" in self.key
+
+
+def _listing(st: Store, kind: str, version: str | None = None) -> list[ShardFile]:
+    "Every file under `<kind>/` (of `version`) with its size and time of writing: one listing of the store."
+    fs, root = st.arrow_fs()
+    out = []
+    for info in fs.get_file_info(pafs.FileSelector(f"{root}/{kind}", recursive=True, allow_not_found=True)):
+        key = info.path[len(root) + 1 :]
+        p = parse_shard_key(key) if info.type == pafs.FileType.File else None
+        if p is None or p["name"].startswith(".") or (version and p["version"] != version):
+            continue  # a folder, another key, a local store's temporary file, another version
+        mtime = info.mtime.timestamp() if info.mtime else float("inf")
+        out.append(ShardFile(key, p["version"], p["day"], mtime, info.size))
+    return out
+
+# %% ../nbs/telemetry.ipynb #fcb6c943
+COMPACTION = "_compaction.json"  # the marker of a compacted partition: its files, and the shards they replaced
+
+
+def _marker_key(kind: str, version: str, day: str) -> str:
+    return f"{kind}/version={version}/day={day}/{COMPACTION}"
+
+
+def _read_marker(st: Store, key: str) -> dict | None:
+    try:
+        return json.loads(st.get_bytes(key))
+    except NotFound:
+        return None
+
+
+def _live(files: list[ShardFile], marker: dict | None) -> list[ShardFile]:
+    "The files of one partition a reader uses: the marker's parts, and the shards it did not replace."
+    shards = [f for f in files if f.name.endswith(".parquet") and not f.name.startswith("part-")]
+    if marker is not None:
+        replaced, listed = set(marker["replaced"]), {f.key: f for f in files}
+        parts = [listed.get(k) or ShardFile(k, **_partition_of(k)) for k in marker["files"]]
+        shards = parts + [f for f in shards if f.key not in replaced]
+    moved = {f.name for f in shards if f.hive}  # copied into the new layout, not yet deleted from the old one
+    return [f for f in shards if f.hive or f.name not in moved]
+
+
+def _partition_of(key: str) -> dict:
+    p = parse_shard_key(key)
+    return dict(version=p["version"], day=p["day"])
+
+# %% ../nbs/telemetry.ipynb #61e74f02
+def live_files(
+    store: Store | str | None,
+    kind: str = "telemetry",  # `telemetry` or `feedback`
+    version: str | None = None,  # default: every version
+    since=None,  # only partitions and files that can hold records from then on
+    until=None,  # … and before then
+    skew_s: float = 300.0,  # how far the clocks of the writers and the store may disagree
+) -> list[ShardFile]:
+    "The files a reader of the window uses: pruned by partition (day), and by time of writing (`since`)."
+    st = open_store(store)
+    since, until = as_utc(since), as_utc(until)
+    lo = None if since is None else since.strftime("%Y-%m-%d")
+    hi = None if until is None else (until - pd.Timedelta(1, "us")).strftime("%Y-%m-%d")  # `until` is excluded
+    parts: dict[tuple, list[ShardFile]] = {}
+    for f in _listing(st, kind, version):
+        if (lo is None or f.day >= lo) and (hi is None or f.day <= hi):
+            parts.setdefault((f.version, f.day), []).append(f)
+    out = []
+    for (v, d), files in sorted(parts.items()):
+        marked = any(f.name == COMPACTION for f in files)
+        out += _live(files, _read_marker(st, _marker_key(kind, v, d)) if marked else None)
+    if since is not None:  # a file is written after its records: one written before `since` holds none of them
+        out = [f for f in out if f.mtime >= since.timestamp() - skew_s]
+    return out
+
+# %% ../nbs/telemetry.ipynb #eb449725
+PARTITION_FIELDS = [pa.field("version", pa.string()), pa.field("day", pa.string())]  # from the keys
+
+
+class Vanished(StoreError):
+    "A file went away between planning a read and reading it (a compaction or migration replaced it)."
+
+
+class Scan:
+    "Live files of one kind as Arrow fragments: footers on demand, and reads that set unreadable files aside."
+
+    def __init__(
+        self,
+        store: Store,
+        kind: str,  # `telemetry` or `feedback`
+        files: list[ShardFile],  # `live_files`
+        workers: int = 8,  # footers read at once on a remote store (a local one reads them in turn: faster)
+    ):
+        self.store, self.kind, self.files = store, kind, files
+        self.fs, self.root = store.arrow_fs()
+        self.workers = 1 if isinstance(self.fs, pafs.LocalFileSystem) else workers
+        self.format, self.schema = ds.ParquetFileFormat(), pa.schema(list(SCHEMAS[kind]) + PARTITION_FIELDS)
+        self.skipped: list[str] = []  # keys of the unreadable files
+
+    def dataset(self, files: list[ShardFile]) -> ds.FileSystemDataset:
+        "`files` as one Arrow dataset with this scan's schema (columns a file lacks read as nulls)."
+        frags = []
+        for f in files:
+            where = (ds.field("version") == f.version) & (ds.field("day") == f.day)
+            path = f"{self.root}/{f.key}"
+            frags.append(self.format.make_fragment(path, self.fs, partition_expression=where, file_size=f.size))
+        return ds.FileSystemDataset(frags, self.schema, self.format, self.fs)
+
+    def skip(self, f: ShardFile, e: Exception) -> None:
+        "Set `f` aside with a warning naming it; `Vanished` if it is gone."
+        if self.fs.get_file_info(f"{self.root}/{f.key}").type == pafs.FileType.NotFound:
+            raise Vanished(f"{f.key} is gone: a compaction or migration replaced it") from e
+        warnings.warn(f"skipping unreadable {self.kind} shard {f.key}: {e}", stacklevel=3)
+        self.skipped.append(f.key)
+
+# %% ../nbs/telemetry.ipynb #76d7ff38
+def _footer(fs: pafs.FileSystem, path: str) -> tuple[int, object, object]:
+    "`(rows, first time, last time)` of the parquet file at `path`, from its footer (times None: unknown)."
+    md = pq.read_metadata(path, filesystem=fs)
+    col = next((j for j in range(md.num_columns) if md.schema.column(j).path == "time"), None)
+    lo = hi = None
+    for i in range(md.num_row_groups):
+        s = md.row_group(i).column(col).statistics if col is not None else None
+        if s is None or not s.has_min_max:
+            return md.num_rows, None, None  # a row group without statistics: the file's span is unknown
+        lo = s.min if lo is None else min(lo, s.min)
+        hi = s.max if hi is None else max(hi, s.max)
+    return md.num_rows, lo, hi
+
+
+@patch
+def stats(self: Scan, files: list[ShardFile]) -> dict[ShardFile, tuple]:
+    "`(rows, first, last)` of each readable file of `files`; the others are set aside (`skip`)."
+
+    def footer(f):
+        try:
+            return f, _footer(self.fs, f"{self.root}/{f.key}")
+        except (OSError, pa.ArrowException) as e:
+            return f, e
+
+    if self.workers > 1:
+        with ThreadPoolExecutor(self.workers) as ex:
+            got = list(ex.map(footer, files))
+    else:
+        got = [footer(f) for f in files]
+    out = {}
+    for f, r in got:
+        if isinstance(r, Exception):
+            self.skip(f, r)
+        else:
+            out[f] = r
+    return out
+
+# %% ../nbs/telemetry.ipynb #30456e6c
+@patch
+def table(self: Scan, files: list[ShardFile], columns: list[str], filter=None) -> pa.Table:
+    "The rows of `files` that match `filter` (an Arrow expression), `columns` only; unreadable files skipped."
+    files = [f for f in files if f.key not in self.skipped]
+    try:
+        return self.dataset(files).to_table(columns=columns, filter=filter)
+    except (OSError, pa.ArrowException):
+        pass  # find the culprit: one file at a time
+    got = []
+    for f in files:
+        try:
+            got.append(self.dataset([f]).to_table(columns=columns, filter=filter))
+        except (OSError, pa.ArrowException) as e:
+            try:
+                got.append(self.as_written(f, columns, filter))
+            except (OSError, pa.ArrowException):
+                self.skip(f, e)
+    return pa.concat_tables(got) if got else pa.schema([self.schema.field(c) for c in columns]).empty_table()
+
+
+@patch
+def as_written(self: Scan, f: ShardFile, columns: list[str], filter=None) -> pa.Table:
+    "A file whose column types differ from today's (an older schema): read as written, then cast (`_conform`)."
+    t = _conform(pq.read_table(f"{self.root}/{f.key}", filesystem=self.fs), SCHEMAS[self.kind])
+    t = t.append_column("version", pa.array([f.version] * len(t), pa.string()))
+    t = t.append_column("day", pa.array([f.day] * len(t), pa.string()))
+    return ds.dataset(t).to_table(columns=columns, filter=filter)
+
+# %% ../nbs/telemetry.ipynb #f28d0b87
+def _ts(t) -> pa.Scalar:
+    "`t` as an Arrow UTC timestamp, the type of the records' `time`."
+    return pa.scalar(as_utc(t).to_pydatetime(), pa.timestamp("us", tz="UTC"))
+
+
+def window_filter(
+    since=None,  # `time >= since` (anything `as_utc` reads)
+    until=None,  # `time < until`
+    prediction_ids=None,  # `prediction_id` is one of these
+) -> ds.Expression | None:
+    "The Arrow filter of a window (None: everything)."
+    parts = []
+    if since is not None:
+        parts.append(ds.field("time") >= _ts(since))
+    if until is not None:
+        parts.append(ds.field("time") < _ts(until))
+    if prediction_ids is not None:
+        parts.append(ds.field("prediction_id").isin(pa.array(list(prediction_ids), pa.string())))
+    return functools.reduce(operator.and_, parts) if parts else None
+
+# %% ../nbs/telemetry.ipynb #187431eb
+def _latest_start(counted: list[tuple], last_n: int):
+    "The latest `t` such that the files whose records all come at or after `t` hold `last_n` of them (None: fewer)."
+    n = 0
+    for first, rows in sorted(counted, key=lambda c: c[0], reverse=True):
+        n += rows
+        if n >= last_n:
+            return first
+    return None
+
+
+def last_n_plan(
+    scan: Scan,
+    files: list[ShardFile],  # the window's live files
+    last_n: int,  # the records wanted
+    until=None,  # the window's end (excluded)
+    skew_s: float = 300.0,  # how far the clocks of the writers and the store may disagree
+) -> tuple[list[ShardFile], object]:
+    "The files that can hold the window's last `last_n` records, and a time they all come at or after (None: all)."
+    until = as_utc(until)
+    order = sorted(files, key=lambda f: (f.day, f.mtime), reverse=True)  # newest first
+    counted, chosen, start, i = [], {}, None, 0
+    while i < len(order):
+        f = order[i]
+        if start is not None and (f.day < start.strftime("%Y-%m-%d") or f.mtime < start.timestamp() - skew_s):
+            break  # this file and all after it hold only records before `start`
+        batch = order[i : i + 4 * scan.workers]
+        i += len(batch)
+        for g, (rows, first, last) in scan.stats(batch).items():
+            if first is not None and until is not None and first >= until:
+                continue  # after the window
+            chosen[g] = last
+            if first is not None and (until is None or last < until):
+                counted.append((first, rows))
+        start = _latest_start(counted, last_n)
+        start = None if start is None else pd.Timestamp(start)
+    return [g for g, last in chosen.items() if start is None or last is None or last >= start], start
+
+# %% ../nbs/telemetry.ipynb #1d7e830c
+def _uniform(times: pa.Array, items: pa.Array | None, seed: int) -> np.ndarray:
+    "A number in [0, 1) for each record, fixed by its time, its item and `seed`: the sample's coin."
+    z = pc.cast(times, pa.int64()).to_numpy(zero_copy_only=False).astype(np.uint64)
+    with np.errstate(over="ignore"):  # the hash wraps around 2**64 on purpose
+        if items is not None:
+            item = pc.fill_null(items, 0).to_numpy(zero_copy_only=False).astype(np.uint64)
+            z = z + item * np.uint64(0x9E3779B97F4A7C15)
+        z = z + np.uint64(seed + 1) * np.uint64(0xD1B54A32D192ED03)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / 2.0**53
+
+
+def _sampled(scan: Scan, files: list[ShardFile], columns: list[str], filter, rate: float, seed: int) -> pa.Table:
+    "The rows of `files` matching `filter` whose coin falls under `rate`, read one batch at a time."
+    item = ["item"] if "item" in scan.schema.names else []
+    cols = list(dict.fromkeys(columns + ["time"] + item))
+    kept = []
+    for b in scan.dataset(files).to_batches(columns=cols, filter=filter):
+        keep = _uniform(b.column("time"), b.column("item") if item else None, seed) < rate
+        if keep.any():
+            kept.append(pa.Table.from_batches([b]).filter(pa.array(keep)).select(columns))
+    return pa.concat_tables(kept) if kept else pa.schema([scan.schema.field(c) for c in columns]).empty_table()
+
+# %% ../nbs/telemetry.ipynb #cc53dfd5
+def _read(scan: Scan, columns, last_n, since, until, sample, seed, prediction_ids) -> tuple[pa.Table, dict]:
+    "The table of one planned read, and what it says of the window."
+    files, start = scan.files, since
+    if last_n is not None:
+        files, latest = last_n_plan(scan, files, last_n, until)
+        if latest is not None and (since is None or latest > since):
+            start = latest
+    where = window_filter(start, until, prediction_ids)
+    info = dict(sampled=False, seed=seed)
+    if sample is not None and last_n is None:
+        rows = scan.dataset([f for f in files if f.key not in scan.skipped]).count_rows(filter=where)
+        info["rows"] = rows
+        if rows > sample:
+            t = _sampled(scan, files, columns, where, sample / rows, seed)
+            return t, dict(info, sampled=True, sample=t.num_rows)
+    t = scan.table(files, columns, where)
+    return t, dict(info, rows=t.num_rows)
+
+# %% ../nbs/telemetry.ipynb #a0339ac3
 def read_telemetry(
     store: Store | str | None,
     version: str | None = None,  # default: every version
     last_n: int | None = None,  # of the records in the window, only the last `last_n`
     since=None,  # the window's start (included): anything `as_utc` reads
     until=None,  # the window's end (excluded)
-    workers: int = 8,  # shards fetched in parallel
+    workers: int = 8,  # footers read at once from a remote store
     kind: str = "telemetry",  # `telemetry` or `feedback`
+    columns: list[str] | None = None,  # only these (default: all of the kind's; `version`, `day` on request)
+    sample: int | None = None,  # a window of more records than this: a uniform sample of about this many
+    seed: int = 0,  # the sample's seed: the same window and seed, the same sample
+    prediction_ids=None,  # only the records of these prediction ids
+    attempts: int = 3,  # plans, when compactions or migrations keep replacing files during the read
 ) -> pd.DataFrame:
-    "Records of `kind` sorted by time."
-    st, schema = open_store(store), SCHEMAS[kind]
+    "Records of `kind` sorted by time; `attrs['telemetry']` says what the window held and what was left out."
+    st, names = open_store(store), SCHEMAS[kind].names
     since, until = as_utc(since), as_utc(until)
-    by_day = _shards_by_day(st, kind, version)
-
-    def read(k):
+    columns = list(columns or names)
+    order = [c for c in ("time", "request_id", "item") if c in names]
+    for attempt in range(attempts):
+        scan = Scan(st, kind, live_files(st, kind, version, since, until), workers)
         try:
-            t = pq.read_table(io.BytesIO(st.get_bytes(k)))
-        except (StoreError, OSError, pa.ArrowException) as e:
-            warnings.warn(f"skipping unreadable {kind} shard {k}: {e}", stacklevel=1)
-            return None  # in a worker thread: no caller frame to point at
-        return _conform(t, schema)
+            t, info = _read(
+                scan, list(dict.fromkeys(columns + order)), last_n, since, until, sample, seed, prediction_ids
+            )
+            break
+        except Vanished:
+            if attempt == attempts - 1:
+                raise
+    df = t.sort_by([(c, "ascending") for c in order]).to_pandas()
+    if last_n is not None:
+        df = df.tail(last_n)
+        info["rows"] = len(df)
+        if sample is not None and len(df) > sample:  # a long last_n window: sampled after the read
+            coin = _uniform(pa.array(df["time"]), pa.array(df["item"]) if "item" in df else None, seed)
+            df = df[coin < sample / len(df)]
+            info.update(sampled=True, sample=len(df))
+    df = df[columns].reset_index(drop=True)
+    if "time" in df:
+        df["time"] = pd.to_datetime(df["time"], utc=True)
+    df.attrs["telemetry"] = dict(info, files=len(scan.files), skipped=scan.skipped)
+    return df
 
-    frames, n = [], 0
-    with ThreadPoolExecutor(workers) as ex:  # one request per shard on GCS: fetch them in parallel
-        for day in sorted(by_day, reverse=True):
-            if until is not None and day > until.strftime("%Y-%m-%d"):
-                continue
-            if since is not None and day < since.strftime("%Y-%m-%d"):
-                break
-            got = [t for t in ex.map(read, sorted(by_day[day])) if t is not None]
-            frames += got
-            n += sum(t.num_rows for t in got)
-            if last_n is not None and n >= last_n and since is None and until is None:
-                break
-    df = pa.concat_tables(frames or [schema.empty_table()], promote_options="default").to_pandas()
-    df["time"] = pd.to_datetime(df["time"], utc=True)
-    if since is not None:
-        df = df[df["time"] >= since]
-    if until is not None:
-        df = df[df["time"] < until]
-    df = df.sort_values([c for c in ("time", "request_id", "item") if c in df], kind="stable")
-    return (df.tail(last_n) if last_n is not None else df).reset_index(drop=True)
+# %% ../nbs/telemetry.ipynb #d5bcc149
+def telemetry_dataset(
+    store: Store | str | None,
+    kind: str = "telemetry",  # `telemetry` or `feedback`
+    version: str | None = None,  # default: every version
+    since=None,  # only records from then on
+    until=None,  # … and before then
+    workers: int = 8,  # footers read at once from a remote store
+) -> tuple[ds.Dataset, dict]:
+    "The live files of a window as one Arrow dataset (unreadable ones left out), and `dict(files, skipped)`."
+    st = open_store(store)
+    scan = Scan(st, kind, live_files(st, kind, version, since, until), workers)
+    good = list(scan.stats(scan.files))  # reads each footer once: an unreadable file is skipped here
+    dataset = scan.dataset(good)
+    if (where := window_filter(since, until)) is not None:
+        dataset = dataset.filter(where)
+    return dataset, dict(files=len(good), skipped=scan.skipped)
 
 # %% ../nbs/telemetry.ipynb #d2cf040e
 def encode_kept_image(
@@ -481,3 +815,199 @@ def live_accuracy(
     )
     out.insert(2, "accuracy", out["correct"] / out["labelled"])
     return out.reset_index().sort_values("last", ascending=False, ignore_index=True)
+
+# %% ../nbs/telemetry.ipynb #ec15a88e
+ROWS_PER_GROUP = 16_384  # a compacted file's row group: ~60 MB with kept images, the unit a window reads
+ROWS_PER_FILE = 262_144  # a compacted file: 16 row groups, ~1 GB with kept images
+ORPHAN_GRACE_S = 3600.0  # a file no marker lists, this old, was left by a compaction that died
+
+
+class LostRace(StoreError):
+    "Another compaction of the same partition committed first."
+
+
+def _time_cuts(scan: Scan, files: list[ShardFile], rows_per_group: int) -> list[pd.Timestamp]:
+    "Times that cut the records of `files`, sorted, into runs of about `rows_per_group` (equal times stay together)."
+    t = scan.table(files, ["time"]).column("time")
+    t = np.sort(pc.cast(t, pa.int64()).to_numpy(zero_copy_only=False))
+    return [pd.Timestamp(int(c), unit="us", tz="UTC") for c in np.unique(t[::rows_per_group])[1:]]
+
+# %% ../nbs/telemetry.ipynb #1532866c
+def _write_parts(
+    scan: Scan,
+    files: list[ShardFile],  # the partition's live files
+    cuts: list,  # `_time_cuts`
+    key_of: Callable[[int], str],  # the key of the n-th new file
+    rows_per_file: int,
+    tmpdir: str | Path,  # where a file is written before its upload
+) -> tuple[list[str], int, int]:
+    "Write the records of `files` sorted by time, one run of `cuts` a row group; the keys, records and row groups."
+    spans = scan.stats(files)
+    order = [(c, "ascending") for c in ("time", "request_id", "item") if c in scan.schema.names]
+    schema = SCHEMAS[scan.kind]
+    keys, rows, groups, in_file, writer, path = [], 0, 0, 0, None, Path(tmpdir) / "part.parquet"
+    for lo, hi in zip([None, *cuts], [*cuts, None], strict=True):
+        meets = [
+            f for f, (_, a, b) in spans.items() if a is None or ((lo is None or b >= lo) and (hi is None or a < hi))
+        ]
+        t = scan.table(meets, schema.names, window_filter(lo, hi)).cast(schema).sort_by(order)
+        if not t.num_rows:
+            continue
+        writer = writer or pq.ParquetWriter(path, schema, compression="zstd")
+        writer.write_table(t, row_group_size=t.num_rows)
+        rows, groups, in_file = rows + t.num_rows, groups + 1, in_file + t.num_rows
+        if in_file >= rows_per_file:
+            writer, in_file = _upload(writer, path, scan.store, key_of(len(keys)), keys), 0
+    if writer is not None:
+        _upload(writer, path, scan.store, key_of(len(keys)), keys)
+    return keys, rows, groups
+
+
+def _upload(writer: pq.ParquetWriter, path: Path, st: Store, key: str, keys: list[str]) -> None:
+    "Close the file `writer` writes at `path`, store it at the new `key`, and add the key to `keys`."
+    writer.close()
+    st.put_file(path, key, overwrite=False)
+    keys.append(key)
+
+# %% ../nbs/telemetry.ipynb #7ca132e8
+def _delete_quietly(st: Store, keys) -> int:
+    "Delete `keys` that are still there; how many were."
+    n = 0
+    for k in keys:
+        with contextlib.suppress(NotFound):
+            st.delete(k)
+            n += 1
+    return n
+
+
+def _tidy(st: Store, kind: str, version: str, day: str, marker: dict | None) -> int:
+    "Delete the garbage of a committed `marker`: replaced shards, superseded files, orphans; how many files."
+    if marker is None:
+        return 0
+    keep, now = set(marker["files"]), time.time()
+    files = [f for f in _listing(st, kind, version) if f.day == day]
+    garbage = [f.key for f in files if f.key in set(marker["replaced"])]
+    garbage += [k for k in marker.get("superseded", []) if k not in keep]
+    orphans = [f for f in files if f.name.startswith("part-") and f.key not in keep]
+    garbage += [f.key for f in orphans if now - f.mtime > ORPHAN_GRACE_S]
+    return _delete_quietly(st, dict.fromkeys(garbage))
+
+# %% ../nbs/telemetry.ipynb #6d7f1e5c
+def _committed(marker: dict | None, written: list[str], used: list[str], run: str, rows: int, groups: int, bad):
+    "How to update the marker from `marker` (what the run planned on): `LostRace` if someone else committed since."
+    generation = (marker or {}).get("generation", 0)
+
+    def commit(current: dict | None) -> dict:
+        if (current or {}).get("generation", 0) != generation:
+            raise LostRace(f"another compaction committed generation {current['generation']} first")
+        before = (current or {}).get("files", [])
+        return dict(
+            generation=generation + 1,
+            files=written,
+            replaced=sorted(set((current or {}).get("replaced", [])) | {k for k in used if k not in before}),
+            superseded=before,
+            unreadable=bad,
+            rows=rows,
+            row_groups=groups,
+            run=run,
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+
+    return commit
+
+# %% ../nbs/telemetry.ipynb #3205cee2
+def compact_partition(
+    store: Store | str | None,
+    kind: str,  # `telemetry` or `feedback`
+    version: str,
+    day: str,  # `YYYY-MM-DD`
+    rows_per_group: int = ROWS_PER_GROUP,
+    rows_per_file: int = ROWS_PER_FILE,
+) -> dict:
+    "Rewrite one day's shards of one version as a few files sorted by time, committed by the partition's marker."
+    st = open_store(store)
+    key = _marker_key(kind, version, day)
+    marker = _read_marker(st, key)
+    files = [f for f in live_files(st, kind, version, day, f"{day}T23:59:59.999999") if f.day == day]
+    done = set((marker or {}).get("files", [])) | set((marker or {}).get("unreadable", []))
+    out = dict(kind=kind, version=version, day=day, shards=len([f for f in files if f.key not in done]))
+    if not out["shards"]:
+        return dict(out, status="already", files=0, rows=0, deleted=_tidy(st, kind, version, day, marker))
+    run, scan, written = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(4)}", Scan(st, kind, files), []
+    try:
+        cuts = _time_cuts(scan, files, rows_per_group)
+        with tempfile.TemporaryDirectory(prefix="vit-compact-") as tmpdir:
+            key_of = functools.partial(_part_key, kind, version, day, run)
+            written, rows, groups = _write_parts(scan, files, cuts, key_of, rows_per_file, tmpdir)
+        used = [f.key for f in files if f.key not in scan.skipped]
+        doc = st.update_json(key, _committed(marker, written, used, run, rows, groups, scan.skipped))
+    except (LostRace, Vanished) as e:
+        _delete_quietly(st, written)
+        return dict(out, status="lost", files=0, rows=0, message=str(e))
+    except Exception:
+        _delete_quietly(st, written)  # a failure of ours (a kill leaves them to `_tidy`)
+        raise
+    out.update(status="compacted", files=len(written), rows=rows, row_groups=groups, skipped=scan.skipped)
+    return dict(out, deleted=_tidy(st, kind, version, day, doc))
+
+
+def _part_key(kind: str, version: str, day: str, run: str, i: int) -> str:
+    return f"{kind}/version={version}/day={day}/part-{run}-{i:04d}.parquet"
+
+# %% ../nbs/telemetry.ipynb #e27ce54b
+def compact_telemetry(
+    store: Store | str | None,
+    day: str | None = None,  # `YYYY-MM-DD`: only this day (default: every closed day with shards left)
+    kind: str | None = None,  # `telemetry` or `feedback` (default: both)
+    version: str | None = None,  # default: every version
+    now: datetime | None = None,  # what "today" is (default: now, UTC): today is never compacted
+    **kw,  # `rows_per_group`, `rows_per_file`
+) -> list[dict]:
+    "Compact the closed days' shards into few sorted files; one result per partition (`status`)."
+    today = (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%d")
+    if day is not None and not _is_day(day):
+        raise ValueError(f"bad day {day!r}: expected YYYY-MM-DD")
+    if day is not None and day >= today:
+        raise ValueError(f"day {day} is not closed yet (today is {today} UTC): its shards are still being written")
+    if kind is not None and kind not in SCHEMAS:
+        raise ValueError(f"kind must be one of {', '.join(SCHEMAS)}, got {kind!r}")
+    st, out = open_store(store), []
+    for k in [kind] if kind else list(SCHEMAS):
+        for v, d in sorted({(f.version, f.day) for f in _listing(st, k, version)}):
+            if d < today and d == (day or d):
+                out.append(compact_partition(st, k, v, d, **kw))
+    return out
+
+
+def _is_day(day: str) -> bool:
+    "Is `day` a real date written `YYYY-MM-DD`?"
+    if not _DAY.fullmatch(day):
+        return False
+    try:
+        datetime.strptime(day, "%Y-%m-%d")
+    except ValueError:
+        return False
+    return True
+
+# %% ../nbs/telemetry.ipynb #241d1ba7
+def migrate_telemetry(
+    store: Store | str | None,
+    dry_run: bool = False,  # only count the shards left in the old layout
+) -> dict:
+    "Move the old layout's shards (`<kind>/<version>/<day>/…`) to the partitioned one: `moved`, `already`, `left`."
+    st, out = open_store(store), dict(moved=0, already=0, left=0)
+    for kind in SCHEMAS:
+        for f in _listing(st, kind):
+            if f.hive:
+                continue
+            if dry_run:
+                out["left"] += 1
+                continue
+            new = f"{kind}/version={f.version}/day={f.day}/{f.name}"
+            if st.exists(new):
+                out["already"] += 1  # an earlier run copied it and stopped before deleting the old one
+            else:
+                st.put_bytes(new, st.get_bytes(f.key), overwrite=False)
+                out["moved"] += 1
+            _delete_quietly(st, [f.key])
+    return out

@@ -418,7 +418,9 @@ class Scan:
         return ds.FileSystemDataset(frags, self.schema, self.format, self.fs)
 
     def skip(self, f: ShardFile, e: Exception) -> None:
-        "Set `f` aside with a warning naming it; `Vanished` if it is gone."
+        "Set `f` aside with a warning naming it (once); `Vanished` if it is gone."
+        if f.key in self.skipped:
+            return
         if self.fs.get_file_info(f"{self.root}/{f.key}").type == pafs.FileType.NotFound:
             raise Vanished(f"{f.key} is gone: a compaction or migration replaced it") from e
         warnings.warn(f"skipping unreadable {self.kind} shard {f.key}: {e}", stacklevel=3)
@@ -449,6 +451,7 @@ def stats(self: Scan, files: list[ShardFile]) -> dict[ShardFile, tuple]:
         except (OSError, pa.ArrowException) as e:
             return f, e
 
+    files = [f for f in files if f.key not in self.skipped]
     if self.workers > 1:
         with ThreadPoolExecutor(self.workers) as ex:
             got = list(ex.map(footer, files))
@@ -565,16 +568,30 @@ def _uniform(times: pa.Array, items: pa.Array | None, seed: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) / 2.0**53
 
 
-def _sampled(scan: Scan, files: list[ShardFile], columns: list[str], filter, rate: float, seed: int) -> pa.Table:
+def _coin_flips(scan: Scan, files: list[ShardFile], columns: list[str], filter, rate: float, seed: int) -> pa.Table:
     "The rows of `files` matching `filter` whose coin falls under `rate`, read one batch at a time."
     item = ["item"] if "item" in scan.schema.names else []
-    cols = list(dict.fromkeys(columns + ["time"] + item))
     kept = []
-    for b in scan.dataset(files).to_batches(columns=cols, filter=filter):
+    for b in scan.dataset(files).to_batches(columns=list(dict.fromkeys(columns + ["time"] + item)), filter=filter):
         keep = _uniform(b.column("time"), b.column("item") if item else None, seed) < rate
         if keep.any():
             kept.append(pa.Table.from_batches([b]).filter(pa.array(keep)).select(columns))
     return pa.concat_tables(kept) if kept else pa.schema([scan.schema.field(c) for c in columns]).empty_table()
+
+
+def _sampled(scan: Scan, files: list[ShardFile], columns: list[str], filter, rate: float, seed: int) -> pa.Table:
+    "`_coin_flips` over `files`; if a file cannot be read, file by file, skipping it."
+    try:
+        return _coin_flips(scan, files, columns, filter, rate, seed)
+    except (OSError, pa.ArrowException):
+        pass  # find the culprit
+    got = []
+    for f in files:
+        try:
+            got.append(_coin_flips(scan, [f], columns, filter, rate, seed))
+        except (OSError, pa.ArrowException) as e:
+            scan.skip(f, e)
+    return pa.concat_tables(got) if got else pa.schema([scan.schema.field(c) for c in columns]).empty_table()
 
 # %% ../nbs/telemetry.ipynb #cc53dfd5
 def _read(scan: Scan, columns, last_n, since, until, sample, seed, prediction_ids) -> tuple[pa.Table, dict]:
@@ -587,7 +604,8 @@ def _read(scan: Scan, columns, last_n, since, until, sample, seed, prediction_id
     where = window_filter(start, until, prediction_ids)
     info = dict(sampled=False, seed=seed)
     if sample is not None and last_n is None:
-        rows = scan.dataset([f for f in files if f.key not in scan.skipped]).count_rows(filter=where)
+        files = list(scan.stats(files))  # an unreadable footer is set aside here
+        rows = scan.table(files, ["time"], where).num_rows  # one small column: the window's size
         info["rows"] = rows
         if rows > sample:
             t = _sampled(scan, files, columns, where, sample / rows, seed)

@@ -11,6 +11,7 @@ import time, warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,12 +30,13 @@ from .store import NotFound, Store, StoreError, open_store
 _log = logging.getLogger("vit_nbdev.telemetry")
 
 # %% auto #0
-__all__ = ['TELEMETRY_SCHEMA', 'FEEDBACK_SCHEMA', 'SCHEMAS', 'COMPACTION', 'PARTITION_FIELDS', 'ID_UNKNOWN', 'ID_EXPIRED',
-           'ROWS_PER_GROUP', 'ROWS_PER_FILE', 'ORPHAN_GRACE_S', 'new_instance_id', 'telemetry_key',
-           'records_to_parquet', 'TelemetryWriter', 'as_utc', 'parse_shard_key', 'ShardFile', 'live_files', 'Vanished',
-           'Scan', 'window_filter', 'last_n_plan', 'read_telemetry', 'telemetry_dataset', 'encode_kept_image',
-           'decode_kept_image', 'PredictionIds', 'FeedbackError', 'feedback_records', 'live_accuracy', 'LostRace',
-           'compact_partition', 'compact_telemetry', 'migrate_telemetry']
+__all__ = ['TELEMETRY_SCHEMA', 'FEEDBACK_SCHEMA', 'SCHEMAS', 'COMPACTION', 'PARTITION_FIELDS', 'READ_AHEAD', 'ID_UNKNOWN',
+           'ID_EXPIRED', 'ROWS_PER_GROUP', 'ROWS_PER_FILE', 'ORPHAN_GRACE_S', 'new_instance_id', 'telemetry_key',
+           'parquet_options', 'records_to_parquet', 'TelemetryWriter', 'as_utc', 'parse_shard_key', 'ShardFile',
+           'live_files', 'Vanished', 'Scan', 'Span', 'window_filter', 'last_n_plan', 'read_telemetry',
+           'telemetry_dataset', 'encode_kept_image', 'decode_kept_image', 'PredictionIds', 'FeedbackError',
+           'feedback_records', 'live_accuracy', 'LostRace', 'compact_partition', 'compact_telemetry',
+           'migrate_telemetry']
 
 # %% ../nbs/telemetry.ipynb #410bf907
 TELEMETRY_SCHEMA = pa.schema(
@@ -90,10 +92,25 @@ def telemetry_key(
     return f"{kind}/version={version}/day={day}/{instance}-{seq:06d}.parquet"
 
 
+_REPETITIVE = ("instance", "model_version", "label", "engine", "predicted", "source")  # few distinct values
+
+
+@functools.cache
+def parquet_options(schema: pa.Schema) -> dict:
+    "How records are written: zstd, but kept PNGs as they are (compressed already); dictionaries for the repetitive."
+    empty = io.BytesIO()
+    pq.write_table(schema.empty_table(), empty)
+    columns = [c.path for c in pq.ParquetFile(empty).schema]  # the leaves: `embedding.list.element`, …
+    return dict(
+        compression={c: "none" if c == "image" else "zstd" for c in columns},
+        use_dictionary=[c for c in columns if c in _REPETITIVE],
+    )
+
+
 def records_to_parquet(records: list[dict], kind: str = "telemetry") -> bytes:
     "Records of `kind` as the bytes of one parquet file with its schema (`SCHEMAS[kind]`)."
     buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(records, schema=SCHEMAS[kind]), buf, compression="zstd")
+    pq.write_table(pa.Table.from_pylist(records, schema=SCHEMAS[kind]), buf, **parquet_options(SCHEMAS[kind]))
     return buf.getvalue()
 
 # %% ../nbs/telemetry.ipynb #67edc162
@@ -386,6 +403,7 @@ def live_files(
 
 # %% ../nbs/telemetry.ipynb #eb449725
 PARTITION_FIELDS = [pa.field("version", pa.string()), pa.field("day", pa.string())]  # from the keys
+READ_AHEAD = dict(batch_size=4096, batch_readahead=2, fragment_readahead=2)  # what a read holds at once: bounded
 
 
 class Vanished(StoreError):
@@ -405,7 +423,9 @@ class Scan:
         self.store, self.kind, self.files = store, kind, files
         self.fs, self.root = store.arrow_fs()
         self.workers = 1 if isinstance(self.fs, pafs.LocalFileSystem) else workers
-        self.format, self.schema = ds.ParquetFileFormat(), pa.schema(list(SCHEMAS[kind]) + PARTITION_FIELDS)
+        options = ds.ParquetFragmentScanOptions(pre_buffer=self.workers > 1)  # coalesced reads pay off remotely
+        self.format = ds.ParquetFileFormat(default_fragment_scan_options=options)
+        self.schema = pa.schema(list(SCHEMAS[kind]) + PARTITION_FIELDS)
         self.skipped: list[str] = []  # keys of the unreadable files
 
     def dataset(self, files: list[ShardFile]) -> ds.FileSystemDataset:
@@ -427,23 +447,32 @@ class Scan:
         self.skipped.append(f.key)
 
 # %% ../nbs/telemetry.ipynb #76d7ff38
-def _footer(fs: pafs.FileSystem, path: str) -> tuple[int, object, object]:
-    "`(rows, first time, last time)` of the parquet file at `path`, from its footer (times None: unknown)."
+class Span(NamedTuple):
+    "The records of a file (or of one of its row groups): how many, the first and last `time` (None: unknown)."
+
+    rows: int
+    first: datetime | None
+    last: datetime | None
+    groups: tuple = ()  # a file's row groups, each a `Span`
+
+
+def _footer(fs: pafs.FileSystem, path: str) -> Span:
+    "The `Span` of the parquet file at `path` and of each of its row groups, from its footer."
     md = pq.read_metadata(path, filesystem=fs)
     col = next((j for j in range(md.num_columns) if md.schema.column(j).path == "time"), None)
-    lo = hi = None
+    groups = []
     for i in range(md.num_row_groups):
         s = md.row_group(i).column(col).statistics if col is not None else None
-        if s is None or not s.has_min_max:
-            return md.num_rows, None, None  # a row group without statistics: the file's span is unknown
-        lo = s.min if lo is None else min(lo, s.min)
-        hi = s.max if hi is None else max(hi, s.max)
-    return md.num_rows, lo, hi
+        known = s is not None and s.has_min_max
+        groups.append(Span(md.row_group(i).num_rows, s.min if known else None, s.max if known else None))
+    if any(g.first is None for g in groups) or not groups:
+        return Span(md.num_rows, None, None, tuple(groups))  # a row group without statistics: unknown
+    return Span(md.num_rows, min(g.first for g in groups), max(g.last for g in groups), tuple(groups))
 
 
 @patch
-def stats(self: Scan, files: list[ShardFile]) -> dict[ShardFile, tuple]:
-    "`(rows, first, last)` of each readable file of `files`; the others are set aside (`skip`)."
+def stats(self: Scan, files: list[ShardFile]) -> dict[ShardFile, Span]:
+    "The `Span` of each readable file of `files`; the others are set aside (`skip`)."
 
     def footer(f):
         try:
@@ -471,13 +500,13 @@ def table(self: Scan, files: list[ShardFile], columns: list[str], filter=None) -
     "The rows of `files` that match `filter` (an Arrow expression), `columns` only; unreadable files skipped."
     files = [f for f in files if f.key not in self.skipped]
     try:
-        return self.dataset(files).to_table(columns=columns, filter=filter)
+        return self.dataset(files).to_table(columns=columns, filter=filter, **READ_AHEAD)
     except (OSError, pa.ArrowException):
         pass  # find the culprit: one file at a time
     got = []
     for f in files:
         try:
-            got.append(self.dataset([f]).to_table(columns=columns, filter=filter))
+            got.append(self.dataset([f]).to_table(columns=columns, filter=filter, **READ_AHEAD))
         except (OSError, pa.ArrowException) as e:
             try:
                 got.append(self.as_written(f, columns, filter))
@@ -517,7 +546,7 @@ def window_filter(
 
 # %% ../nbs/telemetry.ipynb #187431eb
 def _latest_start(counted: list[tuple], last_n: int):
-    "The latest `t` such that the files whose records all come at or after `t` hold `last_n` of them (None: fewer)."
+    "The latest `t` such that the row groups whose records all come at or after `t` hold `last_n` (None: fewer)."
     n = 0
     for first, rows in sorted(counted, key=lambda c: c[0], reverse=True):
         n += rows
@@ -543,12 +572,13 @@ def last_n_plan(
             break  # this file and all after it hold only records before `start`
         batch = order[i : i + 4 * scan.workers]
         i += len(batch)
-        for g, (rows, first, last) in scan.stats(batch).items():
-            if first is not None and until is not None and first >= until:
+        for g, span in scan.stats(batch).items():
+            if span.first is not None and until is not None and span.first >= until:
                 continue  # after the window
-            chosen[g] = last
-            if first is not None and (until is None or last < until):
-                counted.append((first, rows))
+            chosen[g] = span.last
+            counted += [
+                (s.first, s.rows) for s in span.groups if s.first is not None and (until is None or s.last < until)
+            ]
         start = _latest_start(counted, last_n)
         start = None if start is None else pd.Timestamp(start)
     return [g for g, last in chosen.items() if start is None or last is None or last >= start], start
@@ -572,7 +602,8 @@ def _coin_flips(scan: Scan, files: list[ShardFile], columns: list[str], filter, 
     "The rows of `files` matching `filter` whose coin falls under `rate`, read one batch at a time."
     item = ["item"] if "item" in scan.schema.names else []
     kept = []
-    for b in scan.dataset(files).to_batches(columns=list(dict.fromkeys(columns + ["time"] + item)), filter=filter):
+    cols = list(dict.fromkeys(columns + ["time"] + item))
+    for b in scan.dataset(files).to_batches(columns=cols, filter=filter, **READ_AHEAD):
         keep = _uniform(b.column("time"), b.column("item") if item else None, seed) < rate
         if keep.any():
             kept.append(pa.Table.from_batches([b]).filter(pa.array(keep)).select(columns))
@@ -865,13 +896,11 @@ def _write_parts(
     schema = SCHEMAS[scan.kind]
     keys, rows, groups, in_file, writer, path = [], 0, 0, 0, None, Path(tmpdir) / "part.parquet"
     for lo, hi in zip([None, *cuts], [*cuts, None], strict=True):
-        meets = [
-            f for f, (_, a, b) in spans.items() if a is None or ((lo is None or b >= lo) and (hi is None or a < hi))
-        ]
+        meets = [f for f, s in spans.items() if s.first is None or _overlaps(s, lo, hi)]
         t = scan.table(meets, schema.names, window_filter(lo, hi)).cast(schema).sort_by(order)
         if not t.num_rows:
             continue
-        writer = writer or pq.ParquetWriter(path, schema, compression="zstd")
+        writer = writer or pq.ParquetWriter(path, schema, **parquet_options(schema))
         writer.write_table(t, row_group_size=t.num_rows)
         rows, groups, in_file = rows + t.num_rows, groups + 1, in_file + t.num_rows
         if in_file >= rows_per_file:
@@ -879,6 +908,11 @@ def _write_parts(
     if writer is not None:
         _upload(writer, path, scan.store, key_of(len(keys)), keys)
     return keys, rows, groups
+
+
+def _overlaps(s: Span, lo, hi) -> bool:
+    "Can the records of `s` meet the run `[lo, hi)` (None: open)?"
+    return (lo is None or s.last >= lo) and (hi is None or s.first < hi)
 
 
 def _upload(writer: pq.ParquetWriter, path: Path, st: Store, key: str, keys: list[str]) -> None:

@@ -104,6 +104,7 @@ def main(argv=None):
     t = time.perf_counter()
     from vit_nbdev.monitor import load_evidently, drift_report, drift_tests, run_monitoring, save_reference
     from vit_nbdev.store import open_store
+    from vit_nbdev.telemetry import telemetry_key
 
     ev = load_evidently()
     from evidently import DataDefinition
@@ -131,7 +132,7 @@ def main(argv=None):
             for i in range(0, a.current, 512):  # the service's shard size
                 buf = io.BytesIO()
                 pq.write_table(pa.Table.from_pandas(cur.iloc[i : i + 512], preserve_index=False), buf)
-                st.put_bytes(f"telemetry/v1/2026-11-26/inst-{i // 512:06d}.parquet", buf.getvalue())
+                st.put_bytes(telemetry_key("v1", "2026-11-26", "inst", i // 512), buf.getvalue())
             st.put_bytes("models/v1/_COMPLETE", b"{}")  # resolve('v1') needs a complete version
             t_e2e, res = best(run_monitoring, a.repeat, st, "v1", last_n=a.current)
             assert res.summary["n_current"] == a.current and len(res.keys) == 2

@@ -24,6 +24,9 @@ FAKE = textwrap.dedent(f"""\
     for a in args:
         if a.startswith("startup-script="): shutil.copy(a.split("=", 1)[1], os.environ["FAKE_DIR"] + "/startup.sh")
         if a.endswith("/service.yaml"): shutil.copy(a, os.environ["FAKE_DIR"] + "/service.yaml")
+        if a.startswith("--external_table_definition="):
+            definition = a.split("=", 1)[1]
+            shutil.copy(definition, os.environ["FAKE_DIR"] + "/" + Path(definition).name)
     if name == "docker" and args[:1] == ["run"]:
         vol = args[args.index("-v") + 1].split(":")[0]
         rec["params"] = Path(vol, "params.yaml").read_text()
@@ -239,6 +242,7 @@ def test_deploy_dry_run_builds_pushes_and_deploys_with_a_secret():
         ["docker", "push", cmds[2].split()[2]],
         ["gcloud", "run", "services", "replace"],
         ["gcloud", "run", "services", "add-iam-policy-binding"],
+        ["gcloud", "run", "jobs", "deploy"],
     ]
     image = cmds[2].split()[2]
     assert (
@@ -247,6 +251,11 @@ def test_deploy_dry_run_builds_pushes_and_deploys_with_a_secret():
     )
     assert cmds[3].endswith(f'"$D/service.yaml" --project {PROJECT} --region us-central1')
     assert "--member allUsers --role roles/run.invoker" in cmds[4]
+    # the compaction job: the same image, account and store as the service, `vit-monitor compact` for a command
+    job = cmds[5]
+    assert job.startswith(f"gcloud run jobs deploy vit-compact --image {image} --command vit-monitor --args compact ")
+    assert f"--set-env-vars VIT_STORE={STORE} --service-account vit-serve@{PROJECT}.iam.gserviceaccount.com" in job
+    assert job.endswith(f"--project {PROJECT} --region us-central1")
     svc = yaml.safe_load(heredoc(out, "service.yaml"))
     assert svc["kind"] == "Service" and svc["metadata"]["name"] == "vit-serve"
     t = svc["spec"]["template"]
@@ -279,13 +288,14 @@ def test_deploy_runs_the_plan_with_the_tools_it_finds(tmp_path):
         "deploy", "--project", PROJECT, "--store", STORE, "--image", image, "--no-allow-unauthenticated", env=env
     )
     assert r.returncode == 0, r.stderr
-    [c] = calls(tmp_path)  # private: no allUsers binding
+    c, job = calls(tmp_path)  # private: no allUsers binding
     assert c["args"][:3] == ["run", "services", "replace"] and c["args"][4:] == [
         "--project",
         PROJECT,
         "--region",
         "us-central1",
     ]
+    assert job["args"][:6] == ["run", "jobs", "deploy", "vit-compact", "--image", image]
     assert "+ gcloud run services replace" in r.stderr
     from vit_nbdev.cloud import service_yaml
 
@@ -317,6 +327,53 @@ def test_setup_dry_run_grants_the_least(tmp_path):
     assert not any(r in r_ for r_ in grants for r in ("roles/owner", "roles/editor", "roles/storage.admin"))
 
 
+def test_setup_defines_the_bigquery_tables_and_the_nightly_compaction(tmp_path):
+    "The external tables read the store's hive-partitioned parquet files; a scheduler starts the compaction job."
+    r = run_cli("setup", "--project", PROJECT, "--bucket", STORE, "--region", "europe-west4", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    shellcheck(text=r.stdout)
+    cmds = [l for l in r.stdout.splitlines() if l and not l.startswith("#") and l.split()[0] in ("gcloud", "bq")]
+    bq = [c for c in cmds if c.startswith("bq ")]
+    where = f"bq --project_id={PROJECT} --location=europe-west4 mk"
+    assert bq[0].startswith(f"{where} --dataset ") and bq[0].endswith(f" {PROJECT}:vit_telemetry")
+    for kind, c in zip(("telemetry", "feedback"), bq[1:], strict=True):
+        assert c == f'{where} --table --external_table_definition="$D/{kind}-table.json" {PROJECT}:vit_telemetry.{kind}'
+        definition = json.loads(heredoc(r.stdout, f"{kind}-table.json"))
+        assert definition == {
+            "sourceFormat": "PARQUET",
+            "sourceUris": [f"{STORE}/{kind}/*.parquet"],
+            "hivePartitioningOptions": {
+                "mode": "CUSTOM",
+                "sourceUriPrefix": f"{STORE}/{kind}/{{version:STRING}}/{{day:STRING}}",
+                "requirePartitionFilter": False,
+            },
+            "parquetOptions": {"enableListInference": True},
+        }
+    assert "bigquery.googleapis.com" in cmds[0] and "cloudscheduler.googleapis.com" in cmds[0]
+    scheduler = f"vit-scheduler@{PROJECT}.iam.gserviceaccount.com"
+    grants = [c for c in cmds if f"serviceAccount:{scheduler}" in c]
+    member = f"--member serviceAccount:{scheduler}"
+    assert grants == [f"gcloud projects add-iam-policy-binding {PROJECT} {member} --role roles/run.jobsExecutor"]
+    [job] = [c for c in cmds if c.startswith("gcloud scheduler jobs create http vit-compact ")]
+    for flag in [
+        "--schedule '30 1 * * *' --time-zone Etc/UTC --location europe-west4",
+        f"--uri https://run.googleapis.com/v2/projects/{PROJECT}/locations/europe-west4/jobs/vit-compact:run",
+        f"--http-method POST --oauth-service-account-email {scheduler}",
+    ]:
+        assert flag in job, flag
+    # run with stand-ins: bq gets the definitions as files, exactly as printed
+    env = {
+        **os.environ,
+        "PATH": f"{fakebin(tmp_path, ('gcloud', 'bq'))}:{os.environ['PATH']}",
+        "FAKE_DIR": str(tmp_path),
+    }
+    r2 = run_cli("setup", "--project", PROJECT, "--bucket", STORE, "--region", "europe-west4", env=env)
+    assert r2.returncode == 0, r2.stderr
+    assert [c["name"] for c in calls(tmp_path)].count("bq") == 3
+    for kind in ("telemetry", "feedback"):
+        assert (tmp_path / f"{kind}-table.json").read_text().strip() == heredoc(r.stdout, f"{kind}-table.json")
+
+
 @pytest.mark.parametrize(
     "args,msg",
     [
@@ -329,6 +386,14 @@ def test_setup_dry_run_grants_the_least(tmp_path):
         (["train", "--project", PROJECT, "--store", STORE, "--zone", "uscentral"], "zone"),
         (["train", "--project", "Bad_Project", "--store", STORE], "project id"),
         (["train", "--project", PROJECT, "--store", STORE, "--wandb-secret", "my key 123"], "not the secret itself"),
+        (
+            ["setup", "--project", PROJECT, "--bucket", "vit-test-bucket", "--dataset", "vit-telemetry"],
+            "BigQuery dataset",
+        ),
+        (
+            ["setup", "--project", PROJECT, "--bucket", "vit-test-bucket", "--compact-schedule", "daily"],
+            "cron schedule",
+        ),
         (
             ["deploy", "--project", PROJECT, "--store", STORE, "--admin-token-secret", "hunter2 hunter2"],
             "not the secret itself",

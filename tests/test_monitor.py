@@ -1,8 +1,9 @@
-"""Monitoring: reference embeddings, telemetry windows, the drift detector and report, reports in the store (local and
-GCS), the CLI, and `DriftMonitoring` bound to the real service."""
+"""Monitoring: reference embeddings, telemetry windows (sampled when large), the drift detector and report, reports in
+the store (local and GCS), the CLI (with `compact` and `migrate`), and `DriftMonitoring` bound to the real service."""
 
 import io, json, subprocess, sys, time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -10,11 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 
 from vit_nbdev.data import load_cifar10
 from vit_nbdev.model import build_model, save_package
 from vit_nbdev.cli import monitor_main as main
-from vit_nbdev.telemetry import read_telemetry
+from vit_nbdev.telemetry import read_telemetry, records_to_parquet
 from vit_nbdev.monitor import (
     DriftMonitoring,
     MonitoredService,
@@ -175,6 +177,102 @@ def test_report_saved_and_loaded_through_the_store(backend, tmp_path, request, p
     html, summary = latest_report(st)
     assert summary["report"]["json"] == small.keys[1] and html == small.html
     assert summary["status"] == "not_enough_data" and not summary["drift_detected"] and len(list_reports(st)) == 2
+
+
+def test_a_large_window_is_tested_on_a_seeded_sample_and_says_so(tmp_path, package_dir, pkg, data):
+    st = open_store(tmp_path / "store")
+    st.register(package_dir, version="v1")
+    write_shards(st, telemetry(pkg, data.test.images[:400], "v1"), "v1")
+    bad = "telemetry/version=v1/day=2026-11-26/x-000001.parquet"
+    st.put_bytes(bad, b"PAR1 truncated")
+    with pytest.warns(UserWarning, match="skipping unreadable telemetry shard"):
+        res = run_monitoring(st, "v1", last_n=None, sample=150)
+    w = res.summary["window"]
+    assert (w["rows"], w["sampled"], w["seed"], w["skipped"]) == (400, True, 0, [bad])
+    assert w["n"] == w["sample"] == res.summary["n_current"] and 100 < w["sample"] < 200
+    assert f"(a uniform sample of {w['sample']:,} of 400 records, seed 0)" in res.html
+    assert f"1 unreadable shard skipped: {bad}" in res.html
+    assert latest_report(st)[1]["window"]["sampled"]  # stored with the report
+    with pytest.warns(UserWarning):
+        same = run_monitoring(st, "v1", last_n=None, sample=150, save=False)
+        other = run_monitoring(st, "v1", last_n=None, sample=150, sample_seed=1, save=False)
+        whole = run_monitoring(st, "v1", last_n=None, save=False)  # 400 records: under SAMPLE, all of them
+    assert same.summary["p_values"] == res.summary["p_values"] and same.summary["window"]["sample"] == w["sample"]
+    assert other.summary["p_values"] != res.summary["p_values"] and other.summary["window"]["seed"] == 1
+    assert not whole.summary["window"]["sampled"] and whole.summary["window"]["n"] == 400
+    assert "uniform sample" not in whole.html
+    # the service's monitoring passes its sample on
+    svc = SimpleNamespace(
+        served=None, metrics_registry=CollectorRegistry(), telemetry_flush_s=None, get_store=lambda: st
+    )
+    mon = DriftMonitoring(last_n=1000, sample=150, sample_seed=1)
+    mon.bind(svc)
+    with pytest.warns(UserWarning):
+        mon._build("v1", pkg, None)
+    assert mon.last["window"]["sampled"] and mon.last["window"]["seed"] == 1, mon.last
+    assert mon.last["window"]["last_n"] == 1000 and mon.last["window"]["rows"] == 400
+
+
+def shard(st, key, times, version="v1"):
+    "A shard of one record per time, written at `key` (either layout)."
+    recs = [
+        dict(time=pd.Timestamp(t).to_pydatetime(), request_id=f"r{i}", item=0, instance="a", model_version=version)
+        for i, t in enumerate(times)
+    ]
+    st.put_bytes(key, records_to_parquet(recs))
+
+
+def vit_monitor(*args):
+    "The installed `vit-monitor`: its exit status, the JSON lines it printed, what it said on stderr."
+    p = subprocess.run([str(BIN / "vit-monitor"), *args], capture_output=True, text=True, timeout=300)
+    return p.returncode, [json.loads(line) for line in p.stdout.splitlines()], p.stderr
+
+
+def test_migrate_and_compact_commands(tmp_path):
+    st, uri = open_store(tmp_path / "store"), str(tmp_path / "store")
+    for seq in range(3):  # a closed day in the layout before partitions
+        shard(
+            st,
+            f"telemetry/v1/2026-11-25/a-{seq:06d}.parquet",
+            [f"2026-11-25T10:0{seq}:00Z", f"2026-11-25T11:0{seq}:00Z"],
+        )
+    shard(st, "feedback/v1/2026-11-25/a-000001.parquet", ["2026-11-25T12:00:00Z"])
+    assert vit_monitor("migrate", "--store", uri, "--dry-run")[:2] == (0, [{"moved": 0, "already": 0, "left": 4}])
+    assert len(st.list("telemetry/v1/")) == 3  # a dry run moves nothing
+    assert vit_monitor("migrate", "--store", uri)[:2] == (0, [{"moved": 4, "already": 0, "left": 0}])
+    assert vit_monitor("migrate", "--store", uri)[:2] == (0, [{"moved": 0, "already": 0, "left": 0}])
+    assert len(st.list("telemetry/version=v1/day=2026-11-25/")) == 3
+    code, lines, _ = vit_monitor("compact", "--store", uri, "--day", "2026-11-25", "--kind", "telemetry")
+    assert code == 0 and [(r["kind"], r["day"], r["status"], r["shards"], r["rows"]) for r in lines] == [
+        ("telemetry", "2026-11-25", "compacted", 3, 6)
+    ]
+    code, lines, err = vit_monitor("compact", "--store", uri)  # every closed day: the feedback is left, once more
+    assert code == 0 and {(r["kind"], r["status"]) for r in lines} == {
+        ("telemetry", "already"),
+        ("feedback", "compacted"),
+    }, err
+    assert len(read_telemetry(st)) == 6 and len(read_telemetry(st, kind="feedback")) == 1
+    assert vit_monitor("compact", "--store", uri, "--version", "v9")[:2] == (0, [])
+
+
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["compact", "--day", "2026-11-31"], "argument --day: a day YYYY-MM-DD, got '2026-11-31'"),
+        (["compact", "--day", "yesterday"], "argument --day: a day YYYY-MM-DD, got 'yesterday'"),
+        (["compact", "--kind", "images"], "argument --kind: invalid choice: 'images'"),
+        (["report", "--sample", "many"], "argument --sample: invalid int value: 'many'"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(tmp_path, args, msg):
+    code, lines, err = vit_monitor(*args, "--store", str(tmp_path))
+    assert code == 2 and lines == [] and msg in err, err
+
+
+def test_compacting_an_open_day_is_refused(tmp_path):
+    today = pd.Timestamp.now(tz="UTC").strftime("%Y-%m-%d")
+    code, lines, err = vit_monitor("compact", "--store", str(tmp_path), "--day", today)
+    assert code == 2 and lines == [] and f"vit-monitor compact: error: day {today} is not closed yet" in err
 
 
 def test_corruptions_are_uint8_seeded_and_graded(data):

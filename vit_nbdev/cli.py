@@ -6,8 +6,8 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/cli.html.md"""
 
 # %% ../nbs/cli.ipynb #255026e5
 from __future__ import annotations
-import argparse, json, os, sys
-from datetime import datetime
+import argparse, json, os, re, sys
+from datetime import date, datetime
 
 from vit_nbdev.config import (
     ALPHA,
@@ -22,8 +22,9 @@ from vit_nbdev.config import (
 
 # %% auto #0
 __all__ = ['SERVE_FLAGS', 'train_parser', 'train_main', 'serve_parser', 'serve_main', 'drift_options', 'report_options',
-           'retrain_options', 'monitor_parser', 'monitor_main', 'store_option', 'promote_options', 'models_parser',
-           'models_main', 'data_parser', 'check_data_args', 'snapshots_table', 'data_output', 'data_main']
+           'day_arg', 'fleet_options', 'upkeep_parsers', 'upkeep_command', 'retrain_options', 'monitor_parser',
+           'monitor_main', 'store_option', 'promote_options', 'models_parser', 'models_main', 'data_parser',
+           'check_data_args', 'snapshots_table', 'data_output', 'data_main']
 
 # %% ../nbs/cli.ipynb #09237959
 def train_parser() -> argparse.ArgumentParser:
@@ -165,9 +166,76 @@ def report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--alpha", type=float, default=ALPHA, help="false-alarm level of the whole report (default %(default)s)"
     )
+    what = "test a window of more than N records on a seeded uniform sample of N (default: the monitoring "
+    what += "chapter's SAMPLE; 0: never)"
+    p.add_argument("--sample", type=int, default=None, metavar="N", help=what)
+    what = "the seed of that sample (default %(default)s)"
+    p.add_argument("--sample-seed", type=int, default=0, help=what)
     p.add_argument("--html", help="also write the HTML report to this file")
     p.add_argument("--no-save", action="store_true", help="do not store the report")
     p.add_argument("--fail-on-drift", action="store_true", help="exit with status 1 when drift is detected")
+
+# %% ../nbs/cli.ipynb #f140073f
+def day_arg(
+    value: str,  # what the command line says
+) -> str:
+    "An argparse `type` for a day: `value` if it is one, `YYYY-MM-DD`; else a usage error saying so."
+    try:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+            return date.fromisoformat(value).isoformat()
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"a day YYYY-MM-DD, got {value!r}")
+
+# %% ../nbs/cli.ipynb #2d91de9d
+def fleet_options(p: argparse.ArgumentParser) -> None:
+    "Add `vit-monitor fleet`'s options: the store or the BigQuery dataset, the days, the output."
+    what = "store uri (default $VIT_STORE, else ./artifacts): its shards are what --source local reads"
+    p.add_argument("--store", default=None, help=what)
+    what = "local: DuckDB over the store's shards; bigquery: the external tables over the bucket (default %(default)s)"
+    p.add_argument("--source", choices=["local", "bigquery"], default="local", help=what)
+    p.add_argument("--since", type=day_arg, help="the first day, YYYY-MM-DD (default: the first there is)")
+    p.add_argument("--until", type=day_arg, help="the day after the last, YYYY-MM-DD (default: the last there is)")
+    what = "the dataset of the external tables, for --source bigquery (vit-cloud setup --dataset)"
+    p.add_argument("--bigquery-dataset", metavar="PROJECT.DATASET", help=what)
+    p.add_argument("--json", action="store_true", help="a JSON line per version and day instead of a table")
+
+# %% ../nbs/cli.ipynb #2030d336
+def upkeep_parsers(sub) -> None:
+    "Add `vit-monitor compact` and `migrate` to the subcommands `sub`: the telemetry chapter's upkeep of the shards."
+    store = "store uri (default $VIT_STORE, else ./artifacts)"
+    what = "merge the shards of closed days into a few files per partition; a JSON line per partition"
+    c = sub.add_parser("compact", help=what)
+    c.add_argument("--store", default=None, help=store)
+    what = "only this closed day, YYYY-MM-DD (default: every closed day that has shards left)"
+    c.add_argument("--day", type=day_arg, help=what)
+    c.add_argument("--kind", choices=["telemetry", "feedback"], help="only these records (default: both)")
+    c.add_argument("--version", help="only this model version (default: all)")
+    what = "rewrite shards of the old layout <kind>/<version>/<day>/ under <kind>/version=<v>/day=<d>/"
+    m = sub.add_parser("migrate", help=what)
+    m.add_argument("--store", default=None, help=store)
+    m.add_argument("--dry-run", action="store_true", help="count what would be rewritten, and rewrite nothing")
+
+
+def upkeep_command(
+    a: argparse.Namespace,  # a parsed `vit-monitor compact` or `migrate` command line
+) -> int:
+    "Compact or migrate the store's telemetry (the telemetry chapter), a JSON line per result; the exit status."
+    from vit_nbdev.store import StoreError, open_store
+    from vit_nbdev.telemetry import compact_telemetry, migrate_telemetry
+
+    try:
+        st = open_store(a.store)
+        if a.command == "migrate":
+            results = [migrate_telemetry(st, dry_run=a.dry_run)]
+        else:
+            results = compact_telemetry(st, day=a.day, kind=a.kind, version=a.version)
+    except (StoreError, ValueError, OSError) as e:
+        print(f"vit-monitor {a.command}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        return 2
+    for r in results:
+        print(json.dumps(r, default=str), flush=True)
+    return 0
 
 # %% ../nbs/cli.ipynb #80b4c634
 def retrain_options(t: argparse.ArgumentParser) -> None:
@@ -222,7 +290,7 @@ def retrain_options(t: argparse.ArgumentParser) -> None:
 
 # %% ../nbs/cli.ipynb #bfbebf46
 def monitor_parser() -> argparse.ArgumentParser:
-    "`vit-monitor`'s arguments: `reference`, `report` and `retrain`."
+    "`vit-monitor`'s arguments: `reference`, `report`, `fleet`, `retrain`, `compact` and `migrate`."
     ap = argparse.ArgumentParser(
         "vit-monitor", description="Drift monitoring of the served ViT (see the monitoring chapter)."
     )
@@ -233,18 +301,23 @@ def monitor_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="build a drift report from recent telemetry and store it under reports/")
     drift_options(p)
     report_options(p)
+    what = "predictions, labels and live accuracy per model version and day (SQL: DuckDB here, or BigQuery)"
+    fleet_options(sub.add_parser("fleet", help=what))
     t = sub.add_parser(
         "retrain",
         help="snapshot the feedback, fine-tune production on its data plus the feedback, promote it if the gate passes",
     )
     retrain_options(t)
+    upkeep_parsers(sub)
     return ap
 
 # %% ../nbs/cli.ipynb #45530736
 def monitor_main(argv=None) -> int:
-    "`vit-monitor`: parse, then build a reference or a report (monitor) or retrain (the retrain chapter)."
+    "`vit-monitor`: parse, then a reference, a report or the fleet's numbers (monitor), retrain, or compact / migrate."
     ap = monitor_parser()
     a = ap.parse_args(argv)
+    if a.command in ("compact", "migrate"):
+        return upkeep_command(a)
     if a.command == "retrain":
         if a.min_feedback < 1:
             ap.error(f"--min-feedback must be at least 1, got {a.min_feedback}")

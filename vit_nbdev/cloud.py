@@ -1,4 +1,4 @@
-"""Google Cloud in one command each: a training VM that deletes itself, a Cloud Run deploy, the one-time IAM setup
+"""Google Cloud in one command each: a training VM that deletes itself, a Cloud Run deploy, the one-time setup (IAM, BigQuery, schedules)
 
 Docs: https://vit-nbdev.github.io/vit-nbdev/cloud.html.md"""
 
@@ -6,18 +6,19 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/cloud.html.md"""
 
 # %% ../nbs/cloud.ipynb #cf5f8292
 from __future__ import annotations
-import argparse, re, shlex, shutil, subprocess, sys, tempfile
+import argparse, json, re, shlex, shutil, subprocess, sys, tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 # %% auto #0
 __all__ = ['MISSING_TOOLS', 'ATTACHED_GPUS', 'STARTUP_HEAD', 'STARTUP_FINISH', 'STARTUP_RUNTIME', 'STARTUP_MAIN',
-           'STARTUP_SCRIPT', 'APIS', 'SECRET_READER', 'ONLY_ITS_VMS', 'CloudError', 'PlanFailed', 'FileArg', 'Plan',
+           'STARTUP_SCRIPT', 'COMPACT_JOB', 'COMPACT_SIZE', 'APIS', 'ACCOUNTS', 'SECRET_READER', 'ONLY_ITS_VMS',
+           'BIGQUERY_DATASET', 'COMPACT_SCHEDULE', 'JOBS_EXECUTOR', 'CloudError', 'PlanFailed', 'FileArg', 'Plan',
            'render', 'execute', 'check', 'region_of', 'account_email', 'registry_image', 'gpu_flags', 'TrainVM',
            'startup_script', 'train_params', 'instance_flags', 'train_plan', 'CloudRunService', 'git_tag',
-           'service_container', 'service_yaml', 'add_image_build', 'deploy_plan', 'add_resources', 'add_grant',
-           'add_roles', 'setup_plan', 'vm_options', 'deploy_options', 'setup_options', 'cloud_parser', 'plan_from_args',
-           'main']
+           'service_container', 'service_yaml', 'add_image_build', 'add_compaction_job', 'deploy_plan', 'add_resources',
+           'add_grant', 'add_roles', 'external_table', 'add_bigquery', 'add_compaction_schedule', 'setup_plan',
+           'vm_options', 'deploy_options', 'setup_options', 'cloud_parser', 'plan_from_args', 'main']
 
 # %% ../nbs/cloud.ipynb #b8abd365
 class CloudError(ValueError):
@@ -131,11 +132,13 @@ _RULES = dict(  # kind: (pattern, what a value of the kind looks like)
         r"[a-z][a-z0-9-]{4,28}[a-z0-9]@[a-z0-9-]+\.iam\.gserviceaccount\.com",
         "a service account email NAME@PROJECT.iam.gserviceaccount.com",
     ),
+    dataset=(r"[A-Za-z0-9_]{1,1024}", "a BigQuery dataset name: letters, digits and underscores"),
+    schedule=(r"[0-9*/,-]+( [0-9A-Za-z*/,-]+){4}", "a cron schedule of five fields such as '30 1 * * *'"),
 )
 
 
 def check(
-    kind: str,  # project, zone, region, store, name, secret, image, memory or account
+    kind: str,  # project, zone, region, store, name, secret, image, memory, account, dataset or schedule
     value,  # the value to check
     what: str | None = None,  # how the message names it (the option, e.g. `--zone`); default: `kind`
 ) -> str:
@@ -556,9 +559,22 @@ def add_image_build(plan: Plan, svc: CloudRunService, root=".") -> str:
     plan.add("docker", "push", image)
     return image
 
+# %% ../nbs/cloud.ipynb #4eaf0ce3
+COMPACT_JOB = "vit-compact"  # the Cloud Run job that runs `vit-monitor compact` on the service's store
+COMPACT_SIZE = ["--cpu", "2", "--memory", "4Gi", "--task-timeout", "3600s"]  # one task, an hour at most
+
+
+def add_compaction_job(plan: Plan, svc: CloudRunService, image: str) -> Plan:
+    "Add to `plan` the Cloud Run job that compacts the telemetry of `svc`'s store, in `image` (created or updated)."
+    where = ["--project", svc.project, "--region", svc.region]
+    run = ["--command", "vit-monitor", "--args", "compact", "--set-env-vars", f"VIT_STORE={svc.store}"]
+    note = f"the nightly compaction of closed days' telemetry: {COMPACT_JOB} runs vit-monitor compact in the same image"
+    job = ["gcloud", "run", "jobs", "deploy", COMPACT_JOB, "--image", image, *run, "--service-account", svc.account()]
+    return plan.add(*job, "--tasks", "1", "--max-retries", "3", *COMPACT_SIZE, *where, comment=note)
+
 # %% ../nbs/cloud.ipynb #c7a60feb
 def deploy_plan(svc: CloudRunService, root=".") -> Plan:
-    "The plan that (builds and pushes the serving image, then) deploys it to Cloud Run."
+    "The plan that (builds and pushes the serving image, then) deploys it to Cloud Run, with its compaction job."
     svc.validated()
     plan = Plan(
         f"vit-cloud deploy: {svc.service} in {svc.project}/{svc.region}, serving {svc.model!r} from {svc.store}"
@@ -572,7 +588,7 @@ def deploy_plan(svc: CloudRunService, root=".") -> Plan:
         note = "the upload page and /predict are public (/admin/* still needs the token)"
         public = ["--member", "allUsers", "--role", "roles/run.invoker"]
         plan.add("gcloud", "run", "services", "add-iam-policy-binding", svc.service, *where, *public, comment=note)
-    return plan
+    return add_compaction_job(plan, svc, image)
 
 # %% ../nbs/cloud.ipynb #02bd5dc3
 APIS = (
@@ -581,19 +597,26 @@ APIS = (
     "artifactregistry.googleapis.com",
     "secretmanager.googleapis.com",
     "storage.googleapis.com",
+    "bigquery.googleapis.com",
+    "cloudscheduler.googleapis.com",
 )
+ACCOUNTS = {  # the service accounts `setup_plan` makes: vit-<role>, and what each is
+    "serve": "the Cloud Run service and its compaction job",
+    "train": "training VMs",
+    "scheduler": "Cloud Scheduler, to start the compaction job",
+}
 
 
 def add_resources(plan: Plan, project: str, bucket: str, region: str, repository: str) -> Plan:
-    "Add to `plan` the commands that enable the `APIS` and create the repository, the bucket and the two accounts."
+    "Add to `plan` the commands that enable the `APIS` and create the repository, the bucket and the `ACCOUNTS`."
     P = ["--project", project]
     plan.add("gcloud", "services", "enable", *APIS, *P, comment="APIs, image repository, bucket")
     repo = ["--repository-format", "docker", "--location", region]
     plan.add("gcloud", "artifacts", "repositories", "create", repository, *repo, *P)
     where = ["--location", region, "--uniform-bucket-level-access"]
     plan.add("gcloud", "storage", "buckets", "create", f"gs://{bucket}", *where, *P)
-    for k in ("serve", "train"):
-        note = f"the service account of {'the Cloud Run service' if k == 'serve' else 'training VMs'}"
+    for k, what in ACCOUNTS.items():
+        note = f"the service account of {what}"
         name = ["--display-name", f"vit-nbdev {k}"]
         plan.add("gcloud", "iam", "service-accounts", "create", f"vit-{k}", *name, *P, comment=note)
     return plan
@@ -650,26 +673,88 @@ def add_roles(
     add_grant(plan, "projects", project, sa["train"], "roles/compute.instanceAdmin.v1", "--condition", ONLY_ITS_VMS)
     return plan
 
+# %% ../nbs/cloud.ipynb #c0bbff0b
+BIGQUERY_DATASET = "vit_telemetry"  # the dataset of the external tables (`vit-monitor fleet --bigquery-dataset`)
+
+
+def external_table(
+    store: str,  # `gs://bucket[/prefix]`: the store the service writes to (`VIT_STORE`)
+    kind: str,  # `telemetry` or `feedback`
+) -> dict:
+    "The definition of the external table over the store's `kind` records: hive-partitioned parquet files."
+    root = f"{store.rstrip('/')}/{kind}"
+    return {
+        "sourceFormat": "PARQUET",
+        "sourceUris": [f"{root}/*.parquet"],  # not the compaction markers (`_compaction.json`)
+        "hivePartitioningOptions": {
+            "mode": "CUSTOM",  # the partition keys' types are in the prefix: both strings
+            "sourceUriPrefix": root + "/{version:STRING}/{day:STRING}",
+            "requirePartitionFilter": False,
+        },
+        "parquetOptions": {"enableListInference": True},  # `embedding`: ARRAY<FLOAT64>, not a nested record
+    }
+
+
+def add_bigquery(plan: Plan, project: str, store: str, region: str, dataset: str = BIGQUERY_DATASET) -> Plan:
+    "Add to `plan` the BigQuery dataset, and an external table over the store's telemetry and one over its feedback."
+    bq = ["bq", f"--project_id={project}", f"--location={region}", "mk"]
+    note = f"BigQuery: external tables over the telemetry and feedback of {store} (vit-monitor fleet --source bigquery)"
+    what = "vit-nbdev: telemetry and feedback of the fleet, read in place from the bucket"
+    plan.add(*bq, "--dataset", "--description", what, f"{project}:{dataset}", comment=note)
+    for kind in ("telemetry", "feedback"):
+        plan.files[f"{kind}-table.json"] = json.dumps(external_table(store, kind), indent=1) + "\n"
+        definition = FileArg(f"{kind}-table.json", "--external_table_definition=")
+        plan.add(*bq, "--table", definition, f"{project}:{dataset}.{kind}")
+    return plan
+
+# %% ../nbs/cloud.ipynb #d8b312f9
+COMPACT_SCHEDULE = "30 1 * * *"  # daily at 01:30 UTC: the day before is closed
+JOBS_EXECUTOR = "roles/run.jobsExecutor"  # run Cloud Run jobs; not invoke services, not change anything
+
+
+def add_compaction_schedule(
+    plan: Plan,
+    project: str,
+    region: str,
+    schedule: str = COMPACT_SCHEDULE,  # cron, UTC
+) -> Plan:
+    "Add to `plan` the Cloud Scheduler job that starts the compaction job `COMPACT_JOB` on `schedule`."
+    sa = account_email("scheduler", project)
+    note = "vit-scheduler: start the compaction job, nothing else"
+    add_grant(plan, "projects", project, f"serviceAccount:{sa}", JOBS_EXECUTOR, comment=note)
+    uri = f"https://run.googleapis.com/v2/projects/{project}/locations/{region}/jobs/{COMPACT_JOB}:run"
+    when = ["--schedule", schedule, "--time-zone", "Etc/UTC", "--location", region, "--project", project]
+    call = ["--uri", uri, "--http-method", "POST", "--oauth-service-account-email", sa]
+    note = f"start {COMPACT_JOB} ({schedule}, UTC); vit-cloud deploy makes the job, in the service's image"
+    return plan.add("gcloud", "scheduler", "jobs", "create", "http", COMPACT_JOB, *when, *call, comment=note)
+
 # %% ../nbs/cloud.ipynb #6c51127f
 def setup_plan(
     project: str,
-    bucket: str,  # a bucket name, or `gs://bucket`
+    bucket: str,  # a bucket name, `gs://bucket`, or the store in it `gs://bucket/prefix` (`VIT_STORE`)
     region: str = "us-central1",
     repository: str = "vit",  # the Artifact Registry repository of the images
     admin_token_secret: str = "vit-admin-token",
     wandb_secret: str | None = None,
+    dataset: str = BIGQUERY_DATASET,  # the BigQuery dataset of the external tables over the store's records
+    compact_schedule: str = COMPACT_SCHEDULE,  # when the compaction job runs (cron, UTC)
 ) -> Plan:
-    "The one-time setup: APIs, Artifact Registry repository, bucket, the two service accounts and their IAM bindings."
+    "The one-time setup: APIs, repository, bucket, accounts and their IAM, BigQuery tables, the nightly compaction."
     check("project", project)
     check("region", region)
     check("name", repository, "--repository")
     check("secret", admin_token_secret, "--admin-token-secret")
+    check("dataset", dataset, "--dataset")
+    check("schedule", compact_schedule, "--compact-schedule")
     if wandb_secret:
         check("secret", wandb_secret, "--wandb-secret")
-    bucket = check("store", bucket if bucket.startswith("gs://") else f"gs://{bucket}").split("/")[2]
+    store = check("store", bucket if bucket.startswith("gs://") else f"gs://{bucket}").rstrip("/")
+    bucket = store.split("/")[2]
     plan = Plan(f"vit-cloud setup: project {project}, bucket gs://{bucket}, region {region}")
     add_resources(plan, project, bucket, region, repository)
-    return add_roles(plan, project, bucket, region, repository, admin_token_secret, wandb_secret)
+    add_roles(plan, project, bucket, region, repository, admin_token_secret, wandb_secret)
+    add_bigquery(plan, project, store, region, dataset)
+    return add_compaction_schedule(plan, project, region, compact_schedule)
 
 # %% ../nbs/cloud.ipynb #6170a47f
 def vm_options(t: argparse.ArgumentParser) -> None:
@@ -714,11 +799,14 @@ def deploy_options(d: argparse.ArgumentParser) -> None:
 def setup_options(s: argparse.ArgumentParser) -> None:
     "Add `vit-cloud setup`'s options: `setup_plan`'s arguments."
     s.add_argument("--project", required=True)
-    s.add_argument("--bucket", required=True)
+    s.add_argument("--bucket", required=True, help="the bucket, or the store in it gs://bucket/prefix (VIT_STORE)")
     s.add_argument("--region", default="us-central1")
     s.add_argument("--repository", default="vit")
     s.add_argument("--admin-token-secret", default="vit-admin-token")
     s.add_argument("--wandb-secret")
+    s.add_argument("--dataset", default=BIGQUERY_DATASET, help="BigQuery dataset of the tables (default %(default)s)")
+    what = "when the compaction job runs, cron in UTC (default '%(default)s')"
+    s.add_argument("--compact-schedule", default=COMPACT_SCHEDULE, help=what)
 
 # %% ../nbs/cloud.ipynb #c2537f88
 def cloud_parser() -> argparse.ArgumentParser:
@@ -731,7 +819,10 @@ def cloud_parser() -> argparse.ArgumentParser:
     vm_options(t)
     d = sub.add_parser("deploy", help="build and push the serving image, deploy it to Cloud Run")
     deploy_options(d)
-    s = sub.add_parser("setup", help="one-time: APIs, image repository, bucket, service accounts and their IAM")
+    s = sub.add_parser(
+        "setup",
+        help="one-time: APIs, image repository, bucket, service accounts and their IAM, BigQuery tables, schedules",
+    )
     setup_options(s)
     for p in (t, d, s):
         what = "print the commands (a bash script) instead of running them"

@@ -1,4 +1,4 @@
-"""Reference embeddings, and an Evidently drift report on what the service sees: in the service and on the command line.
+"""Reference embeddings, an Evidently drift report on what the service sees (sampled when large), and the fleet's traffic and live accuracy in SQL.
 
 Docs: https://vit-nbdev.github.io/vit-nbdev/monitor.html.md"""
 
@@ -6,12 +6,13 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/monitor.html.md"""
 
 # %% ../nbs/monitor.ipynb #131ea2b8
 from __future__ import annotations
-import html as _html, io, json, sys, threading, warnings
+import html as _html, io, json, re, sys, textwrap, threading, warnings
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -24,15 +25,17 @@ from .engine import REFERENCE_ENGINE, Engine, build_engine, cpu_budget, sync_eng
 from .model import ModelPackage, load_package
 from .store import NotFound, Store, StoreError, open_store
 from .config import ALPHA, COMPONENTS, MIN_RECORDS, REFERENCE_N
-from .telemetry import as_utc, read_telemetry
+from .telemetry import as_utc, read_telemetry, telemetry_dataset
 
 # %% auto #0
-__all__ = ['REFERENCE_FILE', 'CHI2_TEST', 'REPORT_FIELDS', 'as_package', 'embed_images', 'embedding_matrix', 'reference_key',
-           'reference_images', 'compute_reference', 'reference_to_parquet', 'reference_from_parquet', 'save_reference',
-           'load_reference', 'ensure_reference', 'Projection', 'fit_projection', 'drift_columns', 'chi2_homogeneity',
-           'ks_pvalue', 'decide', 'drift_tests', 'load_evidently', 'DriftResult', 'evidently_p_values', 'drift_report',
-           'report_stamp', 'save_report', 'list_reports', 'latest_report', 'run_monitoring', 'MonitoredService',
-           'DriftMonitoring', 'monitor_command']
+__all__ = ['REFERENCE_FILE', 'SAMPLE', 'READ_FACTS', 'CHI2_TEST', 'REQUESTS_SQL', 'ACCURACY_SQL', 'FLEET_SQL', 'FLEET_COLUMNS',
+           'OPEN_WINDOW', 'BIGQUERY_DATASET', 'NO_BIGQUERY', 'NO_DATASET', 'FLEET_SOURCES', 'REPORT_FIELDS',
+           'as_package', 'embed_images', 'embedding_matrix', 'reference_key', 'reference_images', 'compute_reference',
+           'reference_to_parquet', 'reference_from_parquet', 'save_reference', 'load_reference', 'ensure_reference',
+           'Projection', 'fit_projection', 'drift_columns', 'chi2_homogeneity', 'ks_pvalue', 'decide', 'drift_tests',
+           'load_evidently', 'DriftResult', 'evidently_p_values', 'drift_report', 'report_stamp', 'save_report',
+           'list_reports', 'latest_report', 'run_monitoring', 'MonitoredService', 'DriftMonitoring', 'fleet_sql',
+           'local_fleet', 'bigquery_tables', 'bigquery_fleet', 'fleet_report', 'fleet_lines', 'monitor_command']
 
 # %% ../nbs/monitor.ipynb #10a62c33
 def as_package(
@@ -221,6 +224,18 @@ def ensure_reference(
             return theirs
         raise
     return df
+
+# %% ../nbs/monitor.ipynb #fe766f40
+SAMPLE = 10_000  # a window with more records is tested on a seeded uniform sample of about this many
+
+# %% ../nbs/monitor.ipynb #01f9a5a8
+READ_FACTS = ("rows", "sampled", "sample", "seed", "files", "skipped")  # what `read_telemetry` says of a window
+
+
+def _read_facts(df: pd.DataFrame) -> dict:
+    "How `read_telemetry` read the window `df` (its `attrs['telemetry']`): records in it, the sample, skipped shards."
+    facts = df.attrs.get("telemetry") or {}
+    return {k: facts[k] for k in READ_FACTS if k in facts}
 
 # %% ../nbs/monitor.ipynb #ce013282
 @dataclass
@@ -456,6 +471,19 @@ _SHORT_WINDOW = (
 )
 
 
+def _how_read(w: dict) -> tuple[str, str]:
+    "What the banner says of how the window `w` was read: a sample of it (after its size), shards skipped (a line)."
+    sampled = (
+        f" (a uniform sample of {w['sample']:,} of {w['rows']:,} records, seed {w['seed']})" if w.get("sampled") else ""
+    )
+    skipped = w.get("skipped") or []
+    shown = ", ".join(_html.escape(str(k)) for k in skipped[:3]) + (
+        f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    )
+    plural = "s" * (len(skipped) != 1)
+    return sampled, f"<br>{len(skipped)} unreadable shard{plural} skipped: {shown}" if skipped else ""
+
+
 def _banner(s: dict) -> str:
     "The summary `s` as the HTML banner of its report: the verdict, the window, the versions, the scores."
     esc = lambda x: _html.escape(str(x))
@@ -467,12 +495,13 @@ def _banner(s: dict) -> str:
     who = f" from {w['instances']} instance{'s' * (w['instances'] != 1)}" if w.get("instances") else ""
     if (f := w.get("telemetry_flush_s")) and (s["status"] != "ok" or w["n"] < (w.get("last_n") or 0)):
         scores += _SHORT_WINDOW.format(f=f)
+    sampled, skipped = _how_read(w)
     return (
         '<div style="font:15px/1.5 system-ui,sans-serif;padding:12px 16px;margin:0 0 8px;'
         f'border-left:6px solid {color};background:#f8f9fb">'
         f'<b style="color:{color};font-size:18px">{head}</b><br>'
-        f"model <code>{esc(s['versions']['model'])}</code> · window of {w['n']} records{who}{span}"
-        f" · reference of {s['n_reference']} records · {esc(s['method']['name'])}, alpha {alpha}{scores}"
+        f"model <code>{esc(s['versions']['model'])}</code> · window of {w['n']} records{who}{span}{sampled}"
+        f" · reference of {s['n_reference']} records · {esc(s['method']['name'])}, alpha {alpha}{scores}{skipped}"
         f'<br><span style="color:#667085">created {esc(s["created"])}</span></div>'
     )
 
@@ -639,6 +668,8 @@ def run_monitoring(
     last_n: int | None = 1000,  # the window: the last `last_n` records (None: all) …
     since=None,  # … from `since` …
     until=None,  # … to `until` (excluded)
+    sample: int | None = SAMPLE,  # a window with more records is tested on a uniform sample of this many (None: all)
+    sample_seed: int = 0,  # the sample's seed
     min_records: int = MIN_RECORDS,  # fewer records: "not enough data"
     components: int = COMPONENTS,  # principal components to test
     alpha: float = ALPHA,  # the family-wise false-alarm level
@@ -651,14 +682,17 @@ def run_monitoring(
     "The drift report of `model`'s recent telemetry against its reference (made if missing); stored if `save`."
     st = open_store(store)
     version = st.resolve(model)
-    cur, name, others = _one_engine(read_telemetry(st, version, last_n=last_n, since=since, until=until), engine)
+    window_kw = dict(last_n=last_n, since=since, until=until, sample=sample, seed=sample_seed)
+    cur = read_telemetry(st, version, **window_kw)
+    read = _read_facts(cur)
+    cur, name, others = _one_engine(cur, engine)
     if name != (engine.name if engine else REFERENCE_ENGINE):  # another engine's telemetry: embed the reference with it
         package = as_package(package if package is not None else st.fetch_model(version))
         engine = build_engine(name, package, cpu_budget(), sync_engines(st, version))
     ref_engine = engine if name != REFERENCE_ENGINE else None
     ref = ensure_reference(st, version, package=package, engine=ref_engine, **reference_kw)
     window = dict(last_n=last_n, since=_iso(as_utc(since)), until=_iso(as_utc(until)))
-    window.update(telemetry_flush_s=telemetry_flush_s, engine=name, other_engines=others or None)
+    window.update(telemetry_flush_s=telemetry_flush_s, engine=name, other_engines=others or None, **read)
     window = {k: v for k, v in window.items() if v is not None}
     res = drift_report(ref, cur, components=components, alpha=alpha, min_records=min_records, window=window)
     if save:
@@ -690,8 +724,11 @@ class DriftMonitoring:
         self,
         last_n: int = 1000,  # a report reads the last `last_n` records of the serving model's telemetry
         min_records: int = MIN_RECORDS,  # fewer: "not enough data", and no alarm
+        sample: int | None = SAMPLE,  # a larger window is tested on a seeded uniform sample of this many
+        sample_seed: int = 0,  # the sample's seed
     ):
         self.last_n, self.min_records = last_n, min_records
+        self.sample, self.sample_seed = sample, sample_seed
         self.service: MonitoredService | None = None  # set by `bind`
         self.building: threading.Thread | None = None  # the report being built, if one is
         self.last: dict | None = None  # the summary of the last report built here (or its error)
@@ -741,6 +778,7 @@ class DriftMonitoring:
         svc = self.service
         try:
             kw = dict(last_n=self.last_n, min_records=self.min_records, telemetry_flush_s=svc.telemetry_flush_s)
+            kw.update(sample=self.sample, sample_seed=self.sample_seed)
             self._publish(run_monitoring(svc.get_store(), version, package=package, engine=engine, **kw).summary)
         except Exception as e:
             self.last = dict(status="error", message=f"{type(e).__name__}: {e}")
@@ -755,28 +793,239 @@ class DriftMonitoring:
         self.score.set(summary["drift_score"])
         self.detected.set(int(bool(summary["drift_detected"])))
 
+# %% ../nbs/monitor.ipynb #bb8148eb
+REQUESTS_SQL = """SELECT
+  version,
+  day,
+  COUNT(DISTINCT request_id || '/' || CAST(item AS STRING)) AS predictions,
+  COUNT(DISTINCT request_id) AS requests
+FROM {telemetry}
+WHERE day >= '{since}' AND day < '{until}'
+GROUP BY version, day"""  # predictions and requests per version and day
+
+# %% ../nbs/monitor.ipynb #20ea4fd7
+ACCURACY_SQL = """SELECT
+  version,
+  predicted_day AS day,
+  COUNT(*) AS labelled,
+  COUNTIF(correct) AS correct
+FROM (
+  SELECT
+    version,
+    CAST(CAST(predicted_at AS DATE) AS STRING) AS predicted_day,
+    COALESCE(correct, FALSE) AS correct
+  FROM {feedback}
+  WHERE day >= '{since}'
+  QUALIFY ROW_NUMBER() OVER (PARTITION BY prediction_id ORDER BY time DESC) = 1
+) AS last_labels
+WHERE predicted_day >= '{since}' AND predicted_day < '{until}'
+GROUP BY version, predicted_day"""  # labelled predictions (each once, its last label) and correct ones
+
+# %% ../nbs/monitor.ipynb #8a098dfc
+FLEET_SQL = (  # the two joined: one row per version and day, with live accuracy and the labelled share
+    "WITH requests AS (\n"
+    + textwrap.indent(REQUESTS_SQL, "  ")
+    + "\n),\naccuracy AS (\n"
+    + textwrap.indent(ACCURACY_SQL, "  ")
+    + """
+)
+SELECT
+  COALESCE(r.version, a.version) AS version,
+  COALESCE(r.day, a.day) AS day,
+  COALESCE(r.predictions, 0) AS predictions,
+  COALESCE(r.requests, 0) AS requests,
+  COALESCE(a.labelled, 0) AS labelled,
+  COALESCE(a.correct, 0) AS correct,
+  a.correct / a.labelled AS accuracy,
+  COALESCE(a.labelled, 0) / NULLIF(r.predictions, 0) AS labelled_share
+FROM requests AS r
+FULL OUTER JOIN accuracy AS a ON r.version = a.version AND r.day = a.day
+ORDER BY 1, 2"""
+)
+FLEET_COLUMNS = {  # the fleet table's columns and their types, whichever engine made it
+    "version": "str",
+    "day": "str",
+    "predictions": "int64",
+    "requests": "int64",
+    "labelled": "int64",
+    "correct": "int64",
+    "accuracy": "float64",
+    "labelled_share": "float64",
+}
+
+# %% ../nbs/monitor.ipynb #19713f4c
+OPEN_WINDOW = ("0001-01-01", "9999-12-31")  # the bounds of a window with no `since` / `until`
+
+
+def _day(
+    value,  # None, a `date` or `datetime` (its UTC day), or a `YYYY-MM-DD` string
+    what: str = "day",  # how a message names it
+) -> str | None:
+    "`value` as `YYYY-MM-DD` (or None); a `ValueError` for anything else."
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return as_utc(value).strftime("%Y-%m-%d")
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+        try:
+            return date.fromisoformat(value).isoformat()
+        except ValueError:
+            pass
+    raise ValueError(f"{what} must be a day YYYY-MM-DD, got {value!r}")
+
+
+def fleet_sql(
+    telemetry: str = "telemetry",  # the telemetry table, as the engine names it
+    feedback: str = "feedback",  # the feedback table
+    since=None,  # the first day, included (`YYYY-MM-DD`); None: from the first
+    until=None,  # the day after the last, excluded; None: to the last
+) -> str:
+    "`FLEET_SQL` for these tables and days."
+    since, until = _day(since, "since") or OPEN_WINDOW[0], _day(until, "until") or OPEN_WINDOW[1]
+    return FLEET_SQL.format(telemetry=telemetry, feedback=feedback, since=since, until=until)
+
+# %% ../nbs/monitor.ipynb #03a12d50
+def _fleet_frame(rows) -> pd.DataFrame:
+    "The fleet table from an engine's rows (a DataFrame or dicts), with `FLEET_COLUMNS`' types, by version and day."
+    df = pd.DataFrame(rows, columns=list(FLEET_COLUMNS))
+    return df.astype(FLEET_COLUMNS).sort_values(["version", "day"], ignore_index=True)
+
+
+def local_fleet(
+    store,  # a `Store` or its URI
+    since=None,  # the first day, included (`YYYY-MM-DD`)
+    until=None,  # the day after the last, excluded
+) -> pd.DataFrame:
+    "`FLEET_SQL` run by DuckDB over the store's shards: the live files of the window (`telemetry_dataset`)."
+    st, since, until = open_store(store), _day(since, "since"), _day(until, "until")
+    telemetry, t_info = telemetry_dataset(st, "telemetry", since=since, until=until)
+    feedback, f_info = telemetry_dataset(st, "feedback", since=since)  # labels arrive after their prediction
+    with duckdb.connect() as con:
+        con.execute("SET TimeZone = 'UTC'")  # a prediction's day is its UTC day, as in BigQuery
+        con.register("telemetry", telemetry)
+        con.register("feedback", feedback)
+        df = _fleet_frame(con.execute(fleet_sql("telemetry", "feedback", since, until)).df())
+    skipped = [*t_info["skipped"], *f_info["skipped"]]
+    df.attrs["fleet"] = dict(source="local", store=st.uri, files=t_info["files"] + f_info["files"], skipped=skipped)
+    return df
+
+# %% ../nbs/monitor.ipynb #e901c3e0
+BIGQUERY_DATASET = r"[a-z][a-z0-9-]{4,28}[a-z0-9]\.[A-Za-z0-9_]{1,1024}"  # PROJECT.DATASET
+NO_BIGQUERY = "the BigQuery source needs google-cloud-bigquery: pip install 'vit-nbdev[gcp]'"
+NO_DATASET = (
+    "the BigQuery source needs the dataset of the external tables, PROJECT.DATASET "
+    "(vit-cloud setup makes them, in the dataset vit_telemetry by default)"
+)
+
+
+def bigquery_tables(
+    dataset: str | None,  # `PROJECT.DATASET` of the external tables
+) -> dict:
+    "The external tables `vit-cloud setup` defines in `dataset`, as BigQuery SQL names them."
+    if not dataset:
+        raise ValueError(NO_DATASET)
+    if not re.fullmatch(BIGQUERY_DATASET, dataset):
+        raise ValueError(f"{dataset!r} is not a BigQuery dataset PROJECT.DATASET: {NO_DATASET}")
+    return {kind: f"`{dataset}.{kind}`" for kind in ("telemetry", "feedback")}
+
+
+def bigquery_fleet(
+    dataset: str | None,  # `PROJECT.DATASET` of the external tables; the query runs (and is billed) in PROJECT
+    since=None,  # the first day, included (`YYYY-MM-DD`)
+    until=None,  # the day after the last, excluded
+) -> pd.DataFrame:
+    "`FLEET_SQL` run by BigQuery on the external tables over the bucket."
+    sql = fleet_sql(**bigquery_tables(dataset), since=since, until=until)
+    try:
+        import importlib
+
+        bigquery = importlib.import_module("google.cloud.bigquery")
+    except ImportError as e:
+        raise ImportError(NO_BIGQUERY) from e
+    from google.api_core.exceptions import GoogleAPIError
+    from google.auth.exceptions import GoogleAuthError
+
+    try:
+        rows = bigquery.Client(project=dataset.split(".")[0]).query(sql).result()
+        df = _fleet_frame([dict(r.items()) for r in rows])
+    except (GoogleAPIError, GoogleAuthError) as e:
+        raise RuntimeError(f"BigQuery: {e}") from e
+    df.attrs["fleet"] = dict(source="bigquery", dataset=dataset)
+    return df
+
+# %% ../nbs/monitor.ipynb #320f3d55
+FLEET_SOURCES = ("local", "bigquery")  # where `fleet_report` runs the SQL
+
+
+def fleet_report(
+    store=None,  # a `Store` or its URI: the shards `local` reads (`bigquery` reads the bucket's tables)
+    source: str = "local",  # `local`: DuckDB over the store; `bigquery`: the external tables of `bigquery_dataset`
+    since=None,  # the first day, included (`YYYY-MM-DD`); None: from the first
+    until=None,  # the day after the last, excluded; None: to the last
+    bigquery_dataset: str | None = None,  # `PROJECT.DATASET` of the external tables (`vit-cloud setup`)
+) -> pd.DataFrame:
+    "Per version and day: predictions, requests, labelled predictions, correct ones, accuracy, the labelled share."
+    if source == "local":
+        return local_fleet(store, since, until)
+    if source == "bigquery":
+        return bigquery_fleet(bigquery_dataset, since, until)
+    raise ValueError(f"source must be one of {', '.join(FLEET_SOURCES)}, got {source!r}")
+
+
+def fleet_lines(
+    df: pd.DataFrame,  # a fleet table (`fleet_report`)
+    as_json: bool = False,  # one JSON object a row (nulls for no labels) instead of a text table
+) -> list[str]:
+    "What `vit-monitor fleet` prints: the table as text, or a JSON line per row."
+    if as_json:
+        return [json.dumps(r) for r in json.loads(df.to_json(orient="records"))]
+    if df.empty:
+        return ["no predictions and no labels in the window"]
+    return df.to_string(index=False, na_rep="-", float_format="{:.3f}".format).splitlines()
+
 # %% ../nbs/monitor.ipynb #1f661642
 REPORT_FIELDS = ("status", "message", "drift_detected", "drift_score", "scores", "window", "versions", "report")
 
 
-def monitor_command(a) -> int:
-    "What `vit-monitor` does once the cli chapter has parsed its arguments `a`; the exit status."
+def _report_command(st: Store, a) -> int:
+    "`vit-monitor reference` or `report` on the store `st`: print its JSON line; the exit status."
     ref_kw = dict(data_source=a.data, n=a.n, seed=a.seed, split=a.split)
-    try:
-        st = open_store(a.store)
-        if a.command == "reference":
-            version = st.resolve(a.model)
-            df = ensure_reference(st, version, refresh=a.refresh, **ref_kw)
-            line = dict(version=version, key=reference_key(version), records=len(df), **df.attrs.get("reference", {}))
-            print(json.dumps(line, default=str))
-            return 0
-        window = dict(last_n=a.last_n or None, since=a.since, until=a.until)
-        test = dict(min_records=a.min_records, components=a.components, alpha=a.alpha)
-        res = run_monitoring(st, a.model, **window, **test, save=not a.no_save, **ref_kw)
-    except (StoreError, ValueError, FileNotFoundError) as e:
-        print(f"vit-monitor: error: {e}", file=sys.stderr)
-        return 2
+    if a.command == "reference":
+        version = st.resolve(a.model)
+        df = ensure_reference(st, version, refresh=a.refresh, **ref_kw)
+        line = dict(version=version, key=reference_key(version), records=len(df), **df.attrs.get("reference", {}))
+        print(json.dumps(line, default=str))
+        return 0
+    window = dict(last_n=a.last_n or None, since=a.since, until=a.until)
+    window.update(sample=SAMPLE if a.sample is None else a.sample or None, sample_seed=a.sample_seed)
+    test = dict(min_records=a.min_records, components=a.components, alpha=a.alpha)
+    res = run_monitoring(st, a.model, **window, **test, save=not a.no_save, **ref_kw)
     if a.html:
         Path(a.html).write_text(res.html)
     print(json.dumps({k: res.summary.get(k) for k in REPORT_FIELDS}, default=str))
     return 1 if a.fail_on_drift and res.drift_detected else 0
+
+
+def _fleet_command(a) -> int:
+    "`vit-monitor fleet`: print the fleet report; the exit status (2: it could not be made)."
+    try:
+        st = open_store(a.store) if a.source == "local" else None
+        df = fleet_report(st, a.source, a.since, a.until, a.bigquery_dataset)
+    except (StoreError, ValueError, ImportError, RuntimeError) as e:  # RuntimeError: BigQuery refused the query
+        print(f"vit-monitor fleet: error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(fleet_lines(df, a.json)))
+    return 0
+
+
+def monitor_command(a) -> int:
+    "What `vit-monitor` does once the cli chapter has parsed its arguments `a`; the exit status."
+    if a.command == "fleet":
+        return _fleet_command(a)
+    try:
+        return _report_command(open_store(a.store), a)
+    except (StoreError, ValueError, FileNotFoundError) as e:
+        print(f"vit-monitor: error: {e}", file=sys.stderr)
+        return 2

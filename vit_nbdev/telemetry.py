@@ -30,12 +30,12 @@ from .store import NotFound, Store, StoreError, open_store
 _log = logging.getLogger("vit_nbdev.telemetry")
 
 # %% auto #0
-__all__ = ['TELEMETRY_SCHEMA', 'FEEDBACK_SCHEMA', 'SCHEMAS', 'COMPACTION', 'PARTITION_FIELDS', 'READ_AHEAD', 'ID_UNKNOWN',
-           'ID_EXPIRED', 'ROWS_PER_GROUP', 'ROWS_PER_FILE', 'ORPHAN_GRACE_S', 'new_instance_id', 'telemetry_key',
-           'parquet_options', 'records_to_parquet', 'TelemetryWriter', 'as_utc', 'parse_shard_key', 'ShardFile',
-           'live_files', 'Vanished', 'Scan', 'Span', 'window_filter', 'last_n_plan', 'read_telemetry',
-           'telemetry_dataset', 'encode_kept_image', 'decode_kept_image', 'PredictionIds', 'FeedbackError',
-           'feedback_records', 'live_accuracy', 'LostRace', 'compact_partition', 'compact_telemetry',
+__all__ = ['TELEMETRY_SCHEMA', 'FEEDBACK_SCHEMA', 'SCHEMAS', 'COMPACTION', 'PARTITION_FIELDS', 'READ_AHEAD', 'COIN_PRIME',
+           'COIN_ROUNDS', 'ID_UNKNOWN', 'ID_EXPIRED', 'ROWS_PER_GROUP', 'ROWS_PER_FILE', 'ORPHAN_GRACE_S',
+           'new_instance_id', 'telemetry_key', 'parquet_options', 'records_to_parquet', 'TelemetryWriter', 'as_utc',
+           'parse_shard_key', 'ShardFile', 'live_files', 'Vanished', 'Scan', 'Span', 'window_filter', 'last_n_plan',
+           'coin_sql', 'read_telemetry', 'telemetry_dataset', 'encode_kept_image', 'decode_kept_image', 'PredictionIds',
+           'FeedbackError', 'feedback_records', 'live_accuracy', 'LostRace', 'compact_partition', 'compact_telemetry',
            'migrate_telemetry']
 
 # %% ../nbs/telemetry.ipynb #410bf907
@@ -584,18 +584,31 @@ def last_n_plan(
     return [g for g, last in chosen.items() if start is None or last is None or last >= start], start
 
 # %% ../nbs/telemetry.ipynb #1d7e830c
+COIN_PRIME = 2_147_483_647  # 2**31 - 1: coins are computed modulo this prime, in 64-bit integers
+COIN_ROUNDS = (12_345, 67_890)  # two rounds of h -> h*h + c: they mix what the first, linear, step leaves regular
+
+
 def _uniform(times: pa.Array, items: pa.Array | None, seed: int) -> np.ndarray:
-    "A number in [0, 1) for each record, fixed by its time, its item and `seed`: the sample's coin."
-    z = pc.cast(times, pa.int64()).to_numpy(zero_copy_only=False).astype(np.uint64)
-    with np.errstate(over="ignore"):  # the hash wraps around 2**64 on purpose
-        if items is not None:
-            item = pc.fill_null(items, 0).to_numpy(zero_copy_only=False).astype(np.uint64)
-            z = z + item * np.uint64(0x9E3779B97F4A7C15)
-        z = z + np.uint64(seed + 1) * np.uint64(0xD1B54A32D192ED03)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) / 2.0**53
+    "A number in [0, 1) for each record, fixed by its time, its item and `seed`: the sample's coin (`coin_sql`)."
+    micros = pc.cast(times, pa.int64()).to_numpy(zero_copy_only=False) % COIN_PRIME
+    item = 0 if items is None else pc.fill_null(items, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    h = (micros * 48_271 + item * 16_807 + seed % COIN_PRIME) % COIN_PRIME
+    for c in COIN_ROUNDS:
+        h = (h * h + c) % COIN_PRIME  # below 2**62: no overflow, in numpy as in SQL
+    return h / COIN_PRIME
+
+
+def coin_sql(
+    micros: str,  # the SQL of a record's time in microseconds (`UNIX_MICROS(time)`, `epoch_us(time)`)
+    seed: int,
+    item: str = "item",  # the SQL of its item (`0` for feedback)
+) -> str:
+    "The SQL of `_uniform`'s coin, in the arithmetic BigQuery and DuckDB share: a window sampled in SQL is the same."
+    p = COIN_PRIME
+    h = f"MOD(MOD({micros}, {p}) * 48271 + COALESCE({item}, 0) * 16807 + {seed % p}, {p})"
+    for c in COIN_ROUNDS:
+        h = f"MOD({h} * {h} + {c}, {p})"
+    return f"({h} / {p}.0)"
 
 
 def _coin_flips(scan: Scan, files: list[ShardFile], columns: list[str], filter, rate: float, seed: int) -> pa.Table:

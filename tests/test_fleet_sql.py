@@ -1,0 +1,205 @@
+"""The fleet report's SQL (monitor): DuckDB over real shards (local, and on the GCS emulator) gives the numbers pandas
+counts from the records, and `live_accuracy`'s where the two overlap. The BigQuery path cannot run here (no BigQuery,
+and no emulator of it): what is tested is that it runs the same text with its own table names, and what it says
+without its dataset or its package."""
+
+import json, os, shutil, subprocess, sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from vit_nbdev.monitor import (
+    FLEET_COLUMNS,
+    bigquery_fleet,
+    bigquery_tables,
+    fleet_lines,
+    fleet_report,
+    fleet_sql,
+    local_fleet,
+)
+from vit_nbdev.store import open_store
+from vit_nbdev.telemetry import PredictionIds, TelemetryWriter, feedback_records, live_accuracy, read_telemetry
+
+BIN = Path(sys.executable).parent
+LABELS = ["cat", "dog", "frog"]
+T0 = datetime(2026, 11, 25, 20, 0, tzinfo=UTC)  # 400 predictions a minute apart: 240 on the 25th, 160 on the 26th
+
+
+def write_fleet(root: Path) -> None:
+    "Two instances, two versions, two days: telemetry and feedback as the service's writers write them."
+    st = open_store(root)
+    ids = PredictionIds(b"fleet-sql-test-key-0123456789", ttl_s=3650 * 86400)  # the ids of 2026 stay valid
+    rng = np.random.default_rng(0)
+    kw = dict(flush_records=40, flush_s=3600)  # several shards per partition
+    tel = {i: TelemetryWriter(st, instance=i, **kw) for i in ("a", "b")}
+    fb = {i: TelemetryWriter(st, instance=i, kind="feedback", **kw) for i in ("a", "b")}
+    for n in range(400):
+        at, inst = T0 + timedelta(minutes=n), "ab"[n % 2]
+        version, predicted = ("v1", "v2")[int(rng.random() < 0.3)], int(rng.integers(3))
+        pid = ids.new(version, predicted, kept=False, t=at)
+        record = dict(
+            time=at,
+            request_id=f"{inst}-{n // 6}",  # requests of 3 items from each instance
+            item=n // 2 % 3,
+            instance=inst,
+            model_version=version,
+            label=LABELS[predicted],
+            score=float(rng.random()),
+            embedding=rng.normal(size=4).astype(np.float32).tolist(),
+            prediction_id=pid,
+        )
+        tel[inst].add(record)
+        if rng.random() < 0.4:  # labelled, from a few minutes to a day and a half later; some twice
+            when = at + timedelta(minutes=int(rng.integers(1, 2000)))
+            for k in range(1 + int(rng.random() < 0.15)):
+                item = [dict(prediction_id=pid, label=LABELS[int(rng.integers(3))])]
+                recs = feedback_records(item, ids, lambda v: LABELS, instance=inst, now=when + timedelta(hours=k))
+                fb["ab"[int(rng.integers(2))]].add(recs[0])
+    assert sum(w.close() for w in [*tel.values(), *fb.values()]) == 0
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fleet")
+    write_fleet(root)
+    return open_store(root)
+
+
+def counted_with_pandas(st, since=None, until=None) -> pd.DataFrame:
+    "The fleet table from the records themselves: rows per version and day, each prediction's last label."
+    tel = read_telemetry(st)
+    tel = tel.assign(day=tel.time.dt.strftime("%Y-%m-%d"))
+    fb = read_telemetry(st, kind="feedback").sort_values("time", kind="stable")
+    fb = fb.drop_duplicates("prediction_id", keep="last")
+    fb = fb.assign(day=pd.to_datetime(fb.predicted_at, utc=True).dt.strftime("%Y-%m-%d"))
+    keep = lambda df: df[(df.day >= (since or "")) & (df.day < (until or "~"))]
+    tel, fb = keep(tel), keep(fb)
+    req = tel.groupby(["model_version", "day"]).agg(predictions=("time", "size"), requests=("request_id", "nunique"))
+    acc = fb.groupby(["model_version", "day"]).agg(labelled=("time", "size"), correct=("correct", "sum"))
+    out = req.join(acc, how="outer").fillna(0).reset_index().rename(columns={"model_version": "version"})
+    out = out.assign(accuracy=out.correct / out.labelled.replace(0, np.nan))
+    out = out.assign(labelled_share=out.labelled / out.predictions.replace(0, np.nan))
+    return out[list(FLEET_COLUMNS)].astype(FLEET_COLUMNS).sort_values(["version", "day"], ignore_index=True)
+
+
+def test_the_store_is_a_fleet(store):
+    keys = store.list("")
+    assert {k.split("/")[0] for k in keys} == {"telemetry", "feedback"}
+    parts = {tuple(k.split("/")[1:3]) for k in keys if k.startswith("telemetry/")}
+    assert parts == {(f"version={v}", f"day={d}") for v in ("v1", "v2") for d in ("2026-11-25", "2026-11-26")}
+    fb = read_telemetry(store, kind="feedback")
+    assert fb.prediction_id.duplicated().any()  # some predictions were labelled twice
+    label_day = fb.time.dt.strftime("%Y-%m-%d")
+    assert (label_day > pd.to_datetime(fb.predicted_at, utc=True).dt.strftime("%Y-%m-%d")).any()  # a day later
+
+
+@pytest.mark.parametrize(
+    "since,until",
+    [(None, None), ("2026-11-26", None), (None, "2026-11-26"), ("2026-11-25", "2026-11-26"), ("2026-11-27", None)],
+)
+def test_local_sql_counts_what_pandas_counts(store, since, until):
+    got = local_fleet(store, since, until)
+    pd.testing.assert_frame_equal(got, counted_with_pandas(store, since, until))
+    assert got.attrs["fleet"]["source"] == "local" and got.attrs["fleet"]["skipped"] == []
+    if since is None and until is None:
+        assert len(got) == 4 and got.predictions.sum() == 400 and got.labelled.between(1, got.predictions).all()
+
+
+def test_live_accuracy_agrees_per_version(store):
+    per_version = local_fleet(store).groupby("version")[["labelled", "correct"]].sum()
+    acc = live_accuracy(store, last_n=None).set_index("model_version")[["labelled", "correct"]]
+    pd.testing.assert_frame_equal(per_version.sort_index(), acc.sort_index(), check_names=False, check_dtype=False)
+
+
+def test_days_are_utc_whatever_the_zone_of_the_machine(store):
+    code = (
+        "import sys; from vit_nbdev.monitor import local_fleet\n"
+        "print(local_fleet(sys.argv[1]).to_json(orient='records'))"
+    )
+    env = {**os.environ, "TZ": "America/New_York"}  # 8 p.m. UTC is 3 p.m. there: other days, if it leaked
+    r = subprocess.run([sys.executable, "-c", code, store.uri], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout) == json.loads(local_fleet(store).to_json(orient="records"))
+
+
+def test_each_prediction_and_label_counts_once_beside_a_copy(store, tmp_path):
+    "BigQuery reads every parquet file, a compacted day's replaced shards included: copies change no number."
+    shutil.copytree(store.uri, tmp_path / "copy")
+    copy = open_store(tmp_path / "copy")
+    for k in copy.list(""):
+        if k.endswith(".parquet"):
+            folder, name = k.rsplit("/", 1)
+            copy.put_bytes(f"{folder}/copy{name}", copy.get_bytes(k))  # instance `copya`: a second copy
+    assert len(read_telemetry(copy)) == 800  # every record twice
+    pd.testing.assert_frame_equal(local_fleet(copy), local_fleet(store))
+
+
+def test_an_unreadable_shard_is_skipped_and_named(store, tmp_path):
+    shutil.copytree(store.uri, tmp_path / "copy")
+    copy = open_store(tmp_path / "copy")
+    bad = "telemetry/version=v1/day=2026-11-26/c-000001.parquet"
+    copy.put_bytes(bad, b"PAR1 not a parquet file")
+    with pytest.warns(UserWarning):
+        got = local_fleet(copy)
+    assert got.attrs["fleet"]["skipped"] == [bad]
+    pd.testing.assert_frame_equal(got, local_fleet(store))
+
+
+def test_the_same_shards_on_gcs_give_the_same_table(store, gcs_uri):
+    "DuckDB reads a `gs://` store through its Arrow filesystem (the GCS emulator here)."
+    gcs = open_store(gcs_uri)
+    for k in store.list(""):
+        gcs.put_bytes(k, store.get_bytes(k))
+    pd.testing.assert_frame_equal(local_fleet(gcs, since="2026-11-25"), local_fleet(store, since="2026-11-25"))
+
+
+def test_an_empty_store_is_an_empty_table(tmp_path):
+    got = fleet_report(tmp_path / "empty")
+    assert got.empty and list(got.columns) == list(FLEET_COLUMNS)
+    assert fleet_lines(got) == ["no predictions and no labels in the window"] and fleet_lines(got, True) == []
+
+
+def test_bigquery_runs_the_same_text_with_its_table_names():
+    tables = bigquery_tables("my-project.vit_telemetry")
+    assert tables == {
+        "telemetry": "`my-project.vit_telemetry.telemetry`",
+        "feedback": "`my-project.vit_telemetry.feedback`",
+    }
+    local, bq = fleet_sql(since="2026-11-25"), fleet_sql(**tables, since="2026-11-25")
+    named = local.replace("FROM telemetry", f"FROM {tables['telemetry']}")
+    assert bq == named.replace("FROM feedback", f"FROM {tables['feedback']}") and bq.count("FROM `my-project.") == 2
+    for bad in ("vit_telemetry", "my-project.vit-telemetry", "my-project.vit_telemetry`; DROP"):
+        with pytest.raises(ValueError, match="PROJECT.DATASET"):
+            bigquery_tables(bad)
+    with pytest.raises(ValueError, match="since must be a day YYYY-MM-DD"):
+        fleet_sql(since="2026-11-25' OR '1'='1")
+
+
+def test_bigquery_says_what_it_needs(monkeypatch):
+    with pytest.raises(ValueError, match="needs the dataset of the external tables"):
+        fleet_report(source="bigquery")
+    monkeypatch.setitem(sys.modules, "google.cloud.bigquery", None)  # as without the `gcp` extra
+    with pytest.raises(ImportError, match=r"pip install 'vit-nbdev\[gcp\]'"):
+        bigquery_fleet("my-project.vit_telemetry")
+    with pytest.raises(ValueError, match="source must be one of local, bigquery"):
+        fleet_report(source="sqlite")
+
+
+def test_the_command_prints_the_table(store):
+    def run(*args):
+        cmd = [str(BIN / "vit-monitor"), "fleet", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    r = run("--store", store.uri, "--json", "--since", "2026-11-26")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert rows == json.loads(local_fleet(store, since="2026-11-26").to_json(orient="records"))
+    r = run("--store", store.uri)
+    assert r.returncode == 0 and r.stdout.split()[:8] == list(FLEET_COLUMNS) and len(r.stdout.splitlines()) == 5
+    r = run("--source", "bigquery")
+    assert r.returncode == 2 and "vit-monitor fleet: error: the BigQuery source needs the dataset" in r.stderr
+    r = run("--until", "2026-11-31")
+    assert r.returncode == 2 and "argument --until: a day YYYY-MM-DD, got '2026-11-31'" in r.stderr

@@ -1,27 +1,44 @@
 """The fleet report's SQL (monitor): DuckDB over real shards (local, and on the GCS emulator) gives the numbers pandas
 counts from the records, and `live_accuracy`'s where the two overlap. The BigQuery path cannot run here (no BigQuery,
 and no emulator of it): what is tested is that it runs the same text with its own table names, and what it says
-without its dataset or its package."""
+without its dataset or its package. The same for a drift report's window read with SQL (`query_window`): DuckDB reads
+the store reader's records, its sample included, and BigQuery's text runs through a stand-in client on DuckDB."""
 
 import json, os, shutil, subprocess, sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from types import SimpleNamespace
+
+import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from vit_nbdev.monitor import (
     FLEET_COLUMNS,
+    WINDOW_COLUMNS,
+    BigQueryError,
     bigquery_fleet,
     bigquery_tables,
     fleet_lines,
     fleet_report,
     fleet_sql,
     local_fleet,
+    query_window,
+    window_count_sql,
+    window_sql,
 )
 from vit_nbdev.store import open_store
-from vit_nbdev.telemetry import PredictionIds, TelemetryWriter, feedback_records, live_accuracy, read_telemetry
+from vit_nbdev.telemetry import (
+    PredictionIds,
+    TelemetryWriter,
+    feedback_records,
+    live_accuracy,
+    read_telemetry,
+    telemetry_dataset,
+)
 
 BIN = Path(sys.executable).parent
 LABELS = ["cat", "dog", "frog"]
@@ -203,3 +220,108 @@ def test_the_command_prints_the_table(store):
     assert r.returncode == 2 and "vit-monitor fleet: error: the BigQuery source needs the dataset" in r.stderr
     r = run("--until", "2026-11-31")
     assert r.returncode == 2 and "argument --until: a day YYYY-MM-DD, got '2026-11-31'" in r.stderr
+
+
+WINDOWS = [  # drift windows of the fleet's v1 (about 280 records over two days): the last n, time ranges, samples
+    dict(last_n=100),
+    dict(last_n=50, until="2026-11-26T01:00:00Z"),
+    dict(since="2026-11-25T23:30:00Z", until="2026-11-26T02:00:00.5Z"),
+    dict(sample=60),
+    dict(sample=60, seed=7, last_n=250),
+    dict(sample=30, since="2026-11-26"),
+]
+DATASET = "my-project.vit_telemetry"
+
+
+def store_window(st, window) -> pd.DataFrame:
+    "The window as the store's reader gives it to a report."
+    return read_telemetry(st, "v1", columns=list(WINDOW_COLUMNS), **window)
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=str)
+def test_duckdb_reads_the_store_readers_window(store, window):
+    want, got = store_window(store, window), query_window(store, "v1", **window)
+    pd.testing.assert_frame_equal(got, want)  # the same records (the same sample), the same order and types
+    assert got.attrs["telemetry"] == want.attrs["telemetry"] and set(got.model_version) == {"v1"}
+    facts = got.attrs["telemetry"]
+    assert facts["sampled"] == ("sample" in window) and 0 < len(got) <= facts["rows"]
+    if facts["sampled"]:
+        assert facts["sample"] == len(got) < facts["rows"]
+
+
+def test_bigquery_runs_the_same_window_text():
+    table = bigquery_tables(DATASET)["telemetry"]
+    for window in WINDOWS:
+        rows = 500 if "sample" in window else None  # counted: more than the sample
+        duck = window_sql("v1", **window, rows=rows)
+        bq = window_sql("v1", **window, rows=rows, dialect="bigquery", table=table)
+        assert bq == duck.replace("FROM telemetry", f"FROM {table}").replace("epoch_us(time)", "UNIX_MICROS(time)")
+        assert ("UNIX_MICROS(time)" in bq) == ("sample" in window) and "epoch_us" not in bq
+    count = window_count_sql("v1", "2026-11-26", table=table)
+    assert count == window_count_sql("v1", "2026-11-26").replace("FROM telemetry", f"FROM {table}")
+    with pytest.raises(ValueError, match="is not a version's name"):
+        window_sql("v1' OR '1'='1")
+    with pytest.raises(ValueError, match="dialect must be one of duckdb, bigquery"):
+        window_sql("v1", dialect="sqlite")
+
+
+def as_bigquery_types(t: pa.Table) -> pa.Table:
+    "`t` with the types BigQuery's external table gives parquet's: FLOAT64 and INT64 for every float and integer."
+    wider = {pa.float32(): pa.float64(), pa.int32(): pa.int64(), pa.list_(pa.float32()): pa.list_(pa.float64())}
+    return t.cast(pa.schema([pa.field(f.name, wider.get(f.type, f.type)) for f in t.schema]))
+
+
+def stand_in_bigquery(st, queries: list, fail: Exception | None = None) -> SimpleNamespace:
+    "`google.cloud.bigquery` for `DATASET` over the shards of `st`: BigQuery's text, run by DuckDB with its spelling."
+    table = bigquery_tables(DATASET)["telemetry"]
+
+    def result(sql):
+        if fail:
+            raise fail
+        everything, _ = telemetry_dataset(st)  # every version, every day: the SQL's WHERE does the pruning
+        duck = sql.replace(f"FROM {table}", "FROM telemetry").replace("UNIX_MICROS(time)", "epoch_us(time)")
+        with duckdb.connect() as con:
+            con.execute("SET TimeZone = 'UTC'")
+            con.register("telemetry", everything)
+            t = as_bigquery_types(con.sql(duck).to_arrow_table())
+        return SimpleNamespace(to_arrow=lambda create_bqstorage_client=True: t)
+
+    class Client:
+        def __init__(self, project):
+            assert project == "my-project"
+
+        def query(self, sql):
+            queries.append(sql)
+            return SimpleNamespace(result=lambda: result(sql))
+
+    return SimpleNamespace(Client=Client)
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=str)
+def test_bigquery_reads_the_same_window(store, monkeypatch, window):
+    queries = []
+    monkeypatch.setitem(sys.modules, "google.cloud.bigquery", stand_in_bigquery(store, queries))
+    got = query_window(None, "v1", **window, source="bigquery", bigquery_dataset=DATASET)
+    want = store_window(store, window)
+    pd.testing.assert_frame_equal(got, want)
+    assert got.attrs["telemetry"] == {k: v for k, v in want.attrs["telemetry"].items() if k not in ("files", "skipped")}
+    assert len(queries) == 1 + ("sample" in window)  # a window that may be sampled is counted first
+    assert all(f"FROM {bigquery_tables(DATASET)['telemetry']}" in q and "epoch_us" not in q for q in queries)
+
+
+def test_the_bigquery_window_says_what_it_needs(store, monkeypatch):
+    with pytest.raises(ValueError, match="needs the dataset of the external tables"):
+        query_window(store, "v1", source="bigquery")
+    with pytest.raises(ValueError, match="source must be one of duckdb, bigquery"):
+        query_window(store, "v1", source="store")
+    from google.api_core.exceptions import Forbidden
+
+    queries = []
+    stand_in = stand_in_bigquery(store, queries, fail=Forbidden("Access Denied: Table my-project:vit_telemetry"))
+    monkeypatch.setitem(sys.modules, "google.cloud.bigquery", stand_in)
+    with pytest.raises(BigQueryError, match="BigQuery: 403 Access Denied"):
+        query_window(None, "v1", last_n=10, source="bigquery", bigquery_dataset=DATASET)
+    assert len(queries) == 1
+    monkeypatch.setitem(sys.modules, "google.cloud.bigquery", None)  # as without the `gcp` extra
+    with pytest.raises(ImportError, match=r"pip install 'vit-nbdev\[gcp\]'"):
+        query_window(None, "v1", source="bigquery", bigquery_dataset=DATASET)

@@ -1,5 +1,6 @@
-"""Monitoring: reference embeddings, telemetry windows (sampled when large), the drift detector and report, reports in
-the store (local and GCS), the CLI (with `compact` and `migrate`), and `DriftMonitoring` bound to the real service."""
+"""Monitoring: reference embeddings, telemetry windows (sampled when large, read by the store's reader or with SQL),
+the drift detector and report, reports in the store (local and GCS), the CLI (with `compact` and `migrate`), and
+`DriftMonitoring` bound to the real service."""
 
 import io, json, subprocess, sys, time
 from pathlib import Path
@@ -16,8 +17,9 @@ from prometheus_client import CollectorRegistry
 from vit_nbdev.data import load_cifar10
 from vit_nbdev.model import build_model, save_package
 from vit_nbdev.cli import monitor_main as main
-from vit_nbdev.telemetry import read_telemetry, records_to_parquet
+from vit_nbdev.telemetry import TelemetryWriter, read_telemetry, records_to_parquet
 from vit_nbdev.monitor import (
+    WINDOW_COLUMNS,
     DriftMonitoring,
     MonitoredService,
     as_package,
@@ -29,6 +31,7 @@ from vit_nbdev.monitor import (
     latest_report,
     list_reports,
     load_reference,
+    query_window,
     reference_key,
     run_monitoring,
 )
@@ -211,6 +214,64 @@ def test_a_large_window_is_tested_on_a_seeded_sample_and_says_so(tmp_path, packa
         mon._build("v1", pkg, None)
     assert mon.last["window"]["sampled"] and mon.last["window"]["seed"] == 1, mon.last
     assert mon.last["window"]["last_n"] == 1000 and mon.last["window"]["rows"] == 400
+
+
+@pytest.fixture(scope="module")
+def sql_store(tmp_path_factory, package_dir, pkg, data):
+    "400 records over midnight, written by the service's writer: 200 clean images, then 200 darkened ones (drift)."
+    st = open_store(tmp_path_factory.mktemp("sql"))
+    st.register(package_dir, version="v1")
+    images = torch.cat([data.test.images[:200], data.test.images[200:400] // 2])
+    recs = embed_images(pkg, images, version="v1")
+    times = pd.date_range("2026-11-25T23:50:00Z", periods=len(recs), freq="3s")
+    writer = TelemetryWriter(st, instance="a", flush_records=64, flush_s=3600)
+    for i, (r, at) in enumerate(zip(recs.to_dict("records"), times, strict=True)):
+        extra = dict(time=at.to_pydatetime(), request_id=f"r{i // 2}", item=i % 2, instance="a")
+        writer.add(dict(r, embedding=r["embedding"].tolist(), **extra))
+    assert writer.close() == 0
+    return st
+
+
+SQL_WINDOWS = [  # the last 250 (darkened: drift), ten minutes across midnight, and a seeded sample of all 400
+    dict(last_n=250),
+    dict(last_n=None, since="2026-11-25T23:55:00Z", until="2026-11-26T00:05:00Z"),
+    dict(last_n=None, sample=150, sample_seed=3),
+]
+
+
+@pytest.mark.parametrize("window", SQL_WINDOWS, ids=str)
+def test_duckdb_gives_the_store_readers_report(sql_store, window):
+    by_store = run_monitoring(sql_store, "v1", save=False, **window).summary
+    by_sql = run_monitoring(sql_store, "v1", save=False, source="duckdb", **window).summary
+    assert by_store["status"] == "ok" and by_sql["window"] == {**by_store["window"], "source": "duckdb"}
+    for k in ("n_current", "p_values", "scores", "drift_score", "drift_detected", "drifted", "versions", "method"):
+        assert by_sql[k] == by_store[k], k
+    read = dict(last_n=window["last_n"], since=window.get("since"), until=window.get("until"))
+    read.update(sample=window.get("sample", 10_000), seed=window.get("sample_seed", 0))
+    ids = query_window(sql_store, "v1", **read).request_id.tolist()
+    assert ids == read_telemetry(sql_store, "v1", columns=list(WINDOW_COLUMNS), **read).request_id.tolist()
+    assert len(ids) == by_sql["n_current"]  # the window the report tested: with a sample, the same sample
+    if "sample" in window:
+        w = by_sql["window"]
+        assert (w["rows"], w["sampled"], w["seed"], w["n"]) == (400, True, 3, w["sample"]) and w["n"] < 400
+    if window["last_n"] == 250:
+        assert by_sql["drift_detected"]
+
+
+def test_report_command_reads_the_window_with_sql(sql_store, monkeypatch, capsys):
+    report = ("report", "--store", sql_store.uri, "--last-n", "250", "--no-save")
+    (code, by_store, err), (sql_code, by_sql, sql_err) = (
+        vit_monitor(*report),
+        vit_monitor(*report, "--source", "duckdb"),
+    )
+    assert code == sql_code == 0, err + sql_err
+    assert by_sql[0]["window"] == {**by_store[0]["window"], "source": "duckdb"}
+    assert by_sql[0]["scores"] == by_store[0]["scores"] and by_sql[0]["drift_detected"] == by_store[0]["drift_detected"]
+    code, lines, err = vit_monitor(*report, "--source", "bigquery")
+    assert (code, lines) == (2, []) and "vit-monitor: error: the BigQuery source needs the dataset" in err, err
+    monkeypatch.setitem(sys.modules, "google.cloud.bigquery", None)  # as without the `gcp` extra
+    assert main([*report, "--source", "bigquery", "--bigquery-dataset", "my-project.vit_telemetry"]) == 2
+    assert "vit-monitor: error: the BigQuery source needs google-cloud-bigquery" in capsys.readouterr().err
 
 
 def shard(st, key, times, version="v1"):

@@ -14,6 +14,7 @@ from vit_nbdev.config import (
     COMPONENTS,
     ENGINES,
     MIN_RECORDS,
+    SAMPLE,
     REFERENCE_N,
     ServeConfig,
     TrainConfig,
@@ -151,7 +152,7 @@ def drift_options(p: argparse.ArgumentParser) -> None:
 
 # %% ../nbs/cli.ipynb #885619eb
 def report_options(p: argparse.ArgumentParser) -> None:
-    "Add `vit-monitor report`'s own options: the window of telemetry, the test, and what to do with the report."
+    "Add `vit-monitor report`'s own options: the window of telemetry, where it is read, the test, and the report."
     p.add_argument(
         "--last-n", type=int, default=1000, help="the last N records (default %(default)s; 0: all in the time range)"
     )
@@ -166,11 +167,15 @@ def report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--alpha", type=float, default=ALPHA, help="false-alarm level of the whole report (default %(default)s)"
     )
-    what = "test a window of more than N records on a seeded uniform sample of N (default: the monitoring "
-    what += "chapter's SAMPLE; 0: never)"
-    p.add_argument("--sample", type=int, default=None, metavar="N", help=what)
+    what = "test a window of more than N records on a seeded uniform sample of N (default %(default)s; 0: never)"
+    p.add_argument("--sample", type=int, default=SAMPLE, metavar="N", help=what)
     what = "the seed of that sample (default %(default)s)"
     p.add_argument("--sample-seed", type=int, default=0, help=what)
+    what = "what reads the window: the store's reader, or SQL, by DuckDB over the store's shards or by BigQuery "
+    what += "on the external tables over the bucket; the same records, the same report (default %(default)s)"
+    p.add_argument("--source", choices=["store", "duckdb", "bigquery"], default="store", help=what)
+    what = "the dataset of the external tables, for --source bigquery (vit-cloud setup --dataset)"
+    p.add_argument("--bigquery-dataset", metavar="PROJECT.DATASET", help=what)
     p.add_argument("--html", help="also write the HTML report to this file")
     p.add_argument("--no-save", action="store_true", help="do not store the report")
     p.add_argument("--fail-on-drift", action="store_true", help="exit with status 1 when drift is detected")

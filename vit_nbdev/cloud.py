@@ -1,4 +1,4 @@
-"""Google Cloud in one command each: a training VM that deletes itself, a Cloud Run deploy, the one-time setup (IAM, BigQuery, schedules)
+"""Google Cloud in one command each: a training VM that deletes itself, a Cloud Run deploy, the one-time setup
 
 Docs: https://vit-nbdev.github.io/vit-nbdev/cloud.html.md"""
 

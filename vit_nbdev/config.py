@@ -16,8 +16,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # %% auto #0
 __all__ = ['PRESETS', 'DEFAULT_PRESET', 'CHECKPOINTS', 'PRECISIONS', 'ENGINES', 'TRACKERS', 'PROTECTED_ALIASES', 'TRAIN_RANGES',
-           'SERVE_RANGES', 'UNSET_IF_EMPTY', 'REFERENCE_N', 'COMPONENTS', 'ALPHA', 'MIN_RECORDS', 'cache_root',
-           'shipped_checkpoint', 'check_model_name', 'TrainConfig', 'parse_params', 'new_run_id', 'ServeConfig']
+           'SERVE_RANGES', 'UNSET_IF_EMPTY', 'REFERENCE_N', 'COMPONENTS', 'ALPHA', 'MIN_RECORDS', 'SAMPLE',
+           'WINDOW_COLUMNS', 'cache_root', 'shipped_checkpoint', 'check_model_name', 'TrainConfig', 'parse_params',
+           'new_run_id', 'ServeConfig']
 
 # %% ../nbs/config.ipynb #352e5ef9
 def cache_root() -> Path:
@@ -381,3 +382,6 @@ REFERENCE_N = 500  # reference images embedded per model version
 COMPONENTS = 10  # principal components of the embeddings tested for drift
 ALPHA = 0.02  # false-alarm level of a whole report
 MIN_RECORDS = 100  # fewer telemetry records in a window: "not enough data"
+SAMPLE = 10_000  # a drift window with more records is tested on a seeded uniform sample of about this many
+# what a drift report reads of each record (the tests' columns, the summary's, the window's order): not the kept image
+WINDOW_COLUMNS = ("time", "request_id", "item", "instance", "model_version", "label", "score", "embedding", "engine")

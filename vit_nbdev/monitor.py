@@ -1,4 +1,4 @@
-"""Reference embeddings, an Evidently drift report on what the service sees (sampled when large), and the fleet's traffic and live accuracy in SQL.
+"""Reference embeddings, a drift report on what the service sees (Evidently), the fleet's traffic and accuracy in SQL.
 
 Docs: https://vit-nbdev.github.io/vit-nbdev/monitor.html.md"""
 
@@ -6,7 +6,7 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/monitor.html.md"""
 
 # %% ../nbs/monitor.ipynb #131ea2b8
 from __future__ import annotations
-import html as _html, io, json, re, sys, textwrap, threading, warnings
+import contextlib, html as _html, importlib, io, json, re, sys, textwrap, threading, warnings
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -24,18 +24,20 @@ from .data import load_cifar10, preprocess, resolve_source
 from .engine import REFERENCE_ENGINE, Engine, build_engine, cpu_budget, sync_engines
 from .model import ModelPackage, load_package
 from .store import NotFound, Store, StoreError, open_store
-from .config import ALPHA, COMPONENTS, MIN_RECORDS, REFERENCE_N
-from .telemetry import as_utc, read_telemetry, telemetry_dataset
+from .config import ALPHA, COMPONENTS, MIN_RECORDS, REFERENCE_N, SAMPLE, WINDOW_COLUMNS
+from .telemetry import TELEMETRY_SCHEMA, as_utc, coin_sql, read_telemetry, telemetry_dataset
 
 # %% auto #0
-__all__ = ['REFERENCE_FILE', 'SAMPLE', 'READ_FACTS', 'CHI2_TEST', 'REQUESTS_SQL', 'ACCURACY_SQL', 'FLEET_SQL', 'FLEET_COLUMNS',
-           'OPEN_WINDOW', 'BIGQUERY_DATASET', 'NO_BIGQUERY', 'NO_DATASET', 'FLEET_SOURCES', 'REPORT_FIELDS',
-           'as_package', 'embed_images', 'embedding_matrix', 'reference_key', 'reference_images', 'compute_reference',
-           'reference_to_parquet', 'reference_from_parquet', 'save_reference', 'load_reference', 'ensure_reference',
-           'Projection', 'fit_projection', 'drift_columns', 'chi2_homogeneity', 'ks_pvalue', 'decide', 'drift_tests',
+__all__ = ['REFERENCE_FILE', 'READ_FACTS', 'CHI2_TEST', 'WINDOW_SOURCES', 'REQUESTS_SQL', 'ACCURACY_SQL', 'FLEET_SQL',
+           'FLEET_COLUMNS', 'OPEN_WINDOW', 'BIGQUERY_DATASET', 'NO_BIGQUERY', 'NO_DATASET', 'FLEET_SOURCES',
+           'SQL_MICROS', 'WINDOW_ORDER', 'WINDOW_SCHEMA', 'REPORT_FIELDS', 'as_package', 'embed_images',
+           'embedding_matrix', 'reference_key', 'reference_images', 'compute_reference', 'reference_to_parquet',
+           'reference_from_parquet', 'save_reference', 'load_reference', 'ensure_reference', 'Projection',
+           'fit_projection', 'drift_columns', 'chi2_homogeneity', 'ks_pvalue', 'decide', 'drift_tests',
            'load_evidently', 'DriftResult', 'evidently_p_values', 'drift_report', 'report_stamp', 'save_report',
            'list_reports', 'latest_report', 'run_monitoring', 'MonitoredService', 'DriftMonitoring', 'fleet_sql',
-           'local_fleet', 'bigquery_tables', 'bigquery_fleet', 'fleet_report', 'fleet_lines', 'monitor_command']
+           'local_fleet', 'BigQueryError', 'bigquery_tables', 'bigquery_fleet', 'fleet_report', 'fleet_lines',
+           'window_count_sql', 'window_sql', 'query_window', 'monitor_command']
 
 # %% ../nbs/monitor.ipynb #10a62c33
 def as_package(
@@ -224,9 +226,6 @@ def ensure_reference(
             return theirs
         raise
     return df
-
-# %% ../nbs/monitor.ipynb #fe766f40
-SAMPLE = 10_000  # a window with more records is tested on a seeded uniform sample of about this many
 
 # %% ../nbs/monitor.ipynb #01f9a5a8
 READ_FACTS = ("rows", "sampled", "sample", "seed", "files", "skipped")  # what `read_telemetry` says of a window
@@ -661,6 +660,9 @@ def _one_engine(cur: pd.DataFrame, engine: Engine | None) -> tuple[pd.DataFrame,
     return (cur[cur["engine"] == name] if others else cur), name, others
 
 # %% ../nbs/monitor.ipynb #dd6da99f
+WINDOW_SOURCES = ("store", "duckdb", "bigquery")  # what reads a report's window: the store's reader, or SQL
+
+
 def run_monitoring(
     store,  # a `Store` or its URI
     model: str = "latest",  # an alias or a version
@@ -677,13 +679,20 @@ def run_monitoring(
     package=None,  # the model, if it is loaded already
     telemetry_flush_s: float | None = None,  # the fleet's flush interval: the banner of a short window names it
     engine: Engine | None = None,  # the engine of `package`, if it is loaded already
+    source: str = "store",  # what reads the window: `read_telemetry`, or SQL in `duckdb` or `bigquery` (`query_window`)
+    bigquery_dataset: str | None = None,  # `PROJECT.DATASET` of the external tables, for `bigquery`
     **reference_kw,  # for `ensure_reference`, if the reference must be made
 ) -> DriftResult:
     "The drift report of `model`'s recent telemetry against its reference (made if missing); stored if `save`."
+    if source not in WINDOW_SOURCES:
+        raise ValueError(f"source must be one of {', '.join(WINDOW_SOURCES)}, got {source!r}")
     st = open_store(store)
     version = st.resolve(model)
     window_kw = dict(last_n=last_n, since=since, until=until, sample=sample, seed=sample_seed)
-    cur = read_telemetry(st, version, **window_kw)
+    if source == "store":
+        cur = read_telemetry(st, version, columns=list(WINDOW_COLUMNS), **window_kw)
+    else:
+        cur = query_window(st, version, **window_kw, source=source, bigquery_dataset=bigquery_dataset)
     read = _read_facts(cur)
     cur, name, others = _one_engine(cur, engine)
     if name != (engine.name if engine else REFERENCE_ENGINE):  # another engine's telemetry: embed the reference with it
@@ -691,7 +700,8 @@ def run_monitoring(
         engine = build_engine(name, package, cpu_budget(), sync_engines(st, version))
     ref_engine = engine if name != REFERENCE_ENGINE else None
     ref = ensure_reference(st, version, package=package, engine=ref_engine, **reference_kw)
-    window = dict(last_n=last_n, since=_iso(as_utc(since)), until=_iso(as_utc(until)))
+    window = dict(last_n=last_n, since=_iso(as_utc(since)), until=_iso(as_utc(until)), source=source)
+    window.update(bigquery_dataset=bigquery_dataset if source == "bigquery" else None)
     window.update(telemetry_flush_s=telemetry_flush_s, engine=name, other_engines=others or None, **read)
     window = {k: v for k, v in window.items() if v is not None}
     res = drift_report(ref, cur, components=components, alpha=alpha, min_records=min_records, window=window)
@@ -893,6 +903,16 @@ def _fleet_frame(rows) -> pd.DataFrame:
     return df.astype(FLEET_COLUMNS).sort_values(["version", "day"], ignore_index=True)
 
 
+@contextlib.contextmanager
+def _duckdb(**tables):
+    "A DuckDB connection with `tables` (Arrow datasets) registered under their names, in UTC."
+    with duckdb.connect() as con:
+        con.execute("SET TimeZone = 'UTC'")  # a record's day is its UTC day, as in BigQuery
+        for name, table in tables.items():
+            con.register(name, table)
+        yield con
+
+
 def local_fleet(
     store,  # a `Store` or its URI
     since=None,  # the first day, included (`YYYY-MM-DD`)
@@ -902,10 +922,7 @@ def local_fleet(
     st, since, until = open_store(store), _day(since, "since"), _day(until, "until")
     telemetry, t_info = telemetry_dataset(st, "telemetry", since=since, until=until)
     feedback, f_info = telemetry_dataset(st, "feedback", since=since)  # labels arrive after their prediction
-    with duckdb.connect() as con:
-        con.execute("SET TimeZone = 'UTC'")  # a prediction's day is its UTC day, as in BigQuery
-        con.register("telemetry", telemetry)
-        con.register("feedback", feedback)
+    with _duckdb(telemetry=telemetry, feedback=feedback) as con:
         df = _fleet_frame(con.execute(fleet_sql("telemetry", "feedback", since, until)).df())
     skipped = [*t_info["skipped"], *f_info["skipped"]]
     df.attrs["fleet"] = dict(source="local", store=st.uri, files=t_info["files"] + f_info["files"], skipped=skipped)
@@ -920,6 +937,10 @@ NO_DATASET = (
 )
 
 
+class BigQueryError(RuntimeError):
+    "BigQuery could not run a query: it refused it, it failed, or there are no credentials (its message says which)."
+
+
 def bigquery_tables(
     dataset: str | None,  # `PROJECT.DATASET` of the external tables
 ) -> dict:
@@ -931,16 +952,13 @@ def bigquery_tables(
     return {kind: f"`{dataset}.{kind}`" for kind in ("telemetry", "feedback")}
 
 
-def bigquery_fleet(
-    dataset: str | None,  # `PROJECT.DATASET` of the external tables; the query runs (and is billed) in PROJECT
-    since=None,  # the first day, included (`YYYY-MM-DD`)
-    until=None,  # the day after the last, excluded
-) -> pd.DataFrame:
-    "`FLEET_SQL` run by BigQuery on the external tables over the bucket."
-    sql = fleet_sql(**bigquery_tables(dataset), since=since, until=until)
+def _bigquery(
+    dataset: str,  # `PROJECT.DATASET` (`bigquery_tables` checked it): the query runs, and is billed, in PROJECT
+    sql: str,  # the query
+    read,  # what to make of its rows (a `RowIterator`, which fetches pages as it is read)
+):
+    "`read` of the rows of `sql` run by BigQuery; an `ImportError` without its client, a `BigQueryError` if it fails."
     try:
-        import importlib
-
         bigquery = importlib.import_module("google.cloud.bigquery")
     except ImportError as e:
         raise ImportError(NO_BIGQUERY) from e
@@ -948,10 +966,19 @@ def bigquery_fleet(
     from google.auth.exceptions import GoogleAuthError
 
     try:
-        rows = bigquery.Client(project=dataset.split(".")[0]).query(sql).result()
-        df = _fleet_frame([dict(r.items()) for r in rows])
+        return read(bigquery.Client(project=dataset.split(".")[0]).query(sql).result())
     except (GoogleAPIError, GoogleAuthError) as e:
-        raise RuntimeError(f"BigQuery: {e}") from e
+        raise BigQueryError(f"BigQuery: {e}") from e
+
+
+def bigquery_fleet(
+    dataset: str | None,  # `PROJECT.DATASET` of the external tables; the query runs (and is billed) in PROJECT
+    since=None,  # the first day, included (`YYYY-MM-DD`)
+    until=None,  # the day after the last, excluded
+) -> pd.DataFrame:
+    "`FLEET_SQL` run by BigQuery on the external tables over the bucket."
+    sql = fleet_sql(**bigquery_tables(dataset), since=since, until=until)
+    df = _bigquery(dataset, sql, lambda rows: _fleet_frame([dict(r.items()) for r in rows]))
     df.attrs["fleet"] = dict(source="bigquery", dataset=dataset)
     return df
 
@@ -985,6 +1012,134 @@ def fleet_lines(
         return ["no predictions and no labels in the window"]
     return df.to_string(index=False, na_rep="-", float_format="{:.3f}".format).splitlines()
 
+# %% ../nbs/monitor.ipynb #0a89ebdf
+SQL_MICROS = {"duckdb": "epoch_us(time)", "bigquery": "UNIX_MICROS(time)"}  # a record's time in microseconds
+WINDOW_ORDER = ("time", "request_id", "item")  # the order of a window's records, `read_telemetry`'s (nulls last)
+
+
+def _sql_time(t) -> str:
+    "The SQL literal of the time `t` (anything `as_utc` reads) in UTC, to the microsecond, as both dialects read it."
+    return f"TIMESTAMP '{as_utc(t).floor('us').strftime('%Y-%m-%d %H:%M:%S.%f')}+00:00'"
+
+
+def _window_where(
+    version: str,  # a version's name: letters, digits, `._-` (nothing that could end a quoted string)
+    since=None,  # the window's start (included): anything `as_utc` reads
+    until=None,  # its end (excluded)
+) -> list[str]:
+    "The conditions of a window: the version and the days (the partition columns, which engines prune on), the times."
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(version)):
+        raise ValueError(f"{version!r} is not a version's name (letters, digits, '.', '_' and '-')")
+    where, since, until = [f"version = '{version}'"], as_utc(since), as_utc(until)
+    if since is not None:
+        where.append(f"day >= '{_day(since)}' AND time >= {_sql_time(since)}")
+    if until is not None:
+        last_day = _day(until - pd.Timedelta(1, "us"))  # the day of the window's last microsecond
+        where.append(f"day <= '{last_day}' AND time < {_sql_time(until)}")
+    return where
+
+# %% ../nbs/monitor.ipynb #72221e4a
+def window_count_sql(
+    version: str,  # the model version (the partition `version`)
+    since=None,  # the window's start (included): anything `as_utc` reads
+    until=None,  # its end (excluded)
+    table: str = "telemetry",  # the telemetry table, as the engine names it
+) -> str:
+    "The SQL that counts the records of a window (`records`): the size a sample's rate is of."
+    return f"SELECT COUNT(*) AS records\nFROM {table}\nWHERE " + "\n  AND ".join(_window_where(version, since, until))
+
+
+def window_sql(
+    version: str,  # the model version (the partition `version`)
+    last_n: int | None = None,  # of the records in the window, only the last `last_n`
+    since=None,  # the window's start (included): anything `as_utc` reads
+    until=None,  # its end (excluded)
+    sample: int | None = None,  # a window of more than `sample` records: a uniform sample of about this many …
+    rows: int | None = None,  # … given its size (`window_count_sql`; for `last_n`, at most `last_n`)
+    seed: int = 0,  # the sample's seed, as in `read_telemetry`
+    dialect: str = "duckdb",  # `duckdb` or `bigquery`: how the coin gets a time's microseconds (`SQL_MICROS`)
+    table: str = "telemetry",  # the telemetry table, as the engine names it
+) -> str:
+    "The SELECT of a drift window in the SQL DuckDB and BigQuery share: `read_telemetry`'s records, in its order."
+    if dialect not in SQL_MICROS:
+        raise ValueError(f"dialect must be one of {', '.join(SQL_MICROS)}, got {dialect!r}")
+    where, columns = _window_where(version, since, until), ", ".join(WINDOW_COLUMNS)
+    coin = []
+    if sample is not None and rows is not None and rows > sample:  # two integers, divided in double as in Python
+        coin = [f"{coin_sql(SQL_MICROS[dialect], seed)} < {int(sample)} / {int(rows)}"]
+    ascending = ", ".join(f"{c} ASC NULLS LAST" for c in WINDOW_ORDER)
+    if last_n is None:
+        return f"SELECT {columns}\nFROM {table}\nWHERE " + "\n  AND ".join(where + coin) + f"\nORDER BY {ascending}"
+    descending = ", ".join(f"{c} DESC NULLS FIRST" for c in WINDOW_ORDER)
+    inner = f"  SELECT {columns}\n  FROM {table}\n  WHERE " + "\n    AND ".join(where)
+    inner += f"\n  ORDER BY {descending}\n  LIMIT {int(last_n)}"
+    outer = f"\nWHERE {coin[0]}" if coin else ""  # the coins of the last `last_n`, as `read_telemetry` flips them
+    return f"SELECT *\nFROM (\n{inner}\n) AS last_n{outer}\nORDER BY {ascending}"
+
+# %% ../nbs/monitor.ipynb #1668a1a7
+WINDOW_SCHEMA = pa.schema([TELEMETRY_SCHEMA.field(c) for c in WINDOW_COLUMNS])  # a window's columns and types
+
+
+def _window_frame(
+    t: pa.Table,  # an engine's rows of the window
+    rows: int | None,  # the window's size, if it was counted
+    sample: int | None,  # the sample asked for
+    seed: int,  # its seed
+    **facts,  # what else to say of the read (`files`, `skipped`)
+) -> pd.DataFrame:
+    "The window as `read_telemetry` gives it: its types, and `attrs['telemetry']` (`READ_FACTS`)."
+    df = t.cast(WINDOW_SCHEMA).to_pandas()
+    df["time"] = pd.to_datetime(df["time"], utc=True)
+    sampled = rows is not None and sample is not None and rows > sample
+    info = dict(sampled=sampled, seed=seed, rows=len(df) if rows is None else rows, **facts)
+    df.attrs["telemetry"] = dict(info, sample=len(df)) if sampled else info
+    return df
+
+
+def _window_query(
+    run,  # runs a query: its rows as an Arrow table
+    dialect: str,  # `duckdb` or `bigquery`
+    table: str,  # the telemetry table, as the engine names it
+    version: str,
+    last_n: int | None,
+    since,
+    until,
+    sample: int | None,
+    seed: int,
+) -> tuple[pa.Table, int | None]:
+    "A window's rows by `run` (counted first if it may be sampled), and its size (None: not counted)."
+    rows = None
+    if sample is not None:
+        rows = run(window_count_sql(version, since, until, table)).column("records")[0].as_py()
+        rows = rows if last_n is None else min(rows, last_n)
+    return run(window_sql(version, last_n, since, until, sample, rows, seed, dialect, table)), rows
+
+# %% ../nbs/monitor.ipynb #c78af138
+def query_window(
+    store,  # a `Store` or its URI: the shards `duckdb` reads
+    version: str,  # the model version
+    last_n: int | None = None,  # of the records in the window, only the last `last_n`
+    since=None,  # the window's start (included): anything `as_utc` reads
+    until=None,  # its end (excluded)
+    sample: int | None = None,  # a window of more records than this: a uniform sample of about this many
+    seed: int = 0,  # the sample's seed: the same window and seed, `read_telemetry`'s sample
+    source: str = "duckdb",  # `duckdb` over the store's shards, or `bigquery` on the tables of `bigquery_dataset`
+    bigquery_dataset: str | None = None,  # `PROJECT.DATASET` of the external tables (`vit-cloud setup`)
+) -> pd.DataFrame:
+    "`read_telemetry(store, version, …, columns=WINDOW_COLUMNS)`, read with SQL: the same records, the same facts."
+    window = dict(version=version, last_n=last_n, since=since, until=until, sample=sample, seed=seed)
+    if source == "duckdb":
+        dataset, facts = telemetry_dataset(open_store(store), "telemetry", version, since, until)
+        with _duckdb(telemetry=dataset) as con:
+            t, rows = _window_query(lambda sql: con.sql(sql).to_arrow_table(), "duckdb", "telemetry", **window)
+    elif source == "bigquery":
+        table, facts = bigquery_tables(bigquery_dataset)["telemetry"], {}
+        arrow = lambda result: result.to_arrow(create_bqstorage_client=False)
+        t, rows = _window_query(lambda sql: _bigquery(bigquery_dataset, sql, arrow), "bigquery", table, **window)
+    else:
+        raise ValueError(f"source must be one of {', '.join(WINDOW_SOURCES[1:])}, got {source!r}")
+    return _window_frame(t, rows, sample, seed, **facts)
+
 # %% ../nbs/monitor.ipynb #1f661642
 REPORT_FIELDS = ("status", "message", "drift_detected", "drift_score", "scores", "window", "versions", "report")
 
@@ -998,10 +1153,12 @@ def _report_command(st: Store, a) -> int:
         line = dict(version=version, key=reference_key(version), records=len(df), **df.attrs.get("reference", {}))
         print(json.dumps(line, default=str))
         return 0
-    window = dict(last_n=a.last_n or None, since=a.since, until=a.until)
-    window.update(sample=SAMPLE if a.sample is None else a.sample or None, sample_seed=a.sample_seed)
+    window = dict(last_n=a.last_n or None, since=a.since, until=a.until, source=a.source)
+    window.update(sample=a.sample or None, sample_seed=a.sample_seed)
     test = dict(min_records=a.min_records, components=a.components, alpha=a.alpha)
-    res = run_monitoring(st, a.model, **window, **test, save=not a.no_save, **ref_kw)
+    res = run_monitoring(
+        st, a.model, **window, **test, save=not a.no_save, bigquery_dataset=a.bigquery_dataset, **ref_kw
+    )
     if a.html:
         Path(a.html).write_text(res.html)
     print(json.dumps({k: res.summary.get(k) for k in REPORT_FIELDS}, default=str))
@@ -1013,7 +1170,7 @@ def _fleet_command(a) -> int:
     try:
         st = open_store(a.store) if a.source == "local" else None
         df = fleet_report(st, a.source, a.since, a.until, a.bigquery_dataset)
-    except (StoreError, ValueError, ImportError, RuntimeError) as e:  # RuntimeError: BigQuery refused the query
+    except (StoreError, ValueError, ImportError, BigQueryError) as e:
         print(f"vit-monitor fleet: error: {e}", file=sys.stderr)
         return 2
     print("\n".join(fleet_lines(df, a.json)))
@@ -1026,6 +1183,6 @@ def monitor_command(a) -> int:
         return _fleet_command(a)
     try:
         return _report_command(open_store(a.store), a)
-    except (StoreError, ValueError, FileNotFoundError) as e:
+    except (StoreError, ValueError, FileNotFoundError, ImportError, BigQueryError) as e:
         print(f"vit-monitor: error: {e}", file=sys.stderr)
         return 2

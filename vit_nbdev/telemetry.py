@@ -403,7 +403,7 @@ def live_files(
 
 # %% ../nbs/telemetry.ipynb #eb449725
 PARTITION_FIELDS = [pa.field("version", pa.string()), pa.field("day", pa.string())]  # from the keys
-READ_AHEAD = dict(batch_size=4096, batch_readahead=2, fragment_readahead=2)  # what a read holds at once: bounded
+READ_AHEAD = dict(batch_size=4096, batch_readahead=2, fragment_readahead=1)  # what a read holds at once: bounded
 
 
 class Vanished(StoreError):
@@ -555,33 +555,45 @@ def _latest_start(counted: list[tuple], last_n: int):
     return None
 
 
+def _by_writer(files: list[ShardFile]) -> list[list[ShardFile]]:
+    "`files` by writer (the name before its last `-`), each writer's newest first (by day, then number)."
+    writers: dict[str, list] = {}
+    for f in files:
+        writer, _, seq = f.name.removesuffix(".parquet").rpartition("-")
+        writers.setdefault(writer, []).append((f.day, int(seq) if seq.isdigit() else -1, f))
+    return [[f for *_, f in sorted(w, key=lambda x: x[:2], reverse=True)] for w in writers.values()]
+
+
 def last_n_plan(
     scan: Scan,
     files: list[ShardFile],  # the window's live files
     last_n: int,  # the records wanted
     until=None,  # the window's end (excluded)
-    skew_s: float = 300.0,  # how far the clocks of the writers and the store may disagree
+    slack_s: float = 60.0,  # how far a writer's records may be out of order across two of its files
 ) -> tuple[list[ShardFile], object]:
     "The files that can hold the window's last `last_n` records, and a time they all come at or after (None: all)."
-    until = as_utc(until)
-    order = sorted(files, key=lambda f: (f.day, f.mtime), reverse=True)  # newest first
-    counted, chosen, start, i = [], {}, None, 0
-    while i < len(order):
-        f = order[i]
-        if start is not None and (f.day < start.strftime("%Y-%m-%d") or f.mtime < start.timestamp() - skew_s):
-            break  # this file and all after it hold only records before `start`
-        batch = order[i : i + 4 * scan.workers]
-        i += len(batch)
-        for g, span in scan.stats(batch).items():
+    until, slack = as_utc(until), pd.Timedelta(slack_s, "s")
+    writers, counted, chosen, start = _by_writer(files), [], {}, None
+    while writers:
+        batch = [w.pop(0) for w in writers]  # each writer's newest file not read yet
+        spans = scan.stats(batch)
+        for f, span in spans.items():
             if span.first is not None and until is not None and span.first >= until:
                 continue  # after the window
-            chosen[g] = span.last
+            chosen[f] = span.last
             counted += [
                 (s.first, s.rows) for s in span.groups if s.first is not None and (until is None or s.last < until)
             ]
         start = _latest_start(counted, last_n)
         start = None if start is None else pd.Timestamp(start)
+        done = {id(w) for w, f in zip(writers, batch, strict=True) if _older(spans.get(f), start, slack)}
+        writers = [w for w in writers if w and id(w) not in done]
     return [g for g, last in chosen.items() if start is None or last is None or last >= start], start
+
+
+def _older(span: Span | None, start, slack: pd.Timedelta) -> bool:
+    "Does `span` (a writer's file) end before `start`, so that the writer's earlier files hold nothing after it?"
+    return span is not None and start is not None and span.last is not None and span.last < start - slack
 
 # %% ../nbs/telemetry.ipynb #1d7e830c
 COIN_PRIME = 2_147_483_647  # 2**31 - 1: coins are computed modulo this prime, in 64-bit integers
@@ -902,12 +914,13 @@ def _write_parts(
     key_of: Callable[[int], str],  # the key of the n-th new file
     rows_per_file: int,
     tmpdir: str | Path,  # where a file is written before its upload
-) -> tuple[list[str], int, int]:
-    "Write the records of `files` sorted by time, one run of `cuts` a row group; the keys, records and row groups."
+    keys: list[str],  # the keys of the files stored, as they are (what to delete if the compaction fails)
+) -> tuple[int, int]:
+    "Write the records of `files` sorted by time, one run of `cuts` a row group; how many records and row groups."
     spans = scan.stats(files)
     order = [(c, "ascending") for c in ("time", "request_id", "item") if c in scan.schema.names]
     schema = SCHEMAS[scan.kind]
-    keys, rows, groups, in_file, writer, path = [], 0, 0, 0, None, Path(tmpdir) / "part.parquet"
+    rows, groups, in_file, writer, path = 0, 0, 0, None, Path(tmpdir) / "part.parquet"
     for lo, hi in zip([None, *cuts], [*cuts, None], strict=True):
         meets = [f for f, s in spans.items() if s.first is None or _overlaps(s, lo, hi)]
         t = scan.table(meets, schema.names, window_filter(lo, hi)).cast(schema).sort_by(order)
@@ -920,7 +933,7 @@ def _write_parts(
             writer, in_file = _upload(writer, path, scan.store, key_of(len(keys)), keys), 0
     if writer is not None:
         _upload(writer, path, scan.store, key_of(len(keys)), keys)
-    return keys, rows, groups
+    return rows, groups
 
 
 def _overlaps(s: Span, lo, hi) -> bool:
@@ -1003,7 +1016,7 @@ def compact_partition(
         cuts = _time_cuts(scan, files, rows_per_group)
         with tempfile.TemporaryDirectory(prefix="vit-compact-") as tmpdir:
             key_of = functools.partial(_part_key, kind, version, day, run)
-            written, rows, groups = _write_parts(scan, files, cuts, key_of, rows_per_file, tmpdir)
+            rows, groups = _write_parts(scan, files, cuts, key_of, rows_per_file, tmpdir, written)
         used = [f.key for f in files if f.key not in scan.skipped]
         doc = st.update_json(key, _committed(marker, written, used, run, rows, groups, scan.skipped))
     except (LostRace, Vanished) as e:

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from vit_nbdev.data import load_cifar10
 from vit_nbdev.model import build_model, save_package
 from vit_nbdev.cli import monitor_main as main
-from vit_nbdev.telemetry import TelemetryWriter, read_telemetry, records_to_parquet
+from vit_nbdev.telemetry import TelemetryWriter, read_telemetry, records_to_parquet, telemetry_key
 from vit_nbdev.monitor import (
     WINDOW_COLUMNS,
     DriftMonitoring,
@@ -85,13 +85,13 @@ def telemetry(pkg, images, version, start="2026-11-26T10:00:00Z"):
 
 
 def write_shards(st, df, version, instance="i", per_shard=100):
-    "Shards as the service writes them: telemetry/<version>/<YYYY-MM-DD>/<instance>-<seq>.parquet."
+    "Shards as the service writes them, at `telemetry_key`: telemetry/version=<v>/day=<YYYY-MM-DD>/<instance>-<seq>."
     seq = 0
     for day, g in df.groupby(df.time.dt.strftime("%Y-%m-%d")):
         for i in range(0, len(g), per_shard):
             buf = io.BytesIO()
             pq.write_table(pa.Table.from_pandas(g.iloc[i : i + per_shard], preserve_index=False), buf)
-            st.put_bytes(f"telemetry/{version}/{day}/{instance}-{seq:06d}.parquet", buf.getvalue(), overwrite=False)
+            st.put_bytes(telemetry_key(version, day, instance, seq), buf.getvalue(), overwrite=False)
             seq += 1
 
 

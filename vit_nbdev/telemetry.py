@@ -1,4 +1,4 @@
-"""The records of what the service saw and what people told it: schemas, the shard writer, the reader, prediction ids.
+"""What the service saw and what people told it: records, the shard writer, bounded reads, compaction, prediction ids.
 
 Docs: https://vit-nbdev.github.io/vit-nbdev/telemetry.html.md"""
 
@@ -343,7 +343,7 @@ def _listing(st: Store, kind: str, version: str | None = None) -> list[ShardFile
             continue  # a folder, another key, a local store's temporary file, another version
         mtime = info.mtime.timestamp() if info.mtime else float("inf")
         out.append(ShardFile(key, p["version"], p["day"], mtime, info.size))
-    return out
+    return sorted(out, key=lambda f: f.key)  # listings come in no particular order: reads should not
 
 # %% ../nbs/telemetry.ipynb #fcb6c943
 COMPACTION = "_compaction.json"  # the marker of a compacted partition: its files, and the shards they replaced

@@ -6,8 +6,8 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/cli.html.md"""
 
 # %% ../nbs/cli.ipynb #255026e5
 from __future__ import annotations
-import argparse, json, os, re, sys
-from datetime import date, datetime
+import argparse, json, os, sys
+from datetime import datetime
 
 from vit_nbdev.config import (
     ALPHA,
@@ -18,6 +18,7 @@ from vit_nbdev.config import (
     REFERENCE_N,
     ServeConfig,
     TrainConfig,
+    parse_day,
     parse_params,
 )
 
@@ -186,11 +187,9 @@ def day_arg(
 ) -> str:
     "An argparse `type` for a day: `value` if it is one, `YYYY-MM-DD`; else a usage error saying so."
     try:
-        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
-            return date.fromisoformat(value).isoformat()
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"a day YYYY-MM-DD, got {value!r}")
+        return parse_day(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 # %% ../nbs/cli.ipynb #2d91de9d
 def fleet_options(p: argparse.ArgumentParser) -> None:

@@ -6,9 +6,9 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/config.html.md"""
 
 # %% ../nbs/config.ipynb #9fb27846
 from __future__ import annotations
-import os, types, typing, uuid
+import os, re, types, typing, uuid
 from dataclasses import dataclass, field, fields
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 __all__ = ['PRESETS', 'DEFAULT_PRESET', 'CHECKPOINTS', 'PRECISIONS', 'ENGINES', 'TRACKERS', 'PROTECTED_ALIASES', 'TRAIN_RANGES',
            'SERVE_RANGES', 'UNSET_IF_EMPTY', 'REFERENCE_N', 'COMPONENTS', 'ALPHA', 'MIN_RECORDS', 'SAMPLE',
            'WINDOW_COLUMNS', 'cache_root', 'shipped_checkpoint', 'check_model_name', 'TrainConfig', 'parse_params',
-           'new_run_id', 'ServeConfig']
+           'new_run_id', 'ServeConfig', 'parse_day']
 
 # %% ../nbs/config.ipynb #352e5ef9
 def cache_root() -> Path:
@@ -385,3 +385,15 @@ MIN_RECORDS = 100  # fewer telemetry records in a window: "not enough data"
 SAMPLE = 10_000  # a drift window with more records is tested on a seeded uniform sample of about this many
 # what a drift report reads of each record (the tests' columns, the summary's, the window's order): not the kept image
 WINDOW_COLUMNS = ("time", "request_id", "item", "instance", "model_version", "label", "score", "embedding", "engine")
+
+# %% ../nbs/config.ipynb #7c99d73d
+def parse_day(
+    value: str,  # `YYYY-MM-DD`
+) -> str:
+    "`value` if it is a real day written `YYYY-MM-DD`, else a `ValueError` saying what a day looks like."
+    try:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+            return date.fromisoformat(value).isoformat()
+    except (TypeError, ValueError):
+        pass
+    raise ValueError(f"a day YYYY-MM-DD, got {value!r}")

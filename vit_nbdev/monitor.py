@@ -24,7 +24,7 @@ from .data import load_cifar10, preprocess, resolve_source
 from .engine import REFERENCE_ENGINE, Engine, build_engine, cpu_budget, sync_engines
 from .model import ModelPackage, load_package
 from .store import NotFound, Store, StoreError, open_store
-from .config import ALPHA, COMPONENTS, MIN_RECORDS, REFERENCE_N, SAMPLE, WINDOW_COLUMNS
+from .config import ALPHA, COMPONENTS, MIN_RECORDS, REFERENCE_N, SAMPLE, WINDOW_COLUMNS, parse_day
 from .telemetry import TELEMETRY_SCHEMA, as_utc, coin_sql, read_telemetry, telemetry_dataset
 
 # %% auto #0
@@ -878,12 +878,10 @@ def _day(
         return as_utc(value).strftime("%Y-%m-%d")
     if isinstance(value, date):
         return value.isoformat()
-    if isinstance(value, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
-        try:
-            return date.fromisoformat(value).isoformat()
-        except ValueError:
-            pass
-    raise ValueError(f"{what} must be a day YYYY-MM-DD, got {value!r}")
+    try:
+        return parse_day(value)
+    except ValueError as e:
+        raise ValueError(f"{what} must be {e}") from None
 
 
 def fleet_sql(

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from fastcore.basics import patch
 from PIL import Image
 
+from .config import parse_day
 from .store import NotFound, Store, StoreError, open_store
 
 _log = logging.getLogger("vit_nbdev.telemetry")
@@ -73,7 +74,7 @@ FEEDBACK_SCHEMA = pa.schema(
         ("source", pa.string()),  # "api" (POST /feedback) or "page" (the upload page's buttons)
     ]
 )
-SCHEMAS = {"telemetry": TELEMETRY_SCHEMA, "feedback": FEEDBACK_SCHEMA}  # kind → schema; the kind is also the key prefix
+SCHEMAS = {"telemetry": TELEMETRY_SCHEMA, "feedback": FEEDBACK_SCHEMA}  # kind → schema; the kind is the key prefix
 
 # %% ../nbs/telemetry.ipynb #dc2f9f02
 def new_instance_id() -> str:
@@ -296,7 +297,6 @@ def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
     return t.select(schema.names).cast(schema) if set(t.schema.names) == set(schema.names) else t
 
 # %% ../nbs/telemetry.ipynb #13b82dda
-_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 _LAYOUTS = {  # layout → the pattern of its keys
     "hive": re.compile(r"(?P<kind>[a-z]+)/version=(?P<version>[^/]+)/day=(?P<day>\d{4}-\d{2}-\d{2})/(?P<name>[^/]+)"),
     "old": re.compile(r"(?P<kind>[a-z]+)/(?P<version>[^/=]+)/(?P<day>\d{4}-\d{2}-\d{2})/(?P<name>[^/]+)"),
@@ -1006,7 +1006,7 @@ def compact_partition(
     st = open_store(store)
     key = _marker_key(kind, version, day)
     marker = _read_marker(st, key)
-    files = [f for f in live_files(st, kind, version, day, f"{day}T23:59:59.999999") if f.day == day]
+    files = live_files(st, kind, version, since=day, until=pd.Timestamp(day) + pd.Timedelta(days=1))
     done = set((marker or {}).get("files", [])) | set((marker or {}).get("unreadable", []))
     out = dict(kind=kind, version=version, day=day, shards=len([f for f in files if f.key not in done]))
     if not out["shards"]:
@@ -1043,8 +1043,10 @@ def compact_telemetry(
 ) -> list[dict]:
     "Compact the closed days' shards into few sorted files; one result per partition (`status`)."
     today = (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%d")
-    if day is not None and not _is_day(day):
-        raise ValueError(f"bad day {day!r}: expected YYYY-MM-DD")
+    try:
+        day = None if day is None else parse_day(day)
+    except ValueError:
+        raise ValueError(f"bad day {day!r}: expected YYYY-MM-DD") from None
     if day is not None and day >= today:
         raise ValueError(f"day {day} is not closed yet (today is {today} UTC): its shards are still being written")
     if kind is not None and kind not in SCHEMAS:
@@ -1055,17 +1057,6 @@ def compact_telemetry(
             if d < today and d == (day or d):
                 out.append(compact_partition(st, k, v, d, **kw))
     return out
-
-
-def _is_day(day: str) -> bool:
-    "Is `day` a real date written `YYYY-MM-DD`?"
-    if not _DAY.fullmatch(day):
-        return False
-    try:
-        datetime.strptime(day, "%Y-%m-%d")
-    except ValueError:
-        return False
-    return True
 
 # %% ../nbs/telemetry.ipynb #241d1ba7
 def migrate_telemetry(

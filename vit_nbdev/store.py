@@ -109,13 +109,16 @@ def _moved(
     history: list,  # the versions it pointed at before, oldest first
     limit: int,  # how many of them, and of the log's entries, to keep
     note: dict,  # who moved it and how, for the log
+    fields: dict | None = None,  # other fields of the document (a canary's traffic share); None: kept as they were
 ) -> dict:
     "The alias document after a move, with one more log entry (`version`, `previous`, `at`, and `note`)."
     at = _now()
+    extra = {k: x for k, x in (doc or {}).items() if k not in ("version", "history", "updated", "log")}
     log = (doc or {}).get("log", []) + [
         {"version": version, "previous": doc["version"] if doc else None, "at": at, **note}
     ]
-    return {"version": version, "history": history[-limit:], "updated": at, "log": log[-limit:]}
+    moved = {"version": version, "history": history[-limit:], "updated": at, "log": log[-limit:]}
+    return {**moved, **(extra if fields is None else fields)}
 
 
 @contextlib.contextmanager
@@ -395,6 +398,7 @@ def set_alias(
     *,
     expect: str | None = ...,  # move only if the alias points here now (None: nowhere yet), else `Conflict`
     note: dict | None = None,  # who moves it and how, for the alias's log
+    fields: dict | None = None,  # other fields of the document, replacing its others (None: kept)
 ) -> dict:  # the alias document after the move
     "Point `alias` at `version`, atomically, remembering where it pointed."
     alias, version = _name(alias, "alias"), _name(version, "version")
@@ -408,7 +412,7 @@ def set_alias(
         cur = doc["version"] if doc else None
         if expect is not ... and cur != expect:
             raise Conflict(alias, cur, expect)
-        if cur == version:
+        if cur == version and fields is None:
             return None  # already there: nothing to record
         return _moved(
             doc,
@@ -416,6 +420,7 @@ def set_alias(
             (doc["history"] + [cur]) if doc else [],
             self.history_limit,
             {"how": "set", **(note or {})},
+            fields,
         )
 
     return self._update_json(f"models/_aliases/{alias}.json", move)

@@ -58,6 +58,10 @@ TELEMETRY_SCHEMA = pa.schema(
         ("prediction_id", pa.string()),  # the id the answer carried (`PredictionIds`): feedback names it
         # the image at the model's native size, uint8 RGB, PNG (`encode_kept_image`); null if not kept
         ("image", pa.binary()),
+        # which arm answered: `production`, `canary` (a share of the traffic) or `shadow` (a copy, never returned)
+        ("arm", pa.string()),
+        ("latency_ms", pa.float32()),  # the arm's time for the request, from its upload read to its answer
+        ("error", pa.string()),  # why the arm failed the request (no answer then); null when it answered
     ]
 )
 FEEDBACK_SCHEMA = pa.schema(
@@ -72,6 +76,7 @@ FEEDBACK_SCHEMA = pa.schema(
         ("image_kept", pa.bool_()),
         ("instance", pa.string()),
         ("source", pa.string()),  # "api" (POST /feedback) or "page" (the upload page's buttons)
+        ("arm", pa.string()),  # the arm that gave the labelled answer (from the prediction id)
     ]
 )
 SCHEMAS = {"telemetry": TELEMETRY_SCHEMA, "feedback": FEEDBACK_SCHEMA}  # kind → schema; the kind is the key prefix
@@ -771,10 +776,13 @@ class PredictionIds:
         predicted: int,  # the index of the predicted class
         kept: bool,  # whether the prediction's image is kept in telemetry
         t: datetime | None = None,  # when (default: now)
+        arm: str = "production",  # the arm that answered: `production` or `canary`
     ) -> str:
         "A fresh id for one prediction."
         ms = int((t or datetime.now(UTC)).timestamp() * 1000)
         payload = f"{version}~{ms:x}~{secrets.token_hex(6)}~{int(predicted)}~{int(bool(kept))}"
+        if arm != "production":
+            payload += f"~{arm}"  # production's ids keep the old form: ids made before canaries still parse"
         return f"{payload}.{self._mac(payload)}"
 
 # %% ../nbs/telemetry.ipynb #499f121f
@@ -789,16 +797,17 @@ ID_EXPIRED = (
 
 @patch
 def parse(self: PredictionIds, pid: str) -> dict:
-    "`dict(version, predicted, kept, time)` of an id made with this key and not expired; `LookupError` saying why not."
+    "`dict(version, predicted, kept, time, arm)` of an id made with this key, not expired; `LookupError` saying why not."
     payload, _, mac = pid.rpartition(".") if isinstance(pid, str) and pid.isascii() else ("", "", "")
-    parts, shown = payload.rsplit("~", 4), repr(pid)[:120]
-    if len(parts) != 5 or not hmac.compare_digest(mac.encode(), self._mac(payload).encode()):
+    parts, shown = payload.split("~"), repr(pid)[:120]
+    if len(parts) not in (5, 6) or not hmac.compare_digest(mac.encode(), self._mac(payload).encode()):
         raise LookupError(ID_UNKNOWN.format(shown))
-    version, ms, _, predicted, kept = parts
+    version, ms, _, predicted, kept = parts[:5]
+    arm = parts[5] if len(parts) == 6 else "production"
     t = datetime.fromtimestamp(int(ms, 16) / 1000, UTC)
     if (age := (datetime.now(UTC) - t).total_seconds()) > self.ttl_s:
         raise LookupError(ID_EXPIRED.format(shown, age / 86400, self.ttl_s / 86400))
-    return dict(version=version, predicted=int(predicted), kept=kept == "1", time=t)
+    return dict(version=version, predicted=int(predicted), kept=kept == "1", time=t, arm=arm)
 
 # %% ../nbs/telemetry.ipynb #059e4f9d
 @patch(cls_method=True)
@@ -868,6 +877,7 @@ def feedback_records(
                 image_kept=p["kept"],
                 instance=instance,
                 source=source,
+                arm=p["arm"],
             )
         )
     return out

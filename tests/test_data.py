@@ -1,7 +1,8 @@
 """The data module on the installed package: sources, fingerprints, the decode-once cache, bad rows, preprocess,
 snapshots in the store, `vit-data`."""
 
-import json, os, shutil, subprocess, sys, time
+import contextlib, io, json, os, shutil, subprocess, sys, time
+from types import SimpleNamespace
 from pathlib import Path
 import pyarrow as pa, pyarrow.parquet as pq, pytest, torch
 import vit_nbdev.data as D
@@ -16,6 +17,7 @@ from vit_nbdev.data import (
     snapshot_dataset,
     write_snapshot,
 )
+from vit_nbdev.cli import data_main
 from vit_nbdev.store import MARKER, open_store
 
 # the full CIFAR-10 as a hub-layout parquet folder, where a machine has one (else the test that needs it is skipped)
@@ -264,7 +266,19 @@ def _vit_data(*args, env=None):
     )
 
 
+def _vit_data_here(*args):
+    "`vit-data` in this process, answered as `_vit_data` answers: no process start (torch, pandas) per command."
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = data_main([str(a) for a in args])
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
 def test_vit_data_command_line(cache, tmp_path):
+    "The installed `vit-data` writes the snapshot; the commands after it run in this process (`cache` is its cache)."
     store = tmp_path / "store"
     p = _vit_data("snapshot", "--store", store, env={"VIT_CACHE": str(cache)})
     assert p.returncode == 0, p.stderr[-2000:]
@@ -273,11 +287,11 @@ def test_vit_data_command_line(cache, tmp_path):
         meta["written"] and meta["splits"] == {"train": 5000, "test": 1000} and has_snapshot(store, meta["fingerprint"])
     )
     copy = shutil.copytree(SAMPLE_DIR, tmp_path / "copy")  # the same content: the same snapshot, not written again
-    p = _vit_data("snapshot", "--dataset", copy, "--store", store, env={"VIT_CACHE": str(cache)})
+    p = _vit_data_here("snapshot", "--dataset", copy, "--store", store)
     assert p.returncode == 0 and json.loads(p.stdout)["written"] is False, p.stderr[-2000:]
-    p = _vit_data("snapshots", "--store", store)
+    p = _vit_data_here("snapshots", "--store", store)
     assert p.returncode == 0 and meta["fingerprint"] in p.stdout and "train 5000, test 1000" in p.stdout, p.stderr
-    p = _vit_data("snapshots", "--json", "--store", store)
+    p = _vit_data_here("snapshots", "--json", "--store", store)
     assert [r["fingerprint"] for r in json.loads(p.stdout)] == [meta["fingerprint"]]
     for args, msg in [
         (("snapshot", "--dataset", tmp_path / "no-such-folder", "--store", store), "does not exist"),
@@ -287,7 +301,7 @@ def test_vit_data_command_line(cache, tmp_path):
         (("snapshot", "--feedback", "--dataset", "sample"), "takes no --dataset"),
         (("snapshot", "--since", "2026-01-01"), "go with --feedback"),
     ]:
-        p = _vit_data(*args, env={"VIT_CACHE": str(cache)})
+        p = _vit_data_here(*args)
         assert p.returncode == 2 and msg in p.stderr and "Traceback" not in p.stderr, (args, p.stderr[-2000:])
         assert len(p.stderr.strip().splitlines()) <= 2, p.stderr  # one line (argparse: usage and the message)
 

@@ -10,6 +10,7 @@ import httpx
 import pytest
 import torch
 
+from vit_nbdev.cli import models_main, serve_main
 from vit_nbdev.config import CHECKPOINTS
 from vit_nbdev.engine import (
     CHECK_N,
@@ -18,7 +19,6 @@ from vit_nbdev.engine import (
     REFERENCE_ENGINE,
     build_engine,
     candidate_names,
-    check_engines,
     check_set,
     choose_engine,
     cpu_budget,
@@ -26,6 +26,8 @@ from vit_nbdev.engine import (
     engines_prefix,
     onnx_available,
     predictions,
+    read_check,
+    sync_engines,
 )
 from vit_nbdev.model import load_package
 from vit_nbdev.monitor import load_reference, reference_key
@@ -122,19 +124,22 @@ def test_cpu_budget_follows_the_cgroup_quota(tmp_path):
     assert cpu_budget(tmp_path) == 1  # half a CPU of quota: one thread
 
 
-def test_choice_is_the_fastest_eligible_and_pin_wins(shipped, tmp_path):
-    checks = check_engines(shipped, tmp_path, ["torch-fp32", "torch-int8"], n=CHECK_N, threads=1)
-    c = choose_engine(shipped, folder=tmp_path, min_s=0.1)
+def test_choice_is_the_fastest_eligible_and_pin_wins(shipped, exported, tmp_path):
+    "On the engines and checks `vit-models export` stored (checking them all again here took most of a minute)."
+    uri, version, _ = exported
+    folder = sync_engines(uri, version, tmp_path / "engines")
+    checks = {n: read_check(folder, n) for n in candidate_names()}
+    assert all(c is not None and c["images"] == CHECK_N for c in checks.values()), checks
+    c = choose_engine(shipped, folder=folder, min_s=0.1)
     rates = {(r["name"], r["threads"]): r["images_per_s"] for r in c.report["candidates"]}
     assert (
         c.report["images_per_s"] == max(rates.values())
         and rates[(c.engine.name, c.engine.threads)] == c.report["images_per_s"]
     )
-    assert {n for n, _ in rates} <= {n for n in candidate_names() if n in checks and checks[n]["eligible"]} | set(
-        candidate_names()
-    )
+    eligible = {n for n, check in checks.items() if check["eligible"]}
+    assert {n for n, _ in rates} == eligible and set(c.report["skipped"]) == set(candidate_names()) - eligible
     assert c.report["selected_by"] == "measurement" and c.report["cpus"] == cpu_budget()
-    p = choose_engine(shipped, pin="torch-int8", threads=1, folder=tmp_path, min_s=0.05)
+    p = choose_engine(shipped, pin="torch-int8", threads=1, folder=folder, min_s=0.05)
     assert (p.engine.name, p.engine.threads, p.report["selected_by"], p.report["agreement"]) == (
         "torch-int8",
         1,
@@ -191,20 +196,20 @@ def test_serve_chooses_by_measurement_and_reports_it(serve_process, exported, te
     assert r.status_code == 200 and r.json()[0]["model_version"] == version
 
 
-def test_pinned_engine_and_bad_engine(serve_process, exported):
+def test_pinned_engine_and_bad_engine(serve_process, exported, capsys, monkeypatch):
     uri, _, _ = exported
     p = serve_process(uri, VIT_ENGINE="onnx-int8", VIT_THREADS="1")
     e = p.wait_ready()["engine"]
     assert (e["name"], e["threads"], e["selected_by"]) == ("onnx-int8", 1, "VIT_ENGINE")
-    bad = subprocess.run([BIN / "vit-serve", "--engine", "tensorrt"], capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "engine must be 'auto' or one of torch-fp32" in bad.stderr
-    bad = subprocess.run(
-        [BIN / "vit-models", "export", "latest", "--store", uri, "--engines", "onnx-int4"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert bad.returncode == 2 and "unknown engine(s) onnx-int4" in bad.stderr
+    capsys.readouterr()
+    # the bad names in this process: both commands refuse them before they load anything (never serve here)
+    monkeypatch.setattr("vit_nbdev.serve.run_server", lambda *a, **kw: pytest.fail("vit-serve took --engine tensorrt"))
+    with pytest.raises(SystemExit) as bad:
+        serve_main(["--engine", "tensorrt"])
+    assert bad.value.code == 2 and "engine must be 'auto' or one of torch-fp32" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as bad:
+        models_main(["export", "latest", "--store", uri, "--engines", "onnx-int4"])
+    assert bad.value.code == 2 and "unknown engine(s) onnx-int4" in capsys.readouterr().err
 
 
 def test_monitoring_embeds_the_reference_with_the_serving_engine(serve_process, exported, test_images):  # noqa: F811

@@ -16,6 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from vit_nbdev.cli import monitor_main
 from vit_nbdev.monitor import (
     FLEET_COLUMNS,
     WINDOW_COLUMNS,
@@ -132,14 +133,13 @@ def test_live_accuracy_agrees_per_version(store):
 
 
 def test_days_are_utc_whatever_the_zone_of_the_machine(store):
-    code = (
-        "import sys; from vit_nbdev.monitor import local_fleet\n"
-        "print(local_fleet(sys.argv[1]).to_json(orient='records'))"
-    )
+    "The installed `vit-monitor fleet`, in a process of its own: the zone is read once per process."
     env = {**os.environ, "TZ": "America/New_York"}  # 8 p.m. UTC is 3 p.m. there: other days, if it leaked
-    r = subprocess.run([sys.executable, "-c", code, store.uri], env=env, capture_output=True, text=True, timeout=300)
+    cmd = [str(BIN / "vit-monitor"), "fleet", "--store", store.uri, "--json"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads(r.stdout) == json.loads(local_fleet(store).to_json(orient="records"))
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert rows == json.loads(local_fleet(store).to_json(orient="records")) and len(rows) == 4
 
 
 def test_each_prediction_and_label_counts_once_beside_a_copy(store, tmp_path):
@@ -205,15 +205,21 @@ def test_bigquery_says_what_it_needs(monkeypatch):
         fleet_report(source="sqlite")
 
 
-def test_the_command_prints_the_table(store):
+def test_the_command_prints_the_table(store, capsys):
+    "`vit-monitor fleet` in this process (the installed script runs in the test of the time zone above)."
+
     def run(*args):
-        cmd = [str(BIN / "vit-monitor"), "fleet", *args]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        try:
+            code = monitor_main(["fleet", *args])
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
     r = run("--store", store.uri, "--json", "--since", "2026-11-26")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(line) for line in r.stdout.splitlines()]
-    assert rows == json.loads(local_fleet(store, since="2026-11-26").to_json(orient="records"))
+    assert rows == json.loads(local_fleet(store, since="2026-11-26").to_json(orient="records")) and len(rows) == 2
     r = run("--store", store.uri)
     assert r.returncode == 0 and r.stdout.split()[:8] == list(FLEET_COLUMNS) and len(r.stdout.splitlines()) == 5
     r = run("--source", "bigquery")

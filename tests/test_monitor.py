@@ -2,8 +2,7 @@
 the drift detector and report, reports in the store (local and GCS), the CLI (with `compact` and `migrate`), and
 `DriftMonitoring` bound to the real service."""
 
-import io, json, subprocess, sys, time
-from pathlib import Path
+import contextlib, io, json, sys, time
 from types import SimpleNamespace
 
 import numpy as np
@@ -38,7 +37,6 @@ from vit_nbdev.monitor import (
 from vit_nbdev.robustness import CORRUPTIONS, corrupt
 from vit_nbdev.store import open_store
 
-BIN = Path(sys.executable).parent
 TOKEN = "test-admin-token-0123456789"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -93,6 +91,18 @@ def write_shards(st, df, version, instance="i", per_shard=100):
             pq.write_table(pa.Table.from_pandas(g.iloc[i : i + per_shard], preserve_index=False), buf)
             st.put_bytes(telemetry_key(version, day, instance, seq), buf.getvalue(), overwrite=False)
             seq += 1
+
+
+def vit_monitor(*args):
+    "`vit-monitor` in this process: its exit status, the JSON lines it printed, what it said on stderr."
+    # in process: each console script would import torch and Evidently again (test_fleet_sql.py runs the installed one)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code
+    return code, [json.loads(line) for line in out.getvalue().splitlines()], err.getvalue()
 
 
 def test_reference_is_stored_with_the_version_and_reused(local_store, reference, pkg):
@@ -258,7 +268,7 @@ def test_duckdb_gives_the_store_readers_report(sql_store, window):
         assert by_sql["drift_detected"]
 
 
-def test_report_command_reads_the_window_with_sql(sql_store, monkeypatch, capsys):
+def test_report_command_reads_the_window_with_sql(sql_store, monkeypatch):
     report = ("report", "--store", sql_store.uri, "--last-n", "250", "--no-save")
     (code, by_store, err), (sql_code, by_sql, sql_err) = (
         vit_monitor(*report),
@@ -267,11 +277,12 @@ def test_report_command_reads_the_window_with_sql(sql_store, monkeypatch, capsys
     assert code == sql_code == 0, err + sql_err
     assert by_sql[0]["window"] == {**by_store[0]["window"], "source": "duckdb"}
     assert by_sql[0]["scores"] == by_store[0]["scores"] and by_sql[0]["drift_detected"] == by_store[0]["drift_detected"]
+    assert by_store[0]["drift_detected"] and by_store[0]["window"]["n"] == 250  # the darkened half: drift
     code, lines, err = vit_monitor(*report, "--source", "bigquery")
     assert (code, lines) == (2, []) and "vit-monitor: error: the BigQuery source needs the dataset" in err, err
     monkeypatch.setitem(sys.modules, "google.cloud.bigquery", None)  # as without the `gcp` extra
-    assert main([*report, "--source", "bigquery", "--bigquery-dataset", "my-project.vit_telemetry"]) == 2
-    assert "vit-monitor: error: the BigQuery source needs google-cloud-bigquery" in capsys.readouterr().err
+    code, lines, err = vit_monitor(*report, "--source", "bigquery", "--bigquery-dataset", "my-project.vit_telemetry")
+    assert (code, lines) == (2, []) and "vit-monitor: error: the BigQuery source needs google-cloud-bigquery" in err
 
 
 def shard(st, key, times, version="v1"):
@@ -281,12 +292,6 @@ def shard(st, key, times, version="v1"):
         for i, t in enumerate(times)
     ]
     st.put_bytes(key, records_to_parquet(recs))
-
-
-def vit_monitor(*args):
-    "The installed `vit-monitor`: its exit status, the JSON lines it printed, what it said on stderr."
-    p = subprocess.run([str(BIN / "vit-monitor"), *args], capture_output=True, text=True, timeout=300)
-    return p.returncode, [json.loads(line) for line in p.stdout.splitlines()], p.stderr
 
 
 def test_migrate_and_compact_commands(tmp_path):
@@ -371,15 +376,9 @@ def test_cli(tmp_path, package_dir, pkg, data, capsys):
         main(["report", "--store", uri, "--model", "nope"]) == 2
         and "no alias or complete version" in capsys.readouterr().err
     )
-    # the console script, as installed
-    p = subprocess.run(
-        [str(BIN / "vit-monitor"), "report", "--store", uri, "--last-n", "50", "--no-save"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert json.loads(p.stdout.strip().splitlines()[-1])["status"] == "not_enough_data"
+    # (the console script, as installed, runs in test_fleet_sql.py: one process start per entry point is enough)
+    code, lines, err = vit_monitor("report", "--store", uri, "--last-n", "50", "--no-save")
+    assert code == 0 and lines[-1]["status"] == "not_enough_data", err[-2000:]
     assert len(list_reports(st)) == 1
 
 

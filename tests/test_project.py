@@ -30,6 +30,7 @@ def test_docs_site_has_every_chapter_in_reading_order():
         "store.ipynb",
         "train.ipynb",
         "registry.ipynb",
+        "evidence.ipynb",
         "telemetry.ipynb",
         "batch.ipynb",
         "engine.ipynb",
@@ -39,6 +40,7 @@ def test_docs_site_has_every_chapter_in_reading_order():
         "monitor.ipynb",
         "robustness.ipynb",
         "retrain.ipynb",
+        "canary.ipynb",
         "cli.ipynb",
         "cloud.ipynb",
         "design.ipynb",
@@ -89,8 +91,16 @@ def test_docstring_check_sees_a_missing_one():
 
 
 def test_configs_are_valid_training_parameters():
-    for f in (ROOT / "configs").glob("*.yaml"):
-        TrainConfig.from_dict(yaml.safe_load(f.read_text()))
+    "Every config is training parameters, but the canary policy, which states the policy's defaults."
+    from vit_nbdev.canary import Policy, load_policy
+
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    policies = [f for f in configs if f.name.endswith("-policy.yaml")]
+    assert [f.name for f in policies] == ["canary-policy.yaml"] and len(configs) > len(policies)
+    for f in configs:
+        if f not in policies:
+            TrainConfig.from_dict(yaml.safe_load(f.read_text()))
+    assert load_policy(policies[0]) == Policy()
 
 
 def test_the_test_command_sets_up_the_system_first():

@@ -1,6 +1,7 @@
 """`vit-models` end to end, on a local store and on the GCS emulator: the registry as a table and cards, the gated
-promotion (a worse candidate refused with both accuracies, --force on the record, a broken or incomplete version
-refused, production untouched), rollback, and racing promotions: one wins, the other gets a conflict."""
+promotion (a worse candidate refused by the paired test with both accuracies, its p-value, margin and alpha, --force
+on the record, a broken or incomplete version refused, production untouched), rollback, and racing promotions: one
+wins, the other gets a conflict."""
 
 import contextlib, fcntl, io, json, shutil, subprocess, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor
@@ -114,10 +115,11 @@ def test_promote_is_gated_and_recorded(registry):
     )  # the first: creates production
     assert code == 0 and "production does not exist yet" in out and prod() == "v-good", err
     p = run_script("promote", "v-worse", "--store", uri, "--images", IMAGES)  # worse: refused, exit 1
-    assert (
-        p.returncode == 1 and "less accurate than production (v-good)" in p.stderr and "stays at v-good" in p.stderr
-    ), p.stderr
-    accs = p.stdout.split("v-worse ")[1].split(",")[0], p.stdout.split("(v-good) ")[1].strip()
+    refused = "v-worse is not shown to be less than 1 point less accurate than production (v-good)"
+    assert p.returncode == 1 and refused in p.stderr and "stays at v-good" in p.stderr, p.stderr
+    assert "McNemar's exact test" in p.stderr and "p = " in p.stderr and "(alpha 0.05)" in p.stderr, p.stderr
+    assert "p = " in p.stdout and "against a 1 point margin (alpha 0.05), refused" in p.stdout, p.stdout
+    accs = p.stdout.split("v-worse ")[1].split(",")[0], p.stdout.split("(v-good) ")[1].split(";")[0].strip()
     assert all(a.endswith("%") for a in accs) and all(a in p.stderr for a in accs), (
         p.stdout,
         p.stderr,
@@ -145,6 +147,9 @@ def test_promote_is_gated_and_recorded(registry):
         and last["gate"]["images"] == int(IMAGES)
         and last["at"]
     )
+    g = last["gate"]
+    assert (g["method"], g["margin"], g["alpha"], g["passed"]) == ("mcnemar-exact", 0.01, 0.05, False)
+    assert g["p_value"] > 0.05 and g["candidate_only"] < g["current_only"]
     code, out, _ = run_main("show", "v-worse", "--store", uri)
     assert (
         code == 0 and "production: v-good -> v-worse  (promote by bob, FORCED past the gate; gate on 200 images" in out
@@ -156,7 +161,11 @@ def test_promote_is_gated_and_recorded(registry):
     assert run_main("rollback", "--store", uri)[0] == 2  # nothing left to roll back to
     code, _, err = run_main("rollback", "--alias", "staging", "--store", uri)
     assert code == 2 and "no alias 'staging'" in err and "production" in err
-    assert run_main("promote", "v-good", "--tolerance", "-1", "--store", uri)[0] == 2  # argparse: a usage error
+    assert run_main("promote", "v-good", "--margin", "-1", "--store", uri)[0] == 2  # argparse: a usage error
+    code, out, err = run_main(
+        "promote", "v-worse", "--margin", "50", "--alpha", "0.01", "--store", uri, "--images", IMAGES
+    )
+    assert code == 0 and "against a 50 points margin (alpha 0.01), passed" in out, (out, err)  # a wide margin
 
 
 def _racing(st, n: int):

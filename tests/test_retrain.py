@@ -1,17 +1,22 @@
 """The loop end to end against a real `vit-serve`: predictions with kept images, `POST /feedback`, a feedback
 snapshot (`vit-data snapshot --feedback`), `vit-monitor retrain` (papermill training from production's weights), the
-gate, and the service following `production` to the promoted candidate. Also what the loop does with too little
-feedback, no drift report and a training failure."""
+gate (paired tests on the clean split and the feedback hold-out), and the service following `production` to the
+promoted candidate. Also what the loop does with too little feedback, no drift report and a training failure, and
+`--via canary` (with training replaced by versions registered already): a canary of a candidate not shown worse, a
+refusal of one that is, and a failure when another canary is running."""
 
-import json, os, subprocess, sys
+import contextlib, io, json, os, subprocess, sys
+from datetime import UTC, datetime, timedelta
 
 import httpx, pytest, torch
 from conftest import ServeProcess
 from devtools import wait_for
+from test_registry import gate_packages  # noqa: F401 (a fixture: good, worse and broken packages)
 from test_serve import png
 from vit_nbdev.data import CIFAR10_LABELS, load_cifar10
 from vit_nbdev.registry import promote
 from vit_nbdev.store import open_store
+from vit_nbdev.telemetry import PredictionIds, records_to_parquet, telemetry_key
 from vit_nbdev.train import TrainConfig, train
 
 BIN = os.path.dirname(sys.executable)
@@ -116,7 +121,7 @@ def test_the_loop_promotes_a_better_candidate_and_the_service_follows(loop):
         store,
         "--min-feedback",
         "100",
-        "--tolerance",
+        "--margin",
         "100",
         "-p",
         "epochs",
@@ -137,7 +142,9 @@ def test_the_loop_promotes_a_better_candidate_and_the_service_follows(loop):
     )
     fb, clean = s["feedback_holdout"], s["clean_test"]
     assert fb["images"] == snap["splits"]["test"] and clean["images"] == 1000
-    assert s["promoted"] and fb["candidate_acc"] > fb["current_acc"], s
+    assert s["promoted"] and fb["candidate_acc"] > fb["current_acc"] and fb["passed"] and fb["p_value"] < 0.05, s
+    assert (clean["margin"], clean["passed"], s["via"], s["canary"]) == (1.0, True, "promote", None), s
+    assert clean["p_value"] < 0.05 and clean["candidate_only"] + clean["current_only"] > 0, clean
     st = open_store(store)
     card = st.card(s["candidate"])
     assert (
@@ -199,3 +206,62 @@ def test_cloud_training_is_vit_cloud_train_with_the_same_parameters(capsys):
     plan = capsys.readouterr().err
     assert "gcloud compute instances create vit-train-r-loop --project p-1234" in plan
     assert all(s in plan for s in ("store:v1", "store:fb-1", "store:2a91ae42138ce260")), plan[-2000:]
+
+
+def labelled_store(root, packages, n: int = 80):
+    "A store whose `production` is the `good` package, with `n` of its answers labelled (their images kept)."
+    st = open_store(root)
+    st.register(packages["good"], "v-good")
+    st.set_alias("production", "v-good")
+    test, ids = load_cifar10("sample", progress=False).test, PredictionIds(b"retrain-tests-0123456789", ttl_s=1e10)
+    t0, tel, fb = datetime(2026, 11, 24, 12, tzinfo=UTC), [], []
+    for i in range(n):
+        t, label = t0 + timedelta(seconds=i), CIFAR10_LABELS[int(test.labels[i])]
+        pid = ids.new("v-good", 0, kept=True, t=t)
+        tel.append(dict(time=t, prediction_id=pid, model_version="v-good", label="airplane", image=png(test.images[i])))
+        fb.append(
+            dict(time=t + timedelta(minutes=1), prediction_id=pid, predicted_at=t, model_version="v-good")
+            | dict(predicted="airplane", label=label, correct=label == "airplane", image_kept=True, arm="production")
+        )
+    st.put_bytes(telemetry_key("v-good", "2026-11-24", "writer", 1), records_to_parquet(tel))
+    st.put_bytes(telemetry_key("v-good", "2026-11-24", "writer", 1, "feedback"), records_to_parquet(fb, "feedback"))
+    return st
+
+
+def test_via_canary_hands_over_a_candidate_not_shown_worse(tmp_path, gate_packages, monkeypatch):  # noqa: F811
+    "`vit-monitor retrain --via canary`: refused when shown worse; a canary otherwise; failed when one is running."
+    import vit_nbdev.retrain as rt
+    from vit_nbdev.canary import read_plan
+    from vit_nbdev.cli import monitor_main
+
+    monkeypatch.setenv("VIT_CACHE", str(tmp_path / "cache"))
+    st = labelled_store(tmp_path / "store", gate_packages)
+    for v, pkg in [("v-worse", "worse"), ("v-same", "good"), ("v-same2", "good")]:
+        st.register(gate_packages[pkg], v, aliases=[])
+
+    def retrain(candidate: str) -> tuple[int, dict]:
+        monkeypatch.setattr(rt, "train_candidate", lambda run, cloud_args=None, echo=print: candidate)
+        out, err = io.StringIO(), io.StringIO()
+        args = ["retrain", "--store", str(st.root), "--min-feedback", "50", "--gate-images", "200"]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = monitor_main([*args, "--via", "canary", "--canary-percent", "10", "--margin", "1"])
+        return code, json.loads(out.getvalue())
+
+    code, s = retrain("v-worse")  # classes rotated: far worse on the clean images
+    assert code == 0 and s["status"] == "refused" and s["canary"] is None and read_plan(st) is None, s
+    assert s["reason"].startswith("shown worse by more than 1 point on the clean test split"), s["reason"]
+    code, s = retrain("v-same")  # the same answers: not shown worse, though not shown better either
+    assert code == 0 and (s["status"], s["via"], s["promoted"]) == ("canary", "canary", False), s
+    assert not s["feedback_holdout"]["passed"] and s["clean_test"]["current_only"] == 0
+    plan = read_plan(st)
+    assert (plan.version, plan.alias, plan.baseline, plan.percent, plan.active) == (
+        "v-same",
+        "production",
+        "v-good",
+        10,
+        True,
+    )
+    assert s["canary"]["version"] == "v-same" and st.resolve("production") == "v-good"
+    code, s = retrain("v-same2")  # a canary is running already: the candidate stays registered, unused
+    assert code == 1 and s["status"] == "failed" and s["error"].startswith("the canary did not start"), s
+    assert read_plan(st).version == "v-same" and st.resolve("production") == "v-good"

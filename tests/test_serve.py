@@ -104,7 +104,8 @@ def test_predict_matches_training_preprocessing(server, tiny_packages, test_imag
     with torch.inference_mode():
         probs = forward_features(pkg.model, preprocess(test_images[:6], pkg.preprocess))[1].softmax(-1)
     for a, p in zip(answers, probs, strict=True):
-        assert set(a) == {"label", "score", "top_k", "model_version", "prediction_id"} and a["model_version"] == "va"
+        assert set(a) == {"label", "score", "top_k", "model_version", "prediction_id", "arm"}
+        assert (a["model_version"], a["arm"]) == ("va", "production")  # no canary: production answers
         assert len(a["top_k"]) == 5 and a["label"] == a["top_k"][0]["label"] and a["score"] == a["top_k"][0]["score"]
         assert [t["score"] for t in a["top_k"]] == sorted((t["score"] for t in a["top_k"]), reverse=True)
         assert all(t["label"] in CIFAR10_LABELS for t in a["top_k"])
@@ -281,6 +282,8 @@ def test_pages_docs_and_metrics(server):
         'vit_feedback_rejected_total{reason="too_large"}',
         "vit_feedback_without_image_total",
         "vit_feedback_records_written_total",
+        'vit_arm_requests_total{arm="production",result="ok"}',
+        "vit_canary_loaded 0.0",
     ):
         assert name in m, name
     assert server.metric("vit_batch_size_count") > 0

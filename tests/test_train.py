@@ -10,11 +10,11 @@ from vit_nbdev.data import CIFAR10_LABELS, has_snapshot, load_cifar10, write_sna
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-QUICK = dict(
+QUICK = dict(  # a few steps are enough to show what a test asks of a run; most of their time is training
     model="vit-cifar-tiny",
-    max_steps=12,
+    max_steps=6,
     batch_size=64,
-    eval_every=6,
+    eval_every=3,
     checkpoint_every=0,
     log_every=3,
     tracker="none",

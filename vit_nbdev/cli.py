@@ -6,7 +6,7 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/cli.html.md"""
 
 # %% ../nbs/cli.ipynb #255026e5
 from __future__ import annotations
-import argparse, json, os, sys
+import argparse, json, math, os, sys
 from datetime import datetime
 
 from vit_nbdev.config import (
@@ -23,10 +23,11 @@ from vit_nbdev.config import (
 )
 
 # %% auto #0
-__all__ = ['SERVE_FLAGS', 'train_parser', 'train_main', 'serve_parser', 'serve_main', 'drift_options', 'report_options',
-           'day_arg', 'fleet_options', 'upkeep_parsers', 'upkeep_command', 'retrain_options', 'monitor_parser',
-           'monitor_main', 'store_option', 'promote_options', 'models_parser', 'models_main', 'data_parser',
-           'check_data_args', 'snapshots_table', 'data_output', 'data_main']
+__all__ = ['SERVE_FLAGS', 'GATE_MARGIN', 'GATE_ALPHA', 'CANARY_COMMANDS', 'train_parser', 'train_main', 'serve_parser',
+           'serve_main', 'drift_options', 'report_options', 'day_arg', 'percent_arg', 'fleet_options', 'upkeep_parsers',
+           'upkeep_command', 'gate_options', 'check_gate_args', 'retrain_options', 'monitor_parser', 'monitor_main',
+           'store_option', 'promote_options', 'canary_options', 'check_canary_args', 'models_parser', 'models_main',
+           'data_parser', 'check_data_args', 'snapshots_table', 'data_output', 'data_main']
 
 # %% ../nbs/cli.ipynb #09237959
 def train_parser() -> argparse.ArgumentParser:
@@ -191,6 +192,19 @@ def day_arg(
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
+# %% ../nbs/cli.ipynb #77c04b90
+def percent_arg(
+    value: str,  # what the command line says
+) -> float:
+    "An argparse `type` for a share of requests in (0, 100]; else a usage error saying so."
+    try:
+        p = float(value)
+    except ValueError:
+        p = math.nan
+    if not 0 < p <= 100:
+        raise argparse.ArgumentTypeError(f"a percent must be in (0, 100], not {value!r}")
+    return p
+
 # %% ../nbs/cli.ipynb #2d91de9d
 def fleet_options(p: argparse.ArgumentParser) -> None:
     "Add `vit-monitor fleet`'s options: the store or the BigQuery dataset, the days, the output."
@@ -241,9 +255,33 @@ def upkeep_command(
         print(json.dumps(r, default=str), flush=True)
     return 0
 
+# %% ../nbs/cli.ipynb #408b9e63
+GATE_MARGIN, GATE_ALPHA = 1.0, 0.05  # the promote gate's defaults: the margin in points, the error rate
+
+
+def gate_options(p: argparse.ArgumentParser) -> None:
+    "Add the gate's options, shared by `vit-models promote` and `vit-monitor retrain`: `--margin` and `--alpha`."
+    what = "non-inferiority margin: the candidate may be up to this many points less accurate (default %(default)s)"
+    p.add_argument("--margin", type=float, default=GATE_MARGIN, metavar="POINTS", help=what)
+    what = (
+        "the gate's error rate: how often it may pass a candidate worse by more than the margin (default %(default)s)"
+    )
+    p.add_argument("--alpha", type=float, default=GATE_ALPHA, help=what)
+
+
+def check_gate_args(
+    ap: argparse.ArgumentParser,  # the parser, for its usage error (exit 2)
+    a: argparse.Namespace,  # parsed arguments with `margin` and `alpha`
+) -> None:
+    "A usage error unless the margin is ≥ 0 points and the error rate in (0, 0.5]."
+    if not a.margin >= 0:
+        ap.error(f"--margin must be ≥ 0 points, got {a.margin}")
+    if not 0 < a.alpha <= 0.5:
+        ap.error(f"--alpha must be in (0, 0.5], got {a.alpha}")
+
 # %% ../nbs/cli.ipynb #80b4c634
 def retrain_options(t: argparse.ArgumentParser) -> None:
-    "Add `vit-monitor retrain`'s options: what to start from, when to act, the gate, and where to train."
+    "Add `vit-monitor retrain`'s options: what to start from, when to act, the gate, where to train, how to ship."
     t.add_argument("--store", default=None, help="store uri (default $VIT_STORE, else ./artifacts)")
     t.add_argument(
         "--model", default="production", help="the model to start from and compare with (default %(default)s)"
@@ -262,12 +300,13 @@ def retrain_options(t: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--holdout", type=float, default=0.3, help="share of the feedback held out for the gate (default %(default)s)"
     )
-    t.add_argument(
-        "--tolerance",
-        type=float,
-        default=0.5,
-        help="the candidate may be this many points worse on the clean test split (default %(default)s)",
+    gate_options(t)
+    what = (
+        "promote the candidate at once, or hand it to a canary on a share of production's traffic (default %(default)s)"
     )
+    t.add_argument("--via", choices=["promote", "canary"], default="promote", help=what)
+    what = "the canary's share of the requests, with --via canary (default %(default)s)"
+    t.add_argument("--canary-percent", type=percent_arg, default=10.0, metavar="P", help=what)
     t.add_argument(
         "--gate-images", type=int, default=None, help="gate on the first N clean test images only (default: all)"
     )
@@ -327,8 +366,7 @@ def monitor_main(argv=None) -> int:
             ap.error(f"--min-feedback must be at least 1, got {a.min_feedback}")
         if not 0 < a.holdout < 1:
             ap.error(f"--holdout must be between 0 and 1, got {a.holdout}")
-        if not a.tolerance >= 0:
-            ap.error(f"--tolerance must be ≥ 0 points, got {a.tolerance}")
+        check_gate_args(ap, a)
         try:
             TrainConfig.from_dict(parse_params([], a.parameter))
         except ValueError as e:
@@ -364,12 +402,7 @@ def promote_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="gate on the first N images of the (shuffled) split only (default: all)",
     )
-    p.add_argument(
-        "--tolerance",
-        type=float,
-        default=0.5,
-        help="refuse if the candidate's accuracy is lower by more than this many points (default %(default)s)",
-    )
+    gate_options(p)
     p.add_argument(
         "--force",
         action="store_true",
@@ -377,13 +410,48 @@ def promote_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--by", default=None, help="who promotes, for the log (default user@host)")
 
+# %% ../nbs/cli.ipynb #89dee81f
+CANARY_COMMANDS = ("status", "watch", "stop")  # what `vit-models canary` takes instead of a version
+
+
+def canary_options(p: argparse.ArgumentParser) -> None:
+    "Add `vit-models canary`'s arguments: a version (or `status`, `watch`, `stop`) and its options."
+    p.add_argument("what", metavar="VERSION|status|watch|stop", help="the canary's version (or alias), or a command")
+    what = "the share of the alias's requests the canary gets, in (0, 100] (starting one: required)"
+    p.add_argument("--percent", type=percent_arg, metavar="P", help=what)
+    p.add_argument(
+        "--shadow", action="store_true", help="send the canary a copy of the share; never return its answers"
+    )
+    what = "a request header whose value always gets the same arm (e.g. a client id)"
+    p.add_argument("--sticky-header", metavar="NAME", help=what)
+    p.add_argument("--alias", default="production", help="the alias the canary may replace (default %(default)s)")
+    p.add_argument("--by", default=None, help="who acts, for the log (default user@host)")
+    p.add_argument("--json", action="store_true", help="status: print it as JSON")
+    p.add_argument("--once", action="store_true", help="watch: one step (decide, act), then exit")
+    p.add_argument("--policy", metavar="FILE", help="status, watch: the policy YAML (default: the built-in defaults)")
+    what = "watch: seconds between steps (default %(default)s)"
+    p.add_argument("--interval", type=float, default=60.0, metavar="S", help=what)
+
+
+def check_canary_args(
+    ap: argparse.ArgumentParser,  # the parser, for its usage error (exit 2)
+    a: argparse.Namespace,  # parsed `vit-models canary` arguments
+) -> None:
+    "A usage error for a canary without a share, or options that do not go with the command."
+    if a.what not in CANARY_COMMANDS and a.percent is None:
+        ap.error(f"starting a canary of {a.what!r} needs --percent P (in (0, 100])")
+    if a.what in CANARY_COMMANDS and (a.percent is not None or a.shadow or a.sticky_header):
+        ap.error(f"--percent, --shadow and --sticky-header start a canary; 'canary {a.what}' takes none")
+    if a.interval <= 0:
+        ap.error(f"--interval must be > 0 seconds, got {a.interval}")
+
 # %% ../nbs/cli.ipynb #cab596d4
 def models_parser() -> argparse.ArgumentParser:
-    "`vit-models`' arguments: `list`, `show`, `promote`, `rollback` and `export`."
+    "`vit-models`' arguments: `list`, `show`, `promote`, `rollback`, `export` and `canary`."
     ap = argparse.ArgumentParser(
         "vit-models",
         description="The model registry: list the versions, show a card, promote a version to an alias "
-        "through an accuracy gate, roll an alias back (see the registry chapter).",
+        "through an accuracy gate, roll an alias back, run a canary (see the registry and canary chapters).",
     )
     sub = ap.add_subparsers(dest="command", required=True)
     common = [store_option()]
@@ -405,15 +473,17 @@ def models_parser() -> argparse.ArgumentParser:
     e.add_argument("--engines", default=None, help=what)
     what = "held-out images of the accuracy check (default %(default)s, at least 1000 to serve)"
     e.add_argument("--images", type=int, default=1000, help=what)
+    what = "a canary: a share of production's traffic for a version, judged on live evidence (status, watch, stop)"
+    canary_options(sub.add_parser("canary", parents=common, help=what))
     return ap
 
 # %% ../nbs/cli.ipynb #f240242f
 def models_main(argv=None) -> int:
-    "`vit-models`: parse, then list, show, promote, roll back or export (see the registry chapter)."
+    "`vit-models`: parse, then list, show, promote, roll back, export (the registry chapter) or a canary's command."
     ap = models_parser()
     a = ap.parse_args(argv)
-    if a.command == "promote" and not a.tolerance >= 0:
-        ap.error(f"--tolerance must be ≥ 0 points, got {a.tolerance}")
+    if a.command == "promote":
+        check_gate_args(ap, a)
     if a.command == "promote" and a.images is not None and a.images < 1:
         ap.error(f"--images must be at least 1, got {a.images}")
     if a.command == "export":
@@ -422,6 +492,11 @@ def models_main(argv=None) -> int:
         bad = [n for n in (a.engines or "").split(",") if n and n not in ENGINES]
         if bad:
             ap.error(f"unknown engine(s) {', '.join(bad)}: choose from {', '.join(ENGINES)}")
+    if a.command == "canary":
+        check_canary_args(ap, a)
+        from vit_nbdev.canary import canary_command
+
+        return canary_command(a)
     from vit_nbdev.registry import registry_command
 
     return registry_command(a)

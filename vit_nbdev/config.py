@@ -253,7 +253,15 @@ SERVE_RANGES = (  # (names, test, what they must be): the ranges `ServeConfig.ch
     ),
     (("threads", "decode_workers"), lambda v: v >= 0, "≥ 0 (0: automatic)"),
     (
-        ("max_wait_ms", "max_upload_mb", "telemetry_flush_s", "telemetry_timeout_s", "model_poll_s", "engine_budget_s"),
+        (
+            "max_wait_ms",
+            "max_upload_mb",
+            "telemetry_flush_s",
+            "telemetry_timeout_s",
+            "model_poll_s",
+            "engine_budget_s",
+            "memory_budget_mb",
+        ),
         lambda v: v >= 0,
         "≥ 0",
     ),
@@ -313,6 +321,14 @@ class ServeConfig(BaseSettings):
         repr=False,
         description="secret signing prediction ids (a fleet shares it); "
         "unset: derived from VIT_ADMIN_TOKEN, else random per process",
+    )
+    canary: str = Field(
+        "canary",
+        description="the alias followed as the canary: its share of /predict goes to it (or a copy, in shadow); "
+        '"": canaries off',
+    )
+    memory_budget_mb: float = Field(
+        0, description="the most the served models' weights may take (MB): a canary beyond it is refused; 0: no limit"
     )
     port: int = Field(8000, validation_alias=AliasChoices("port", "PORT"), description="the HTTP port of vit-serve")
 

@@ -13,8 +13,9 @@ from .config import TrainConfig
 from .store import Conflict, Store, StoreError, open_store
 
 # %% auto #0
-__all__ = ['KEY_METRICS', 'versions_table', 'format_table', 'describe', 'format_move', 'format_card', 'GateRefused', 'accuracy',
-           'gate', 'who', 'gate_summary', 'promote', 'rollback', 'registry_command']
+__all__ = ['KEY_METRICS', 'versions_table', 'format_table', 'describe', 'in_points', 'gate_test', 'format_move', 'format_card',
+           'GateRefused', 'correct_answers', 'accuracy', 'gate', 'who', 'gate_summary', 'promote', 'rollback',
+           'registry_command']
 
 # %% ../nbs/registry.ipynb #f053625f
 KEY_METRICS = ("val_acc", "test_acc")  # the card's metrics that `vit-models list` shows
@@ -76,13 +77,30 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def in_points(
+    x: float,  # points of accuracy
+) -> str:
+    "A number of points in words: `1 point`, `0.5 points`."
+    return f"{x:g} point" + ("" if x == 1 else "s")
+
+
+def gate_test(
+    g: dict,  # the result of `gate`, or of an older gate in an alias's log
+) -> str:
+    "The gate's test in words: its p-value against the margin (an older log entry: its tolerance); '' if neither."
+    if g.get("p_value") is not None:
+        return f"p = {g['p_value']:.2g} against a {in_points(100 * g['margin'])} margin (alpha {g['alpha']:g})"
+    return f"tolerance {in_points(g['tolerance'])}" if g.get("tolerance") is not None else ""
+
+
 def format_move(
     e: dict,  # a move from `describe`: `at`, `alias`, `previous`, `version`, `how`, `by`, `forced`, `gate`
 ) -> str:
     "One line for an alias move: when, which alias, from and to, how, by whom; for a promotion the gate's result."
     g, by = e.get("gate") or {}, f" by {e['by']}" if e.get("by") else ""
     vs = f"{g.get('current')} {_pct(g.get('current_acc'))}" if g.get("current") else "nothing to compare"
-    gate = f"; gate on {g['images']} images: {g['candidate']} {_pct(g['candidate_acc'])}, {vs}" if g else ""
+    test = f" ({gate_test(g)})" if g and gate_test(g) else ""
+    gate = f"; gate on {g['images']} images: {g['candidate']} {_pct(g['candidate_acc'])}, {vs}{test}" if g else ""
     forced = ", FORCED past the gate" if e.get("forced") else ""
     return (
         f"{e['at'][:19].replace('T', ' ')}  {e['alias']}: {e.get('previous') or '(new)'} -> {e['version']}  "
@@ -119,19 +137,34 @@ class GateRefused(Exception):
 _EVAL_LOCK = threading.Lock()  # evaluations share Accelerate's process-wide state (and the CPU): one at a time
 
 
+def correct_answers(
+    package_dir,  # a model package
+    split,  # a data `Split`: images and labels
+    batch_size: int = 500,  # images per forward pass
+):
+    "Whether the package's top-1 answer is right, for each image of `split` in order: a bool array (CPU or one GPU)."
+    import torch
+    from vit_nbdev.data import preprocess
+    from vit_nbdev.model import load_package
+    from vit_nbdev.train import make_accelerator
+
+    with _EVAL_LOCK, torch.inference_mode():
+        dev = make_accelerator(TrainConfig(tracker="none", mixed_precision="no")).device
+        pkg = load_package(package_dir, device=dev)
+        right = [torch.zeros(0, dtype=torch.bool)]
+        for i in range(0, len(split), batch_size):
+            x, y = split.images[i : i + batch_size].to(dev), split.labels[i : i + batch_size].to(dev)
+            right.append((pkg.model(preprocess(x, pkg.preprocess)).logits.argmax(-1) == y).cpu())
+        return torch.cat(right).numpy()
+
+
 def accuracy(
     package_dir,  # a model package
     split,  # a data `Split`: images and labels
     batch_size: int = 500,  # images per forward pass
 ) -> float:
-    "Top-1 accuracy of the package on `split`, by the training chapter's `evaluate` (CPU or one GPU)."
-    from vit_nbdev.model import load_package
-    from vit_nbdev.train import evaluate, make_accelerator
-
-    with _EVAL_LOCK:
-        acc = make_accelerator(TrainConfig(tracker="none", mixed_precision="no"))
-        pkg = load_package(package_dir, device=acc.device)
-        return evaluate(pkg.model, split, pkg.preprocess, acc, batch_size, desc="gate")["acc"]
+    "Top-1 accuracy of the package on `split`: the mean of its `correct_answers`."
+    return float(correct_answers(package_dir, split, batch_size).mean())
 
 # %% ../nbs/registry.ipynb #84d772cf
 def gate(
@@ -139,33 +172,40 @@ def gate(
     candidate: str,  # the version to promote
     current: str | None,  # the version it would replace (None: none yet)
     data: str = "sample",  # the data source whose test split the gate evaluates on
-    tolerance: float = 0.5,  # points of accuracy the candidate may lose
+    margin: float = 1.0,  # points of accuracy the candidate may lose: the paired test's non-inferiority margin
+    alpha: float = 0.05,  # the test's error rate: how often a candidate `margin` or more worse may pass
     images: int | None = None,  # only the first `images` of the split
 ) -> dict:
-    "Accuracies of `candidate` and `current` on the same held-out images, and whether the candidate `passed`."
+    "Both versions on the same held-out images: accuracies, McNemar's paired test, and whether the candidate `passed`."
     from vit_nbdev.data import Split, load_cifar10
+    from vit_nbdev.evidence import mcnemar_gate
 
+    if not (margin >= 0 and 0 < alpha < 1):
+        raise ValueError(f"the gate needs a margin ≥ 0 points and alpha in (0, 1), got {margin} and {alpha}")
     st = open_store(store)
     d = load_cifar10(data, progress=False, store=st)
     split = Split(d.test.images[:images], d.test.labels[:images]) if images else d.test
 
-    def acc(v):
+    def right(v):
         try:
-            return accuracy(st.fetch_model(v), split)
+            return correct_answers(st.fetch_model(v), split)
         except StoreError:
             raise
         except Exception as e:
             raise GateRefused(f"{v!r} does not load or run as a model package ({type(e).__name__}: {e})") from e
 
-    g = dict(data=d.info()["source"], fingerprint=d.fingerprint, images=len(split), tolerance=tolerance)
-    g.update(candidate=candidate, candidate_acc=acc(candidate), current=current, current_acc=None)
+    g = dict(
+        data=d.info()["source"], fingerprint=d.fingerprint, images=len(split), candidate=candidate, current=current
+    )
+    cand, cur = right(candidate), None
     if current is not None:
         try:
-            g["current_acc"] = acc(current)
+            cur = right(current)
         except GateRefused as e:
             g["current_error"] = str(e)
-    g["passed"] = g["current_acc"] is None or round(100 * (g["current_acc"] - g["candidate_acc"]), 6) <= tolerance
-    return g
+    if cur is None:  # nothing to compare with: the candidate passes
+        return {**g, "candidate_acc": float(cand.mean()), "current_acc": None, "margin": margin / 100, "passed": True}
+    return {**g, **mcnemar_gate(cand, cur, margin=margin / 100, alpha=alpha)}
 
 # %% ../nbs/registry.ipynb #9783f02e
 def who() -> str:
@@ -181,14 +221,20 @@ def gate_summary(
     g: dict,  # the result of `gate`
     alias: str,  # the alias it is for
 ) -> str:
-    "One line: the data, and both accuracies."
+    "One line: the data, both accuracies; then the images only one version gets right, and the test."
     if g["current_acc"] is not None:
         cur = f"{alias} ({g['current']}) {_pct(g['current_acc'])}"
     else:
         cur = f"{alias} ({g['current']}) does not load" if g["current"] else f"{alias} does not exist yet"
-    return (
+    line = (
         f"gate on {g['images']} held-out images ({g['data']} test split, fingerprint {g['fingerprint']}): "
         f"{g['candidate']} {_pct(g['candidate_acc'])}, {cur}"
+    )
+    if g["current_acc"] is None or g.get("p_value") is None:  # nothing compared
+        return line
+    return (
+        f"{line}; right on {g['candidate_only']} images only {g['candidate']}, {g['current_only']} only "
+        f"{g['current']}: {gate_test(g)}, {'passed' if g['passed'] else 'refused'}"
     )
 
 # %% ../nbs/registry.ipynb #c28eb761
@@ -198,7 +244,8 @@ def promote(
     alias: str = "production",  # the alias to move
     *,
     data: str = "sample",  # the gate's data source (its test split)
-    tolerance: float = 0.5,  # points of accuracy the candidate may lose
+    margin: float = 1.0,  # points of accuracy the candidate may lose: the paired test's non-inferiority margin
+    alpha: float = 0.05,  # the test's error rate: how often a candidate `margin` or more worse may pass
     images: int | None = None,  # the gate on the first `images` only
     force: bool = False,  # move even if the gate refuses (recorded)
     by: str | None = None,  # who, for the log (default: `who()`)
@@ -211,14 +258,15 @@ def promote(
     if candidate == current:
         echo(f"{alias} already points at {candidate}: nothing to do")
         return dict(candidate=candidate, current=current, moved=False)
-    g = gate(st, candidate, current, data, tolerance, images)
+    g = gate(st, candidate, current, data=data, margin=margin, alpha=alpha, images=images)
     echo(gate_summary(g, alias))
     if not g["passed"] and not force:
         raise GateRefused(
-            f"refused: {candidate} is {100 * (g['current_acc'] - g['candidate_acc']):.1f} points less accurate "
-            f"than {alias} ({current}): {_pct(g['candidate_acc'])} vs {_pct(g['current_acc'])} on the same "
-            f"{g['images']} images (tolerance {tolerance:g} points); {alias} stays at {current}. "
-            "--force promotes anyway, and is recorded"
+            f"refused: {candidate} is not shown to be less than {in_points(margin)} less accurate than {alias} "
+            f"({current}): {_pct(g['candidate_acc'])} vs {_pct(g['current_acc'])} on the same {g['images']} images, "
+            f"a difference of {100 * g['difference']:+.1f} points; McNemar's exact test on the "
+            f"{g['candidate_only'] + g['current_only']} images where they disagree gives p = {g['p_value']:.2g} "
+            f"(alpha {alpha:g}). {alias} stays at {current}. --force promotes anyway, and is recorded"
         )
     note = dict(how="promote", by=by or who(), forced=not g["passed"], gate=g)
     st.set_alias(alias, candidate, expect=current, note=note)  # Conflict if another promotion landed since we looked
@@ -259,7 +307,7 @@ def registry_command(a) -> int:
             print(json.dumps(card, indent=1, default=str) if a.json else format_card(card))
         elif a.command == "promote":
             say = lambda s: print(s, flush=True)
-            kw = dict(data=a.data, tolerance=a.tolerance, images=a.images, force=a.force, by=a.by, echo=say)
+            kw = dict(data=a.data, margin=a.margin, alpha=a.alpha, images=a.images, force=a.force, by=a.by, echo=say)
             promote(st, a.version, a.alias, **kw)
         elif a.command == "export":
             from vit_nbdev.engine import export_engines

@@ -6,8 +6,9 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/serve.html.md"""
 
 # %% ../nbs/serve.ipynb #4609b247
 from __future__ import annotations
-import asyncio, base64, contextlib, hmac, logging, re, time, uuid
+import asyncio, base64, contextlib, hmac, logging, math, re, time, uuid
 from collections.abc import Awaitable, Callable
+from html import escape
 from typing import Annotated
 
 import pandas as pd
@@ -33,18 +34,18 @@ from .telemetry import FeedbackError, TelemetryWriter
 _log = logging.getLogger("vit_nbdev.serve")
 
 # %% auto #0
-__all__ = ['TEMPLATES', 'FEEDBACK_MAX_BYTES', 'FEEDBACK_FORM_MAX_BYTES', 'FEEDBACK_ITEM_SCHEMA', 'FEEDBACK_LIST_SCHEMA',
-           'FEEDBACK_BODY_SCHEMA', 'UPLOAD_FILES_SCHEMA', 'UPLOAD_SCHEMA', 'UPLOAD_BODY', 'FEEDBACK_BODY',
-           'FEEDBACK_FORM_BODY', 'UPDATE_MODEL_BODY', 'METRICS_RESPONSES', 'ServiceDep', 'predictions_router',
-           'INDEX_FORM_DOC', 'feedback_router', 'FEEDBACK_DOC', 'FEEDBACK_FORM_DOC', 'operations_router',
-           'admin_router', 'UPDATE_MODEL_DOC', 'UPDATE_MONITORING_DOC', 'WAIT', 'ROUTERS', 'APP_DESCRIPTION',
-           'multipart_boundary', 'UploadCollector', 'stream_into', 'read_uploads', 'read_body', 'upload_page',
-           'preview_url', 'monitoring_html', 'TopK', 'Prediction', 'FeedbackAnswer', 'ErrorBody', 'Health', 'Readiness',
-           'UpdateModelRequest', 'UpdateModelResponse', 'request_body', 'error_responses', 'html_responses',
-           'get_service', 'request_id_of', 'require_admin', 'read_files', 'page_response', 'index', 'index_form',
-           'predict', 'feedback_body', 'feedback', 'feedback_form', 'healthz', 'readyz', 'metrics', 'monitoring_page',
-           'update_model', 'update_reference_data', 'update_monitoring', 'RequestMiddleware', 'lifespan', 'create_app',
-           'run_server']
+__all__ = ['TEMPLATES', 'CANARY_COLUMNS', 'SECTION_STYLE', 'FEEDBACK_MAX_BYTES', 'FEEDBACK_FORM_MAX_BYTES',
+           'FEEDBACK_ITEM_SCHEMA', 'FEEDBACK_LIST_SCHEMA', 'FEEDBACK_BODY_SCHEMA', 'UPLOAD_FILES_SCHEMA',
+           'UPLOAD_SCHEMA', 'UPLOAD_BODY', 'FEEDBACK_BODY', 'FEEDBACK_FORM_BODY', 'UPDATE_MODEL_BODY',
+           'METRICS_RESPONSES', 'ServiceDep', 'predictions_router', 'INDEX_FORM_DOC', 'feedback_router', 'FEEDBACK_DOC',
+           'FEEDBACK_FORM_DOC', 'operations_router', 'admin_router', 'UPDATE_MODEL_DOC', 'UPDATE_MONITORING_DOC',
+           'WAIT', 'ROUTERS', 'APP_DESCRIPTION', 'multipart_boundary', 'UploadCollector', 'stream_into', 'read_uploads',
+           'read_body', 'upload_page', 'preview_url', 'monitoring_html', 'canary_comparison', 'canary_html', 'TopK',
+           'Prediction', 'FeedbackAnswer', 'ErrorBody', 'Health', 'Readiness', 'UpdateModelRequest',
+           'UpdateModelResponse', 'request_body', 'error_responses', 'html_responses', 'get_service', 'request_id_of',
+           'require_admin', 'read_files', 'page_response', 'index', 'index_form', 'predict', 'feedback_body',
+           'feedback', 'feedback_form', 'healthz', 'readyz', 'metrics', 'monitoring_page', 'update_model',
+           'update_reference_data', 'update_monitoring', 'RequestMiddleware', 'lifespan', 'create_app', 'run_server']
 
 # %% ../nbs/serve.ipynb #329be5f8
 def multipart_boundary(
@@ -239,14 +240,70 @@ def monitoring_html(
     accuracy: pd.DataFrame | str,  # `live_accuracy`, or why the store could not be read
     report: str | None,  # the latest drift report (HTML), if any
     enabled: bool = True,  # whether the service has drift monitoring (the placeholder says how to start it)
+    canary: str = "",  # the Canary section (`canary_html`), if any
 ) -> str:
-    "The HTML of `/monitoring`: the live accuracy above the drift report."
+    "The HTML of `/monitoring`: the live accuracy (and the canary) above the drift report."
     failed = isinstance(accuracy, str)
-    live = TEMPLATES.get_template("accuracy.html").render(
-        error=accuracy if failed else None, rows=[] if failed else accuracy.to_dict("records")
+    live = (
+        TEMPLATES.get_template("accuracy.html").render(
+            error=accuracy if failed else None, rows=[] if failed else accuracy.to_dict("records")
+        )
+        + canary
     )
     page = report or TEMPLATES.get_template("monitoring.html").render(title="Monitoring", enabled=enabled)
     return page[: (i := page.find("<body>") + 6)] + live + page[i:] if "<body>" in page else live + page
+
+# %% ../nbs/serve.ipynb #109d64df
+CANARY_COLUMNS = (  # the columns of an arm in the Canary section (those `canary_status` gives)
+    "version",
+    "requests",
+    "error_rate",
+    "p50_ms",
+    "p99_ms",
+    "labels",
+    "accuracy",
+    "low",
+    "high",
+    "agreement",
+    "drift_score",
+)
+SECTION_STYLE = (  # the look of the sections put above the drift report (its page has its own styles)
+    "font:15px/1.5 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;max-width:900px;margin:1rem auto;"
+    "padding:12px 16px;border-left:6px solid #e0a43b;background:#fbf9f5;color:#1d2430"
+)
+
+
+def canary_comparison(cmp: dict) -> str:
+    "One sentence for `compare_arms`' result: the difference, its interval, the margin and the verdict."
+    pct = lambda x: f"{100 * x:+.1f}" if isinstance(x, int | float) and math.isfinite(x) else "–"  # noqa: E731
+    return (
+        f"Canary − production accuracy ({cmp.get('method')}, {cmp.get('labels')} labels): "
+        f"{pct(cmp.get('difference'))} points, interval [{pct(cmp.get('low'))}, {pct(cmp.get('high'))}], "
+        f"margin {100 * cmp.get('margin', 0):.1f}: {cmp.get('verdict')}"
+    )
+
+
+def canary_html(
+    slot: dict,  # this instance's canary (`CanarySlot.public()`)
+    status: dict | str | None,  # the fleet's `canary_status`, why it is unavailable, or None (no plan, or not yet)
+) -> str:
+    "The Canary section of `/monitoring` (none without a canary): this instance's canary, the fleet's arms, a verdict."
+    if slot["state"] == "none" and status is None:
+        return ""
+    mine = f"{slot['version']} ({slot['mode']}, {slot['percent']:g}%): {slot['state']}" if slot["version"] else "none"
+    parts = [f"<b style='font-size:18px'>Canary</b><p>On this instance: {escape(mine)}"]
+    parts.append(f" — {escape(slot['reason'])}</p>" if slot["reason"] else "</p>")
+    if isinstance(status, str):
+        parts.append(f"<p style='color:#b42318'>{escape(status)}</p>")
+    elif status is None:
+        parts.append("<p>The fleet's live comparison is being computed: reload in a few seconds.</p>")
+    else:
+        arms = pd.DataFrame.from_dict(status.get("arms") or {}, orient="index")
+        arms = arms[[c for c in CANARY_COLUMNS if c in arms]]
+        parts.append(arms.to_html(float_format=lambda x: f"{x:.3g}", na_rep="–", border=0))
+        if cmp := status.get("comparison"):
+            parts.append(f"<p><b>{escape(canary_comparison(cmp))}</b></p>")
+    return f'<section id="canary" style="{SECTION_STYLE}">{"".join(parts)}</section>'
 
 # %% ../nbs/serve.ipynb #8149b418
 class TopK(BaseModel):
@@ -268,6 +325,9 @@ class Prediction(BaseModel):
     model_version: str
     prediction_id: str = Field(
         description="send it to POST /feedback with the true label (accepted for VIT_FEEDBACK_TTL_S, default 7 days)"
+    )
+    arm: str = Field(
+        "production", description="which arm answered: production, or canary (a canary's share of the requests)"
     )
 
 
@@ -303,6 +363,11 @@ class Readiness(BaseModel):
         None,
         description="the engine serving the model and how it was chosen: name, precision, threads, "
         "images_per_s (measured at load), agreement and accuracy_drop (vs fp32), candidates timed, skipped",
+    )
+    canary: dict | None = Field(
+        None,
+        description="the canary beside the model: alias, version, mode (split or shadow), percent, "
+        "state (serving, refused, failed or none) and the reason it is not serving",
     )
 
 
@@ -445,7 +510,7 @@ def index(svc: ServiceDep):
 async def index_form(request: Request, svc: ServiceDep):
     "The upload page's form without JavaScript (`INDEX_FORM_DOC`)."
     try:
-        uploads, results = await svc.classify(read_files(request, svc), request_id_of(request))
+        uploads, results = await svc.classify(read_files(request, svc), request_id_of(request), request.headers)
     except (InputError, ServiceUnavailable) as e:
         return page_response(svc, http_status(e), error=e.message)
     preview = preview_url(uploads[0].data, uploads[0].content_type)
@@ -461,7 +526,7 @@ async def index_form(request: Request, svc: ServiceDep):
 )
 async def predict(request: Request, svc: ServiceDep):
     "Classify one or more images sent as multipart parts named `file`: one answer per image, in order."
-    answers = await svc.predict(read_files(request, svc), request_id_of(request))
+    answers = await svc.predict(read_files(request, svc), request_id_of(request), request.headers)
     return JSONResponse(answers)  # built to the schema already: skip re-validating it
 
 # %% ../nbs/serve.ipynb #b946917a
@@ -531,7 +596,7 @@ def readyz(svc: ServiceDep):
     s = svc.served
     if s is None:
         return JSONResponse(Readiness(ready=False, detail=svc.load_error or "starting").model_dump(), 503)
-    return Readiness(ready=True, model_version=s.version, engine=s.engine_report)
+    return Readiness(ready=True, model_version=s.version, engine=s.engine_report, canary=svc.canary.public())
 
 
 @operations_router.get("/metrics", summary="Prometheus metrics", response_class=Response, responses=METRICS_RESPONSES)
@@ -544,7 +609,8 @@ def metrics(svc: ServiceDep):
 def monitoring_page(svc: ServiceDep):
     "The live accuracy of labelled predictions (the fleet's, per model version) above the latest drift report (HTML)."
     acc = svc.feedback.accuracy(svc.store or svc.store_uri)  # a store that cannot be opened: said on the page
-    return monitoring_html(acc, svc.monitoring.latest_report(), not isinstance(svc.monitoring, NoMonitoring))
+    canary = canary_html(svc.canary.public(), svc.fleet_canary.get())  # the fleet's: cached, computed in a thread
+    return monitoring_html(acc, svc.monitoring.latest_report(), not isinstance(svc.monitoring, NoMonitoring), canary)
 
 # %% ../nbs/serve.ipynb #eb97fe68
 admin_router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])

@@ -6,11 +6,12 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/service.html.md"""
 
 # %% ../nbs/service.ipynb #adef37b9
 from __future__ import annotations
-import asyncio, contextlib, json, logging, random, socket, threading, time, uuid
-from collections.abc import Awaitable, Callable
+import asyncio, contextlib, hashlib, json, logging, math, random, socket, threading, time, uuid
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Protocol
 from urllib.parse import parse_qs
 
@@ -39,9 +40,10 @@ from vit_nbdev.telemetry import (
 _log = logging.getLogger("vit_nbdev.service")
 
 # %% auto #0
-__all__ = ['LATENCY_BUCKETS', 'BATCH_BUCKETS', 'FORWARD_BUCKETS', 'FEEDBACK_MAX_ITEMS', 'FEEDBACK_REASONS', 'Served', 'Upload',
-           'prepare_upload', 'TelemetryCollector', 'ServiceMetrics', 'parse_feedback', 'FeedbackDesk', 'Monitoring',
-           'NoMonitoring', 'Service']
+__all__ = ['LATENCY_BUCKETS', 'BATCH_BUCKETS', 'FORWARD_BUCKETS', 'FEEDBACK_MAX_ITEMS', 'FEEDBACK_REASONS', 'FLEET_GAUGES',
+           'Served', 'Upload', 'prepare_upload', 'TelemetryCollector', 'ServiceMetrics', 'parse_feedback',
+           'FeedbackDesk', 'Monitoring', 'NoMonitoring', 'key_point', 'pick_arm', 'CanarySlot', 'FleetCanary',
+           'Service', 'weights_mb', 'top_classes']
 
 # %% ../nbs/service.ipynb #9cfbffe6
 @dataclass
@@ -177,6 +179,38 @@ class ServiceMetrics:
             "top-1 agreement of the serving engine with fp32 on the check images (-1: unchecked)",
             registry=r,
         )
+        self.arm_requests = Counter(
+            "vit_arm_requests",
+            "/predict requests by arm (production, canary, shadow) and result (ok, error, fallback)",
+            ["arm", "result"],
+            registry=r,
+        )
+        self.arm_latency = Histogram(
+            "vit_arm_request_duration_seconds",
+            "an arm's time for a request, from its upload read to its answer",
+            ["arm"],
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.canary_info = Gauge(
+            "vit_canary_info",
+            "the canary this instance follows (value 1): alias, version, mode (split, shadow), state",
+            ["alias", "version", "mode", "state"],
+            registry=r,
+        )
+        self.canary_loaded = Gauge("vit_canary_loaded", "1 while a canary is loaded beside production", registry=r)
+        self.canary_percent = Gauge("vit_canary_percent", "the canary's share of requests (0: none)", registry=r)
+        self.canary_loads = Counter(
+            "vit_canary_loads",
+            "canary loads by result: loaded, refused (over the memory budget), failed",
+            ["result"],
+            registry=r,
+        )
+        for result in ("loaded", "refused", "failed"):
+            self.canary_loads.labels(result)  # every series from the start, at 0
+        self.shadow_skipped = Counter(
+            "vit_shadow_skipped", "shadow copies skipped because the queue was half full", registry=r
+        )
         self.telemetry_writer: TelemetryWriter | None = None
         r.register(TelemetryCollector(lambda: self.telemetry_writer))  # the feedback desk registers its own (below)
 
@@ -203,6 +237,22 @@ def set_model(
         self.engine.clear()
         self.engine.labels(engine["name"], engine["precision"], str(engine["threads"])).set(engine["images_per_s"])
         self.engine_agreement.set(-1 if engine.get("agreement") is None else engine["agreement"])
+
+# %% ../nbs/service.ipynb #551697c0
+@patch
+def observe_arm(self: ServiceMetrics, arm: str, result: str, seconds: float) -> None:
+    "Count one request of `arm` (`production`, `canary`, `shadow`) by `result` (ok, error, fallback), and its time."
+    self.arm_requests.labels(arm, result).inc()
+    self.arm_latency.labels(arm).observe(seconds)
+
+
+@patch
+def set_canary(self: ServiceMetrics, slot) -> None:
+    "Report the canary `slot` (a `CanarySlot`): its version, mode and state, whether it is loaded, its share."
+    self.canary_info.clear()
+    self.canary_info.labels(slot.alias, slot.version or "", slot.mode or "", slot.state).set(1)
+    self.canary_loaded.set(slot.served is not None)
+    self.canary_percent.set(slot.percent if slot.served is not None else 0)
 
 # %% ../nbs/service.ipynb #0f0e38f9
 FEEDBACK_MAX_ITEMS = 1000  # labels per request
@@ -349,6 +399,108 @@ class NoMonitoring:
     def update_monitoring(self, wait: float = 0) -> dict:
         return self.update_reference_data()
 
+# %% ../nbs/service.ipynb #6ef55c83
+def key_point(key: str) -> float:
+    "Where a client key falls in [0, 100): the same on every instance and after restarts (SHA-256, not `hash`)."
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64 * 100
+
+
+def pick_arm(
+    percent: float,  # the canary's share of requests, 0–100
+    shadow: bool,  # the share is copied to the canary (answered by production), not answered by it
+    key: str | None = None,  # the sticky header's value, if the request has one: it decides instead of a draw
+    draw: Callable[[], float] = random.random,  # a uniform draw in [0, 1)
+) -> str:
+    "The arm of one request: `production`, `canary`, or `shadow` (production answers, the canary gets a copy)."
+    point = key_point(key) if key is not None else draw() * 100
+    if point >= percent:
+        return "production"
+    return "shadow" if shadow else "canary"
+
+# %% ../nbs/service.ipynb #ca84c04e
+@dataclass(frozen=True)
+class CanarySlot:
+    "The canary beside production on this instance: its plan, its model if loaded, its state and why."
+
+    alias: str  # the canary alias followed (`VIT_CANARY`)
+    version: str | None = None  # the canary's version (None: no active canary for this instance)
+    mode: str | None = None  # "split" (the canary answers its share) or "shadow" (it gets a copy)
+    percent: float = 0.0  # its share of requests
+    sticky_header: str | None = None  # the header whose value picks the arm
+    state: str = "none"  # "serving", "refused", "failed" or "none"
+    reason: str | None = None  # why it is not serving, in a sentence
+    served: Served | None = field(default=None, repr=False)  # the loaded canary (state "serving")
+
+    def arm(self, headers: Mapping[str, str] | None = None, draw: Callable[[], float] = random.random) -> str:
+        "The arm of a request with `headers`: `production` unless a canary is serving."
+        if self.served is None:
+            return "production"
+        key = headers.get(self.sticky_header) if headers is not None and self.sticky_header else None
+        return pick_arm(self.percent, self.mode == "shadow", key, draw)
+
+    def public(self) -> dict:
+        "What `/readyz` shows: alias, version, mode, percent, state, reason."
+        return {k: getattr(self, k) for k in ("alias", "version", "mode", "percent", "state", "reason")}
+
+# %% ../nbs/service.ipynb #6343b744
+FLEET_GAUGES = (  # (gauge name, what it is, the key of an arm in `canary_status`)
+    ("vit_canary_fleet_requests", "requests the fleet answered on this arm since the canary started", "requests"),
+    ("vit_canary_fleet_error_rate", "share of the arm's requests that failed", "error_rate"),
+    ("vit_canary_fleet_labels", "labels received for the arm's answers", "labels"),
+    ("vit_canary_fleet_accuracy", "live accuracy of the arm's labelled answers", "accuracy"),
+    ("vit_canary_fleet_accuracy_low", "lower bound of the live accuracy's confidence sequence", "low"),
+    ("vit_canary_fleet_accuracy_high", "upper bound of the live accuracy's confidence sequence", "high"),
+    ("vit_canary_fleet_agreement", "share of shadow answers that agree with production's", "agreement"),
+    ("vit_canary_fleet_drift_score", "the arm's drift score", "drift_score"),
+)
+
+
+class FleetCanary:
+    "The fleet's `canary_status`, refreshed in the background at most every `max_age_s`; its gauges (a collector)."
+
+    def __init__(
+        self,
+        store: Callable[[], Store],  # how to get the store
+        active: Callable[[], bool],  # whether there is a canary plan to look at (else nothing is read)
+        max_age_s: float = 30.0,  # refresh a status older than this, when asked for it
+    ):
+        self.store, self.active, self.max_age_s = store, active, max_age_s
+        self.status: dict | str | None = None  # the last status, or why it failed (None: none yet)
+        self._t, self._busy = -math.inf, threading.Lock()
+
+    def get(self, wait: float = 0) -> dict | str | None:
+        "The last status, starting a refresh in the background if it is old; `wait` seconds at most for a fresh one."
+        if not self.active():
+            return None
+        if time.monotonic() - self._t > self.max_age_s and self._busy.acquire(blocking=False):
+            self._t = time.monotonic()
+            (t := threading.Thread(target=self._refresh, name="vit-canary-status", daemon=True)).start()
+            t.join(wait)
+        return self.status
+
+    def _refresh(self) -> None:
+        try:
+            from vit_nbdev.canary import canary_status
+
+            self.status = canary_status(self.store())
+        except Exception as e:
+            self.status = f"the canary's live comparison is unavailable ({type(e).__name__}: {e})"
+        finally:
+            self._busy.release()
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        status = self.get()
+        arms = status.get("arms", {}) if isinstance(status, dict) else {}
+        for name, doc, key in FLEET_GAUGES:
+            g = GaugeMetricFamily(name, doc + " (the fleet's, by arm)", labels=["arm"])
+            for arm, a in arms.items():
+                if isinstance(a.get(key), int | float) and not isinstance(a.get(key), bool):
+                    g.add_metric([arm], float(a[key]))
+            yield g
+
 # %% ../nbs/service.ipynb #d15a02a0
 class Service:
     "The serving state: store, current model, batcher, telemetry and feedback writers, metrics, monitoring hook."
@@ -375,6 +527,12 @@ class Service:
         self._stopping, self._update_lock = threading.Event(), asyncio.Lock()
         self._loop = self._follower = None  # the follower polls the alias VIT_MODEL on the app's event loop
         self._stamp = self._seen_stamp = None  # the alias's stamp when this model was loaded; the last one read
+        self.canary = CanarySlot(cfg.canary)  # the canary beside `served`: replaced whole when it changes
+        self._canary_lock, self._canary_seen, self._canary_plan = threading.Lock(), None, None
+        self._shadows: set[asyncio.Task] = set()  # shadow copies in flight
+        self.fleet_canary = FleetCanary(self.get_store, lambda: self._canary_plan is not None)
+        self.metrics.registry.register(self.fleet_canary)
+        self.metrics.set_canary(self.canary)
         self.monitoring.bind(self)
 
     @property
@@ -392,6 +550,81 @@ class Service:
         if self.store is None:
             self.store = open_store(self.cfg.store)
         return self.store
+
+# %% ../nbs/service.ipynb #f812c6ad
+def weights_mb(package: ModelPackage | Path) -> float:
+    "The weights of a loaded package (its parameters' bytes), or of a package folder (its safetensors files), in MB."
+    if isinstance(package, ModelPackage):
+        return sum(p.numel() * p.element_size() for p in package.model.parameters()) / 2**20
+    return sum(f.stat().st_size for f in Path(package).glob("*.safetensors")) / 2**20
+
+
+@patch
+def load_canary(self: Service, slot: CanarySlot) -> CanarySlot:
+    "Load `slot`'s version beside production if the weights fit `memory_budget_mb`: the slot serving, or why not."
+    v, budget = slot.version, self.cfg.memory_budget_mb
+    try:
+        prod, new = weights_mb(self.served.package), weights_mb(self.get_store().fetch_model(v))
+        if budget and prod + new > budget:
+            self.metrics.canary_loads.labels("refused").inc()
+            why = f"production ({prod:.1f} MB) and canary {v} ({new:.1f} MB) need {prod + new:.1f} MB of weights"
+            return replace(slot, state="refused", reason=f"{why}, over VIT_MEMORY_BUDGET_MB={budget:g}")
+        slot = replace(slot, state="serving", served=self.load_version(v))
+    except Exception as e:
+        self.metrics.canary_loads.labels("failed").inc()
+        _log.warning("canary %s did not load (%s: %s); serving production alone", v, type(e).__name__, e)
+        return replace(slot, state="failed", reason=f"canary {v} did not load ({type(e).__name__}: {e})")
+    self.metrics.canary_loads.labels("loaded").inc()
+    return slot
+
+# %% ../nbs/service.ipynb #cdb4a1d4
+@patch
+def canary_for(self: Service, plan, served: Served) -> CanarySlot:
+    "The slot the canary `plan` (a `CanaryPlan` or None) asks for beside `served`: kept, loaded, or empty (why)."
+    c, cur = self.cfg, self.canary
+    why = None
+    if plan is None:
+        why = f"no canary plan in the alias {c.canary!r}"
+    elif not plan.active:
+        why = f"the canary of {plan.version} ended: {plan.state}"
+    elif plan.alias != c.model:
+        why = f"the canary of {plan.version} replaces {plan.alias!r}; this instance serves {c.model!r}"
+    elif plan.version == served.version:
+        why = f"{plan.version} is what this instance serves already"
+    if why:
+        return CanarySlot(c.canary, reason=why)
+    mode = "shadow" if plan.shadow else "split"
+    slot = CanarySlot(c.canary, plan.version, mode, float(plan.percent), plan.sticky_header)
+    if cur.served is not None and cur.version == plan.version:
+        return replace(slot, state="serving", served=cur.served)  # a new share or mode: the same model
+    return self.load_canary(slot)
+
+# %% ../nbs/service.ipynb #04f681b1
+@patch
+def check_canary(self: Service) -> str:
+    "Read the canary alias's stamp; if it moved (or production changed), load, swap or unload the canary: its state."
+    from vit_nbdev.canary import read_plan  # the control plane: loaded once a service checks a canary
+
+    served, alias = self.served, self.cfg.canary
+    if not alias or served is None:
+        return self.canary.state
+    with self._canary_lock:
+        try:
+            seen = (self.get_store().alias_stamp(alias), served.version)
+            if seen == self._canary_seen:
+                return self.canary.state
+            plan = read_plan(self.get_store(), alias) if seen[0] is not None else None
+        except Exception as e:  # a store error, or a document that is not a plan: the canary stays as it is
+            _log.warning("checking the canary alias %r failed (%s: %s)", alias, type(e).__name__, e)
+            return self.canary.state
+        self._canary_plan, self._canary_seen = plan, seen
+        slot = self.canary_for(plan, served)
+        if slot.served is not None:
+            self.feedback.labels[slot.version] = slot.served.labels  # feedback on its answers is checked
+        self.canary = slot
+        self.metrics.set_canary(slot)
+        _log.info("canary %s: %s%s", slot.version or "-", slot.state, f" ({slot.reason})" if slot.reason else "")
+        return slot.state
 
 # %% ../nbs/service.ipynb #4ce30e90
 @patch
@@ -444,6 +677,7 @@ def _initial_load(self: Service) -> None:
             served = self.load_version(self.get_store().resolve(self.cfg.model))
             if self.served is None:
                 self.install(served)  # an admin update may have been quicker
+            self.check_canary()  # and a canary beside it, if the registry has one for it
             return
         except Exception as e:
             self.load_error = f"cannot load model {self.cfg.model!r} from {self.store_uri}: {e}"
@@ -510,12 +744,18 @@ def stop(self: Service, telemetry_timeout: float = 20.0) -> None:
     feedback = self.feedback.writer and self.feedback.writer.stats()
     _log.info("stopped; telemetry %s; feedback %s", self.telemetry.stats() if self.telemetry else "off", feedback)
 
-# %% ../nbs/service.ipynb #e7f488b9
+# %% ../nbs/service.ipynb #47be75e3
 @patch
-async def _prepare_all(self: Service, uploads: list[Upload], served: Served) -> list[tuple[Prepared, bytes | None]]:
+async def _prepare_all(
+    self: Service,
+    uploads: list[Upload],
+    served: Served,  # the model whose preprocessing they go through
+    keep: bool | None = None,  # also make the images telemetry keeps (default: if the settings keep images)
+) -> list[tuple[Prepared, bytes | None]]:
     "Every upload through `prepare_upload` in the decode threads; the first bad one decides (`InputError`)."
     loop = asyncio.get_running_loop()
-    keep, pre = self.cfg.keep_images and self.telemetry is not None, served.package.preprocess
+    keep = self.cfg.keep_images and self.telemetry is not None if keep is None else keep
+    pre = served.package.preprocess
     jobs = [loop.run_in_executor(self.pool, prepare_upload, u.data, pre, self.cfg.max_pixels, keep) for u in uploads]
     prepared = await asyncio.gather(*jobs, return_exceptions=True)
     for i, p in enumerate(prepared):
@@ -527,49 +767,145 @@ async def _prepare_all(self: Service, uploads: list[Upload], served: Served) -> 
 
 
 @patch
-def _answer(self: Service, served: Served, probs: torch.Tensor, kept: bool, now: datetime) -> dict:
-    "The answer for one image: its top classes, the model version and a fresh prediction id."
-    scores, idx = probs.topk(min(self.cfg.top_k, len(served.labels)))
-    top = [{"label": served.labels[j], "score": s} for s, j in zip(scores.tolist(), idx.tolist(), strict=True)]
-    pid = self.feedback.ids.new(served.version, int(idx[0]), kept, now)
-    return dict(
-        label=top[0]["label"], score=top[0]["score"], top_k=top, model_version=served.version, prediction_id=pid
-    )
+async def _submit(self: Service, uploads: list[Upload], served: Served) -> tuple[list, list]:
+    "Prepare the uploads for `served` and queue them: `(prepared, futures)`; `ServiceUnavailable` if the queue is full."
+    prepared = await self._prepare_all(uploads, served)
+    try:
+        return prepared, self.batcher.submit(served, [p.pixels for p, _ in prepared])
+    except QueueFull as e:
+        self.metrics.rejected.inc()
+        raise ServiceUnavailable(f"{e}; retry in a second", retry_after=1) from None
 
-# %% ../nbs/service.ipynb #12bc72d9
+# %% ../nbs/service.ipynb #76c2572a
+def top_classes(served: Served, probs: torch.Tensor, k: int) -> dict:
+    "`{label, score, top_k}`: the `k` most probable classes of one image."
+    scores, idx = probs.topk(min(k, len(served.labels)))
+    top = [{"label": served.labels[j], "score": s} for s, j in zip(scores.tolist(), idx.tolist(), strict=True)]
+    return dict(label=top[0]["label"], score=top[0]["score"], top_k=top)
+
+
+@patch
+def _answer(self: Service, served: Served, probs: torch.Tensor, kept: bool, now: datetime, arm: str) -> dict:
+    "The answer for one image: its top classes, the model version, a fresh prediction id, the arm that answered."
+    a = top_classes(served, probs, self.cfg.top_k)
+    pid = self.feedback.ids.new(served.version, served.labels.index(a["label"]), kept, now, arm=arm)
+    return dict(a, model_version=served.version, prediction_id=pid, arm=arm)
+
+
+@patch
+def _record(
+    self: Service,
+    answer: dict,  # the answer (or `{model_version, arm, error}` for a failed arm)
+    served: Served,  # the model of the arm
+    rid: str,  # the request's id
+    i: int,  # the image's place in the request
+    now: datetime,
+    ms: float,  # the arm's latency for the request
+    out: tuple | None = None,  # `(embedding, probabilities)` and `(Prepared, kept PNG)` of the image, if answered
+) -> None:
+    "Queue one telemetry record: the answer, its arm and latency, and what monitoring compares (the embedding...)."
+    if self.telemetry is None:
+        return
+    rec = dict(answer, time=now, request_id=rid, item=i, instance=self.telemetry.instance, latency_ms=ms)
+    if out is not None:
+        (emb, _), (p, png) = out
+        rec.update(embedding=emb.tolist(), width=p.width, height=p.height, image=png)
+    self.telemetry.add(dict(rec, engine=served.engine.name))
+
+# %% ../nbs/service.ipynb #a7205512
+@patch
+def _answers(self: Service, served: Served, arm: str, prepared, outs, rid: str, t0: float, result="ok") -> list[dict]:
+    "The answers of one arm to a request (one per image, in order), counted and recorded in telemetry."
+    now, ms = datetime.now(UTC), (time.perf_counter() - t0) * 1000
+    answers = []
+    for i, out in enumerate(zip(outs, prepared, strict=True)):
+        answers.append(a := self._answer(served, out[0][1], out[1][1] is not None, now, arm))
+        self.metrics.predictions.labels(served.version, a["label"]).inc()
+        self._record(a, served, rid, i, now, ms, out)
+    self.metrics.observe_arm(arm, result, ms / 1000)
+    return answers
+
+
+@patch
+def _failed(self: Service, served: Served, arm: str, n: int, rid: str, t0: float, e: BaseException) -> None:
+    "Record that the `arm` (canary or shadow) failed a request of `n` images: error records, counted."
+    now, ms, why = datetime.now(UTC), (time.perf_counter() - t0) * 1000, f"{type(e).__name__}: {e}"
+    _log.warning("the %s arm (%s) failed a request: %s", arm, served.version, why)
+    for i in range(n):
+        self._record(dict(model_version=served.version, arm=arm, error=why), served, rid, i, now, ms)
+    self.metrics.observe_arm(arm, "error", ms / 1000)
+
+# %% ../nbs/service.ipynb #b22f1afe
 @patch
 async def classify(
     self: Service,
     uploads: list[Upload] | Callable[[], Awaitable[list[Upload]]],  # the files, or how to read them
     request_id: str | None = None,  # kept in telemetry (default: a fresh one)
+    headers: Mapping[str, str] | None = None,  # the request's headers: a canary's sticky header picks the arm
 ) -> tuple[list[Upload], list[dict]]:
     "The uploads and their answers, one per image in order; `InputError` or `ServiceUnavailable` if not."
-    served = self.served
+    served, canary = self.served, self.canary  # the request keeps these to the end
     if served is None:
         raise ServiceUnavailable(f"the model is not loaded yet ({self.load_error or 'starting'})", retry_after=5)
-    with self.batcher.incoming():  # batches wait for requests on their way, and only while there are some
-        uploads = await uploads() if callable(uploads) else uploads
-        prepared = await self._prepare_all(uploads, served)
-        try:
-            futs = self.batcher.submit(served, [p.pixels for p, _ in prepared])
-        except QueueFull as e:
-            self.metrics.rejected.inc()
-            raise ServiceUnavailable(f"{e}; retry in a second", retry_after=1) from None
-    outs = await asyncio.gather(*(asyncio.wrap_future(f) for f in futs))
-    now, rid, answers = datetime.now(UTC), request_id or uuid.uuid4().hex, []
-    for i, ((emb, probs), (p, png)) in enumerate(zip(outs, prepared, strict=True)):
-        answers.append(a := self._answer(served, probs, png is not None, now))
-        self.metrics.predictions.labels(served.version, a["label"]).inc()
-        if self.telemetry:  # the answer, and what monitoring compares: the embedding, the image's size, the engine
-            rec = dict(a, time=now, request_id=rid, item=i, instance=self.telemetry.instance, embedding=emb.tolist())
-            self.telemetry.add(dict(rec, width=p.width, height=p.height, engine=served.engine.name, image=png))
+    arm, t0, rid = canary.arm(headers), time.perf_counter(), request_id or uuid.uuid4().hex
+    model = canary.served if arm == "canary" else served
+    try:
+        with self.batcher.incoming():  # batches wait for requests on their way, and only while there are some
+            uploads = await uploads() if callable(uploads) else uploads
+            prepared, futs = await self._submit(uploads, model)
+        outs = await asyncio.gather(*(asyncio.wrap_future(f) for f in futs))
+    except (InputError, ServiceUnavailable):
+        raise
+    except Exception as e:
+        if arm != "canary" or callable(uploads):
+            raise
+        self._failed(model, "canary", len(uploads), rid, t0, e)  # production answers instead
+        prepared, futs = await self._submit(uploads, served)
+        outs = await asyncio.gather(*(asyncio.wrap_future(f) for f in futs))
+        return uploads, self._answers(served, "production", prepared, outs, rid, t0, "fallback")
+    answers = self._answers(model, "production" if arm == "shadow" else arm, prepared, outs, rid, t0)
+    if arm == "shadow":
+        self._start_shadow(canary.served, uploads, answers, rid)
     return uploads, answers
 
 
 @patch
-async def predict(self: Service, uploads: list[Upload] | Callable, request_id: str | None = None) -> list[dict]:
+async def predict(
+    self: Service, uploads: list[Upload] | Callable, request_id: str | None = None, headers=None
+) -> list[dict]:
     "`classify`'s answers alone."
-    return (await self.classify(uploads, request_id))[1]
+    return (await self.classify(uploads, request_id, headers))[1]
+
+# %% ../nbs/service.ipynb #9defb7b6
+@patch
+def _start_shadow(self: Service, canary: Served, uploads: list[Upload], answers: list[dict], rid: str) -> None:
+    "Send a copy of a request to the canary in the background; skipped (counted) while the queue is half full."
+    if self.batcher.depth + len(uploads) > self.cfg.queue_size // 2:
+        self.metrics.shadow_skipped.inc()  # production's requests come first
+        return
+    task = asyncio.get_running_loop().create_task(self._shadow(canary, uploads, answers, rid))
+    self._shadows.add(task)
+    task.add_done_callback(self._shadows.discard)
+
+
+@patch
+async def _shadow(self: Service, canary: Served, uploads: list[Upload], answers: list[dict], rid: str) -> None:
+    "The canary's answers to a copy of a request: recorded with the arm `shadow` and production's ids, never returned."
+    t0 = time.perf_counter()
+    try:
+        prepared = await self._prepare_all(uploads, canary, keep=False)
+        futs = self.batcher.submit(canary, [p.pixels for p, _ in prepared])
+        outs = await asyncio.gather(*(asyncio.wrap_future(f) for f in futs))
+    except QueueFull:
+        self.metrics.shadow_skipped.inc()
+        return
+    except Exception as e:
+        return self._failed(canary, "shadow", len(uploads), rid, t0, e)
+    now, ms = datetime.now(UTC), (time.perf_counter() - t0) * 1000
+    for i, out in enumerate(zip(outs, prepared, strict=True)):
+        a = dict(top_classes(canary, out[0][1], self.cfg.top_k), model_version=canary.version, arm="shadow")
+        self._record(dict(a, prediction_id=answers[i]["prediction_id"]), canary, rid, i, now, ms, out)
+    self.metrics.observe_arm("shadow", "ok", ms / 1000)
 
 # %% ../nbs/service.ipynb #b7307fc8
 @patch
@@ -672,19 +1008,19 @@ def check_alias(self: Service) -> str:
 
 @patch
 def _follow(self: Service) -> None:
-    "The follower thread: `check_alias` every `model_poll_s` × 0.5–1 (a fleet spreads out); swap when it moved."
+    "The follower thread: every `model_poll_s` × 0.5–1 (a fleet spreads out), `check_alias` and `check_canary`."
     while not self._stopping.wait(self.cfg.model_poll_s * random.uniform(0.5, 1.0)):
         if (result := self.check_alias()) == "pinned":
             return _log.info("%s is a version: pinned, not polling", self.cfg.model)
-        if result != "moved":
-            continue
-        stamp = self._seen_stamp
-        try:
-            asyncio.run_coroutine_threadsafe(self.update_model(source="poll"), self._loop).result()
-            self._stamp = stamp
-        except ModelUpdateError as e:
-            if e.status != 503:
-                self._stamp = stamp  # a broken version is tried again when the alias moves, an outage at once
-            _log.warning("following alias %r: %s", self.cfg.model, e.message)
-        except Exception as e:
-            return _log.info("stopped following %r (%s)", self.cfg.model, type(e).__name__)  # the loop is gone
+        if result == "moved":
+            stamp = self._seen_stamp
+            try:
+                asyncio.run_coroutine_threadsafe(self.update_model(source="poll"), self._loop).result()
+                self._stamp = stamp
+            except ModelUpdateError as e:
+                if e.status != 503:
+                    self._stamp = stamp  # a broken version is tried again when the alias moves, an outage at once
+                _log.warning("following alias %r: %s", self.cfg.model, e.message)
+            except Exception as e:
+                return _log.info("stopped following %r (%s)", self.cfg.model, type(e).__name__)  # the loop is gone
+        self.check_canary()  # the canary alias: one more stamp read

@@ -40,12 +40,12 @@ class NotFound(StoreError, KeyError):
 class Conflict(StoreError):
     "A conditional alias move that lost: the alias no longer points where the caller expected (someone else moved it)."
 
-    def __init__(self, alias: str, current: str | None, expected: str | None):
+    def __init__(self, alias: str, current: str | None, expected: str | None, what: str | None = None):
         self.alias, self.current, self.expected = alias, current, expected
-        super().__init__(
-            f"alias {alias!r} now points at {current or 'nothing'}, not {expected or 'nothing'} as expected: "
-            f"someone else moved it in the meantime"
-        )
+        moved = f"now points at {current or 'nothing'}, not {expected or 'nothing'} as expected"
+        if what:
+            moved = f"changed its {what} since it was read"
+        super().__init__(f"alias {alias!r} {moved}: someone else moved it in the meantime")
 
 # %% ../nbs/store.ipynb #5103fd17
 def _internal(name: str) -> bool:
@@ -399,6 +399,7 @@ def set_alias(
     expect: str | None = ...,  # move only if the alias points here now (None: nowhere yet), else `Conflict`
     note: dict | None = None,  # who moves it and how, for the alias's log
     fields: dict | None = None,  # other fields of the document, replacing its others (None: kept)
+    expect_fields: dict | None = None,  # move only if these fields hold these values now, else `Conflict`
 ) -> dict:  # the alias document after the move
     "Point `alias` at `version`, atomically, remembering where it pointed."
     alias, version = _name(alias, "alias"), _name(version, "version")
@@ -412,6 +413,8 @@ def set_alias(
         cur = doc["version"] if doc else None
         if expect is not ... and cur != expect:
             raise Conflict(alias, cur, expect)
+        if expect_fields and any((doc or {}).get(k) != x for k, x in expect_fields.items()):
+            raise Conflict(alias, cur, cur, what=", ".join(expect_fields))
         if cur == version and fields is None:
             return None  # already there: nothing to record
         return _moved(

@@ -797,13 +797,14 @@ ID_EXPIRED = (
 
 @patch
 def parse(self: PredictionIds, pid: str) -> dict:
-    "`dict(version, predicted, kept, time, arm)` of an id made with this key, not expired; `LookupError` saying why not."
+    "`dict(version, predicted, kept, time, arm)` of an unexpired id made with this key; else `LookupError`."
     payload, _, mac = pid.rpartition(".") if isinstance(pid, str) and pid.isascii() else ("", "", "")
-    parts, shown = payload.split("~"), repr(pid)[:120]
-    if len(parts) not in (5, 6) or not hmac.compare_digest(mac.encode(), self._mac(payload).encode()):
+    parts, shown = payload.rsplit("~", 5), repr(pid)[:120]
+    arm = parts.pop() if len(parts) == 6 and parts[5] in ("canary", "shadow") else "production"
+    parts = "~".join(parts).rsplit("~", 4)  # a version may hold a `~`: the fields are counted from the end
+    if len(parts) != 5 or not hmac.compare_digest(mac.encode(), self._mac(payload).encode()):
         raise LookupError(ID_UNKNOWN.format(shown))
-    version, ms, _, predicted, kept = parts[:5]
-    arm = parts[5] if len(parts) == 6 else "production"
+    version, ms, _, predicted, kept = parts
     t = datetime.fromtimestamp(int(ms, 16) / 1000, UTC)
     if (age := (datetime.now(UTC) - t).total_seconds()) > self.ttl_s:
         raise LookupError(ID_EXPIRED.format(shown, age / 86400, self.ttl_s / 86400))

@@ -1,7 +1,7 @@
 """The command-line tools the tests drive (from the dev extras: ruff, pre-commit, hadolint, shellcheck,
 check-jsonschema; and the package's own scripts), found once, the same way, by every test module."""
 
-import shutil, subprocess, sys
+import contextlib, io, shutil, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -72,3 +72,14 @@ def launch_chromium(playwright):
     "Debian's Chromium, headless, driven by Playwright (`playwright install` is never needed)."
     require_chromium()
     return playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+
+
+def in_process(main, *args) -> tuple[int, str, str]:
+    "A command line's `main` called in this process with `args`: (exit status, stdout, stderr); argparse's exit too."
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()

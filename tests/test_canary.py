@@ -2,13 +2,14 @@
 computed from telemetry and feedback records written here, each branch of `decide`, `watch_step` moving the aliases,
 and `vit-models canary`'s exit codes."""
 
-import contextlib, io, json, subprocess, sys, threading
+import json, subprocess, sys, threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from devtools import in_process
 from vit_nbdev.canary import (
     CanaryPlan,
     CanaryRunning,
@@ -48,13 +49,7 @@ def st(tmp_path):
 
 def run_main(*args) -> tuple[int, str, str]:
     "`vit-models ARGS` in this process: (exit status, stdout, stderr)."
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = models_main(list(args))
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
+    return in_process(models_main, *args)
 
 
 def traffic(st, plan: CanaryPlan, n: int, acc: dict, *, errors=0.0, latency=None, seed=0) -> None:

@@ -243,6 +243,7 @@ def test_deploy_dry_run_builds_pushes_and_deploys_with_a_secret():
         ["gcloud", "run", "services", "replace"],
         ["gcloud", "run", "services", "add-iam-policy-binding"],
         ["gcloud", "run", "jobs", "deploy"],
+        ["gcloud", "run", "jobs", "deploy"],
     ]
     image = cmds[2].split()[2]
     assert (
@@ -256,6 +257,14 @@ def test_deploy_dry_run_builds_pushes_and_deploys_with_a_secret():
     assert job.startswith(f"gcloud run jobs deploy vit-compact --image {image} --command vit-monitor --args compact ")
     assert f"--set-env-vars VIT_STORE={STORE} --service-account vit-serve@{PROJECT}.iam.gserviceaccount.com" in job
     assert job.endswith(f"--project {PROJECT} --region us-central1")
+    # the canary's watch: one step of `vit-models canary watch` on the same store, never retried (exit 1 = rolled back)
+    watch = cmds[6]
+    assert watch.startswith(
+        f"gcloud run jobs deploy vit-canary-watch --image {image} --command vit-models "
+        "--args canary,watch,--once,--by,vit-canary-watch "
+    )
+    assert f"--set-env-vars VIT_STORE={STORE} --service-account vit-serve@{PROJECT}.iam.gserviceaccount.com" in watch
+    assert "--tasks 1 --max-retries 0 " in watch and watch.endswith(f"--project {PROJECT} --region us-central1")
     svc = yaml.safe_load(heredoc(out, "service.yaml"))
     assert svc["kind"] == "Service" and svc["metadata"]["name"] == "vit-serve"
     t = svc["spec"]["template"]
@@ -288,7 +297,7 @@ def test_deploy_runs_the_plan_with_the_tools_it_finds(tmp_path):
         "deploy", "--project", PROJECT, "--store", STORE, "--image", image, "--no-allow-unauthenticated", env=env
     )
     assert r.returncode == 0, r.stderr
-    c, job = calls(tmp_path)  # private: no allUsers binding
+    c, job, watch = calls(tmp_path)  # private: no allUsers binding
     assert c["args"][:3] == ["run", "services", "replace"] and c["args"][4:] == [
         "--project",
         PROJECT,
@@ -296,6 +305,7 @@ def test_deploy_runs_the_plan_with_the_tools_it_finds(tmp_path):
         "us-central1",
     ]
     assert job["args"][:6] == ["run", "jobs", "deploy", "vit-compact", "--image", image]
+    assert watch["args"][:6] == ["run", "jobs", "deploy", "vit-canary-watch", "--image", image]
     assert "+ gcloud run services replace" in r.stderr
     from vit_nbdev.cloud import service_yaml
 
@@ -325,11 +335,15 @@ def test_setup_dry_run_grants_the_least(tmp_path):
     admin = [l for l in grants if "instanceAdmin" in l]
     assert admin and all("vit-train@" in l and "--condition" in l and 'startsWith("vit-train-")' in l for l in admin)
     assert not any(r in r_ for r_ in grants for r in ("roles/owner", "roles/editor", "roles/storage.admin"))
+    # by default the canary's watch takes a step every 5 minutes
+    [watch] = [l for l in r.stdout.splitlines() if l.startswith("gcloud scheduler jobs create http vit-canary-watch ")]
+    assert "--schedule '*/5 * * * *' --time-zone Etc/UTC" in watch
 
 
-def test_setup_defines_the_bigquery_tables_and_the_nightly_compaction(tmp_path):
-    "The external tables read the store's hive-partitioned parquet files; a scheduler starts the compaction job."
-    r = run_cli("setup", "--project", PROJECT, "--bucket", STORE, "--region", "europe-west4", "--dry-run")
+def test_setup_defines_the_bigquery_tables_and_the_schedules(tmp_path):
+    "The external tables read the store's hive-partitioned parquet files; a scheduler starts the two jobs."
+    schedules = ["--canary-schedule", "*/10 * * * *"]
+    r = run_cli("setup", "--project", PROJECT, "--bucket", STORE, "--region", "europe-west4", *schedules, "--dry-run")
     assert r.returncode == 0, r.stderr
     shellcheck(text=r.stdout)
     cmds = [l for l in r.stdout.splitlines() if l and not l.startswith("#") and l.split()[0] in ("gcloud", "bq")]
@@ -361,6 +375,13 @@ def test_setup_defines_the_bigquery_tables_and_the_nightly_compaction(tmp_path):
         f"--http-method POST --oauth-service-account-email {scheduler}",
     ]:
         assert flag in job, flag
+    [watch] = [c for c in cmds if c.startswith("gcloud scheduler jobs create http vit-canary-watch ")]
+    for flag in [
+        "--schedule '*/10 * * * *' --time-zone Etc/UTC --location europe-west4",
+        f"--uri https://run.googleapis.com/v2/projects/{PROJECT}/locations/europe-west4/jobs/vit-canary-watch:run",
+        f"--http-method POST --oauth-service-account-email {scheduler}",
+    ]:
+        assert flag in watch, flag
     # run with stand-ins: bq gets the definitions as files, exactly as printed
     env = {
         **os.environ,
@@ -393,6 +414,10 @@ def test_setup_defines_the_bigquery_tables_and_the_nightly_compaction(tmp_path):
         (
             ["setup", "--project", PROJECT, "--bucket", "vit-test-bucket", "--compact-schedule", "daily"],
             "cron schedule",
+        ),
+        (
+            ["setup", "--project", PROJECT, "--bucket", "vit-test-bucket", "--canary-schedule", "*/5 * * *"],
+            "--canary-schedule",
         ),
         (
             ["deploy", "--project", PROJECT, "--store", STORE, "--admin-token-secret", "hunter2 hunter2"],

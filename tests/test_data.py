@@ -1,11 +1,12 @@
 """The data module on the installed package: sources, fingerprints, the decode-once cache, bad rows, preprocess,
 snapshots in the store, `vit-data`."""
 
-import contextlib, io, json, os, shutil, subprocess, sys, time
+import json, os, shutil, subprocess, sys, time
 from types import SimpleNamespace
 from pathlib import Path
 import pyarrow as pa, pyarrow.parquet as pq, pytest, torch
 import vit_nbdev.data as D
+from devtools import in_process
 from vit_nbdev.data import load_cifar10, preprocess, PreprocessConfig, SAMPLE_DIR, fingerprint_files
 from vit_nbdev.data import (
     CIFAR10_LABELS,
@@ -268,13 +269,8 @@ def _vit_data(*args, env=None):
 
 def _vit_data_here(*args):
     "`vit-data` in this process, answered as `_vit_data` answers: no process start (torch, pandas) per command."
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = data_main([str(a) for a in args])
-        except SystemExit as e:  # argparse's usage errors
-            code = e.code
-    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+    code, out, err = in_process(data_main, *(str(a) for a in args))
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
 def test_vit_data_command_line(cache, tmp_path):

@@ -2,7 +2,7 @@
 the drift detector and report, reports in the store (local and GCS), the CLI (with `compact` and `migrate`), and
 `DriftMonitoring` bound to the real service."""
 
-import contextlib, io, json, sys, time
+import io, json, sys, time
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,6 +13,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
+from devtools import in_process
 from vit_nbdev.data import load_cifar10
 from vit_nbdev.model import build_model, save_package
 from vit_nbdev.cli import monitor_main as main
@@ -96,13 +97,8 @@ def write_shards(st, df, version, instance="i", per_shard=100):
 def vit_monitor(*args):
     "`vit-monitor` in this process: its exit status, the JSON lines it printed, what it said on stderr."
     # in process: each console script would import torch and Evidently again (test_fleet_sql.py runs the installed one)
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(list(args))
-        except SystemExit as e:  # argparse's usage errors
-            code = e.code
-    return code, [json.loads(line) for line in out.getvalue().splitlines()], err.getvalue()
+    code, out, err = in_process(main, *args)
+    return code, [json.loads(line) for line in out.splitlines()], err
 
 
 def test_reference_is_stored_with_the_version_and_reused(local_store, reference, pkg):

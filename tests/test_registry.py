@@ -3,13 +3,14 @@ promotion (a worse candidate refused by the paired test with both accuracies, it
 on the record, a broken or incomplete version refused, production untouched), rollback, and racing promotions: one
 wins, the other gets a conflict."""
 
-import contextlib, fcntl, io, json, shutil, subprocess, sys, threading, time
+import fcntl, json, shutil, subprocess, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest, torch
 import torch.nn.functional as F
 
+from devtools import in_process
 from vit_nbdev.cli import models_main
 from vit_nbdev.registry import promote
 from vit_nbdev.store import Conflict, open_store
@@ -67,13 +68,7 @@ def registry(store_uri, gate_packages):
 
 def run_main(*args) -> tuple[int, str, str]:
     "`vit-models ARGS` in this process: (exit status, stdout, stderr)."
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = models_main(list(args))
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
+    return in_process(models_main, *args)
 
 
 def run_script(*args, cwd=None, **kw) -> subprocess.CompletedProcess:

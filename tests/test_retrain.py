@@ -5,12 +5,12 @@ promoted candidate. Also what the loop does with too little feedback, no drift r
 `--via canary` (with training replaced by versions registered already): a canary of a candidate not shown worse, a
 refusal of one that is, and a failure when another canary is running."""
 
-import contextlib, io, json, os, subprocess, sys
+import json, os, subprocess, sys
 from datetime import UTC, datetime, timedelta
 
 import httpx, pytest, torch
 from conftest import ServeProcess
-from devtools import wait_for
+from devtools import in_process, wait_for
 from test_registry import gate_packages  # noqa: F401 (a fixture: good, worse and broken packages)
 from test_serve import png
 from vit_nbdev.data import CIFAR10_LABELS, load_cifar10
@@ -241,11 +241,9 @@ def test_via_canary_hands_over_a_candidate_not_shown_worse(tmp_path, gate_packag
 
     def retrain(candidate: str) -> tuple[int, dict]:
         monkeypatch.setattr(rt, "train_candidate", lambda run, cloud_args=None, echo=print: candidate)
-        out, err = io.StringIO(), io.StringIO()
         args = ["retrain", "--store", str(st.root), "--min-feedback", "50", "--gate-images", "200"]
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = monitor_main([*args, "--via", "canary", "--canary-percent", "10", "--margin", "1"])
-        return code, json.loads(out.getvalue())
+        code, out, _ = in_process(monitor_main, *args, "--via", "canary", "--canary-percent", "10", "--margin", "1")
+        return code, json.loads(out)
 
     code, s = retrain("v-worse")  # classes rotated: far worse on the clean images
     assert code == 0 and s["status"] == "refused" and s["canary"] is None and read_plan(st) is None, s

@@ -7,18 +7,18 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/cloud.html.md"""
 # %% ../nbs/cloud.ipynb #cf5f8292
 from __future__ import annotations
 import argparse, json, re, shlex, shutil, subprocess, sys, tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 # %% auto #0
 __all__ = ['MISSING_TOOLS', 'ATTACHED_GPUS', 'STARTUP_HEAD', 'STARTUP_FINISH', 'STARTUP_RUNTIME', 'STARTUP_MAIN',
-           'STARTUP_SCRIPT', 'COMPACT_JOB', 'COMPACT_SIZE', 'APIS', 'ACCOUNTS', 'SECRET_READER', 'ONLY_ITS_VMS',
-           'BIGQUERY_DATASET', 'COMPACT_SCHEDULE', 'JOBS_EXECUTOR', 'CloudError', 'PlanFailed', 'FileArg', 'Plan',
-           'render', 'execute', 'check', 'region_of', 'account_email', 'registry_image', 'gpu_flags', 'TrainVM',
-           'startup_script', 'train_params', 'instance_flags', 'train_plan', 'CloudRunService', 'git_tag',
-           'service_container', 'service_yaml', 'add_image_build', 'add_compaction_job', 'deploy_plan', 'add_resources',
-           'add_grant', 'add_roles', 'external_table', 'add_bigquery', 'add_compaction_schedule', 'setup_plan',
-           'vm_options', 'deploy_options', 'setup_options', 'cloud_parser', 'plan_from_args', 'main']
+           'STARTUP_SCRIPT', 'COMPACT_SCHEDULE', 'CANARY_SCHEDULE', 'COMPACT', 'CANARY_WATCH', 'SCHEDULED_JOBS', 'APIS',
+           'ACCOUNTS', 'SECRET_READER', 'ONLY_ITS_VMS', 'BIGQUERY_DATASET', 'JOBS_EXECUTOR', 'CloudError', 'PlanFailed',
+           'FileArg', 'Plan', 'render', 'execute', 'check', 'region_of', 'account_email', 'registry_image', 'gpu_flags',
+           'TrainVM', 'startup_script', 'train_params', 'instance_flags', 'train_plan', 'CloudRunService', 'git_tag',
+           'service_container', 'service_yaml', 'add_image_build', 'ScheduledJob', 'add_job', 'deploy_plan',
+           'add_resources', 'add_grant', 'add_roles', 'external_table', 'add_bigquery', 'add_schedule', 'add_schedules',
+           'setup_plan', 'vm_options', 'deploy_options', 'setup_options', 'cloud_parser', 'plan_from_args', 'main']
 
 # %% ../nbs/cloud.ipynb #b8abd365
 class CloudError(ValueError):
@@ -559,22 +559,61 @@ def add_image_build(plan: Plan, svc: CloudRunService, root=".") -> str:
     plan.add("docker", "push", image)
     return image
 
+# %% ../nbs/cloud.ipynb #a546673d
+@dataclass(frozen=True)
+class ScheduledJob:
+    "A Cloud Run job beside the service (its image, account and store) that Cloud Scheduler starts on a schedule."
+
+    name: str  # the Cloud Run job, and the Cloud Scheduler job that starts it
+    command: str  # the program in the serving image
+    schedule: str  # when Cloud Scheduler starts it: cron, UTC (`vit-cloud setup` may change it)
+    args: tuple = ()  # its arguments, none with a comma (gcloud takes them as one comma-separated list)
+    size: tuple = ("--cpu", "1", "--memory", "2Gi", "--task-timeout", "600s")  # flags of `gcloud run jobs deploy`
+    max_retries: int = 0  # retries of a failed task within one execution
+    what: str = ""  # what it does, for the plan's comments
+
+    def __post_init__(self):
+        check("name", self.name, "job name")
+        check("schedule", self.schedule, f"the schedule of {self.name}")
+        if any("," in a for a in self.args):
+            raise CloudError(f"an argument of {self.name} has a comma: {self.args}")
+
+# %% ../nbs/cloud.ipynb #d691acb7
+COMPACT_SCHEDULE = "30 1 * * *"  # daily at 01:30 UTC: the day before is closed
+CANARY_SCHEDULE = "*/5 * * * *"  # every 5 minutes: a step of the canary's watch
+COMPACT = ScheduledJob(
+    "vit-compact",
+    "vit-monitor",
+    COMPACT_SCHEDULE,
+    ("compact",),
+    size=("--cpu", "2", "--memory", "4Gi", "--task-timeout", "3600s"),  # one task, an hour at most
+    max_retries=3,  # compaction is idempotent and safe to run twice at once: a retry does no harm
+    what="the nightly compaction of closed days' telemetry",
+)
+CANARY_WATCH = ScheduledJob(
+    "vit-canary-watch",
+    "vit-models",
+    CANARY_SCHEDULE,
+    ("canary", "watch", "--once", "--by", "vit-canary-watch"),  # `--by`: who moved the alias, in its log
+    size=("--cpu", "1", "--memory", "2Gi", "--task-timeout", "240s"),  # done before the next one starts
+    max_retries=0,  # exit 1 is a rollback: a retry would find no canary, succeed, and hide it
+    what="one step of the canary's watch (an execution fails when it rolls the canary back)",
+)
+SCHEDULED_JOBS = (COMPACT, CANARY_WATCH)  # what `vit-cloud deploy` makes and `vit-cloud setup` schedules
+
 # %% ../nbs/cloud.ipynb #4eaf0ce3
-COMPACT_JOB = "vit-compact"  # the Cloud Run job that runs `vit-monitor compact` on the service's store
-COMPACT_SIZE = ["--cpu", "2", "--memory", "4Gi", "--task-timeout", "3600s"]  # one task, an hour at most
-
-
-def add_compaction_job(plan: Plan, svc: CloudRunService, image: str) -> Plan:
-    "Add to `plan` the Cloud Run job that compacts the telemetry of `svc`'s store, in `image` (created or updated)."
+def add_job(plan: Plan, svc: CloudRunService, image: str, job: ScheduledJob) -> Plan:
+    "Add to `plan` the Cloud Run job `job` beside `svc`, in `image`, as its account, on its store (created or updated)."
     where = ["--project", svc.project, "--region", svc.region]
-    run = ["--command", "vit-monitor", "--args", "compact", "--set-env-vars", f"VIT_STORE={svc.store}"]
-    note = f"the nightly compaction of closed days' telemetry: {COMPACT_JOB} runs vit-monitor compact in the same image"
-    job = ["gcloud", "run", "jobs", "deploy", COMPACT_JOB, "--image", image, *run, "--service-account", svc.account()]
-    return plan.add(*job, "--tasks", "1", "--max-retries", "3", *COMPACT_SIZE, *where, comment=note)
+    run = ["--command", job.command, *(["--args", ",".join(job.args)] if job.args else [])]
+    run += ["--set-env-vars", f"VIT_STORE={svc.store}", "--service-account", svc.account()]
+    note = f"{job.what}: {job.name} runs {shlex.join([job.command, *job.args])} in the same image"
+    deploy = ["gcloud", "run", "jobs", "deploy", job.name, "--image", image, *run]
+    return plan.add(*deploy, "--tasks", "1", "--max-retries", job.max_retries, *job.size, *where, comment=note)
 
 # %% ../nbs/cloud.ipynb #c7a60feb
 def deploy_plan(svc: CloudRunService, root=".") -> Plan:
-    "The plan that (builds and pushes the serving image, then) deploys it to Cloud Run, with its compaction job."
+    "The plan that (builds and pushes the serving image, then) deploys it to Cloud Run, with its `SCHEDULED_JOBS`."
     svc.validated()
     plan = Plan(
         f"vit-cloud deploy: {svc.service} in {svc.project}/{svc.region}, serving {svc.model!r} from {svc.store}"
@@ -588,7 +627,9 @@ def deploy_plan(svc: CloudRunService, root=".") -> Plan:
         note = "the upload page and /predict are public (/admin/* still needs the token)"
         public = ["--member", "allUsers", "--role", "roles/run.invoker"]
         plan.add("gcloud", "run", "services", "add-iam-policy-binding", svc.service, *where, *public, comment=note)
-    return add_compaction_job(plan, svc, image)
+    for job in SCHEDULED_JOBS:
+        add_job(plan, svc, image, job)
+    return plan
 
 # %% ../nbs/cloud.ipynb #02bd5dc3
 APIS = (
@@ -601,9 +642,9 @@ APIS = (
     "cloudscheduler.googleapis.com",
 )
 ACCOUNTS = {  # the service accounts `setup_plan` makes: vit-<role>, and what each is
-    "serve": "the Cloud Run service and its compaction job",
+    "serve": "the Cloud Run service and its scheduled jobs",
     "train": "training VMs",
-    "scheduler": "Cloud Scheduler, to start the compaction job",
+    "scheduler": "Cloud Scheduler, to start the scheduled jobs",
 }
 
 
@@ -708,25 +749,32 @@ def add_bigquery(plan: Plan, project: str, store: str, region: str, dataset: str
     return plan
 
 # %% ../nbs/cloud.ipynb #d8b312f9
-COMPACT_SCHEDULE = "30 1 * * *"  # daily at 01:30 UTC: the day before is closed
 JOBS_EXECUTOR = "roles/run.jobsExecutor"  # run Cloud Run jobs; not invoke services, not change anything
 
 
-def add_compaction_schedule(
+def add_schedule(plan: Plan, project: str, region: str, job: ScheduledJob) -> Plan:
+    "Add to `plan` the Cloud Scheduler job that starts the Cloud Run job `job` on its schedule, as `vit-scheduler`."
+    sa = account_email("scheduler", project)
+    uri = f"https://run.googleapis.com/v2/projects/{project}/locations/{region}/jobs/{job.name}:run"
+    when = ["--schedule", job.schedule, "--time-zone", "Etc/UTC", "--location", region, "--project", project]
+    call = ["--uri", uri, "--http-method", "POST", "--oauth-service-account-email", sa]
+    note = f"start {job.name} ({job.schedule}, UTC); vit-cloud deploy makes the job, in the service's image"
+    return plan.add("gcloud", "scheduler", "jobs", "create", "http", job.name, *when, *call, comment=note)
+
+
+def add_schedules(
     plan: Plan,
     project: str,
     region: str,
-    schedule: str = COMPACT_SCHEDULE,  # cron, UTC
+    jobs=SCHEDULED_JOBS,  # the `ScheduledJob`s to start, each on its schedule
 ) -> Plan:
-    "Add to `plan` the Cloud Scheduler job that starts the compaction job `COMPACT_JOB` on `schedule`."
+    "Add to `plan` the one role of `vit-scheduler`, and a Cloud Scheduler job for each of `jobs`."
     sa = account_email("scheduler", project)
-    note = "vit-scheduler: start the compaction job, nothing else"
+    note = "vit-scheduler: start the scheduled jobs, nothing else"
     add_grant(plan, "projects", project, f"serviceAccount:{sa}", JOBS_EXECUTOR, comment=note)
-    uri = f"https://run.googleapis.com/v2/projects/{project}/locations/{region}/jobs/{COMPACT_JOB}:run"
-    when = ["--schedule", schedule, "--time-zone", "Etc/UTC", "--location", region, "--project", project]
-    call = ["--uri", uri, "--http-method", "POST", "--oauth-service-account-email", sa]
-    note = f"start {COMPACT_JOB} ({schedule}, UTC); vit-cloud deploy makes the job, in the service's image"
-    return plan.add("gcloud", "scheduler", "jobs", "create", "http", COMPACT_JOB, *when, *call, comment=note)
+    for job in jobs:
+        add_schedule(plan, project, region, job)
+    return plan
 
 # %% ../nbs/cloud.ipynb #6c51127f
 def setup_plan(
@@ -738,14 +786,16 @@ def setup_plan(
     wandb_secret: str | None = None,
     dataset: str = BIGQUERY_DATASET,  # the BigQuery dataset of the external tables over the store's records
     compact_schedule: str = COMPACT_SCHEDULE,  # when the compaction job runs (cron, UTC)
+    canary_schedule: str = CANARY_SCHEDULE,  # when the canary's watch takes a step (cron, UTC)
 ) -> Plan:
-    "The one-time setup: APIs, repository, bucket, accounts and their IAM, BigQuery tables, the nightly compaction."
+    "The one-time setup: APIs, repository, bucket, accounts and their IAM, BigQuery tables, the schedules."
     check("project", project)
     check("region", region)
     check("name", repository, "--repository")
     check("secret", admin_token_secret, "--admin-token-secret")
     check("dataset", dataset, "--dataset")
     check("schedule", compact_schedule, "--compact-schedule")
+    check("schedule", canary_schedule, "--canary-schedule")
     if wandb_secret:
         check("secret", wandb_secret, "--wandb-secret")
     store = check("store", bucket if bucket.startswith("gs://") else f"gs://{bucket}").rstrip("/")
@@ -754,7 +804,8 @@ def setup_plan(
     add_resources(plan, project, bucket, region, repository)
     add_roles(plan, project, bucket, region, repository, admin_token_secret, wandb_secret)
     add_bigquery(plan, project, store, region, dataset)
-    return add_compaction_schedule(plan, project, region, compact_schedule)
+    jobs = replace(COMPACT, schedule=compact_schedule), replace(CANARY_WATCH, schedule=canary_schedule)
+    return add_schedules(plan, project, region, jobs)
 
 # %% ../nbs/cloud.ipynb #6170a47f
 def vm_options(t: argparse.ArgumentParser) -> None:
@@ -807,6 +858,8 @@ def setup_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--dataset", default=BIGQUERY_DATASET, help="BigQuery dataset of the tables (default %(default)s)")
     what = "when the compaction job runs, cron in UTC (default '%(default)s')"
     s.add_argument("--compact-schedule", default=COMPACT_SCHEDULE, help=what)
+    what = "when the canary's watch takes a step, cron in UTC (default '%(default)s')"
+    s.add_argument("--canary-schedule", default=CANARY_SCHEDULE, help=what)
 
 # %% ../nbs/cloud.ipynb #c2537f88
 def cloud_parser() -> argparse.ArgumentParser:

@@ -38,12 +38,15 @@ def take_batch(
     queue: collections.deque[Queued],  # the batcher's queue, front first
     max_batch: int,  # images per forward pass at most
 ) -> list[Queued]:
-    "Take the next batch from the front of `queue`: consecutive images of one model, cancelled ones dropped."
-    batch, first = [], queue[0].served if queue else None
-    while queue and len(batch) < max_batch and queue[0].served is first:
+    "Take the next batch: the front image's model's images, in order, cancelled ones dropped; the others stay queued."
+    batch, others, first = [], [], queue[0].served if queue else None
+    while queue and len(batch) < max_batch:
         item = queue.popleft()
-        if item.future.set_running_or_notify_cancel():
+        if item.served is not first:
+            others.append(item)  # another model's image: it keeps its place, at the front
+        elif item.future.set_running_or_notify_cancel():
             batch.append(item)  # skip images whose request gave up
+    queue.extendleft(reversed(others))
     return batch
 
 

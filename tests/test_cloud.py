@@ -368,20 +368,14 @@ def test_setup_defines_the_bigquery_tables_and_the_schedules(tmp_path):
     grants = [c for c in cmds if f"serviceAccount:{scheduler}" in c]
     member = f"--member serviceAccount:{scheduler}"
     assert grants == [f"gcloud projects add-iam-policy-binding {PROJECT} {member} --role roles/run.jobsExecutor"]
-    [job] = [c for c in cmds if c.startswith("gcloud scheduler jobs create http vit-compact ")]
-    for flag in [
-        "--schedule '30 1 * * *' --time-zone Etc/UTC --location europe-west4",
-        f"--uri https://run.googleapis.com/v2/projects/{PROJECT}/locations/europe-west4/jobs/vit-compact:run",
-        f"--http-method POST --oauth-service-account-email {scheduler}",
-    ]:
-        assert flag in job, flag
-    [watch] = [c for c in cmds if c.startswith("gcloud scheduler jobs create http vit-canary-watch ")]
-    for flag in [
-        "--schedule '*/10 * * * *' --time-zone Etc/UTC --location europe-west4",
-        f"--uri https://run.googleapis.com/v2/projects/{PROJECT}/locations/europe-west4/jobs/vit-canary-watch:run",
-        f"--http-method POST --oauth-service-account-email {scheduler}",
-    ]:
-        assert flag in watch, flag
+    for name, schedule in [("vit-compact", "30 1 * * *"), ("vit-canary-watch", "*/10 * * * *")]:
+        [job] = [c for c in cmds if c.startswith(f"gcloud scheduler jobs create http {name} ")]
+        for flag in [
+            f"--schedule '{schedule}' --time-zone Etc/UTC --location europe-west4",
+            f"--uri https://run.googleapis.com/v2/projects/{PROJECT}/locations/europe-west4/jobs/{name}:run",
+            f"--http-method POST --oauth-service-account-email {scheduler}",
+        ]:
+            assert flag in job, (name, flag)
     # run with stand-ins: bq gets the definitions as files, exactly as printed
     env = {
         **os.environ,

@@ -11,7 +11,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Protocol
 from urllib.parse import parse_qs
 
@@ -552,11 +551,13 @@ class Service:
         return self.store
 
 # %% ../nbs/service.ipynb #f812c6ad
-def weights_mb(package: ModelPackage | Path) -> float:
-    "The weights of a loaded package (its parameters' bytes), or of a package folder (its safetensors files), in MB."
+def weights_mb(
+    package: ModelPackage | dict,  # a loaded package, or a stored version's files (name → bytes, from `Store.card`)
+) -> float:
+    "The weights of a package in MB: its parameters' bytes, or the size of its safetensors files in the store."
     if isinstance(package, ModelPackage):
         return sum(p.numel() * p.element_size() for p in package.model.parameters()) / 2**20
-    return sum(f.stat().st_size for f in Path(package).glob("*.safetensors")) / 2**20
+    return sum(n for f, n in package.items() if "/" not in f and f.endswith(".safetensors")) / 2**20
 
 
 @patch
@@ -564,7 +565,8 @@ def load_canary(self: Service, slot: CanarySlot) -> CanarySlot:
     "Load `slot`'s version beside production if the weights fit `memory_budget_mb`: the slot serving, or why not."
     v, budget = slot.version, self.cfg.memory_budget_mb
     try:
-        prod, new = weights_mb(self.served.package), weights_mb(self.get_store().fetch_model(v))
+        # the card's file sizes: a canary that does not fit is refused before it is downloaded
+        prod, new = weights_mb(self.served.package), weights_mb(self.get_store().card(v)["files"])
         if budget and prod + new > budget:
             self.metrics.canary_loads.labels("refused").inc()
             why = f"production ({prod:.1f} MB) and canary {v} ({new:.1f} MB) need {prod + new:.1f} MB of weights"

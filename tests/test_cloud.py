@@ -7,7 +7,19 @@ from pathlib import Path
 import pytest, yaml
 
 from devtools import dev_tool, shellcheck
-from vit_nbdev.cloud import CloudRunService, TrainVM, main, startup_script, train_params
+from vit_nbdev.cloud import (
+    CloudError,
+    CloudRunService,
+    TrainVM,
+    main,
+    render,
+    startup_script,
+    sweep_plan,
+    sweep_startup_script,
+    sweep_vm_from_args,
+    sweep_vm_options,
+    train_params,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = dev_tool("vit-cloud")
@@ -15,24 +27,30 @@ STORE, PROJECT = "gs://vit-test-bucket/runs-a", "vit-test-project"
 
 # A stand-in for gcloud, docker, nvidia-smi...: logs its name, arguments and a few env vars as a JSON line, and
 # does what the script needs of it (copies the startup script it is given, fails `docker run` on request).
+DB_URL = "postgresql+psycopg://optuna:db-password-from-secret-manager@127.0.0.1:5432/optuna"
 FAKE = textwrap.dedent(f"""\
     #!{sys.executable}
     import json, os, shutil, sys
     from pathlib import Path
+    DB_URL = {DB_URL!r}
     name, args = Path(sys.argv[0]).name, sys.argv[1:]
     rec = dict(name=name, args=args, wandb=os.environ.get("WANDB_API_KEY"))
+    rec["storage"] = os.environ.get("VIT_SWEEP_STORAGE")
     for a in args:
         if a.startswith("startup-script="): shutil.copy(a.split("=", 1)[1], os.environ["FAKE_DIR"] + "/startup.sh")
         if a.endswith("/service.yaml"): shutil.copy(a, os.environ["FAKE_DIR"] + "/service.yaml")
         if a.startswith("--external_table_definition="):
             definition = a.split("=", 1)[1]
             shutil.copy(definition, os.environ["FAKE_DIR"] + "/" + Path(definition).name)
-    if name == "docker" and args[:1] == ["run"]:
+        if a.startswith("--data-file="): shutil.copy(a.split("=", 1)[1], os.environ["FAKE_DIR"] + "/secret-data")
+    if name == "docker" and args[:1] == ["run"] and "-v" in args:
         vol = args[args.index("-v") + 1].split(":")[0]
-        rec["params"] = Path(vol, "params.yaml").read_text()
+        for f, key in (("params.yaml", "params"), ("sweep.yaml", "spec")):
+            if Path(vol, f).exists(): rec[key] = Path(vol, f).read_text()
     with open(os.environ["FAKE_DIR"] + "/calls.jsonl", "a") as f: f.write(json.dumps(rec) + "\\n")
-    if name == "gcloud" and args[:3] == ["secrets", "versions", "access"]: print("wandb-key-from-secret-manager")
-    if name == "docker" and args[:1] == ["run"]:
+    if name == "gcloud" and args[:3] == ["secrets", "versions", "access"]:
+        print(DB_URL if "vit-sweep-db" in args else "wandb-key-from-secret-manager")
+    if name == "docker" and args[:1] == ["run"] and "-d" not in args:  # (not the proxy, started in the background)
         print("training... (fake)")
         sys.exit(int(os.environ.get("FAKE_DOCKER_RC", "0")))
     """)
@@ -450,3 +468,196 @@ def test_deploy_outside_a_checkout_needs_an_image(tmp_path):
 
     with pytest.raises(CloudError, match="pass --image"):
         deploy_plan(CloudRunService(project=PROJECT, store=STORE), root=tmp_path)
+
+
+# Sweeps on a fleet of GPU VMs: K workers of one study, each behind the Cloud SQL Auth Proxy
+SPEC = "space:\n  lr: {low: 1.0e-4, high: 3.0e-3, log: true}\nfixed:\n  epochs: 30\n"
+SWEEP_VM = TrainVM(project=PROJECT, store=STORE, image="us-central1-docker.pkg.dev/p-1234/vit/vit-train:abc")
+
+
+def test_sweep_dry_run_starts_k_workers_with_the_proxy_and_no_password():
+    out = render(sweep_plan(SWEEP_VM, SPEC, "lr-search", 3, 24))
+    shellcheck(text=out)
+    creates = [l for l in out.splitlines() if l.startswith("gcloud compute instances create")]
+    assert [c.split()[4] for c in creates] == [f"vit-sweep-lr-search-{i}" for i in (1, 2, 3)]
+    for i, c in enumerate(creates, 1):
+        assert f'startup-script="$D/startup-{i}.sh" --labels app=vit-nbdev,vit-sweep=lr-search' in c
+        assert "--provisioning-model SPOT" in c and "--instance-termination-action DELETE" in c
+        script = heredoc(out, f"startup-{i}.sh")
+        shellcheck(text=script)
+        assert "worker -f /config/sweep.yaml --study \"$STUDY\" --store \"$STORE\" --trials \"$TRIALS\"" in script
+        assert "--entrypoint vit-sweep" in script and "--network host" in script and SPEC.rstrip() in script
+        for line in [
+            f"WORKER={i}",
+            "TRIALS=24",
+            f"SQL_CONNECTION={PROJECT}:us-central1:vit-sweeps",
+            "SQL_PROXY_IMAGE=gcr.io/cloud-sql-connectors/cloud-sql-proxy:2.21.0",
+            "DB_SECRET=vit-sweep-db",
+        ]:
+            assert line in script.splitlines(), line
+        assert "--address 127.0.0.1 --port 5432" in script
+    assert "password" not in out.lower() and "postgresql" not in out
+
+
+def test_sweep_vm_runs_the_worker_behind_the_proxy_and_deletes_itself(tmp_path):
+    script = sweep_startup_script(SWEEP_VM, "lr-search", 2, SPEC, 24)
+    r = boot(tmp_path, script, bins=("gcloud", "docker", "nvidia-smi", "nvidia-ctk", "curl"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    cs = calls(tmp_path)
+    assert [(c["name"], c["args"][:2]) for c in cs] == [
+        ("nvidia-smi", []),
+        ("gcloud", ["auth", "configure-docker"]),
+        ("docker", ["pull", SWEEP_VM.image]),
+        ("docker", ["run", "-d"]),  # the proxy
+        ("curl", ["-fsS", "-o"]),  # ready
+        ("gcloud", ["secrets", "versions"]),  # the URL
+        ("docker", ["run", "--rm"]),  # the worker
+        ("gcloud", ["storage", "cp"]),
+        ("gcloud", ["compute", "instances"]),
+    ]
+    proxy, worker = cs[3]["args"], cs[6]["args"]
+    assert proxy[-1] == f"{PROJECT}:us-central1:vit-sweeps" and "--network" in proxy
+    i = worker.index("--entrypoint")
+    assert worker[i : i + 3] == ["--entrypoint", "vit-sweep", SWEEP_VM.image]
+    assert worker[i + 3 :] == ["worker", "-f", "/config/sweep.yaml", "--study", "lr-search"] + [
+        "--store",
+        STORE,
+        "--trials",
+        "24",
+        "--worker",
+        "2",
+        "--notebook",
+        "/app/nbs/train.ipynb",
+    ]
+    assert ["--gpus", "all"] == worker[worker.index("--gpus") :][:2] and "WANDB_MODE=offline" in worker
+    assert cs[5]["args"][4:] == ["--secret", "vit-sweep-db"] and cs[6]["spec"] == SPEC
+    # the URL reaches the worker through the environment only: in no argument, not in the log
+    assert cs[6]["storage"] == DB_URL and "VIT_SWEEP_STORAGE" in worker
+    assert not any("db-password" in a for c in cs for a in c["args"])
+    assert cs[7]["args"][2:] == [str(tmp_path / "work/sweep.log"), f"{STORE}/sweeps/lr-search/vm-2.log"]
+    assert cs[8]["args"] == ["compute", "instances", "delete", "vit-sweep-lr-search-2", "--zone", "us-central1-a"] + [
+        "--quiet"
+    ]
+    log = (tmp_path / "work/sweep.log").read_text()
+    assert "vit-sweep: study lr-search, worker 2 finished with status 0" in log and "db-password" not in log
+
+
+def test_sweep_vm_is_deleted_when_the_worker_fails(tmp_path):
+    script = sweep_startup_script(SWEEP_VM, "lr-search", 1, SPEC, 24)
+    r = boot(tmp_path, script, bins=("gcloud", "docker", "nvidia-smi", "nvidia-ctk", "curl"), FAKE_DOCKER_RC="3")
+    assert r.returncode == 3
+    assert [c["args"][:3] for c in calls(tmp_path)[-2:]] == [
+        ["storage", "cp", str(tmp_path / "work/sweep.log")],
+        ["compute", "instances", "delete"],
+    ]
+
+
+def test_setup_makes_the_sweeps_database_and_prints_no_password(tmp_path):
+    r = run_cli("setup", "--project", PROJECT, "--bucket", "vit-test-bucket", "--sql-tier", "db-g1-small", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    shellcheck(text=out)
+    cmds = [l for l in out.splitlines() if l and not l.startswith("#") and l.split()[0] == "gcloud"]
+    assert "sqladmin.googleapis.com" in cmds[0]
+    sql = [c for c in cmds if c.startswith("gcloud sql ")]
+    assert sql == [
+        "gcloud sql instances create vit-sweeps --database-version POSTGRES_15 --edition enterprise --tier db-g1-small "
+        f"--storage-size 10GB --region us-central1 --project {PROJECT}",
+        f"gcloud sql databases create optuna --instance vit-sweeps --project {PROJECT}",
+        f'gcloud sql users create optuna --instance vit-sweeps --password="$VIT_SWEEP_DB_PASSWORD" --project {PROJECT}',
+    ]
+    [secret] = [c for c in cmds if c.startswith("gcloud secrets create vit-sweep-db ")]
+    assert '--data-file="$D/sweep-db-url"' in secret
+    train = f"--member serviceAccount:vit-train@{PROJECT}.iam.gserviceaccount.com"
+    assert f"gcloud projects add-iam-policy-binding {PROJECT} {train} --role roles/cloudsql.client" in cmds
+    assert (
+        f"gcloud secrets add-iam-policy-binding vit-sweep-db {train} --role roles/secretmanager.secretAccessor "
+        f"--project {PROJECT}"
+    ) in cmds
+    # the printed script makes the password (or takes yours): the same one for the user and in the secret's URL
+    env = {
+        **os.environ,
+        "PATH": f"{fakebin(tmp_path, ('gcloud', 'bq'))}:{os.environ['PATH']}",
+        "FAKE_DIR": str(tmp_path),
+    }
+    env.pop("VIT_SWEEP_DB_PASSWORD", None)
+    subprocess.run(["bash", "-c", out], env=env, check=True, timeout=120)
+    [user] = [c["args"] for c in calls(tmp_path) if c["args"][:3] == ["sql", "users", "create"]]
+    password = user[6].removeprefix("--password=")
+    assert len(password) >= 32 and password not in out
+    assert (tmp_path / "secret-data").read_text() == f"postgresql+psycopg://optuna:{password}@127.0.0.1:5432/optuna"
+    # and so does vit-cloud setup without --dry-run, showing the variable, never the value
+    (tmp_path / "calls.jsonl").unlink()
+    given = "a-password-of-the-user-0123"
+    r2 = run_cli(
+        "setup", "--project", PROJECT, "--bucket", "vit-test-bucket", env={**env, "VIT_SWEEP_DB_PASSWORD": given}
+    )
+    assert r2.returncode == 0, r2.stderr
+    assert given not in r2.stdout + r2.stderr and '--password="$VIT_SWEEP_DB_PASSWORD"' in r2.stderr
+    [user] = [c["args"] for c in calls(tmp_path) if c["args"][:3] == ["sql", "users", "create"]]
+    assert user[6] == f"--password={given}" and given in (tmp_path / "secret-data").read_text()
+    # a password that would break the URL is refused before anything runs, without being repeated
+    (tmp_path / "calls.jsonl").unlink()
+    bad = "p@ss/word with spaces"
+    r3 = run_cli(
+        "setup", "--project", PROJECT, "--bucket", "vit-test-bucket", env={**env, "VIT_SWEEP_DB_PASSWORD": bad}
+    )
+    assert r3.returncode == 2 and "VIT_SWEEP_DB_PASSWORD must be 16 or more" in r3.stderr and bad not in r3.stderr
+    assert calls(tmp_path) == []
+
+
+def test_setup_without_sweeps_has_no_database():
+    r = run_cli("setup", "--project", PROJECT, "--bucket", "vit-test-bucket", "--no-sweeps", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "gcloud sql" not in r.stdout and "VIT_SWEEP_DB_PASSWORD" not in r.stdout and "vit-sweep-db" not in r.stdout
+
+
+@pytest.mark.parametrize(
+    "change,msg",
+    [
+        (dict(workers=0), "--workers must be a whole number, 1 or more"),
+        (dict(workers=2.5), "--workers"),
+        (dict(study="LR_search"), "--study 'LR_search' cannot name the VMs vit-sweep-<study>-<i>"),
+        (dict(study="lr-search-" + "x" * 45), "at most 51"),
+        (dict(study="-lr"), "cannot name the VMs"),
+        (dict(trials=0), "--trials"),
+        (dict(db_secret="postgresql://optuna:hunter2@db/optuna"), "not the secret itself"),
+        (dict(sql_instance="Vit_Sweeps"), "--sql-instance"),
+        (dict(sql_instance="p:vit-sweeps"), "PROJECT:REGION:NAME"),
+        (dict(spec_text="  \n"), "the sweep's YAML is empty"),
+        (dict(vm=TrainVM(project=PROJECT, store="./artifacts")), "gs://bucket"),
+        (dict(vm=TrainVM(project=PROJECT, store=STORE, machine_type="e2-standard-8")), "takes no GPU"),
+    ],
+)
+def test_bad_sweep_options_raise_a_clear_cloud_error(change, msg):
+    args = dict(vm=SWEEP_VM, spec_text=SPEC, study="lr-search", workers=2, trials=24) | change
+    with pytest.raises(CloudError, match=None) as e:
+        sweep_plan(**args)
+    assert msg in str(e.value), str(e.value)
+
+
+def test_sweep_vm_options_fit_vit_sweep_run():
+    "`vit-sweep run` has its own -f, --store, --study, --trials and --workers: the VM options add none of them."
+    import argparse
+
+    p = argparse.ArgumentParser("vit-sweep run")
+    p.add_argument("-f", "--file")
+    for o in ("--store", "--study", "--trials", "--workers", "--storage"):
+        p.add_argument(o)
+    sweep_vm_options(p)  # argparse raises on a clash
+    a = p.parse_args(["--project", PROJECT, "--machine-type", "n1-standard-8", "--gpu", "nvidia-tesla-t4"])
+    vm = sweep_vm_from_args(a, STORE)
+    assert (vm.project, vm.store, vm.machine_type, vm.gpu, vm.spot) == (
+        PROJECT,
+        STORE,
+        "n1-standard-8",
+        "nvidia-tesla-t4",
+        True,
+    )
+    assert (a.db_secret, a.sql_instance) == ("vit-sweep-db", "vit-sweeps")
+    with pytest.raises(CloudError, match="--cloud needs --project"):
+        sweep_vm_from_args(p.parse_args([]), STORE)
+    with pytest.raises(CloudError, match="--gpu-count"):
+        sweep_vm_from_args(
+            p.parse_args(["--project", PROJECT, "--machine-type", "n1-standard-8", "--gpu-count", "3"]), STORE
+        )

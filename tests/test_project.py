@@ -29,6 +29,7 @@ def test_docs_site_has_every_chapter_in_reading_order():
         "model.ipynb",
         "store.ipynb",
         "train.ipynb",
+        "sweep.ipynb",
         "registry.ipynb",
         "evidence.ipynb",
         "telemetry.ipynb",
@@ -91,16 +92,19 @@ def test_docstring_check_sees_a_missing_one():
 
 
 def test_configs_are_valid_training_parameters():
-    "Every config is training parameters, but the canary policy, which states the policy's defaults."
+    "Every config is training parameters, but the canary policy (the policy's defaults) and the sweeps (checked whole)."
     from vit_nbdev.canary import Policy, load_policy
+    from vit_nbdev.sweep import load_spec
 
     configs = sorted((ROOT / "configs").glob("*.yaml"))
     policies = [f for f in configs if f.name.endswith("-policy.yaml")]
-    assert [f.name for f in policies] == ["canary-policy.yaml"] and len(configs) > len(policies)
+    sweeps = [f for f in configs if f.name.startswith("sweep-")]
+    assert [f.name for f in policies] == ["canary-policy.yaml"] and [f.name for f in sweeps] == ["sweep-sample.yaml"]
     for f in configs:
-        if f not in policies:
+        if f not in policies + sweeps:
             TrainConfig.from_dict(yaml.safe_load(f.read_text()))
     assert load_policy(policies[0]) == Policy()
+    assert load_spec(sweeps[0]).trials == 12
 
 
 def test_the_test_command_sets_up_the_system_first():

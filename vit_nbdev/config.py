@@ -111,12 +111,13 @@ def _type_name(hint) -> str:
 # %% ../nbs/config.ipynb #f9cfb040
 TRAIN_RANGES = (  # (names, test, what they must be): the ranges `TrainConfig.check` enforces
     (("epochs", "batch_size", "grad_accum", "eval_batch_size", "log_every"), lambda v: v >= 1, "at least 1"),
-    (("max_steps", "image_size"), lambda v: v is None or v >= 1, "None or at least 1"),
+    (("max_steps", "image_size", "max_train_images"), lambda v: v is None or v >= 1, "None or at least 1"),
     (("warmup_steps", "eval_every", "checkpoint_every", "weight_decay"), lambda v: v >= 0, "≥ 0"),
     (("lr", "max_grad_norm"), lambda v: v > 0, "> 0"),
     (("label_smoothing",), lambda v: 0 <= v < 1, "in [0, 1)"),
     (("val_fraction",), lambda v: 0 < v < 1, "in (0, 1)"),
     (("extra_train",), lambda v: v is None or bool(v.strip()), "None or a dataset source such as store:<fingerprint>"),
+    (("trial",), lambda v: v is None or ":" in v, "None or <study>:<trial number> (set by vit-sweep)"),
     (("mixed_precision",), lambda v: v in PRECISIONS, " or ".join(map(repr, PRECISIONS))),
     (("tracker",), lambda v: v in TRACKERS, " or ".join(map(repr, TRACKERS))),
     (("aliases",), lambda v: all(isinstance(a, str) and a for a in v), "a list of alias names"),
@@ -140,6 +141,7 @@ class TrainConfig:
     image_size: int | None = None
     epochs: int = 1
     max_steps: int | None = None
+    max_train_images: int | None = None
     batch_size: int = 128
     grad_accum: int = 1
     eval_batch_size: int = 500
@@ -157,11 +159,13 @@ class TrainConfig:
     log_every: int = 10
     tracker: str = "wandb"
     wandb_project: str = "vit-nbdev"
+    wandb_group: str | None = None
     store: str | None = None
     aliases: list = field(default_factory=lambda: ["latest"])
     run_id: str | None = None
     checkpoint_dir: str = "checkpoints"
     resume: bool | str = False
+    trial: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:

@@ -6,7 +6,7 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/train.html.md"""
 
 # %% ../nbs/train.ipynb #bd684879
 from __future__ import annotations
-import json, os, platform, shutil, signal, subprocess, sys, time
+import dataclasses, json, os, platform, shutil, signal, subprocess, sys, time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -208,7 +208,7 @@ def start_tracking(accelerator: Accelerator, cfg: TrainConfig, run_id: str):
     accelerator.init_trackers(
         cfg.wandb_project,
         config=asdict(cfg),
-        init_kwargs={"wandb": dict(name=run_id, id=run_id, mode=mode, resume="allow")},
+        init_kwargs={"wandb": dict(name=run_id, id=run_id, mode=mode, resume="allow", group=cfg.wandb_group)},
     )
 
 
@@ -288,6 +288,27 @@ def _snapshot(st, cfg: TrainConfig, data):
     if data.extra_train and not data.extra_train["snapshot"]:
         data.extra_train["snapshot"] = prefix(data.extra_train["fingerprint"], cfg.extra_train)
 
+# %% ../nbs/train.ipynb #2d4f2c68
+def _subset_train(data, n: int | None, seed: int):
+    "`data` with its training split cut to a seeded subset of `n` images (all of them when `n` is None or larger)."
+    if n is None or n >= len(data.train):
+        return data
+    keep = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))[:n]
+    return dataclasses.replace(data, train=Split(*data.train[keep]))
+
+# %% ../nbs/train.ipynb #647b1c74
+def _report_epoch(acc: Accelerator, reporter, epoch: int, val_acc: float) -> None:
+    "Report `val_acc` after `epoch` to the sweep's trial (main process); if it is pruned, every process raises."
+    from accelerate.utils import broadcast_object_list
+
+    verdict = [reporter(epoch, val_acc) if acc.is_main_process else None]
+    if acc.num_processes > 1:
+        broadcast_object_list(verdict)
+    if verdict[0]:
+        import optuna
+
+        raise optuna.TrialPruned(f"pruned after epoch {epoch}: validation accuracy {val_acc:.4f}")
+
 # %% ../nbs/train.ipynb #7d333968
 def make_optimizer(
     model,  # the model to train
@@ -319,6 +340,10 @@ class TrainResult:
 # %% ../nbs/train.ipynb #7faeb0d4
 def _card(acc: Accelerator, cfg: TrainConfig, res: TrainResult, data, version: str) -> dict:
     "The model card of a run: its lineage (code, data, parent model), parameters, metrics and device."
+    sweep = {}
+    if cfg.trial:  # a sweep's trial: its model is tagged with the study and the trial's number
+        study, number = cfg.trial.rsplit(":", 1)
+        sweep = dict(sweep=dict(study=study, trial=int(number)))
     return dict(
         version=version,
         created=datetime.now(UTC).isoformat(),
@@ -329,6 +354,7 @@ def _card(acc: Accelerator, cfg: TrainConfig, res: TrainResult, data, version: s
         metrics=res.metrics,
         device=device_info(acc.device),
         parent=None if cfg.model in PRESETS else cfg.model,
+        **sweep,
     )
 
 
@@ -383,6 +409,7 @@ def train(cfg: TrainConfig | None = None, **params) -> TrainResult:
         data = add_train(data, cfg.extra_train, store=st, progress=main)
     if main:
         _snapshot(st, cfg, data)
+    data = _subset_train(data, cfg.max_train_images, cfg.seed)
     # store:<version> is a registered model, e.g. production's
     src = str(st.fetch_model(cfg.model[6:])) if cfg.model.startswith("store:") else cfg.model
     model, pre = build_model(src, data.label_names, **({"image_size": cfg.image_size} if cfg.image_size else {}))
@@ -398,6 +425,11 @@ def train(cfg: TrainConfig | None = None, **params) -> TrainResult:
     if resume_from:
         acc.load_state(str(resume_from))
     start_tracking(acc, cfg, run_id)
+    reporter = None
+    if cfg.trial and main:  # in a sweep: the trial, told each epoch's result (the sweep imports this module: not above)
+        from vit_nbdev.sweep import trial_reporter
+
+        reporter = trial_reporter(cfg.trial)
     eval_every = cfg.eval_every or steps_per_epoch
     running, seen, t0 = torch.zeros((), device=acc.device), 0, time.perf_counter()
     start = state.step
@@ -435,8 +467,10 @@ def train(cfg: TrainConfig | None = None, **params) -> TrainResult:
             seen, t0 = 0, time.perf_counter()
         if state.step % eval_every == 0 or state.step == total:
             t_eval = time.perf_counter()
-            _validate(acc, model, data.validation, pre, cfg, state)
+            v = _validate(acc, model, data.validation, pre, cfg, state)
             t0 += time.perf_counter() - t_eval  # evaluation is not training time
+            if cfg.trial and state.step % steps_per_epoch == 0:
+                _report_epoch(acc, reporter, state.step // steps_per_epoch, v["acc"])
         if cfg.checkpoint_every and (state.step % cfg.checkpoint_every == 0) and state.step < total:
             t_ck = time.perf_counter()
             _checkpoint(acc, ckpt_dir, state.step)

@@ -7,7 +7,7 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/sweep.html.md"""
 # %% ../nbs/sweep.ipynb #d4fa6e59
 from __future__ import annotations
 import argparse, io, json, os, signal, socket, subprocess, sys, time, warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import optuna

@@ -104,7 +104,8 @@ def main():
     ap.add_argument("--no-out", action="store_true", help="print only; do not write bench/results/sweep.md")
     a = ap.parse_args()
     os.environ.setdefault("WANDB_MODE", "offline")
-    host = f"{cpu()}; {os.cpu_count()} CPUs; python {platform.python_version()}"
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    host = f"{cpu()}; {os.cpu_count()} CPUs (load {load} at the start); python {platform.python_version()}"
     print(host, flush=True)
     with tempfile.TemporaryDirectory() as d:
         os.chdir(d)  # the runs' local files (W&B offline, records) stay in the temporary folder

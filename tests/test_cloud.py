@@ -661,3 +661,25 @@ def test_sweep_vm_options_fit_vit_sweep_run():
         sweep_vm_from_args(
             p.parse_args(["--project", PROJECT, "--machine-type", "n1-standard-8", "--gpu-count", "3"]), STORE
         )
+
+
+def test_deploy_gpu_dry_run_asks_for_one_l4(capsys):
+    "`--gpu`: the CUDA image, one L4 in the service's YAML (limit and node selector), CPU never throttled."
+    r = run_cli(
+        "deploy", "--project", PROJECT, "--store", STORE, "--gpu", "--cpu", "4", "--memory", "16Gi", "--dry-run"
+    )
+    assert r.returncode == 0, r.stderr
+    build = next(l for l in r.stdout.splitlines() if l.startswith("docker build"))
+    assert "--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu" in build and "-cuda " in build
+    t = yaml.safe_load(heredoc(r.stdout, "service.yaml"))["spec"]["template"]
+    [c] = t["spec"]["containers"]
+    assert c["resources"]["limits"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"}
+    assert t["spec"]["nodeSelector"] == {"run.googleapis.com/accelerator": "nvidia-l4"}
+    assert t["metadata"]["annotations"]["run.googleapis.com/cpu-throttling"] == "false"
+    for args, msg in [
+        ((), "--cpu 4 --memory 16Gi"),
+        (("--cpu", "4", "--memory", "16Gi", "--region", "us-west1"), "us-west1"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(["deploy", "--project", PROJECT, "--store", STORE, "--gpu", *args, "--dry-run"])
+        assert e.value.code == 2 and msg in capsys.readouterr().err

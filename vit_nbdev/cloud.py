@@ -13,12 +13,13 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['SECRET_CHARS', 'MISSING_TOOLS', 'ATTACHED_GPUS', 'STARTUP_HEAD', 'STARTUP_FINISH', 'STARTUP_RUNTIME', 'STARTUP_MAIN',
            'STARTUP_SCRIPT', 'SWEEP_SQL_INSTANCE', 'SWEEP_DB_SECRET', 'SWEEP_SQL_TIER', 'SWEEP_DB', 'SWEEP_DB_URL',
-           'SQL_PROXY_IMAGE', 'CLOUDSQL_CLIENT', 'SWEEP_HEAD', 'SWEEP_MAIN', 'SWEEP_SCRIPT', 'COMPACT_SCHEDULE',
-           'CANARY_SCHEDULE', 'COMPACT', 'CANARY_WATCH', 'SCHEDULED_JOBS', 'APIS', 'ACCOUNTS', 'SECRET_READER',
-           'ONLY_ITS_VMS', 'BIGQUERY_DATASET', 'JOBS_EXECUTOR', 'CloudError', 'PlanFailed', 'FileArg', 'Plan', 'Secret',
-           'secret_value', 'plan_secrets', 'render', 'execute', 'check', 'region_of', 'account_email', 'registry_image',
-           'gpu_flags', 'TrainVM', 'startup_script', 'train_params', 'instance_flags', 'train_plan', 'sweep_vm_names',
-           'sql_connection', 'sweep_startup_script', 'sweep_plan', 'CloudRunService', 'git_tag', 'service_container',
+           'SQL_PROXY_IMAGE', 'CLOUDSQL_CLIENT', 'SWEEP_HEAD', 'SWEEP_MAIN', 'SWEEP_SCRIPT', 'GPU_TYPE', 'GPU_REGIONS',
+           'GPU_MIN_CPU', 'GPU_MIN_MEMORY_GI', 'CUDA_TORCH_INDEX', 'COMPACT_SCHEDULE', 'CANARY_SCHEDULE', 'COMPACT',
+           'CANARY_WATCH', 'SCHEDULED_JOBS', 'APIS', 'ACCOUNTS', 'SECRET_READER', 'ONLY_ITS_VMS', 'BIGQUERY_DATASET',
+           'JOBS_EXECUTOR', 'CloudError', 'PlanFailed', 'FileArg', 'Plan', 'Secret', 'secret_value', 'plan_secrets',
+           'render', 'execute', 'check', 'region_of', 'account_email', 'registry_image', 'gpu_flags', 'TrainVM',
+           'startup_script', 'train_params', 'instance_flags', 'train_plan', 'sweep_vm_names', 'sql_connection',
+           'sweep_startup_script', 'sweep_plan', 'check_gpu_size', 'CloudRunService', 'git_tag', 'service_container',
            'service_yaml', 'add_image_build', 'ScheduledJob', 'add_job', 'deploy_plan', 'add_resources', 'add_grant',
            'add_roles', 'external_table', 'add_bigquery', 'add_schedule', 'add_schedules', 'add_sweep_db', 'setup_plan',
            'machine_options', 'vm_options', 'sweep_vm_options', 'sweep_vm_from_args', 'deploy_options', 'setup_options',
@@ -688,6 +689,24 @@ def sweep_plan(
         plan.add(*create, "--metadata-from-file", script, "--labels", labels, comment=note)
     return plan
 
+# %% ../nbs/cloud.ipynb #e079a2bd
+GPU_TYPE = "nvidia-l4"  # the GPU Cloud Run offers services
+GPU_REGIONS = ("us-central1", "europe-west1", "europe-west4", "asia-southeast1", "asia-south1")  # with L4s
+GPU_MIN_CPU, GPU_MIN_MEMORY_GI = 4, 16  # what Cloud Run requires of an instance with a GPU
+CUDA_TORCH_INDEX = "https://download.pytorch.org/whl/cu128"  # torch with CUDA, for the GPU image
+
+
+def check_gpu_size(region: str, cpu: int, memory: str) -> None:
+    "Refuse (`CloudError`) a GPU service in a region without L4s, or smaller than Cloud Run allows with a GPU."
+    if region not in GPU_REGIONS:
+        raise CloudError(f"--gpu: Cloud Run has no {GPU_TYPE} in {region}; use --region {' or '.join(GPU_REGIONS)}")
+    gib = int(memory[:-2]) / (1024 if memory.endswith("Mi") else 1)
+    if cpu < GPU_MIN_CPU or gib < GPU_MIN_MEMORY_GI:
+        raise CloudError(
+            f"--gpu needs at least --cpu {GPU_MIN_CPU} --memory {GPU_MIN_MEMORY_GI}Gi (Cloud Run's minimum with a "
+            f"GPU), not --cpu {cpu} --memory {memory}"
+        )
+
 # %% ../nbs/cloud.ipynb #1eb87cb6
 @dataclass
 class CloudRunService:
@@ -709,6 +728,7 @@ class CloudRunService:
     admin_token_secret: str = "vit-admin-token"  # Secret Manager secret with the admin bearer token
     service_account: str | None = None  # default vit-serve@<project>.iam.gserviceaccount.com
     allow_unauthenticated: bool = True  # the upload page and /predict are public; /admin/* needs the token
+    gpu: bool = False  # one NVIDIA L4 per instance, and the image built with CUDA's torch
 
     def validated(self) -> CloudRunService:
         "Self, after checking every option (raises `CloudError`)."
@@ -735,6 +755,8 @@ class CloudRunService:
             )
         if self.service_account:
             check("account", self.service_account, "--service-account")
+        if self.gpu:
+            check_gpu_size(self.region, self.cpu, self.memory)
         return self
 
     def account(self) -> str:
@@ -767,7 +789,7 @@ def service_container(svc: CloudRunService, image: str) -> dict:
             dict(name="VIT_MODEL", value=svc.model),
             dict(name="VIT_ADMIN_TOKEN", valueFrom=token),
         ],
-        resources=dict(limits=dict(cpu=str(svc.cpu), memory=svc.memory)),
+        resources=dict(limits=dict(cpu=str(svc.cpu), memory=svc.memory) | ({"nvidia.com/gpu": "1"} if svc.gpu else {})),
         startupProbe=probe("/readyz", periodSeconds=5, failureThreshold=36),  # up to 3 min to load and warm up
         livenessProbe=probe("/healthz", periodSeconds=30, failureThreshold=3),
     )
@@ -788,6 +810,9 @@ def service_yaml(svc: CloudRunService, image: str) -> str:
         timeoutSeconds=60,
         containers=[service_container(svc, image)],
     )
+    if svc.gpu:  # the GPU's type; Cloud Run requires the CPU to stay allocated between requests
+        spec["nodeSelector"] = {"run.googleapis.com/accelerator": GPU_TYPE}
+        scaling["run.googleapis.com/cpu-throttling"] = "false"
     doc = dict(
         apiVersion="serving.knative.dev/v1",
         kind="Service",
@@ -803,11 +828,13 @@ def add_image_build(plan: Plan, svc: CloudRunService, root=".") -> str:
         raise CloudError(
             f"no docker/serve.Dockerfile under {Path(root).resolve()}: run from a checkout or pass --image"
         )
-    image = registry_image(svc.region, svc.project, svc.service, svc.tag or git_tag(root), svc.repository)
+    tag = (svc.tag or git_tag(root)) + ("-cuda" if svc.gpu else "")  # one image per build of torch
+    image = registry_image(svc.region, svc.project, svc.service, tag, svc.repository)
     note = "build the serving image (context: the repository root) and push it to Artifact Registry"
     plan.add("gcloud", "auth", "configure-docker", image.split("/")[0], "--quiet", comment=note)
     dockerfile, commit = str(Path(root, "docker", "serve.Dockerfile")), f"VIT_CODE_COMMIT={image.rsplit(':', 1)[1]}"
-    plan.add("docker", "build", "-f", dockerfile, "--build-arg", commit, "-t", image, str(root))
+    cuda = ["--build-arg", f"TORCH_INDEX_URL={CUDA_TORCH_INDEX}"] if svc.gpu else []
+    plan.add("docker", "build", "-f", dockerfile, "--build-arg", commit, *cuda, "-t", image, str(root))
     plan.add("docker", "push", image)
     return image
 
@@ -869,6 +896,7 @@ def deploy_plan(svc: CloudRunService, root=".") -> Plan:
     svc.validated()
     plan = Plan(
         f"vit-cloud deploy: {svc.service} in {svc.project}/{svc.region}, serving {svc.model!r} from {svc.store}"
+        + (f", one {GPU_TYPE} per instance" if svc.gpu else "")
     )
     image = svc.image or add_image_build(plan, svc, root)
     plan.files["service.yaml"] = service_yaml(svc, image)
@@ -1164,6 +1192,7 @@ def deploy_options(d: argparse.ArgumentParser) -> None:
         d.add_argument(f"--{n.replace('_', '-')}", type=int, default=getattr(CloudRunService, n))
     d.add_argument("--service-account")
     d.add_argument("--allow-unauthenticated", action=argparse.BooleanOptionalAction, default=True)
+    d.add_argument("--gpu", action="store_true", help=f"one {GPU_TYPE} per instance (with --cpu 4 --memory 16Gi)")
 
 # %% ../nbs/cloud.ipynb #0af8432b
 def setup_options(s: argparse.ArgumentParser) -> None:

@@ -33,6 +33,9 @@ PRESETS: dict[str, dict] = {
     "vit-cifar-small": dict(
         image_size=32, patch_size=4, hidden_size=256, num_hidden_layers=6, num_attention_heads=8, intermediate_size=512
     ),
+    "vit-cifar-wide": dict(  # the small preset 1.5x wider: the recipe's shape for five GPU minutes (train chapter)
+        image_size=32, patch_size=4, hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=768
+    ),
     "vit-b16": dict(
         image_size=224,
         patch_size=16,
@@ -86,6 +89,11 @@ ENGINES = {  # name: (runtime, precision); the engine chapter runs them
     "torch-int8": ("torch", "int8"),
     "onnx-fp32": ("onnx", "fp32"),
     "onnx-int8": ("onnx", "int8"),
+    "openvino-fp32": ("openvino", "fp32"),
+    "openvino-bf16": ("openvino", "bf16"),
+    "openvino-int8": ("openvino", "int8"),
+    "cuda-fp16": ("cuda", "fp16"),
+    "cuda-bf16": ("cuda", "bf16"),
 }
 TRACKERS = ("wandb", "none")
 PROTECTED_ALIASES = ("production",)  # moved only by `vit-models promote` (gated) / `rollback`, never by a training run
@@ -115,6 +123,9 @@ TRAIN_RANGES = (  # (names, test, what they must be): the ranges `TrainConfig.ch
     (("warmup_steps", "eval_every", "checkpoint_every", "weight_decay"), lambda v: v >= 0, "≥ 0"),
     (("lr", "max_grad_norm"), lambda v: v > 0, "> 0"),
     (("label_smoothing",), lambda v: 0 <= v < 1, "in [0, 1)"),
+    (("mixup", "cutmix"), lambda v: v >= 0, "≥ 0 (the α of the Beta distribution of the mixing ratio; 0: off)"),
+    (("random_erasing",), lambda v: 0 <= v <= 1, "in [0, 1] (the chance that an image has a rectangle erased)"),
+    (("ema_decay",), lambda v: 0 <= v < 1, "in [0, 1) (0: no average of the weights)"),
     (("val_fraction",), lambda v: 0 < v < 1, "in (0, 1)"),
     (("extra_train",), lambda v: v is None or bool(v.strip()), "None or a dataset source such as store:<fingerprint>"),
     (("trial",), lambda v: v is None or ":" in v, "None or <study>:<trial number> (set by vit-sweep)"),
@@ -151,6 +162,12 @@ class TrainConfig:
     label_smoothing: float = 0.1
     max_grad_norm: float = 1.0
     augment: bool = True
+    trivial_augment: bool = False
+    random_erasing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    ema_decay: float = 0.0
+    compile: bool = False
     val_fraction: float = 0.2
     seed: int = 0
     mixed_precision: str = "auto"

@@ -6,7 +6,7 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/engine.html.md"""
 
 # %% ../nbs/engine.ipynb #e4c349fb
 from __future__ import annotations
-import contextlib, copy, gc, hashlib, importlib.util, json, logging, math, os, platform, time, warnings
+import contextlib, copy, functools, gc, hashlib, importlib.util, io, json, logging, math, os, platform, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,11 +20,13 @@ from .store import Store, open_store
 _log = logging.getLogger("vit_nbdev.engine")
 
 # %% auto #0
-__all__ = ['FLAGS', 'REFERENCE_ENGINE', 'RECIPE', 'CHECK_N', 'MIN_AGREEMENT', 'MAX_DROP', 'cpu_budget', 'cpu_has_bf16',
-           'host_info', 'onnx_available', 'engine_spec', 'engine_key', 'Engine', 'TorchEngine', 'export_onnx',
-           'quantize_onnx', 'make_artifacts', 'OnnxEngine', 'build_engine', 'check_set', 'predictions', 'check_engine',
-           'read_check', 'write_check', 'candidate_names', 'check_engines', 'images_per_s', 'Choice', 'thread_options',
-           'choose_engine', 'engines_prefix', 'sync_engines', 'export_engines']
+__all__ = ['FLAGS', 'REFERENCE_ENGINE', 'RECIPE', 'CALIBRATION_N', 'CHECK_N', 'MIN_AGREEMENT', 'MAX_DROP', 'cpu_budget',
+           'cpu_has_bf16', 'host_info', 'onnx_available', 'openvino_available', 'openvino_precision', 'engine_spec',
+           'unavailable', 'engine_key', 'Engine', 'TorchEngine', 'export_onnx', 'quantize_onnx', 'make_artifacts',
+           'OnnxEngine', 'calibration_images', 'convert_openvino', 'OpenVinoEngine', 'CudaEngine', 'build_engine',
+           'check_set', 'predictions', 'check_engine', 'read_check', 'write_check', 'candidate_names', 'check_engines',
+           'images_per_s', 'Choice', 'thread_options', 'choose_engine', 'engines_prefix', 'sync_engines',
+           'export_engines']
 
 # %% ../nbs/engine.ipynb #ff1ac98a
 def cpu_budget(
@@ -80,11 +82,39 @@ def onnx_available() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
 
 
+def openvino_available() -> bool:
+    "Are OpenVINO and NNCF installed (the `openvino` extra)?"
+    return all(importlib.util.find_spec(m) is not None for m in ("openvino", "nncf"))
+
+
+@functools.cache
+def openvino_precision() -> str:
+    "OpenVINO's default inference precision on this CPU, as its runtime reports it (`bf16`, `fp32`, ...)."
+    import openvino as ov
+
+    hint = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()  # "bf16", "f32", "f16"
+    return {"f32": "fp32", "f16": "fp16"}.get(hint, hint)
+
+
 def engine_spec(name: str) -> tuple[str, str]:
     "`(runtime, precision)` of engine `name`; `ValueError` naming the engines otherwise."
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r}: choose one of {', '.join(ENGINES)} (or 'auto')")
     return ENGINES[name]
+
+# %% ../nbs/engine.ipynb #2eaf930c
+def unavailable(name: str) -> str | None:
+    "Why engine `name` cannot run on this host (what to install, what is missing), or `None` if it can."
+    runtime, precision = engine_spec(name)
+    if runtime == "onnx" and not onnx_available():
+        return "needs ONNX Runtime: pip install 'vit-nbdev[fast]'"
+    if runtime == "openvino" and not openvino_available():
+        return "needs OpenVINO and NNCF: pip install 'vit-nbdev[openvino]'"
+    if runtime == "cuda" and not torch.cuda.is_available():
+        return "needs a CUDA GPU: torch.cuda.is_available() is False on this host"
+    if runtime == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        return "needs a GPU with bf16 (Ampere or later)"
+    return None
 
 # %% ../nbs/engine.ipynb #7c847386
 def engine_key(name: str) -> str:
@@ -94,6 +124,14 @@ def engine_key(name: str) -> str:
         import onnxruntime
 
         key += f"-ort{onnxruntime.__version__}"
+    elif engine_spec(name)[0] == "openvino":
+        import openvino
+
+        key += f"-ov{openvino.__version__.split('-')[0]}"
+        if engine_spec(name)[1] == "int8":
+            import nncf
+
+            key += f"-nncf{nncf.__version__}"
     return key.replace("+", "_")
 
 # %% ../nbs/engine.ipynb #dba0a224
@@ -198,14 +236,19 @@ def quantize_onnx(src: str | Path, dst: str | Path) -> Path:
 # %% ../nbs/engine.ipynb #ad372bc2
 def make_artifacts(package: ModelPackage, name: str, folder: str | Path) -> Path | None:
     "The file engine `name` runs from (made once under `folder/<engine_key>/`), or `None` for engines that need none."
-    if engine_spec(name)[0] != "onnx":
+    runtime, precision = engine_spec(name)
+    if runtime not in ("onnx", "openvino"):
         return None
-    path = Path(folder) / engine_key(name) / "model.onnx"
+    path = Path(folder) / engine_key(name) / ("model.onnx" if runtime == "onnx" else "model.xml")
     if not path.exists():
         if name == "onnx-int8":
             quantize_onnx(make_artifacts(package, "onnx-fp32", folder), path)
-        else:
+        elif runtime == "onnx":
             export_onnx(package, path)
+        else:  # OpenVINO reads the ONNX graph: one export for both runtimes
+            onnx_graph = make_artifacts(package, "onnx-fp32", folder)
+            calibration = calibration_images(package) if precision == "int8" else None
+            convert_openvino(onnx_graph, path, calibration)
     return path
 
 # %% ../nbs/engine.ipynb #b161f446
@@ -229,22 +272,98 @@ class OnnxEngine(Engine):
         emb, logits = self.session.run(None, {"pixel_values": pixels.detach().float().contiguous().cpu().numpy()})
         return torch.from_numpy(emb), torch.from_numpy(logits)
 
+# %% ../nbs/engine.ipynb #cc6f3555
+CALIBRATION_N = 300  # held-out images NNCF calibrates int8 on
+
+
+def calibration_images(package: ModelPackage, n: int = CALIBRATION_N) -> torch.Tensor:
+    "The last `n` held-out images, at the model's input size (float): the check (`check_set`) takes the first ones."
+    d = load_cifar10(progress=False)
+    return preprocess(torch.cat([d.test.images, d.validation.images])[-n:], package.preprocess)
+
+# %% ../nbs/engine.ipynb #cd5f1af3
+def convert_openvino(
+    src: str | Path,  # the fp32 ONNX graph (`export_onnx`)
+    dst: str | Path,  # the IR to write (`model.xml`, its weights beside it in `model.bin`)
+    calibration: torch.Tensor | None = None,  # float images: quantize to int8 with NNCF, calibrated on them
+) -> Path:
+    "Convert an ONNX graph to OpenVINO's IR, quantized to int8 when `calibration` images are given."
+    import openvino as ov
+
+    dst = Path(dst)
+    model = ov.convert_model(str(src))
+    if calibration is not None:
+        import nncf
+
+        nncf.set_log_level(logging.ERROR)  # one INFO line per statistic otherwise
+        data = nncf.Dataset([x[None].numpy() for x in calibration])
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress bars: not for a service's log
+            model = nncf.quantize(model, data, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration))
+    tmp = dst.parent / f".tmp-{os.getpid()}"
+    ov.save_model(model, str(tmp / dst.name), compress_to_fp16=False)
+    (tmp / dst.name).with_suffix(".bin").replace(dst.with_suffix(".bin"))
+    (tmp / dst.name).replace(dst)  # last: the .xml says the pair is complete
+    tmp.rmdir()
+    return dst
+
+# %% ../nbs/engine.ipynb #87370e89
+class OpenVinoEngine(Engine):
+    "OpenVINO on the CPU, from an IR made by `make_artifacts`."
+
+    runtime = "openvino"
+
+    def __init__(self, path: str | Path, precision: str = "fp32", threads: int = 1):
+        super().__init__(f"openvino-{precision}", threads)
+        import openvino as ov
+
+        self.precision, self.path = precision, Path(path)
+        config = {"INFERENCE_NUM_THREADS": self.threads, "NUM_STREAMS": 1, "ENABLE_CPU_PINNING": False}
+        if precision != "int8":  # int8: the quantized layers in int8, the others in the runtime's default
+            config["INFERENCE_PRECISION_HINT"] = {"fp32": "f32", "fp16": "f16"}.get(precision, precision)
+        self.model = ov.Core().compile_model(str(path), "CPU", config)
+
+    def __call__(self, pixels):
+        "`(embeddings, logits)` of a batch, from a request of its own (calls may come from several threads)."
+        out = self.model.create_infer_request().infer(pixels.detach().float().contiguous().cpu().numpy())
+        return tuple(torch.from_numpy(out[self.model.output(k)].copy()) for k in ("embeddings", "logits"))
+
+# %% ../nbs/engine.ipynb #c3237214
+class CudaEngine(Engine):
+    "PyTorch on a CUDA GPU under fp16 or bf16 autocast (`threads` only sets the CPU side)."
+
+    runtime = "cuda"
+
+    def __init__(self, package: ModelPackage, precision: str = "fp16", threads: int = 1):
+        super().__init__(f"cuda-{precision}", threads)
+        self.precision, self.dtype = precision, {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        self.model = copy.deepcopy(package.model).cuda().eval()
+
+    def run(self, pixels):
+        "`forward_features` on the GPU under autocast; the outputs come back to the CPU."
+        with torch.autocast("cuda", dtype=self.dtype):
+            emb, logits = forward_features(self.model, pixels.cuda(non_blocking=True))
+        return emb.cpu(), logits.cpu()
+
 # %% ../nbs/engine.ipynb #82cac982
 def build_engine(
     name: str,  # one of `ENGINES`
     package: ModelPackage,  # the model package it runs
     threads: int = 1,  # intra-op threads
-    folder: str | Path | None = None,  # where the ONNX graphs are made (or read from)
+    folder: str | Path | None = None,  # where the ONNX graphs and OpenVINO IRs are made (or read from)
 ) -> Engine:
-    "Engine `name` for `package`."
+    "Engine `name` for `package`; `RuntimeError` saying what is missing where it cannot run."
     runtime, precision = engine_spec(name)
+    if why := unavailable(name):
+        raise RuntimeError(f"engine {name!r} {why}")
     if runtime == "torch":
         return TorchEngine(package, precision, threads)
-    if not onnx_available():
-        raise RuntimeError(f"engine {name!r} needs ONNX Runtime: pip install 'vit-nbdev[fast]'")
+    if runtime == "cuda":
+        return CudaEngine(package, precision, threads)
     if folder is None:
         raise ValueError(f"engine {name!r} needs a folder for its graph")
-    return OnnxEngine(make_artifacts(package, name, folder), precision, threads)
+    return (OnnxEngine if runtime == "onnx" else OpenVinoEngine)(
+        make_artifacts(package, name, folder), precision, threads
+    )
 
 # %% ../nbs/engine.ipynb #8d83e393
 CHECK_N, MIN_AGREEMENT, MAX_DROP = 1000, 0.99, 0.003
@@ -313,10 +432,16 @@ def write_check(folder: str | Path, check: dict) -> Path:
 
 # %% ../nbs/engine.ipynb #2d230ddd
 def candidate_names() -> list[str]:
-    "Engines worth trying on this host: bf16 only with bf16 instructions, ONNX only with ONNX Runtime installed."
-    return [
-        n for n, (rt, p) in ENGINES.items() if (p != "bf16" or cpu_has_bf16()) and (rt != "onnx" or onnx_available())
-    ]
+    "Engines worth trying here: those it can run; CPU bf16 with bf16 instructions; OpenVINO at its default and int8."
+
+    def worth(name: str, runtime: str, precision: str) -> bool:
+        if unavailable(name):
+            return False
+        if runtime == "openvino":
+            return precision in ("int8", openvino_precision())
+        return runtime == "cuda" or precision != "bf16" or cpu_has_bf16()
+
+    return [n for n, (rt, p) in ENGINES.items() if worth(n, rt, p)]
 
 # %% ../nbs/engine.ipynb #36494dfd
 def check_engines(
@@ -450,8 +575,8 @@ def choose_engine(
         folder = _engine_folder(package)
     options = [threads] if threads else thread_options(cpus)
     names = candidate_names() if pin == "auto" else [pin]
-    if pin != "auto":
-        engine_spec(pin)  # an unknown name fails here, with the list of engines
+    if pin != "auto" and (why := unavailable(pin)):  # an unknown name fails here, with the list of engines
+        raise RuntimeError(f"engine {pin!r} {why}")
     ref = TorchEngine(package, "fp32", min(options))
     batch = _timing_batch(ref, package.model.config.image_size, max_batch)
     ref_rate = images_per_s(ref, batch, min_s)  # also fp32's own timing at this thread count

@@ -1,4 +1,4 @@
-"""Hyperparameter search with Optuna: each trial is a papermill run of the training chapter, on local workers or on GPU VMs that share one study in a database.
+"""Hyperparameter search with Optuna: trials are papermill runs of the training chapter, on local or GPU workers.
 
 Docs: https://vit-nbdev.github.io/vit-nbdev/sweep.html.md"""
 

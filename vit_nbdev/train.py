@@ -6,7 +6,7 @@ Docs: https://vit-nbdev.github.io/vit-nbdev/train.html.md"""
 
 # %% ../nbs/train.ipynb #bd684879
 from __future__ import annotations
-import dataclasses, json, os, platform, shutil, signal, subprocess, sys, time
+import copy, dataclasses, json, math, os, platform, random, shutil, signal, subprocess, sys, time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,9 +34,10 @@ from .model import build_model, save_package
 from .store import open_store, new_version, StoreError
 
 # %% auto #0
-__all__ = ['NOTEBOOK', 'resolve_precision', 'epoch_order', 'step_indices', 'RunState', 'latest_checkpoint', 'resolve_resume',
-           'evaluate', 'make_accelerator', 'start_tracking', 'wandb_run', 'device_info', 'code_commit',
-           'make_optimizer', 'TrainResult', 'train', 'run_notebook', 'results_table', 'train_command']
+__all__ = ['PIXEL_OPS', 'GEOMETRIC_OPS', 'TRIVIAL_OPS', 'NOTEBOOK', 'resolve_precision', 'epoch_order', 'step_indices',
+           'trivial_augment_batch', 'erase_batch', 'mix_batch', 'train_inputs', 'EMA', 'RunState', 'latest_checkpoint',
+           'resolve_resume', 'evaluate', 'make_accelerator', 'start_tracking', 'wandb_run', 'device_info',
+           'code_commit', 'make_optimizer', 'TrainResult', 'train', 'run_notebook', 'results_table', 'train_command']
 
 # %% ../nbs/train.ipynb #ed53c0d8
 def resolve_precision(mixed_precision: str = "auto") -> str:
@@ -66,6 +67,162 @@ def step_indices(
     "This process's share of optimizer step `step_in_epoch`."
     chunk = order[step_in_epoch * batch_size : (step_in_epoch + 1) * batch_size]
     return list(chunk.view(world, grad_accum, -1)[rank])
+
+# %% ../nbs/train.ipynb #401bc5ee
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    "The luminance `(B,1,H,W)` of a float batch `(B,3,H,W)`."
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _autocontrast(x: torch.Tensor) -> torch.Tensor:
+    "Each channel of each image stretched to [0, 255] (a flat channel is left as it is)."
+    lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
+    return torch.where(hi > lo, (x - lo) * 255 / (hi - lo).clamp(min=1e-3), x)
+
+
+PIXEL_OPS = {  # name: f(x in [0, 255], strength m in [0, 1], sign s = ±1), each `(B,1,1,1)`: one image each
+    "identity": lambda x, m, s: x,
+    "brightness": lambda x, m, s: x * (1 + 0.9 * m * s),
+    "contrast": lambda x, m, s: torch.lerp(_gray(x).mean((2, 3), keepdim=True), x, 1 + 0.9 * m * s),
+    "color": lambda x, m, s: torch.lerp(_gray(x), x, 1 + 0.9 * m * s),
+    "solarize": lambda x, m, s: torch.where(x >= 256 * (1 - m), 255 - x, x),
+    "posterize": lambda x, m, s: torch.floor(x / 2 ** torch.round(4 * m)) * 2 ** torch.round(4 * m),
+    "autocontrast": lambda x, m, s: _autocontrast(x),
+}
+
+# %% ../nbs/train.ipynb #c2af3d54
+GEOMETRIC_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+
+
+def _geometric(
+    x: torch.Tensor,  # a float batch `(B,C,H,W)` in [0, 255]
+    op: torch.Tensor,  # per image, an index into `GEOMETRIC_OPS`; another value leaves the image as it is
+    t: torch.Tensor,  # per image, the signed strength in [-1, 1]
+) -> torch.Tensor:
+    "Each image moved by its op of `GEOMETRIC_OPS` at strength `t`, in one `grid_sample`."
+    ang = torch.deg2rad(30 * t * (op == 0))
+    shx, shy = 0.3 * t * (op == 1), 0.3 * t * (op == 2)
+    tx, ty = 0.5 * t * (op == 3), 0.5 * t * (op == 4)  # grid units: the image is 2 wide, so 0.5 is a quarter
+    row0 = torch.stack([ang.cos(), shx - ang.sin(), tx], -1)
+    row1 = torch.stack([ang.sin() + shy, ang.cos(), ty], -1)
+    grid = F.affine_grid(torch.stack([row0, row1], 1), list(x.shape), align_corners=False)
+    moved = F.grid_sample(x - 128, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + 128
+    return torch.where(((op >= 0) & (op < len(GEOMETRIC_OPS))).view(-1, 1, 1, 1), moved, x)
+
+# %% ../nbs/train.ipynb #c1378480
+TRIVIAL_OPS = (*PIXEL_OPS, *GEOMETRIC_OPS)
+
+
+def trivial_augment_batch(
+    images: torch.Tensor,  # `uint8 (B,3,H,W)` on any device
+    generator: torch.Generator | None = None,  # a seeded CPU generator: the same one gives the same images
+) -> torch.Tensor:  # `uint8 (B,3,H,W)`, on `images.device`
+    "TrivialAugment on a batch: per image one op of `TRIVIAL_OPS` at a random strength and sign."
+    B, dev = len(images), images.device
+    op = torch.randint(len(TRIVIAL_OPS), (B,), generator=generator).to(dev)
+    m = torch.rand(B, generator=generator).to(dev).view(B, 1, 1, 1)
+    s = (torch.randint(2, (B,), generator=generator) * 2 - 1).to(dev).view(B, 1, 1, 1).float()
+    x = out = images.float()
+    for k, f in enumerate(PIXEL_OPS.values()):
+        out = torch.where((op == k).view(B, 1, 1, 1), f(x, m, s), out)
+    out = _geometric(out.clamp(0, 255), op - len(PIXEL_OPS), (m * s).view(B))
+    return out.clamp(0, 255).round().to(torch.uint8)
+
+# %% ../nbs/train.ipynb #74332ea0
+def erase_batch(
+    x: torch.Tensor,  # the model's input `(B,C,H,W)`, normalised
+    p: float,  # the chance that an image has a rectangle erased
+    generator: torch.Generator | None = None,  # a seeded CPU generator
+    area: tuple = (0.02, 1 / 3),  # the rectangle's share of the image, drawn uniformly in this range
+    ratio: tuple = (0.3, 3.3),  # its height / width, drawn log-uniformly in this range
+) -> torch.Tensor:
+    "`x` with a random rectangle set to 0 in each image picked with chance `p`, batched on `x.device`."
+    B, _, H, W = x.shape
+    u = torch.rand(B, 5, generator=generator).to(x.device)
+    a = (area[0] + (area[1] - area[0]) * u[:, 1]) * H * W
+    r = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 2])
+    h, w = (a * r).sqrt().round().clamp(1, H), (a / r).sqrt().round().clamp(1, W)
+    top, left = ((H - h + 1) * u[:, 3]).floor(), ((W - w + 1) * u[:, 4]).floor()
+    rows, cols = torch.arange(H, device=x.device).view(1, H, 1), torch.arange(W, device=x.device).view(1, 1, W)
+    v = lambda t: t.view(B, 1, 1)
+    box = (rows >= v(top)) & (rows < v(top + h)) & (cols >= v(left)) & (cols < v(left + w))
+    return x.masked_fill((box & v(u[:, 0] < p)).unsqueeze(1), 0.0)
+
+# %% ../nbs/train.ipynb #4fa6ba2a
+def mix_batch(
+    x: torch.Tensor,  # the model's input `(B,C,H,W)`
+    labels: torch.Tensor,  # class indices `(B,)`
+    num_labels: int,  # classes
+    mixup: float = 0.0,  # α of mixup's Beta(α, α); 0: off
+    cutmix: float = 0.0,  # α of CutMix's Beta(α, α); 0: off
+    generator: torch.Generator | None = None,  # a seeded CPU generator
+) -> tuple[torch.Tensor, torch.Tensor]:  # mixed input, and soft targets `(B, num_labels)` that sum to 1
+    "Mixup or CutMix on a batch (a coin picks one when both are on): mixed images and their soft targets."
+    B, _, H, W = x.shape
+    rng = random.Random(int(torch.randint(2**62, (1,), generator=generator)))  # Beta draws need a Python generator
+    perm = torch.randperm(B, generator=generator).to(x.device)
+    cut = cutmix > 0 and (mixup == 0 or rng.random() < 0.5)
+    lam = rng.betavariate(cutmix, cutmix) if cut else rng.betavariate(mixup, mixup)
+    if cut:
+        ch, cw, cy, cx = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam)), rng.randrange(H), rng.randrange(W)
+        y0, y1, x0, x1 = max(cy - ch // 2, 0), min(cy + ch // 2, H), max(cx - cw // 2, 0), min(cx + cw // 2, W)
+        x = x.clone()
+        x[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)  # the share of the image that stayed
+    else:
+        x = torch.lerp(x[perm], x, lam)
+    t = F.one_hot(labels, num_labels).float()
+    return x, torch.lerp(t[perm], t, lam)
+
+# %% ../nbs/train.ipynb #8077c02f
+def train_inputs(
+    images: torch.Tensor,  # `uint8 (B,3,H,W)` on the device
+    labels: torch.Tensor,  # class indices `(B,)`
+    pre: PreprocessConfig,  # the model's preprocessing
+    cfg: TrainConfig,  # `augment`, `trivial_augment`, `random_erasing`, `mixup`, `cutmix`
+    num_labels: int,  # classes
+    generator: torch.Generator | None = None,  # the step's seeded generator
+) -> tuple[torch.Tensor, torch.Tensor]:  # model input, and targets (labels, or probabilities when mixing)
+    "A training micro-batch as `cfg`'s recipe augments it: TrivialAugment, crop and flip, erasing, mixup or CutMix."
+    if cfg.trivial_augment:
+        images = trivial_augment_batch(images, generator)
+    x = preprocess(images, pre, train=cfg.augment, generator=generator)
+    if cfg.random_erasing:
+        x = erase_batch(x, cfg.random_erasing, generator)
+    if cfg.mixup or cfg.cutmix:
+        return mix_batch(x, labels, num_labels, cfg.mixup, cfg.cutmix, generator)
+    return x, labels
+
+# %% ../nbs/train.ipynb #25dbc1b0
+class EMA:
+    "An exponential moving average of a model's weights, in a copy of the model (`.model`)."
+
+    def __init__(
+        self,
+        model: torch.nn.Module,  # the model being trained (unwrapped)
+        decay: float,  # the weight of the average at each update, e.g. 0.999
+        device=None,  # where the average lives (default: where `model` is)
+    ):
+        self.model = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module):
+        "Move the average towards `model`'s weights (after each optimizer step)."
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        pairs = [(e, p) for e, p in zip(self.model.state_dict().values(), model.state_dict().values(), strict=True)]
+        avg = [e for e, p in pairs if e.is_floating_point()]
+        torch._foreach_lerp_(avg, [p.detach() for e, p in pairs if e.is_floating_point()], 1 - d)
+
+    def state_dict(self) -> dict:
+        "The average and its count, for `accelerator.save_state`."
+        return dict(updates=self.updates, weights=self.model.state_dict())
+
+    def load_state_dict(self, d: dict):
+        "Take back what `state_dict` gave."
+        self.updates = d["updates"]
+        self.model.load_state_dict(d["weights"])
 
 # %% ../nbs/train.ipynb #15d08cb2
 class RunState:
@@ -155,13 +312,16 @@ def evaluate(
     return dict(loss=loss.item() / n, acc=cm.trace().item() / n, confusion=cm.cpu())
 
 # %% ../nbs/train.ipynb #2e3363fd
-def _validate(acc: Accelerator, model, split: Split, pre: PreprocessConfig, cfg: TrainConfig, state: RunState) -> dict:
-    "Evaluate on the validation split, keep the weights if they are the best so far, log and record the result."
+def _validate(
+    acc: Accelerator, model, split: Split, pre: PreprocessConfig, cfg: TrainConfig, state: RunState, seconds=None
+) -> dict:
+    "Evaluate on the validation split, keep the best weights, log and record the result (with `seconds` of training)."
     v = evaluate(model, split, pre, acc, cfg.eval_batch_size, desc="validation")
     if state.update_best(v["acc"], acc.unwrap_model(model)):
         acc.print(f"step {state.step}: val acc {v['acc']:.4f} (best)")
     acc.log({"val/loss": v["loss"], "val/acc": v["acc"]}, step=state.step)
-    state.history.append(dict(step=state.step, val_loss=v["loss"], val_acc=v["acc"]))
+    timed = {} if seconds is None else {"train_s": round(seconds, 3)}  # the curve of accuracy against time
+    state.history.append(dict(step=state.step, val_loss=v["loss"], val_acc=v["acc"], **timed))
     return v
 
 # %% ../nbs/train.ipynb #574e3a1f
@@ -297,14 +457,14 @@ def _subset_train(data, n: int | None, seed: int):
     return dataclasses.replace(data, train=Split(*data.train[keep]))
 
 # %% ../nbs/train.ipynb #647b1c74
-def _report_epoch(acc: Accelerator, reporter, epoch: int, val_acc: float) -> None:
+def _report_epoch(acc: Accelerator, reporter, epoch: int, val_acc: float, last: bool = False) -> None:
     "Report `val_acc` after `epoch` to the sweep's trial (main process); if it is pruned, every process raises."
     from accelerate.utils import broadcast_object_list
 
     verdict = [reporter(epoch, val_acc) if acc.is_main_process else None]
     if acc.num_processes > 1:
         broadcast_object_list(verdict)
-    if verdict[0]:
+    if verdict[0] and not last:  # the last epoch is reported, but a finished run is not thrown away
         import optuna
 
         raise optuna.TrialPruned(f"pruned after epoch {epoch}: validation accuracy {val_acc:.4f}")
@@ -413,6 +573,9 @@ def train(cfg: TrainConfig | None = None, **params) -> TrainResult:
     # store:<version> is a registered model, e.g. production's
     src = str(st.fetch_model(cfg.model[6:])) if cfg.model.startswith("store:") else cfg.model
     model, pre = build_model(src, data.label_names, **({"image_size": cfg.image_size} if cfg.image_size else {}))
+    ema = EMA(model, cfg.ema_decay, acc.device) if cfg.ema_decay else None
+    if cfg.compile:
+        model.compile()  # in place: the state dict, the checkpoints and the package stay the plain HF model's
     train_x, train_y = data.train.images.to(acc.device), data.train.labels.to(acc.device)  # bytes on the device
     steps_per_epoch = len(data.train) // cfg.batch_size
     if steps_per_epoch == 0:
@@ -421,7 +584,8 @@ def train(cfg: TrainConfig | None = None, **params) -> TrainResult:
     opt, sched = make_optimizer(model, cfg, total, fused=acc.device.type == "cuda")
     model, opt = acc.prepare(model, opt)
     state = RunState()
-    acc.register_for_checkpointing(sched, state)
+    acc.register_for_checkpointing(sched, state, *([ema] if ema else []))
+    scored = ema.model if ema else model  # what is evaluated, kept as the best and published
     if resume_from:
         acc.load_state(str(resume_from))
     start_tracking(acc, cfg, run_id)
@@ -441,15 +605,17 @@ def train(cfg: TrainConfig | None = None, **params) -> TrainResult:
         for k, idx in enumerate(step_indices(order, i, cfg.batch_size, rank, world, cfg.grad_accum)):
             with acc.accumulate(model):
                 g = torch.Generator().manual_seed(hash((cfg.seed, step, k, rank)) % 2**63)
-                x = preprocess(train_x[idx], pre, train=cfg.augment, generator=g)
+                x, y = train_inputs(train_x[idx], train_y[idx], pre, cfg, len(data.label_names), g)
                 with acc.autocast():
-                    loss = F.cross_entropy(model(x).logits.float(), train_y[idx], label_smoothing=cfg.label_smoothing)
+                    loss = F.cross_entropy(model(x).logits.float(), y, label_smoothing=cfg.label_smoothing)
                 acc.backward(loss)
                 if acc.sync_gradients:
                     acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             running += loss.detach() / cfg.grad_accum
+        if ema:
+            ema.update(acc.unwrap_model(model))
         sched.step()
         state.step = step + 1
         seen += cfg.batch_size
@@ -466,23 +632,25 @@ def train(cfg: TrainConfig | None = None, **params) -> TrainResult:
             state.history.append(dict(step=state.step, train_loss=loss_avg))
             seen, t0 = 0, time.perf_counter()
         if state.step % eval_every == 0 or state.step == total:
+            if acc.device.type == "cuda":
+                torch.cuda.synchronize()  # the steps queued so far are training time, not evaluation's
             t_eval = time.perf_counter()
-            v = _validate(acc, model, data.validation, pre, cfg, state)
+            v = _validate(acc, scored, data.validation, pre, cfg, state, state.train_time + t_eval - t0)
             t0 += time.perf_counter() - t_eval  # evaluation is not training time
             if cfg.trial and state.step % steps_per_epoch == 0:
-                _report_epoch(acc, reporter, state.step // steps_per_epoch, v["acc"])
+                _report_epoch(acc, reporter, state.step // steps_per_epoch, v["acc"], last=state.step == total)
         if cfg.checkpoint_every and (state.step % cfg.checkpoint_every == 0) and state.step < total:
             t_ck = time.perf_counter()
             _checkpoint(acc, ckpt_dir, state.step)
             t0 += time.perf_counter() - t_ck
-    test, metrics = _final_metrics(acc, model, state, data.test, pre, cfg)
+    test, metrics = _final_metrics(acc, scored, state, data.test, pre, cfg)
     res = TrainResult(run_id, metrics, state.history, test["confusion"], data.label_names, store=st.uri)
     if main:
-        _publish(acc, cfg, st, res, acc.unwrap_model(model), pre, data)
+        _publish(acc, cfg, st, res, acc.unwrap_model(scored), pre, data)
     acc.wait_for_everyone()
     # the DDP wrapper goes while its process group lives: torn down after `end_training` destroyed the group, one
     # process could wait forever for a peer that has already left
-    del model, opt
+    del model, opt, scored, ema
     acc.free_memory()
     acc.end_training()
     return res

@@ -11,6 +11,10 @@ package, on 127.0.0.1 (free port), plain http, in-memory backend, no external ne
 - `gcs_uri` (function): a fresh `gs://<bucket>/<unique prefix>`; makes sure the emulator is
   running and STORAGE_EMULATOR_HOST points at it.
 - `store_uri` (function, parametrised "local" / "gcs"): a fresh store uri on each backend.
+
+Engines: `engine_export` (session), the shipped checkpoint's engines made and checked once for the whole suite,
+and `engine_cache` (session), the VIT_CACHE it and the engine test modules share.
+Serving: `tiny_packages`, `ServeProcess`, `serve_process` (below).
 """
 
 import contextlib, json, os, shutil, signal, subprocess, sys, tempfile, time, urllib.error, urllib.request, uuid
@@ -265,3 +269,34 @@ def serve_process(tmp_path):
     yield start
     for p in procs:
         p.stop(signal.SIGTERM, timeout=30)  # graceful (telemetry flushed, coverage saved); SIGKILL after 30 s
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines (tests/test_engine.py, tests/test_openvino.py): `vit-models export` of the shipped checkpoint, run once.
+
+
+@pytest.fixture(scope="session")
+def engine_cache(tmp_path_factory) -> Path:
+    "The VIT_CACHE of `engine_export` and of the engine test modules: the held-out images decoded once for them all."
+    return tmp_path_factory.mktemp("engine-cache")
+
+
+@pytest.fixture(scope="session")
+def engine_export(engine_cache, tmp_path_factory) -> tuple[str, str, str]:
+    """`(store uri, version, stdout)`: the shipped (trained) checkpoint registered as `latest` in a local store, and
+    the real `vit-models export` run on it: every engine this host can run made, checked on 1,000 held-out images
+    and stored (OpenVINO's NNCF calibration included: the slowest part, so the suite does it once)."""
+    from vit_nbdev.config import CHECKPOINTS
+    from vit_nbdev.store import open_store
+
+    uri = str(tmp_path_factory.mktemp("engine-export") / "store")
+    version = open_store(uri).register(CHECKPOINTS / "vit-cifar-small-cifar10", aliases=["latest"])
+    r = subprocess.run(
+        [Path(sys.executable).parent / "vit-models", "export", "latest", "--store", uri],
+        env={**os.environ, "VIT_CACHE": str(engine_cache)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return uri, version, r.stdout

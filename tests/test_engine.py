@@ -1,10 +1,9 @@
 """The engine chapter, driven through the installed package: every engine agrees with fp32 on the shipped (trained)
 checkpoint, `vit-models export` stores artifacts and checks once, a real `vit-serve` chooses by measurement and
 reports it in /readyz and /metrics, `VIT_ENGINE` pins, and drift monitoring embeds the reference with the serving
-engine."""
+engine. The export is the suite's one (`engine_export` in conftest.py), shared with test_openvino.py."""
 
-import json, os, subprocess, sys
-from pathlib import Path
+import json, os
 
 import httpx
 import pytest
@@ -35,17 +34,15 @@ from vit_nbdev.store import open_store
 from test_serve import png
 from test_serve import test_images  # noqa: F401 (the fixture)
 
-BIN = Path(sys.executable).parent
 SHIPPED = CHECKPOINTS / "vit-cifar-small-cifar10"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    "One VIT_CACHE under pytest's tmp for this module and the processes it starts."
+def cache(engine_cache):
+    "The engine tests' VIT_CACHE (conftest.py) for this module: the export decoded the held-out images there."
     with pytest.MonkeyPatch.context() as mp:
-        d = tmp_path_factory.mktemp("vit-cache")
-        mp.setenv("VIT_CACHE", str(d))
-        yield d
+        mp.setenv("VIT_CACHE", str(engine_cache))
+        yield engine_cache
 
 
 @pytest.fixture(scope="module")
@@ -53,28 +50,16 @@ def shipped():
     return load_package(SHIPPED)
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    "The shipped checkpoint registered in a store, its engines made and checked by the real `vit-models export`."
-    uri = str(tmp_path_factory.mktemp("engine-store") / "store")
-    version = open_store(uri).register(SHIPPED, aliases=["latest"])
-    r = subprocess.run(
-        [BIN / "vit-models", "export", "latest", "--store", uri], capture_output=True, text=True, timeout=900
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    return uri, version, r.stdout
-
-
 def test_onnx_runtime_is_installed_for_ci():
     "The `fast` extra is part of `dev`: CI checks the ONNX engines, not only the PyTorch ones."
     assert onnx_available() and {"onnx-fp32", "onnx-int8", "torch-int8"} <= set(candidate_names())
 
 
-def test_every_engine_is_checked_on_the_trained_checkpoint(exported):
+def test_every_engine_is_checked_on_the_trained_checkpoint(engine_export):
     """On 1,000 held-out images each engine is eligible exactly when it keeps the rule (agreement ≥ 99 %, accuracy
     within 0.3 points); the exact engines always do. Whether an int8 engine passes depends on the model and the CPU: on
     the shipped checkpoint torch-int8 agreed 98.4 % on an AMD EPYC and was refused, onnx-int8 99.0 %."""
-    uri, version, out = exported
+    uri, version, out = engine_export
     st = open_store(uri)
     checks = {
         n: json.loads(st.get_bytes(f"{engines_prefix(version)}{engine_key(n)}/check.json")) for n in candidate_names()
@@ -124,9 +109,9 @@ def test_cpu_budget_follows_the_cgroup_quota(tmp_path):
     assert cpu_budget(tmp_path) == 1  # half a CPU of quota: one thread
 
 
-def test_choice_is_the_fastest_eligible_and_pin_wins(shipped, exported, tmp_path):
+def test_choice_is_the_fastest_eligible_and_pin_wins(shipped, engine_export, tmp_path):
     "On the engines and checks `vit-models export` stored (checking them all again here took most of a minute)."
-    uri, version, _ = exported
+    uri, version, _ = engine_export
     folder = sync_engines(uri, version, tmp_path / "engines")
     checks = {n: read_check(folder, n) for n in candidate_names()}
     assert all(c is not None and c["images"] == CHECK_N for c in checks.values()), checks
@@ -170,9 +155,9 @@ def test_an_ineligible_engine_is_never_chosen(shipped, tmp_path):
     assert c.engine.name == REFERENCE_ENGINE and set(c.report["skipped"]) == set(candidate_names()) - {REFERENCE_ENGINE}
 
 
-def test_serve_chooses_by_measurement_and_reports_it(serve_process, exported, test_images):  # noqa: F811
+def test_serve_chooses_by_measurement_and_reports_it(serve_process, engine_export, test_images):  # noqa: F811
     "A real vit-serve with `VIT_ENGINE=auto` on the exported store: the engine object in /readyz, gauges in /metrics."
-    uri, version, _ = exported
+    uri, version, _ = engine_export
     p = serve_process(uri, VIT_ENGINE="auto", VIT_TELEMETRY_FLUSH_S="0.5")
     ready = p.wait_ready()
     e = ready["engine"]
@@ -196,8 +181,8 @@ def test_serve_chooses_by_measurement_and_reports_it(serve_process, exported, te
     assert r.status_code == 200 and r.json()[0]["model_version"] == version
 
 
-def test_pinned_engine_and_bad_engine(serve_process, exported, capsys, monkeypatch):
-    uri, _, _ = exported
+def test_pinned_engine_and_bad_engine(serve_process, engine_export, capsys, monkeypatch):
+    uri, _, _ = engine_export
     p = serve_process(uri, VIT_ENGINE="onnx-int8", VIT_THREADS="1")
     e = p.wait_ready()["engine"]
     assert (e["name"], e["threads"], e["selected_by"]) == ("onnx-int8", 1, "VIT_ENGINE")
@@ -212,9 +197,13 @@ def test_pinned_engine_and_bad_engine(serve_process, exported, capsys, monkeypat
     assert bad.value.code == 2 and "unknown engine(s) onnx-int4" in capsys.readouterr().err
 
 
-def test_monitoring_embeds_the_reference_with_the_serving_engine(serve_process, exported, test_images):  # noqa: F811
+def test_monitoring_embeds_the_reference_with_the_serving_engine(
+    serve_process,
+    engine_export,
+    test_images,  # noqa: F811
+):
     "Telemetry from an int8 engine is compared with a reference embedded by that engine, stored under its own key."
-    uri, version, _ = exported
+    uri, version, _ = engine_export
     p = serve_process(uri, VIT_ENGINE="onnx-int8", VIT_TELEMETRY_FLUSH_S="0.5", VIT_ADMIN_TOKEN="t0ken")
     p.wait_ready()
     with httpx.Client(timeout=30) as c:

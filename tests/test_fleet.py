@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx, pytest
 
+from conftest import ServeProcess
 from devtools import wait_for
 from test_serve import ADMIN, TOKEN, hammer, png, predict
 from vit_nbdev.data import load_cifar10
@@ -18,6 +19,22 @@ POLL_S = 1.0
 @pytest.fixture(scope="module")
 def images():
     return load_cifar10(progress=False).test.images[:64]
+
+
+@pytest.fixture(scope="module")
+def pinned(tiny_packages, tmp_path_factory):
+    """`(store, instance)`: `va` (latest) and `vb` registered, and an instance pinned to `va` (a version: never polled,
+    even every 0.2 s) that writes its telemetry hourly; the report test uses it first, then the pinned-version test.
+    Started, not waited for: it gets ready while the test starts its others."""
+    tmp = tmp_path_factory.mktemp("pinned")
+    store = str(tmp / "store")
+    st = open_store(store)
+    st.register(tiny_packages["a"], "va")
+    st.register(tiny_packages["b"], "vb", aliases=[])
+    env = dict(VIT_MODEL="va", VIT_MODEL_POLL_S=0.2, VIT_ADMIN_TOKEN=TOKEN, VIT_TELEMETRY_FLUSH_S=3600)
+    p = ServeProcess(store, tmp, env)
+    yield store, p
+    p.stop()
 
 
 def version_of(p) -> str | None:
@@ -132,34 +149,11 @@ def test_a_fresh_fleet_waits_for_the_first_promotion(tmp_path, serve_process, ti
     print(f"\nthe first promotion: the instance serves it {converged([p], 'va', t0):.2f} s after it began")
 
 
-def test_a_pinned_version_is_not_polled(tmp_path, serve_process, tiny_packages):
-    store = str(tmp_path / "store")
-    st = open_store(store)
-    st.register(tiny_packages["a"], "va")
-    st.register(tiny_packages["b"], "vb", aliases=[])
-    p = serve_process(store, VIT_MODEL="va", VIT_MODEL_POLL_S=0.2, VIT_ADMIN_TOKEN=TOKEN, VIT_TELEMETRY=0)
-    p.wait_ready()
-    wait_for(lambda: "va is a version: pinned, not polling" in p.log(), timeout=60)  # the follower has stopped
-    st.set_alias("latest", "vb")
-    assert p.metric("vit_model_polls_total") == 0 and version_of(p) == "va"
-    r = httpx.post(
-        p.url + "/admin/update-model", json={"version": "vb"}, headers=ADMIN, timeout=120
-    )  # this instance only
-    assert (
-        r.status_code == 200
-        and r.json()["alias"] is None
-        and version_of(p) == "vb"
-        and st.aliases() == {"latest": "vb"}
-    )
-
-
-def test_a_report_covers_every_prediction(tmp_path, serve_process, tiny_packages, images):
+def test_a_report_covers_every_prediction(pinned, serve_process, images):
     """The seed's flow: 300 predictions, then update-reference-data and update-monitoring at once: the report
     reads all 300; then 100 more on a second instance."""
-    store = str(tmp_path / "store")
-    open_store(store).register(tiny_packages["a"], "va")
-    a = serve_process(store, VIT_ADMIN_TOKEN=TOKEN, VIT_TELEMETRY_FLUSH_S=3600)  # would write its telemetry in an hour
-    b = serve_process(store, VIT_ADMIN_TOKEN=TOKEN, VIT_TELEMETRY_FLUSH_S=0.5)
+    store, a = pinned  # serves va, and would write its telemetry in an hour
+    b = serve_process(store, VIT_ADMIN_TOKEN=TOKEN, VIT_TELEMETRY_FLUSH_S=0.5)  # follows latest: va
     a.wait_ready()
     b.wait_ready()
     blobs = [png(x) for x in images]
@@ -191,3 +185,21 @@ def test_a_report_covers_every_prediction(tmp_path, serve_process, tiny_packages
     assert "window of 400 records from 2 instances" in httpx.get(a.url + "/monitoring").text
     bad = httpx.post(a.url + "/admin/update-monitoring", params={"wait": "soon"}, headers=ADMIN)
     assert bad.status_code == 422 and isinstance(bad.json()["detail"], str) and "wait" in bad.json()["detail"], bad.text
+
+
+def test_a_pinned_version_is_not_polled(pinned):
+    store, p = pinned
+    st = open_store(store)
+    p.wait_ready()
+    wait_for(lambda: "va is a version: pinned, not polling" in p.log(), timeout=60)  # the follower has stopped
+    st.set_alias("latest", "vb")
+    assert p.metric("vit_model_polls_total") == 0 and version_of(p) == "va"
+    r = httpx.post(
+        p.url + "/admin/update-model", json={"version": "vb"}, headers=ADMIN, timeout=120
+    )  # this instance only
+    assert (
+        r.status_code == 200
+        and r.json()["alias"] is None
+        and version_of(p) == "vb"
+        and st.aliases() == {"latest": "vb"}
+    )

@@ -5,7 +5,7 @@ promoted candidate. Also what the loop does with too little feedback, no drift r
 `--via canary` (with training replaced by versions registered already): a canary of a candidate not shown worse, a
 refusal of one that is, and a failure when another canary is running."""
 
-import json, os, subprocess, sys
+import json, signal
 from datetime import UTC, datetime, timedelta
 
 import httpx, pytest, torch
@@ -13,18 +13,12 @@ from conftest import ServeProcess
 from devtools import in_process, wait_for
 from test_registry import gate_packages  # noqa: F401 (a fixture: good, worse and broken packages)
 from test_serve import png
+from vit_nbdev.cli import data_main, monitor_main
 from vit_nbdev.data import CIFAR10_LABELS, load_cifar10
 from vit_nbdev.registry import promote
 from vit_nbdev.store import open_store
 from vit_nbdev.telemetry import PredictionIds, records_to_parquet, telemetry_key
 from vit_nbdev.train import TrainConfig, train
-
-BIN = os.path.dirname(sys.executable)
-
-
-def cli(*args, env=None) -> subprocess.CompletedProcess:
-    e = {**os.environ, "WANDB_MODE": "offline", "TQDM_DISABLE": "1", **(env or {})}
-    return subprocess.run([os.path.join(BIN, args[0]), *args[1:]], capture_output=True, text=True, timeout=900, env=e)
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +74,24 @@ def feedback(srv, ids, labels):
     return r.json()
 
 
-def retrain(store, *args):
-    p = cli("vit-monitor", "retrain", "--store", store, *args)
-    return p, (json.loads(p.stdout) if p.stdout.strip().startswith("{") else None)
+def retrain(store, *args) -> tuple[int, dict | None, str]:
+    """`vit-monitor retrain` called in this process (a candidate trains in papermill's kernel, a process of its own):
+    the exit status, the summary and stderr."""
+    # training sets a SIGTERM handler of its own (a stopped container uploads what ran): put pytest's back
+    term = signal.getsignal(signal.SIGTERM)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TQDM_DISABLE", "1")
+        try:
+            code, out, err = in_process(monitor_main, "retrain", "--store", store, *args)
+        finally:
+            signal.signal(signal.SIGTERM, term)
+    return code, (json.loads(out) if out.strip().startswith("{") else None), err
+
+
+def feedback_snapshot(store) -> dict:
+    "`vit-data snapshot --feedback`, called in this process: the snapshot's meta (`{}` while there is no feedback)."
+    code, out, _ = in_process(data_main, "snapshot", "--feedback", "--store", store)
+    return json.loads(out) if code == 0 else {}
 
 
 def test_too_little_feedback_and_no_drift_report_skip(loop):
@@ -90,10 +99,10 @@ def test_too_little_feedback_and_no_drift_report_skip(loop):
     ids = predict(srv, loop["test"].images[:8])
     feedback(srv, ids[:4], [CIFAR10_LABELS[int(y)] for y in loop["test"].labels[:4]])
     wait_for(lambda: srv.metric("vit_feedback_total") >= 4, 30, "the feedback counted")
-    p, s = retrain(store, "--min-feedback", "50")
-    assert p.returncode == 0 and s["skipped"].startswith("not enough feedback") and not s["promoted"], p.stderr
-    p, s = retrain(store, "--if-drift", "--min-feedback", "1")
-    assert p.returncode == 0 and s["skipped"] == "no drift report yet", p.stderr
+    code, s, err = retrain(store, "--min-feedback", "50")
+    assert code == 0 and s["skipped"].startswith("not enough feedback") and not s["promoted"], err
+    code, s, err = retrain(store, "--if-drift", "--min-feedback", "1")
+    assert code == 0 and s["skipped"] == "no drift report yet", err
     assert open_store(store).resolve("production") == loop["production"]
 
 
@@ -104,31 +113,19 @@ def test_the_loop_promotes_a_better_candidate_and_the_service_follows(loop):
     feedback(srv, ids, ["cat"] * len(ids))  # the shifted stream's truth, as people label it: every dark image is a cat
     # the feedback reaches the store when the service flushes it (every 0.5 s here): wait until the snapshot has it all
     snap = wait_for(
-        lambda: (
-            (s := json.loads(cli("vit-data", "snapshot", "--feedback", "--store", store).stdout or "{}")).get(
-                "usable", 0
-            )
-            >= 200
-            and s
-        ),
-        60,
-        "the feedback in the store",
+        lambda: (s := feedback_snapshot(store)).get("usable", 0) >= 200 and s, 60, "the feedback in the store"
     )
     assert snap["splits"]["train"] + snap["splits"]["test"] == snap["usable"] and 30 < snap["splits"]["test"] < 100
-    again = json.loads(cli("vit-data", "snapshot", "--feedback", "--store", store).stdout)
-    assert again["fingerprint"] == snap["fingerprint"]  # the same feedback: the same snapshot
-    p, s = retrain(
+    assert feedback_snapshot(store)["fingerprint"] == snap["fingerprint"]  # the same feedback: the same snapshot
+    code, s, err = retrain(
         store,
         "--min-feedback",
         "100",
         "--margin",
         "100",
         "-p",
-        "epochs",
-        "2",
-        "-p",
         "lr",
-        "0.003",
+        "0.003",  # one epoch (the default) at 10x its rate: enough to learn that the dark images are cats
         "-p",
         "checkpoint_dir",
         str(loop["tmp"] / "ck"),
@@ -136,7 +133,7 @@ def test_the_loop_promotes_a_better_candidate_and_the_service_follows(loop):
         "tracker",
         "none",
     )
-    assert p.returncode == 0 and s["error"] is None, p.stderr[-3000:]
+    assert code == 0 and s["error"] is None, err[-3000:]
     assert s["snapshots"]["feedback"] == f"datasets/{snap['fingerprint']}" and s["snapshots"]["train"].startswith(
         "store:"
     )
@@ -163,7 +160,7 @@ def test_the_loop_promotes_a_better_candidate_and_the_service_follows(loop):
 def test_a_training_failure_leaves_production_alone(loop):
     store = loop["store"]
     before = open_store(store).resolve("production")
-    p, s = retrain(
+    code, s, err = retrain(
         store,
         "--min-feedback",
         "1",
@@ -178,14 +175,11 @@ def test_a_training_failure_leaves_production_alone(loop):
         "none",
     )
     assert (
-        p.returncode == 1
-        and s["error"].startswith("training failed")
-        and "batch_size" in s["error"]
-        and not s["promoted"]
-    ), p.stderr[-3000:]
+        code == 1 and s["error"].startswith("training failed") and "batch_size" in s["error"] and not s["promoted"]
+    ), err[-3000:]
     assert open_store(store).resolve("production") == before
-    p, _ = retrain(store, "-p", "no_such_parameter", "1")
-    assert p.returncode == 2 and "no_such_parameter" in p.stderr
+    code, _, err = retrain(store, "-p", "no_such_parameter", "1")
+    assert code == 2 and "no_such_parameter" in err
 
 
 def test_cloud_training_is_vit_cloud_train_with_the_same_parameters(capsys):

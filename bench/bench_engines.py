@@ -9,7 +9,7 @@ the engine chapter's check on a trained one. The OpenVINO int8 IR is calibrated 
 (the export uses 300; the speed does not depend on it). Writes a Markdown table (`bench/results/engines.md`) with the
 host's CPU and flags and the share of the AMX roofline (2 cores, about 8 bf16 TFLOP/s)."""
 
-import argparse, statistics, sys, time
+import argparse, os, statistics, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +97,8 @@ def main():
         f"`python bench/bench_engines.py --model {a.model} --batch {a.batch} --threads {a.threads} "
         f"--rounds {a.rounds}`: {a.rounds} interleaved rounds of {a.calls} calls per engine; median and range.",
         "",
-        f"Host: {info['cpu']}; flags {', '.join(info['flags'] + flags)}; {info['cpus']} CPUs (busy, shared).",
+        f"Host: {info['cpu']}; flags {', '.join(info['flags'] + flags)}; {info['cpus']} CPUs "
+        f"(load {'/'.join(f'{x:.1f}' for x in os.getloadavg())} at the end).",
         "",
         "| engine | img/s (median) | range | vs PyTorch fp32 | share of roofline |",
         "|---|---:|---:|---:|---:|",

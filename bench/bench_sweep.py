@@ -75,8 +75,9 @@ def table(rows: list[dict], base: dict, trials: int, host: str) -> str:
     lines = [
         "# Sweep: one and two local workers",
         "",
-        f"`python bench/bench_sweep.py --trials {trials}` on {host}.",
-        "Each trial is a papermill run of the training notebook (`configs/sweep-sample.yaml`: vit-cifar-tiny from "
+        f"`python bench/bench_sweep.py --trials {trials}`",
+        f"on {host}.".replace("; ", ";\n"),  # the CPU, its flags, the load, python: a line each
+        "Each trial is a papermill run of the training notebook (`configs/sweep-sample.yaml`: vit-cifar-tiny from",
         "scratch, 3 epochs on 1,000 sample images; TPE, median pruning), on a fresh store and SQLite study.",
         "",
         "| workers | trials | wall | trials/hour | pruned | failed | best val acc | its test acc | wall vs 1 worker |",
@@ -90,10 +91,12 @@ def table(rows: list[dict], base: dict, trials: int, host: str) -> str:
         )
     lines += [
         "",
-        f"Default config ({', '.join(f'{k} {v}' for k, v in base['params'].items())}): val acc {base['val_acc']:.4f}, "
-        f"test acc {base['test_acc']:.4f} ({base['wall_s']:.0f} s, one run).",
+        f"Default config ({', '.join(f'{k} {v}' for k, v in base['params'].items())}):",
+        f"val acc {base['val_acc']:.4f}, test acc {base['test_acc']:.4f} ({base['wall_s']:.0f} s, one run).",
         "",
-        "Best parameters: " + "; ".join(f"{r['workers']} worker(s): {r['best_params']}" for r in rows),
+        "Best parameters:",
+        "",
+        *[f"- {r['workers']} worker(s): {r['best_params']}" for r in rows],
     ]
     return "\n".join(lines) + "\n"
 

@@ -1,7 +1,7 @@
 """The command-line tools the tests drive (from the dev extras: ruff, pre-commit, hadolint, shellcheck,
 check-jsonschema; and the package's own scripts), found once, the same way, by every test module."""
 
-import contextlib, io, shutil, subprocess, sys
+import contextlib, io, shutil, socket, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +32,13 @@ def shellcheck(*paths, text: str | None = None, cwd=None) -> None:
             timeout=60,
         )
         assert r.returncode == 0, f"shellcheck findings:\n{r.stdout}{r.stderr}"
+
+
+def free_port() -> int:
+    "A TCP port of 127.0.0.1 nobody listens on now."
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_for(

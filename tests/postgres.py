@@ -2,10 +2,11 @@
 127.0.0.1, with a password (so that the tests see URLs that carry one). PostgreSQL refuses to run as root, so as
 root the server runs as the `postgres` user the Debian package creates (tools/setup-system.sh installs it)."""
 
-import contextlib, os, secrets, shutil, socket, subprocess, tempfile
+import contextlib, os, secrets, shutil, subprocess, tempfile
 from pathlib import Path
 
 import pytest
+from devtools import free_port
 
 
 def pg_bin() -> Path:
@@ -16,13 +17,6 @@ def pg_bin() -> Path:
     if initdb := shutil.which("initdb"):
         return Path(initdb).parent
     pytest.fail("PostgreSQL is not installed: run tools/setup-system.sh (it installs the postgresql package)")
-
-
-def free_port() -> int:
-    "A TCP port of 127.0.0.1 nobody listens on now."
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _as_owner(cmd: list[str]) -> list[str]:

@@ -4,11 +4,11 @@ Chromium (as in test_serve_browser.py): the chapter's first code cells run in th
 a cell is added and run, and saving keeps the notebook clean (nbdev's Jupyter hook). Everything is
 written under tmp_path: the chapter, the Jupyter configuration ($HOME), the screenshot."""
 
-import json, os, secrets, shutil, signal, socket, subprocess, sys, time, urllib.error, urllib.request
+import json, os, secrets, shutil, signal, subprocess, sys, time, urllib.error, urllib.request
 from pathlib import Path
 
 import pytest
-from devtools import dev_tool, launch_chromium, require_chromium, wait_for
+from devtools import dev_tool, free_port, launch_chromium, require_chromium, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL_IDLE = """() => {  // the chapter's kernel started and is idle
@@ -18,12 +18,6 @@ KERNEL_IDLE = """() => {  // the chapter's kernel started and is idle
 }"""
 CELLS_RAN = """n => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')]
   .filter(p => /\\[\\d+\\]/.test(p.innerText)).length >= n"""  # at least n code cells show an execution count
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class JupyterLab:

@@ -14,8 +14,8 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from devtools import dev_tool, in_process, wait_for
-from postgres import free_port, postgres_server
+from devtools import dev_tool, free_port, in_process, wait_for
+from postgres import postgres_server
 
 from vit_nbdev.store import open_store
 from vit_nbdev.sweep import SweepError, load_spec, main, open_storage, open_study, trial_reporter
@@ -208,10 +208,8 @@ def test_bad_input_exits_2(sweep_dir, monkeypatch):
     with pytest.raises(SweepError, match="VIT_SWEEP_STORAGE"):
         trial_reporter("tests:0")
     # the cloud plan, printed: the workers on GPU VMs, their database password nowhere
-    code, plan, err = in_process(
-        main, "run", "-f", "sweep.yaml", "--cloud", "--workers", "2", "--project", "my-proj", "--store", "gs://my-bucket/vit",
-        "--dry-run",
-    )  # fmt: skip
+    cloud = ["--cloud", "--workers", "2", "--project", "my-proj", "--store", "gs://my-bucket/vit", "--dry-run"]
+    code, plan, err = in_process(main, "run", "-f", "sweep.yaml", *cloud)
     assert code == 0, err
     assert (
         plan.count("gcloud compute instances create vit-sweep-tests-") == 2 and "worker -f /config/sweep.yaml" in plan

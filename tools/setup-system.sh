@@ -27,4 +27,5 @@ if [ ${#missing[@]} -gt 0 ]; then
   "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 pg=$(compgen -G "/usr/lib/postgresql/*/bin/postgres" | sort -V | tail -n 1)
-echo "tools/setup-system.sh: $(/usr/bin/chromium --version 2>/dev/null), $(git --version), $("${pg:-postgres}" --version)"
+chromium=$(/usr/bin/chromium --version 2>/dev/null)
+echo "tools/setup-system.sh: $chromium, $(git --version), $("${pg:-postgres}" --version)"
